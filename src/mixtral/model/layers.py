@@ -1,0 +1,83 @@
+"""Building blocks of the Mixtral decoder: RMSNorm, rotary embedding, attention.
+
+Linear weights are stored [out, in] like every checkpoint. Attention keeps q, k and v in one fused
+``wqkv`` [(H + 2*KV) * hd, D] so one GEMM serves all three; tensor parallelism shards it by heads
+(each rank owns H/tp query heads and KV/tp key/value heads), which the loader does per slice.
+RoPE uses the Hugging Face "rotate_half" layout; the consolidated loader permutes Mistral's rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mixtral.model.args import ModelArgs
+from mixtral.model.context import AttentionContext
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order transformers and Mistral use.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """positions [N] -> cos, sin [N, hd] in ``dtype`` (computed in fp32, as transformers does)."""
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.int64).float() / head_dim
+    )  # [hd/2]
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [N, hd/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [N, hd]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [N, heads, hd]; pairs (i, i + hd/2) rotate together ("rotate_half" layout)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int, tp_size: int = 1) -> None:
+        super().__init__()
+        if args.n_heads % tp_size or args.n_kv_heads % tp_size:
+            raise ValueError(
+                f"tensor-parallel size {tp_size} must divide n_heads ({args.n_heads}) "
+                f"and n_kv_heads ({args.n_kv_heads})"
+            )
+        self.layer_idx = layer_idx
+        self.head_dim = args.head_dim
+        self.n_heads = args.n_heads // tp_size  # local to this rank
+        self.n_kv_heads = args.n_kv_heads // tp_size
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
+        self.rope_theta = args.rope_theta
+        self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=False)
+        self.wo = nn.Linear(self.q_size, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+                ) -> torch.Tensor:
+        n = x.shape[0]
+        qkv = self.wqkv(x)  # [N, (H + 2KV) * hd]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # [N, H, hd]
+        k = apply_rope(k.view(n, self.n_kv_heads, self.head_dim), cos, sin)  # [N, KV, hd]
+        v = v.view(n, self.n_kv_heads, self.head_dim)
+        out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
+        return self.wo(out.reshape(n, self.q_size))
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[..., 2F] holding (w1 x, w3 x) -> silu(w1 x) * (w3 x) [..., F]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up

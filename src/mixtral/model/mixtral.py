@@ -1,0 +1,104 @@
+"""The Mixtral decoder: embeddings, N blocks of (attention, sparse MoE), final norm, lm_head.
+
+Two entry points:
+- ``model(input_ids [B, T]) -> logits [B, T, V]``: full sequences, no cache (parity tests, training);
+- ``model.forward_tokens(tokens [N], ctx) -> hidden [N, D]`` then ``model.compute_logits``: flat ragged
+  tokens whose attention is decided by a context (see model/context.py); the engine uses this.
+Internal parameter names (the loaders map checkpoint names onto these):
+``tok_embeddings``, ``layers.i.{attention_norm, attention.wqkv, attention.wo, ffn_norm,
+feed_forward.gate, feed_forward.w13, feed_forward.w2}``, ``norm``, ``output``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mixtral.model.args import ModelArgs
+from mixtral.model.context import AttentionContext, DenseContext
+from mixtral.model.layers import Attention, RMSNorm, rope_cos_sin
+from mixtral.model.moe import EXPERT_PATHS, MoE
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args, layer_idx)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = MoE(args, layer_idx)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
+        moe_out, router_logits = self.feed_forward(self.ffn_norm(h), ctx)
+        return h + moe_out, router_logits
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.tok_embeddings.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def set_moe_path(self, path: str) -> None:
+        """Choose the experts implementation: 'reference', 'grouped', 'gather' (or a registered kernel)."""
+        if path not in EXPERT_PATHS:
+            raise ValueError(f"unknown MoE path {path!r}; choose from {sorted(EXPERT_PATHS)}")
+        for layer in self.layers:
+            layer.feed_forward.experts_fn = EXPERT_PATHS[path]
+
+    def forward_tokens(self, tokens: torch.Tensor, ctx: AttentionContext,
+                       router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """tokens [N] -> final-normed hidden states [N, D]. Appends each layer's [N, E] router logits to
+        ``router_logits`` when a list is given (training's aux loss)."""
+        h = self.tok_embeddings(tokens)  # [N, D]
+        cos, sin = rope_cos_sin(ctx.positions, self.args.head_dim, self.args.rope_theta, h.dtype)  # [N, hd]
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                h, logits = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+            else:
+                h, logits = layer(h, cos, sin, ctx)
+            if router_logits is not None:
+                router_logits.append(logits)
+        return self.norm(h)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., D] -> logits [..., V] in the model dtype."""
+        return self.output(hidden)
+
+    def forward(self, input_ids: torch.Tensor, router_logits: list[torch.Tensor] | None = None
+                ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] over full causal sequences (no cache)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        ctx = DenseContext(b, t, input_ids.device, self.args.sliding_window)
+        hidden = self.forward_tokens(input_ids.reshape(-1), ctx, router_logits)  # [B*T, D]
+        return self.compute_logits(hidden).view(b, t, -1)
+
+
+def init_random_weights(model: Transformer, seed: int = 0, std: float = 0.02) -> None:
+    """Fill a model with reproducible random weights (presets, tests, benchmarks): N(0, std), norms at 1."""
+    gens: dict[torch.device, torch.Generator] = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+                continue
+            # Generate on the parameter's own device: filling 8x7B through the CPU would take minutes.
+            gen = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            p.copy_(torch.randn(p.shape, generator=gen, device=p.device, dtype=torch.float32).mul_(std))
