@@ -1,0 +1,1 @@
+"""Checkpoint formats (Hugging Face, Mistral consolidated) and the streaming loader."""

@@ -1,0 +1,1 @@
+"""The ``mixtral`` command line: one module per subcommand, dispatched by ``mixtral.cli.main``."""

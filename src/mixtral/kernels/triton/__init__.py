@@ -1,0 +1,1 @@
+"""Triton GPU kernels, each tested against mixtral.kernels.reference."""

@@ -1,0 +1,1 @@
+"""The HTTP server: Mistral- and OpenAI-compatible API, tool calls, constrained decoding, metrics."""

@@ -1,0 +1,1 @@
+"""Training: load-balancing and z losses, LoRA, the trainer."""
