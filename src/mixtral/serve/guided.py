@@ -1,0 +1,208 @@
+"""Constrained decoding: tool calls and JSON answers guaranteed valid, as ``mixtral.guide.TokenGuide`` objects.
+
+``build_guide`` turns a request's ``tools`` / ``tool_choice`` / ``response_format`` / ``parallel_tool_calls`` into
+a guide the engine runs next to sampling (see ``mixtral.guide``):
+
+- ``tool_choice`` any / required / named: ``[TOOL_CALLS]`` then a JSON list of calls whose names are tools of the
+  request (the named one) and whose arguments validate against that tool's ``parameters`` schema, then EOS;
+- ``auto``: free text (never containing a control token) or such a call; ``none``: the [TOOL_CALLS] token is banned;
+- ``response_format`` json_object / json_schema: one JSON value valid against the schema.
+
+The grammars are compiled by llguidance (``grammar.py`` writes them); the masks are computed in its native code,
+which releases the GIL, so the engine can fill many rows on threads while the forward pass runs.
+``parse_tool_calls`` reads the generated call list back.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import llguidance as llg
+import torch
+
+from mixtral.guide import TokenGuide, bitmask_words
+from mixtral.serve.grammar import GuideError, lark_grammar, plan_guide
+from mixtral.serve.llg_vocab import LLVocab, llg_vocab
+
+__all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "parse_tool_calls"]
+
+
+def _check_row(row: torch.Tensor, words: int) -> None:
+    if row.dtype != torch.int32 or row.device.type != "cpu" or row.dim() != 1 or not row.is_contiguous():
+        raise ValueError(
+            f"bitmask row must be a contiguous 1-D int32 CPU tensor, got {row.dtype} {tuple(row.shape)} on {row.device}"
+        )
+    if row.numel() < words:
+        raise ValueError(f"bitmask row has {row.numel()} words, the vocabulary needs {words}")
+
+
+class LLGuide:
+    """One sequence's grammar state: an llguidance matcher over the tokenizer's vocabulary."""
+
+    __slots__ = ("_eos_id", "_matcher", "_words")
+
+    def __init__(self, matcher: llg.LLMatcher, words: int, eos_id: int) -> None:
+        self._matcher = matcher
+        self._words = words  # int32 words llguidance writes (the tokenizer's vocabulary)
+        self._eos_id = eos_id
+
+    def fill_bitmask(self, bitmask_row: torch.Tensor) -> None:
+        """Allowed next tokens -> ``bitmask_row`` (int32 [W], CPU); native code, runs without the GIL."""
+        _check_row(bitmask_row, self._words)
+        if bitmask_row.numel() > self._words:  # the model's vocabulary is padded past the tokenizer's
+            bitmask_row[self._words :].zero_()
+        self._matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), self._words * 4)
+        if self._matcher.is_error():
+            raise RuntimeError(f"constrained decoding failed: {self._matcher.get_error()}")
+
+    def accept_token(self, token_id: int) -> None:
+        """Advance by the sampled token; a token the last mask forbade is an engine bug and raises."""
+        if self._matcher.is_stopped() and token_id == self._eos_id:
+            return  # EOS after the grammar completed: nothing left to advance
+        if not self._matcher.consume_token(token_id):
+            raise RuntimeError(f"token {token_id} is not allowed by the grammar: {self._matcher.get_error()}")
+
+    def is_finished(self) -> bool:
+        """True once the grammar can take nothing but EOS (or took it)."""
+        return self._matcher.is_stopped()
+
+    def is_accepting(self) -> bool:
+        """True when the output so far is a complete answer (EOS is allowed now)."""
+        return self._matcher.is_accepting()
+
+    def copy(self) -> LLGuide:
+        return LLGuide(self._matcher.deep_copy(), self._words, self._eos_id)
+
+
+class BanTokensGuide:
+    """Stateless guide that forbids a fixed set of tokens (tool_choice 'none': the [TOOL_CALLS] token)."""
+
+    __slots__ = ("_row",)
+
+    def __init__(self, vocab_size: int, banned: list[int]) -> None:
+        row = torch.full((bitmask_words(vocab_size),), -1, dtype=torch.int32)  # [W], all allowed
+        bits = row.view(torch.uint8)  # [4W]; little-endian words: token t is bit t % 8 of byte t // 8
+        for t in banned:
+            bits[t // 8] &= ~(1 << (t % 8)) & 0xFF
+        self._row = row
+
+    def fill_bitmask(self, bitmask_row: torch.Tensor) -> None:
+        _check_row(bitmask_row, self._row.numel())
+        bitmask_row[: self._row.numel()].copy_(self._row)
+        bitmask_row[self._row.numel() :].zero_()
+
+    def accept_token(self, token_id: int) -> None:
+        pass
+
+    def is_finished(self) -> bool:
+        return False
+
+    def copy(self) -> BanTokensGuide:
+        return self  # immutable
+
+
+class _MatcherCache:
+    """Compiled grammar -> pristine matcher; a request gets a deep copy (compiling is the costly part)."""
+
+    def __init__(self, capacity: int = 128) -> None:
+        self._items: OrderedDict[tuple[int, str], llg.LLMatcher] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()
+
+    def get(self, vocab: LLVocab, grammar: str) -> llg.LLMatcher:
+        key = (id(vocab.ll_tokenizer), grammar)
+        with self._lock:
+            template = self._items.get(key)
+            if template is not None:
+                self._items.move_to_end(key)
+                return template.deep_copy()
+        template = llg.LLMatcher(vocab.ll_tokenizer, llg.LLMatcher.grammar_from_lark(grammar), log_level=0)
+        if template.is_error():
+            raise GuideError(_explain(template.get_error()))
+        with self._lock:
+            self._items[key] = template
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return template.deep_copy()
+
+
+def _explain(error: str) -> str:
+    if "Unimplemented keys" in error:
+        return f"the schema uses JSON Schema keywords constrained decoding cannot enforce: {error}"
+    return f"cannot build a grammar for this schema: {error}"
+
+
+_matchers = _MatcherCache()
+
+
+def build_guide(
+    tokenizer: Any,
+    *,
+    tools: list[dict[str, Any]] | None = None,
+    tool_choice: Any = "auto",
+    response_format: dict[str, Any] | None = None,
+    parallel_tool_calls: bool = True,
+) -> TokenGuide | None:
+    """A guide for one request, or None when nothing constrains the output (plain text, no tools).
+
+    ``tokenizer``: ``mixtral.tokenizer.Tokenizer`` or mistral-common ``MistralTokenizer``. ``tools``, ``tool_choice``
+    (``auto``/``none``/``any``/``required``/``{"type": "function", "function": {"name": ...}}``),
+    ``response_format`` (``{"type": "text"|"json_object"|"json_schema", "json_schema": {"schema": ...}}``) as in
+    the Mistral/OpenAI chat API. With a forced call, ``response_format`` does not apply (the answer is the call).
+    Raises ``GuideError`` for an invalid schema, an unknown tool name, tools on a vocabulary without
+    [TOOL_CALLS], or a schema keyword llguidance cannot enforce. Compiling may take a few ms (more for huge
+    schemas; repeated requests hit a cache): call it off the event loop.
+    """
+    vocab = llg_vocab(tokenizer)
+    plan = plan_guide(
+        version=vocab.version,
+        has_tool_calls_token=vocab.tool_calls_id is not None,
+        tools=tools,
+        tool_choice=tool_choice,
+        response_format=response_format,
+        parallel_tool_calls=parallel_tool_calls,
+    )
+    if plan.json_schema is None and plan.mode in ("free", "none"):
+        if plan.mode == "none" and vocab.tool_calls_id is not None:
+            return BanTokensGuide(vocab.vocab_size, [vocab.tool_calls_id])
+        return None
+    grammar = lark_grammar(plan, vocab.tool_calls_id)
+    return LLGuide(_matchers.get(vocab, grammar), bitmask_words(vocab.vocab_size), vocab.eos_id)
+
+
+def parse_tool_calls(tokenizer: Any, token_ids: list[int]) -> list[dict[str, Any]] | None:
+    """Generated ids ``[TOOL_CALLS] [{"name": ..., "arguments": {...}}, ...] (EOS)`` -> ``[{"name", "arguments"}]``.
+
+    ``arguments`` comes back as a dict (a JSON-encoded string is decoded). Returns None when the output does not
+    start with [TOOL_CALLS] or what follows is not a well-formed non-empty call list (e.g. cut off by
+    max_tokens on an unguided request). Extra keys of a call (such as an ``id``) are ignored.
+    """
+    vocab = llg_vocab(tokenizer)
+    if vocab.tool_calls_id is None or not token_ids or token_ids[0] != vocab.tool_calls_id:
+        return None
+    body = [t for t in token_ids[1:] if t != vocab.eos_id]
+    try:
+        value = json.loads(vocab.decode_bytes(body).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(value, dict):  # a single call without the list brackets
+        value = [value]
+    if not isinstance(value, list) or not value:
+        return None
+    calls: list[dict[str, Any]] = []
+    for item in value:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        args = item.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError:
+                return None
+        if not isinstance(args, dict):
+            return None
+        calls.append({"name": item["name"], "arguments": args})
+    return calls
