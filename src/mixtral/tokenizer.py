@@ -26,6 +26,8 @@ _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 _BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ROLES = ("system", "user", "assistant", "tool")
+_VERSIONS = ("v1", "v3")
+_V3_VOCAB = 32768
 
 
 class ChatEncodingError(ValueError):
@@ -114,20 +116,24 @@ class Tokenizer:
         raise ValueError(f"unknown tokenizer version {version!r}: Mixtral uses 'v1' (8x7B) or 'v3' (8x22B-Instruct)")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> Tokenizer:
-        """Load a SentencePiece tokenizer file (``tokenizer.model.v1``, ``tokenizer.model.v3``, ...).
+    def from_file(cls, path: str | Path, version: str | None = None) -> Tokenizer:
+        """Load a SentencePiece tokenizer file (``tokenizer.model.v1``, ``tokenizer.model.v3``, ``tokenizer.model``).
 
-        The version comes from the file name's suffix, as mistral-common reads it (a bare ``tokenizer.model``
-        is v1).
+        The version is ``version`` when given, else the file name's suffix as mistral-common reads it; a bare
+        ``tokenizer.model`` (as Hub repos ship it) is v3 when it has 32768 ids and v1 otherwise.
         """
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {path}")
+        if version is not None and version not in _VERSIONS:
+            raise ValueError(f"unknown tokenizer version {version!r}: Mixtral uses {' or '.join(_VERSIONS)}")
         try:
-            return cls(MistralTokenizer.from_file(str(path)))
-        except ValueError:
+            if version is None and not path.name.endswith(".model"):
+                return cls(MistralTokenizer.from_file(str(path)))
+            return cls(_assemble(path, version))
+        except (ValueError, FileNotFoundError):
             raise
         except Exception as exc:  # mistral-common raises TokenizerException/AssertionError on unknown files
             raise ValueError(f"cannot load tokenizer file {path}: {exc}") from exc
@@ -135,10 +141,11 @@ class Tokenizer:
     @classmethod
     def for_model(cls, source: Any) -> Tokenizer:
         """The tokenizer of a resolved model (``mixtral.checkpoint.loader.ModelSource``): the tokenizer file in
-        its folder when there is one, else the version its ``ModelArgs.tokenizer`` names."""
+        its folder when there is one (read as the version its ``ModelArgs.tokenizer`` names), else the packaged
+        file of that version."""
         tokenizer_file = getattr(source, "tokenizer_file", None)
         if tokenizer_file is not None:
-            return cls.from_file(tokenizer_file)
+            return cls.from_file(tokenizer_file, version=source.args.tokenizer)
         return cls.from_version(source.args.tokenizer)
 
     # ------------------------------------------------------------------ plain text
@@ -283,3 +290,26 @@ def _prepare_tool_call(call: Any, where: str) -> dict[str, Any]:
                                 f"got {type(arguments).__name__}")
     return {"id": normalize_tool_call_id(call_id), "type": "function",
             "function": {"name": function["name"], "arguments": arguments}}
+
+
+def _assemble(path: Path, version: str | None) -> Any:
+    """A ``MistralTokenizer`` over a SentencePiece file read as ``version`` (None: v3 for a 32768-id vocabulary,
+    else v1), wired like mistral-common's ``from_file`` wires it (validator and normaliser of that version)."""
+    from mistral_common.protocol.instruct.normalize import get_normalizer
+    from mistral_common.protocol.instruct.validator import ValidationMode, get_validator
+    from mistral_common.tokens.tokenizers.base import TokenizerVersion
+    from mistral_common.tokens.tokenizers.instruct import InstructTokenizerV1, InstructTokenizerV3
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+    from mistral_common.tokens.tokenizers.sentencepiece import SentencePieceTokenizer
+
+    if version is None:
+        version = "v3" if SentencePieceTokenizer(path).n_words == _V3_VOCAB else "v1"
+    raw = SentencePieceTokenizer(path, tokenizer_version=TokenizerVersion(version))
+    if version == "v3" and raw.n_words != _V3_VOCAB:
+        raise ValueError(f"{path} has {raw.n_words} ids, but a v3 tokenizer has {_V3_VOCAB}")
+    instruct = InstructTokenizerV3(raw) if version == "v3" else InstructTokenizerV1(raw)
+    return MistralTokenizer(
+        instruct,
+        validator=get_validator(raw.version, mode=ValidationMode.test),
+        request_normalizer=get_normalizer(raw.version, raw.model_settings_builder),
+    )

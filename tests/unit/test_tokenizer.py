@@ -110,11 +110,29 @@ def test_from_file_and_for_model(tmp_path) -> None:
     data = Path(mistral_common.__file__).parent / "data"
     tok = Tokenizer.from_file(data / "mistral_instruct_tokenizer_240323.model.v3")
     assert tok.version == "v3" and tok.vocab_size == 32768
-    # for_model prefers the checkpoint's own file over the version the args name
-    source = SimpleNamespace(tokenizer_file=data / "tokenizer.model.v1", args=SimpleNamespace(tokenizer="v3"))
+    # for_model reads the checkpoint's own file; a file that contradicts the args' version is an error
+    source = SimpleNamespace(tokenizer_file=data / "tokenizer.model.v1", args=SimpleNamespace(tokenizer="v1"))
     assert Tokenizer.for_model(source).version == "v1"
+    source = SimpleNamespace(tokenizer_file=data / "tokenizer.model.v1", args=SimpleNamespace(tokenizer="v3"))
+    with pytest.raises(ValueError, match="tokenizer.model.v1 has 32000 ids"):
+        Tokenizer.for_model(source)
     source = SimpleNamespace(tokenizer_file=None, args=SimpleNamespace(tokenizer="v3"))
     assert Tokenizer.for_model(source).version == "v3"
+    # a bare tokenizer.model (as Hub repos ship it): the version follows from the vocabulary size
+    import shutil
+
+    for name, version in (("mistral_instruct_tokenizer_240323.model.v3", "v3"), ("tokenizer.model.v1", "v1")):
+        bare = tmp_path / version / "tokenizer.model"
+        bare.parent.mkdir()
+        shutil.copyfile(data / name, bare)
+        tok = Tokenizer.from_file(bare)
+        assert tok.version == version
+        chat = [{"role": "user", "content": "Hi"}]
+        assert tok.encode_chat(chat) == Tokenizer.from_version(version).encode_chat(chat)
+    assert Tokenizer.for_model(SimpleNamespace(tokenizer_file=tmp_path / "v3" / "tokenizer.model",
+                                               args=SimpleNamespace(tokenizer="v3"))).inst_id == 3
+    with pytest.raises(ValueError, match="32000 ids"):
+        Tokenizer.from_file(tmp_path / "v1" / "tokenizer.model", version="v3")
     with pytest.raises(FileNotFoundError, match="nope"):
         Tokenizer.from_file(tmp_path / "nope.model.v3")
     with pytest.raises(ValueError, match="SentencePiece"):
