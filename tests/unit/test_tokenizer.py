@@ -114,7 +114,7 @@ def test_from_file_and_for_model(tmp_path) -> None:
     source = SimpleNamespace(tokenizer_file=data / "tokenizer.model.v1", args=SimpleNamespace(tokenizer="v1"))
     assert Tokenizer.for_model(source).version == "v1"
     source = SimpleNamespace(tokenizer_file=data / "tokenizer.model.v1", args=SimpleNamespace(tokenizer="v3"))
-    with pytest.raises(ValueError, match="tokenizer.model.v1 has 32000 ids"):
+    with pytest.raises(ValueError, match=r"tokenizer\.model\.v1 has 32000 ids"):
         Tokenizer.for_model(source)
     source = SimpleNamespace(tokenizer_file=None, args=SimpleNamespace(tokenizer="v3"))
     assert Tokenizer.for_model(source).version == "v3"
