@@ -1,0 +1,56 @@
+"""``mixtral convert SRC DST --to hf|mistral``: rewrite a checkpoint in the other (or the same) format."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 5GB, 500MiB, 1000000)")
+    return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
+
+
+def add_common_write_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by `convert` and `init`."""
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="cast every tensor to this dtype (default: convert keeps the source's dtypes; "
+                        "init writes bf16)")
+    p.add_argument("--max-shard-size", type=parse_size, default="5GB", metavar="SIZE",
+                   help="largest Hugging Face shard file, e.g. 5GB or 500MiB (default 5GB); ignored for mistral")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar (default: when stderr is a terminal)")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint between Hugging Face and Mistral consolidated formats",
+        description="Convert a checkpoint between the Hugging Face format (config.json + model*.safetensors) "
+                    "and Mistral's consolidated format (params.json + consolidated.safetensors). Tensors stream "
+                    "one at a time, so host memory stays near the largest tensor.",
+    )
+    p.add_argument("src", metavar="SRC",
+                   help="source model: a folder (either format), a Hugging Face repo id, or a preset name")
+    p.add_argument("dst", metavar="DST", help="destination folder (created; must differ from SRC)")
+    p.add_argument("--to", choices=("hf", "mistral"), required=True,
+                   help="format to write: 'hf' (Hugging Face, loadable by transformers) or 'mistral' (consolidated)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow reading pickle .bin/.pt/.pth source files (only for sources you trust)")
+    add_common_write_flags(p)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from mixtral.checkpoint.loader import parse_dtype
+    from mixtral.checkpoint.writer import convert_checkpoint
+
+    dtype = parse_dtype(args.dtype) if args.dtype else None
+    out = convert_checkpoint(args.src, args.dst, args.to, dtype, allow_pickle=args.allow_pickle,
+                             max_shard_bytes=args.max_shard_size, progress=args.progress)
+    print(f"wrote {args.to} checkpoint to {out}")
+    return 0

@@ -1,0 +1,86 @@
+"""``mixtral info MODEL``: config, parameter counts, memory per dtype and KV-cache size, without loading weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+# Bytes per weight of each storage type (int4 ignores its small per-group scales).
+WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "info", help="show a model's config, parameter counts and memory needs",
+        description="Print a model's configuration, total and active (per token) parameter counts, the memory "
+                    "its weights take in fp32/bf16/fp8/int4, and the KV-cache bytes per token. Reads only the "
+                    "config and file headers, never the weights.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a model folder (Hugging Face or Mistral format), a preset name, 'demo', or a Hugging Face "
+                        "repo id (resolved through the local cache; only configs are fetched)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def count(n: int) -> str:
+    return f"{n:,} ({n / 1e9:.2f}B)" if n >= 1e8 else f"{n:,} ({n / 1e6:.2f}M)"
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
+
+
+def model_info(name: str) -> dict[str, Any]:
+    """Everything `info` prints, as a dict."""
+    from mixtral.checkpoint.loader import resolve
+
+    source = resolve(name)
+    args = source.args
+    counts = args.num_parameters()
+    info: dict[str, Any] = {
+        "name": source.name,
+        "format": source.format,
+        "folder": str(source.folder) if source.folder else None,
+        "tokenizer": args.tokenizer,
+        "tokenizer_file": str(source.tokenizer_file) if source.tokenizer_file else None,
+        "config": {k: v for k, v in vars(args).items()},
+        "parameters": counts,
+        "weight_bytes": {k: int(counts["total"] * b) for k, b in WEIGHT_BYTES.items()},
+        "kv_bytes_per_token": {"bf16": args.kv_bytes_per_token(2), "fp8": args.kv_bytes_per_token(1)},
+    }
+    info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
+    if source.folder is not None and source.repo_id is None:
+        files = [p for p in source.folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+        info["checkpoint_files"] = len(files)
+        info["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
+    return info
+
+
+def run(args: argparse.Namespace) -> int:
+    info = model_info(args.model)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    p = info["parameters"]
+    print(f"model      {info['name']}  ({info['format']}{', ' + info['folder'] if info['folder'] else ''})")
+    print(f"tokenizer  {info['tokenizer']}  {info['tokenizer_file'] or ''}")
+    print("config")
+    for k, v in info["config"].items():
+        print(f"  {k:22s} {v}")
+    print("parameters")
+    print(f"  total                  {count(p['total'])}")
+    print(f"  active per token       {count(p['active'])}")
+    for part in ("embeddings", "attention", "experts", "router"):
+        print(f"  {part:22s} {p[part]:,}")
+    print("weight memory")
+    for k, v in info["weight_bytes"].items():
+        print(f"  {k:22s} {gib(v)}")
+    kv = info["kv_bytes_per_token"]
+    print("KV cache")
+    print(f"  per token              {kv['bf16']:,} B (bf16), {kv['fp8']:,} B (fp8)")
+    print(f"  max_seq_len, bf16      {gib(info['kv_bytes_max_seq_len_bf16'])} per sequence")
+    if "checkpoint_bytes" in info:
+        print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk")
+    return 0
