@@ -1,0 +1,108 @@
+"""``mixtral generate PROMPT``: complete one prompt and stream the text to stdout as it is produced.
+
+Also holds what ``mixtral chat`` shares with it: the model/device/sampling flags, building the ``LLM`` and
+``SamplingParams`` from them, and streaming one request's text. The generation itself is ``mixtral.LLM``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TextIO
+
+from mixtral.defaults import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from mixtral.sampling import SamplingParams
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """--model, --device, --dtype: which model to load and where."""
+    p.add_argument(
+        "--model", "-m", default=DEFAULT_MODEL,
+        help=f"model folder (Hugging Face or Mistral format), preset name (random weights, e.g. 'tiny'), "
+             f"Hugging Face repo id, or 'demo' (default: {DEFAULT_MODEL})",
+    )
+    p.add_argument("--device", default=None,
+                   help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
+                   help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop."""
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+                   help=f"most tokens to generate per reply (default: {max_tokens})")
+    p.add_argument("--temperature", "-t", type=float, default=temperature,
+                   help=f"sampling temperature; 0 is greedy (always the most likely token) (default: {temperature})")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: sample from the smallest set of tokens whose probability reaches P "
+                        "(default: 1.0, off)")
+    p.add_argument("--top-k", type=int, default=-1,
+                   help="sample only from the K most likely tokens (default: -1, off)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed: the same seed, prompt and settings give the same output (default: random)")
+    p.add_argument("--stop", action="append", default=None, metavar="STRING",
+                   help="stop when this string is generated (not printed); repeat the flag for several")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "generate",
+        help="complete a prompt, streaming the text",
+        description="Complete PROMPT with the model and stream the generated text to stdout as it is produced. "
+                    "The prompt is raw text (no chat template; use `mixtral chat` for that), preceded by <s>. "
+                    "Generation ends at the end-of-sequence token, a --stop string, or --max-tokens.",
+    )
+    p.add_argument("prompt", metavar="PROMPT", help="the text to complete; '-' reads it from stdin")
+    add_model_arguments(p)
+    add_sampling_arguments(p, max_tokens=128, temperature=0.7)
+    return p
+
+
+def build_llm(args: argparse.Namespace) -> Any:
+    """The ``mixtral.LLM`` the flags name."""
+    from mixtral import LLM
+
+    return LLM(args.model, device=args.device, dtype=args.dtype)
+
+
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    """SamplingParams from the sampling flags (it validates them and names a bad value)."""
+    from mixtral import SamplingParams
+
+    return SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                          max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [])
+
+
+def stream_text(llm: Any, prompt: str | Sequence[int], params: SamplingParams, out: TextIO) -> tuple[str, str | None]:
+    """Run one request, writing each new piece of text to ``out`` as it arrives.
+
+    Returns (the whole text, finish reason). Outputs are cumulative, so each write is the part of the text
+    not written yet.
+    """
+    text, finish_reason = "", None
+    for output in llm.stream(prompt, params):
+        completion = output.outputs[0]
+        if len(completion.text) > len(text):
+            out.write(completion.text[len(text):])
+            out.flush()
+            text = completion.text
+        finish_reason = completion.finish_reason
+    return text, finish_reason
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    try:
+        params = sampling_params(args)
+    except ValueError as exc:
+        print(f"mixtral generate: {exc}", file=sys.stderr)
+        return 2
+    llm = build_llm(args)
+    text, _ = stream_text(llm, prompt, params, sys.stdout)
+    if not text.endswith("\n"):
+        sys.stdout.write("\n")  # leave the shell prompt on its own line
+    sys.stdout.flush()
+    return 0
