@@ -20,11 +20,11 @@ if TYPE_CHECKING:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """--model, --device, --dtype: which model to load and where."""
     p.add_argument(
-        "--model", "-m", default=DEFAULT_MODEL,
+        "--model", "-m", default=DEFAULT_MODEL, metavar="MODEL",
         help=f"model folder (Hugging Face or Mistral format), preset name (random weights, e.g. 'tiny'), "
              f"Hugging Face repo id, or 'demo' (default: {DEFAULT_MODEL})",
     )
-    p.add_argument("--device", default=None,
+    p.add_argument("--device", default=None, metavar="DEVICE",
                    help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
@@ -32,16 +32,16 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop."""
-    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens,
+    p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, metavar="N",
                    help=f"most tokens to generate per reply (default: {max_tokens})")
-    p.add_argument("--temperature", "-t", type=float, default=temperature,
+    p.add_argument("--temperature", "-t", type=float, default=temperature, metavar="T",
                    help=f"sampling temperature; 0 is greedy (always the most likely token) (default: {temperature})")
-    p.add_argument("--top-p", type=float, default=1.0,
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
                    help="nucleus sampling: sample from the smallest set of tokens whose probability reaches P "
                         "(default: 1.0, off)")
-    p.add_argument("--top-k", type=int, default=-1,
+    p.add_argument("--top-k", type=int, default=-1, metavar="K",
                    help="sample only from the K most likely tokens (default: -1, off)")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="random seed: the same seed, prompt and settings give the same output (default: random)")
     p.add_argument("--stop", action="append", default=None, metavar="STRING",
                    help="stop when this string is generated (not printed); repeat the flag for several")
