@@ -1,0 +1,46 @@
+"""PagedAttentionContext: the model's attention context over the engine's paged KV cache.
+
+One forward pass processes a flat ragged batch: the new tokens of every scheduled sequence, concatenated
+(prefill chunks and single decode tokens alike). Each layer stores the new K/V at ``slot_mapping`` and
+attends over the sequence's blocks, both through ``mixtral.kernels.ops`` so GPU kernels can take over.
+
+Layout example (block_size 4): sequences A (3 tokens already cached, 1 new) and B (prompt of 5, all new):
+positions [3, 0, 1, 2, 3, 4]; query_start_loc [0, 1, 6]; context_lens [4, 5]; with block tables
+A: [2], B: [0, 5] the slots are [2*4+3, 0, 1, 2, 3, 5*4+0] = [11, 0, 1, 2, 3, 20].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixtral.kernels import ops
+
+
+class PagedAttentionContext:
+    """Implements ``mixtral.model.context.AttentionContext`` over paged blocks."""
+
+    def __init__(self, *, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                 context_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
+                 max_context_len: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 sliding_window: int | None = None, expert_counts: torch.Tensor | None = None) -> None:
+        self.positions = positions  # [N] int64
+        self.slot_mapping = slot_mapping  # [N] int64, -1 = do not store (padding)
+        self.block_tables = block_tables  # [S, max_blocks] int32
+        self.context_lens = context_lens  # [S] int32, tokens of each sequence after this step
+        self.query_start_loc = query_start_loc  # [S + 1] int32
+        # Host ints: kernels choose launch shapes from these without reading device memory.
+        self.max_query_len = max_query_len
+        self.max_context_len = max_context_len
+        self.kv_caches = kv_caches  # per layer (k_cache, v_cache), each [num_blocks, block_size, KV, hd]
+        self.sliding_window = sliding_window
+        self.expert_counts = expert_counts  # [L, E] int64 or None
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q [N, H, hd], k/v [N, KV, hd] -> [N, H, hd]."""
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        return ops.paged_attention(
+            q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start_loc,
+            max_query_len=self.max_query_len, max_context_len=self.max_context_len,
+            sliding_window=self.sliding_window,
+        )

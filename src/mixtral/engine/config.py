@@ -1,0 +1,71 @@
+"""EngineConfig: the serving engine's knobs (vLLM's names), validated on construction.
+
+Model-independent limits live here; ``resolve`` fills the ones that depend on the model (max_model_len
+defaults to the model's context length). KV cache sizing itself is in ``engine/memory.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+# Default KV cache budget on CPU, where there is no "free memory" to take a fraction of.
+DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+
+
+@dataclass
+class EngineConfig:
+    """Limits of one engine.
+
+    - ``block_size``: token slots per KV block.
+    - ``max_model_len``: longest sequence (prompt + output); None = the model's context length.
+    - ``max_num_seqs``: sequences running at once (batch size of a decode step).
+    - ``max_num_batched_tokens``: tokens one forward pass may process (the chunked-prefill budget).
+    - ``gpu_memory_utilization``: fraction of the GPU's memory the engine may take (weights + activations + KV).
+    - ``kv_cache_bytes``: explicit KV budget in bytes (the CPU's way; also overrides the GPU fraction).
+    - ``num_kv_blocks``: explicit number of KV blocks (tests use it to force preemption).
+    - ``enable_prefix_caching``: reuse full KV blocks of equal prefixes.
+    - ``enforce_eager``: never capture CUDA graphs (reserved for the GPU decode path).
+    - ``seed``: draws the per-request seeds of requests that bring none.
+    """
+
+    block_size: int = 16
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    gpu_memory_utilization: float = 0.9
+    kv_cache_bytes: int | None = None
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    seed: int = 0
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+        for name in ("block_size", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes",
+                     "num_kv_blocks"):
+            positive(name)
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {self.block_size}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.device is not None:
+            self.device = torch.device(self.device)
+
+    def resolve(self, model_max_len: int) -> EngineConfig:
+        """Fill model-dependent defaults and check the limits against each other."""
+        max_len = self.max_model_len or model_max_len
+        if max_len > model_max_len:
+            raise ValueError(
+                f"max_model_len={max_len} exceeds the model's context length {model_max_len}; "
+                f"lower --max-model-len"
+            )
+        return dataclasses.replace(self, max_model_len=max_len)

@@ -1,0 +1,42 @@
+"""Getting a model and its tokenizer for an engine: by name (through the checkpoint loader) or as a built model.
+
+Device and dtype defaults live here: CUDA when present (bfloat16), else CPU (float32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mixtral.defaults import DEFAULT_MODEL
+from mixtral.model.mixtral import Transformer
+from mixtral.tokenizer import Tokenizer
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_for_engine(model: str | Transformer | None, device: torch.device | str | None = None,
+                    dtype: torch.dtype | str | None = None, tokenizer: Tokenizer | None = None, seed: int = 0
+                    ) -> tuple[Transformer, Tokenizer, str]:
+    """(model in eval mode, its tokenizer, a display name). ``model`` is a folder, preset, "demo", a Hugging
+    Face repo id, None (the default model) or an already built ``Transformer`` (moved to device/dtype)."""
+    from mixtral.checkpoint.loader import load_model, parse_dtype, resolve
+
+    dev = torch.device(device) if device is not None else None
+    if isinstance(model, Transformer):
+        if dev is not None or dtype is not None:
+            model = model.to(device=dev or model.device, dtype=parse_dtype(dtype) if dtype is not None else None)
+        tok = tokenizer or Tokenizer.from_version(model.args.tokenizer)
+        return model.eval(), tok, "model"
+    name = model or DEFAULT_MODEL
+    dev = dev or default_device()
+    torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+    source = resolve(name)
+    loaded = load_model(name, device=dev, dtype=torch_dtype, seed=seed)
+    tok = tokenizer or Tokenizer.for_model(source)
+    return loaded, tok, str(name)

@@ -1,0 +1,58 @@
+"""KV cache sizing: how many blocks the budget allows.
+
+- An explicit ``num_kv_blocks`` wins (tests force preemption with it).
+- An explicit ``kv_cache_bytes`` is divided by the bytes of one block (the CPU's way, or a fixed GPU budget).
+- On CUDA otherwise: ``gpu_memory_utilization`` of the device's total memory, minus what is in use after the
+  weights are loaded, minus the activation peak of a warm-up forward pass at ``max_num_batched_tokens``.
+- On CPU otherwise: ``DEFAULT_CPU_KV_CACHE_BYTES``, but never more than all sequences at full length need.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from mixtral.engine.config import DEFAULT_CPU_KV_CACHE_BYTES, EngineConfig
+from mixtral.model.args import ModelArgs
+
+
+class InsufficientMemoryError(RuntimeError):
+    """The budget leaves no room for even one sequence of max_model_len tokens."""
+
+
+def block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one KV block takes over all layers (K and V)."""
+    return block_size * args.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size())
+
+
+def plan_num_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device,
+                    profile_activation_bytes: Callable[[], int] | None = None) -> int:
+    """Number of KV blocks to allocate. ``profile_activation_bytes`` runs the warm-up pass (CUDA only)."""
+    assert config.max_model_len is not None, "resolve() the config first"
+    per_block = block_bytes(args, config.block_size, dtype)
+    blocks_per_seq = -(-config.max_model_len // config.block_size)
+    if config.num_kv_blocks is not None:
+        return config.num_kv_blocks
+    if config.kv_cache_bytes is not None:
+        budget, source = config.kv_cache_bytes, f"kv_cache_bytes={config.kv_cache_bytes}"
+    elif device.type == "cuda":
+        activation = profile_activation_bytes() if profile_activation_bytes is not None else 0
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        used = total - free
+        budget = int(total * config.gpu_memory_utilization) - used - activation
+        source = (f"gpu_memory_utilization={config.gpu_memory_utilization} of {total / 2**30:.1f} GiB, "
+                  f"{used / 2**30:.1f} GiB in use after loading, {activation / 2**30:.2f} GiB activation peak")
+    else:
+        cap = blocks_per_seq * config.max_num_seqs * per_block
+        budget, source = min(DEFAULT_CPU_KV_CACHE_BYTES, cap), "the default CPU KV budget"
+    num_blocks = max(budget, 0) // per_block
+    if num_blocks < blocks_per_seq:
+        raise InsufficientMemoryError(
+            f"KV cache budget ({source}) holds {num_blocks} blocks of {config.block_size} tokens "
+            f"({per_block} bytes each), but one sequence of max_model_len={config.max_model_len} needs "
+            f"{blocks_per_seq}. Raise the budget (--gpu-memory-utilization / --kv-cache-bytes) or lower "
+            f"--max-model-len."
+        )
+    return num_blocks

@@ -1,0 +1,208 @@
+"""ModelRunner: turns a scheduled step into flat model inputs, runs the forward pass and samples.
+
+Owns the KV cache tensors (per layer ``[num_blocks, block_size, KV, hd]``), the persistent device input
+buffers and the cumulative expert-routing counts. Inputs are built on the host as plain lists and copied
+into fixed device buffers, so a decode step launches no host syncs before sampling, and its inputs keep
+stable addresses (what CUDA-graph capture needs; ``enforce_eager`` is reserved for that path).
+
+Flat layout of one step (block_size 4), sequence A decoding its 7th token, sequence B prefilling a
+3-token chunk starting at position 4:
+    input_ids   [a6, b4, b5, b6]          positions [6, 4, 5, 6]
+    query_start_loc [0, 1, 4]             context_lens [7, 7]
+    slot_mapping [tA[1]*4+2, tB[1]*4+0, tB[1]*4+1, tB[1]*4+2]   (tX = X's block table)
+The logits of A's row 0 and B's row 3 are sampled only if B's chunk reaches its last token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from mixtral.engine.attention import PagedAttentionContext
+from mixtral.engine.config import EngineConfig
+from mixtral.engine.sampler import Sampler, SamplerOutput, SampleRow
+from mixtral.engine.scheduler import ScheduledSequence
+from mixtral.model.context import DenseContext
+from mixtral.model.mixtral import Transformer
+
+
+@dataclass
+class StepPlan:
+    """What to compute beyond the forward pass: sampled rows and prompt logprobs.
+
+    ``rows[i]`` samples from the logits of ``scheduled[row_owner[i]]``'s last token (several rows may share
+    one sequence: the first tokens of n > 1 samples). ``prompt_logprobs[j]`` is k (or None) for
+    ``scheduled[j]``.
+    """
+
+    scheduled: list[ScheduledSequence]
+    rows: list[SampleRow]
+    row_owner: list[int]
+    prompt_logprobs: list[int | None]
+
+
+@dataclass
+class StepResult:
+    sampled: SamplerOutput | None
+    # Per scheduled sequence that asked: {index in prompt: {token_id: logprob}} for this chunk's positions.
+    prompt_logprobs: dict[int, dict[int, dict[int, float]]]
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, config: EngineConfig, sampler: Sampler) -> None:
+        assert config.max_model_len is not None, "resolve() the config first"
+        self.model = model
+        self.config = config
+        self.sampler = sampler
+        self.args = model.args
+        self.device = model.device
+        self.dtype = model.dtype
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.num_blocks = 0
+        self.expert_counts_buf = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.int64,
+                                             device=self.device)  # [L, E]
+        self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- setup
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        shape = (num_blocks, self.config.block_size, self.args.n_kv_heads, self.args.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            for _ in range(self.args.n_layers)
+        ]
+        self.num_blocks = num_blocks
+
+    @torch.inference_mode()
+    def profile_activation_bytes(self) -> int:
+        """Peak extra CUDA memory of one forward over ``max_num_batched_tokens`` tokens (before the KV cache)."""
+        n = min(self.config.max_num_batched_tokens, self.config.max_model_len or self.config.max_num_batched_tokens)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        tokens = torch.zeros(n, dtype=torch.long, device=self.device)
+        hidden = self.model.forward_tokens(tokens, DenseContext(1, n, self.device))  # [n, D]
+        rows = min(n, self.config.max_num_seqs)
+        self.model.compute_logits(hidden[:rows]).float().softmax(-1)  # the sampler's [R, V] work
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - base
+        del hidden
+        return int(peak)
+
+    # ----------------------------------------------------------------- one step
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan, bitmask_fn: Callable[[], torch.Tensor | None] | None = None) -> StepResult:
+        """Run the forward pass for ``plan.scheduled`` and sample ``plan.rows``.
+
+        ``bitmask_fn`` returns the guided-decoding bitmask [R, W] (int32, CPU); it is called after the forward
+        pass is launched, so masks computed on worker threads overlap the model.
+        """
+        ctx, input_ids, last_index = self._prepare(plan.scheduled)
+        hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
+        bitmask = bitmask_fn() if bitmask_fn is not None else None
+
+        sampled = None
+        if plan.rows:
+            index = torch.tensor([last_index[o] for o in plan.row_owner], device=self.device)
+            logits = self.model.compute_logits(hidden[index])  # [R, V]
+            sampled = self.sampler(logits, plan.rows, bitmask)
+        prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
+        return StepResult(sampled, prompt_lp)
+
+    def _prepare(self, scheduled: list[ScheduledSequence]) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:
+        bs = self.config.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        qsl = [0]
+        ctx_lens: list[int] = []
+        width = max(len(s.seq.block_table) for s in scheduled)
+        table_rows: list[list[int]] = []
+        for s in scheduled:
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            table = seq.block_table
+            ids += seq.token_ids[start:start + n]
+            pos = range(start, start + n)
+            positions += pos
+            slots += [table[p // bs] * bs + p % bs for p in pos]
+            qsl.append(qsl[-1] + n)
+            ctx_lens.append(start + n)
+            table_rows.append(table + [0] * (width - len(table)))
+        num_seqs = len(scheduled)
+        input_ids = self._put("input_ids", torch.tensor(ids, dtype=torch.int64))
+        block_tables = self._put_table(torch.tensor(table_rows, dtype=torch.int32), num_seqs)
+        ctx = PagedAttentionContext(
+            positions=self._put("positions", torch.tensor(positions, dtype=torch.int64)),
+            slot_mapping=self._put("slot_mapping", torch.tensor(slots, dtype=torch.int64)),
+            block_tables=block_tables,
+            context_lens=self._put("context_lens", torch.tensor(ctx_lens, dtype=torch.int32)),
+            query_start_loc=self._put("query_start_loc", torch.tensor(qsl, dtype=torch.int32)),
+            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_context_len=max(ctx_lens),
+            kv_caches=self.kv_caches,
+            sliding_window=self.args.sliding_window,
+            expert_counts=self.expert_counts_buf,
+        )
+        return ctx, input_ids, [q - 1 for q in qsl[1:]]
+
+    def _put(self, name: str, host: torch.Tensor) -> torch.Tensor:
+        """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view."""
+        if self.device.type == "cpu":
+            return host
+        n = host.shape[0]
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape[0] < n:
+            buf = torch.zeros(max(n, 2 * (buf.shape[0] if buf is not None else 0), 256), dtype=host.dtype,
+                              device=self.device)
+            self._buffers[name] = buf
+        view = buf[:n]
+        view.copy_(host.pin_memory(), non_blocking=True)
+        return view
+
+    def _put_table(self, host: torch.Tensor, num_seqs: int) -> torch.Tensor:
+        """Block tables go into a [max_seqs, max_blocks_per_seq] buffer: full-width rows, stable strides."""
+        if self.device.type == "cpu":
+            return host
+        buf = self._buffers.get("block_tables")
+        if buf is None or buf.shape[0] < num_seqs:
+            rows = max(num_seqs, self.config.max_num_seqs)
+            buf = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
+            self._buffers["block_tables"] = buf
+        buf[:num_seqs, :host.shape[1]].copy_(host.pin_memory(), non_blocking=True)
+        return buf[:num_seqs]
+
+    def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, last_index: list[int]
+                         ) -> dict[int, dict[int, dict[int, float]]]:
+        """Logprobs of prompt tokens start+1 .. whose predicting positions are in this chunk."""
+        out: dict[int, dict[int, dict[int, float]]] = {}
+        for j, k in enumerate(plan.prompt_logprobs):
+            if k is None:
+                continue
+            s = plan.scheduled[j]
+            seq = s.seq
+            first = s.start  # position p predicts token p + 1
+            stop = min(s.start + s.num_new_tokens, seq.num_prompt_tokens - 1)
+            if stop <= first:
+                continue
+            flat0 = last_index[j] - (s.num_new_tokens - 1)  # flat index of position s.start
+            h = hidden[flat0:flat0 + (stop - first)]  # [P, D]
+            lp = torch.log_softmax(self.model.compute_logits(h).float(), dim=-1)  # [P, V]
+            target_ids = seq.token_ids[first + 1:stop + 1]
+            targets = torch.tensor(target_ids, device=lp.device)
+            chosen = lp.gather(1, targets[:, None]).squeeze(1).tolist()
+            top_v, top_i = (torch.topk(lp, k, dim=-1) if k else (lp[:, :0], lp[:, :0].long()))
+            top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
+            entries: dict[int, dict[int, float]] = {}
+            for r in range(stop - first):
+                entry = dict(zip(top_i_l[r], top_v_l[r], strict=False))
+                entry[target_ids[r]] = chosen[r]
+                entries[first + 1 + r] = entry
+            out[j] = entries
+        return out
+
+    def expert_counts(self) -> torch.Tensor:
+        """Cumulative routing counts [L, E] (copied to the host: a sync, on demand only)."""
+        return self.expert_counts_buf.cpu()

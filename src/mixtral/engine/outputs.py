@@ -1,0 +1,68 @@
+"""What the engine hands back per request: RequestOutput with one CompletionOutput per sample.
+
+Everything here is cumulative (text and token ids so far), as in vLLM; streaming consumers take the
+difference between successive outputs. Plain dataclasses, no tensors: safe to pass between threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Per position: {token_id: logprob} for the top-k alternatives and the chosen token.
+Logprobs = list[dict[int, float]]
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. ``finish_reason``: "stop" (EOS, stop string/token, guide done),
+    "length" (max_tokens or the context is full), "abort", or None while still running. ``stop_reason``
+    is the stop string or stop token id that ended it (None for EOS and the other reasons)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: Logprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    """Wall-clock times (``time.monotonic()`` seconds) of a request's life, for TTFT / ITL statistics."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    finished_time: float | None = None
+    # Time at which each generated token of sample 0 was produced (ITL = successive differences).
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def ttft(self) -> float | None:
+        """Time to first token."""
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def inter_token_latencies(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+@dataclass
+class RequestOutput:
+    """The state of one request after an engine step. ``num_cached_tokens``: prompt tokens whose KV came
+    from the prefix cache instead of being computed."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, float] | None] | None
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0
+    metrics: RequestMetrics | None = None
