@@ -31,7 +31,6 @@ def consolidated_specs(args: ModelArgs) -> list[TensorSpec]:
             TensorSpec(f"{me}.attention.wv.weight", (kv, d), wqkv, ((q + kv, q + 2 * kv),)),
             TensorSpec(f"{me}.attention.wo.weight", (d, q), f"{me}.attention.wo.weight"),
             TensorSpec(f"{me}.ffn_norm.weight", (d,), f"{me}.ffn_norm.weight"),
-            TensorSpec(f"{me}.feed_forward.gate.weight", (args.num_experts, d), f"{me}.feed_forward.gate.weight"),
         ]
         experts = f"{me}.feed_forward.experts"
         w13, w2 = f"{me}.feed_forward.w13", f"{me}.feed_forward.w2"  # [E, 2F, D], [E, D, F]
@@ -39,6 +38,9 @@ def consolidated_specs(args: ModelArgs) -> list[TensorSpec]:
             specs.append(TensorSpec(f"{experts}.{e}.w1.weight", (f, d), w13, (e, (0, f))))
             specs.append(TensorSpec(f"{experts}.{e}.w3.weight", (f, d), w13, (e, (f, 2 * f))))
         specs += [TensorSpec(f"{experts}.{e}.w2.weight", (d, f), w2, (e,)) for e in range(args.num_experts)]
+        # The router last: MoE registers w13/w2 itself and the gate in a child module (parameter order).
+        gate = f"{me}.feed_forward.gate.weight"
+        specs.append(TensorSpec(gate, (args.num_experts, d), gate))
     specs.append(TensorSpec("norm.weight", (d,), "norm.weight"))
     specs.append(TensorSpec("output.weight", (args.vocab_size, d), "output.weight"))
     return specs

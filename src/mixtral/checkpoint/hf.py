@@ -37,7 +37,6 @@ def hf_specs(args: ModelArgs) -> list[TensorSpec]:
             TensorSpec(f"{hf}.self_attn.v_proj.weight", (kv, d), wqkv, ((q + kv, q + 2 * kv),)),
             TensorSpec(f"{hf}.self_attn.o_proj.weight", (d, q), f"{me}.attention.wo.weight"),
             TensorSpec(f"{hf}.post_attention_layernorm.weight", (d,), f"{me}.ffn_norm.weight"),
-            TensorSpec(f"{hf}.block_sparse_moe.gate.weight", (args.num_experts, d), f"{me}.feed_forward.gate.weight"),
         ]
         experts = f"{hf}.block_sparse_moe.experts"
         w13, w2 = f"{me}.feed_forward.w13", f"{me}.feed_forward.w2"  # [E, 2F, D], [E, D, F]
@@ -45,6 +44,9 @@ def hf_specs(args: ModelArgs) -> list[TensorSpec]:
             specs.append(TensorSpec(f"{experts}.{e}.w1.weight", (f, d), w13, (e, (0, f))))
             specs.append(TensorSpec(f"{experts}.{e}.w3.weight", (f, d), w13, (e, (f, 2 * f))))
         specs += [TensorSpec(f"{experts}.{e}.w2.weight", (d, f), w2, (e,)) for e in range(args.num_experts)]
+        # The router last: MoE registers w13/w2 itself and the gate in a child module (parameter order).
+        gate = f"{me}.feed_forward.gate.weight"
+        specs.append(TensorSpec(f"{hf}.block_sparse_moe.gate.weight", (args.num_experts, d), gate))
     specs.append(TensorSpec("model.norm.weight", (d,), "norm.weight"))
     specs.append(TensorSpec("lm_head.weight", (args.vocab_size, d), "output.weight"))
     return specs

@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny random-weight checkpoints on disk, in both formats, written once per session.
+
+``tiny_hf_checkpoint`` and ``tiny_consolidated_checkpoint`` hold the SAME weights (the consolidated copy is
+converted from the HF one): preset ``tiny`` (v3 tokenizer, 32768 ids, GQA 4/2 heads, 8 experts), fp32,
+``init_random_weights(seed=TINY_SEED, std=TINY_STD)`` — std 0.1 so routing and next tokens are decisive.
+Each folder ships ``tokenizer.model.v3`` copied from mistral-common's package data. Treat them as read-only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_PRESET = "tiny"
+TINY_SEED = 0
+TINY_STD = 0.1
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with config.json, model.safetensors (fp32) and tokenizer.model.v3 of the `tiny` preset."""
+    from mixtral.checkpoint.writer import save_checkpoint
+    from mixtral.model.args import preset
+    from mixtral.model.mixtral import Transformer, init_random_weights
+
+    args = preset(TINY_PRESET)
+    model = Transformer(args)
+    init_random_weights(model, seed=TINY_SEED, std=TINY_STD)
+    return save_checkpoint(model, args, tmp_path_factory.mktemp("tiny_hf"), "hf")
+
+
+@pytest.fixture(scope="session")
+def tiny_consolidated_checkpoint(tiny_hf_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Folder with params.json, consolidated.safetensors (fp32) and tokenizer.model.v3: the HF weights."""
+    from mixtral.checkpoint.writer import convert_checkpoint
+
+    return convert_checkpoint(tiny_hf_checkpoint, tmp_path_factory.mktemp("tiny_consolidated"), "mistral")
