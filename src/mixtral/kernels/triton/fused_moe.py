@@ -1,0 +1,177 @@
+"""Fused MoE experts in Triton: align, one grouped GEMM for w13 with SiLU·mul fused, one for w2 with the
+routing weights applied, then the top-k sum.
+
+Same contract as the PyTorch paths in ``model/moe.py`` (``fused_moe(x, w13, w2, topk_weights, topk_ids,
+expert_start)``). Pairs (token, slot) are sorted by expert and padded to ``BLOCK_M`` rows per expert
+(moe_align.py); every program of a GEMM takes one block of ``BLOCK_M`` rows, all of one expert, and one tile
+of output columns, so only the experts present in the routing have their weights read (batch 1-4 decode
+touches 1-8 experts' weights, never all of them). The launch grid is sized from host ints only and
+programs past the padded row count exit at once: no host sync, capturable in a CUDA graph.
+
+Tile configs come from JSON files written by ``tune_moe.py`` (``configs/``), keyed by the nearest batch size.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mixtral.kernels.triton.moe_align import moe_align
+from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_config
+
+
+@triton.jit
+def _w13_silu_kernel(
+    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    num_pairs, F, D,
+    stride_xm, stride_we, stride_wn, stride_am,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """act[pair, n] = silu(x[token] . w1[e, n]) * (x[token] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    pair = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    row_ok = pair < num_pairs
+    token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_ok = offs_n < F
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    w_base = w13_ptr + e * stride_we
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] w1 rows
+    u_ptrs = g_ptrs + F * stride_wn  # w3 rows follow the F rows of w1
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            wg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k + k0 < D
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(a, wg, acc_g)
+        acc_u = tl.dot(a, wu, acc_u)
+        a_ptrs += BLOCK_K
+        g_ptrs += BLOCK_K
+        u_ptrs += BLOCK_K
+    act = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up in fp32
+    out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_am + offs_n[None, :]
+    tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _w2_weighted_kernel(
+    act_ptr, w2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
+    num_pairs, D, F,
+    stride_am, stride_we, stride_wn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    """out[pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
+        return
+    e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ids_ptr + offs_m)  # [BM]
+    row_ok = pair < num_pairs
+    pair64 = tl.where(row_ok, pair, 0).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    n_ok = offs_n < D
+    offs_k = tl.arange(0, BLOCK_K)
+
+    a_ptrs = act_ptr + pair64[:, None] * stride_am + offs_k[None, :]  # [BM, BK]
+    w_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k + k0 < F
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    weight = tl.load(topk_weights_ptr + pair64, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
+    acc = acc * weight[:, None]
+    out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _check(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+           topk_ids: torch.Tensor) -> None:
+    n, d = x.shape
+    e, two_f, d13 = w13.shape
+    if d13 != d or two_f % 2 or w2.shape != (e, d, two_f // 2):
+        raise ValueError(f"fused_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} "
+                         "do not fit x [N, D], w13 [E, 2F, D], w2 [E, D, F]")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != n:
+        raise ValueError(f"fused_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [N={n}, k]")
+    if w13.stride(-1) != 1 or w2.stride(-1) != 1:
+        raise ValueError("fused_moe: expert weights must be contiguous in their last dim")
+
+
+def invoke_w13(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, sorted_ids: torch.Tensor,
+               expert_ids: torch.Tensor, num_post_pad: torch.Tensor, top_k: int, block_m: int, cfg: GemmConfig) -> None:
+    """act [N*k, F] = silu(x w1^T) * (x w3^T) per pair, for the pairs laid out by ``moe_align``."""
+    f, d = w13.shape[1] // 2, x.shape[1]
+    _w13_silu_kernel[(expert_ids.shape[0], triton.cdiv(f, cfg.block_n))](
+        x, w13, act, sorted_ids, expert_ids, num_post_pad,
+        act.shape[0], f, d,
+        x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=d % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_pairs: torch.Tensor, weights: torch.Tensor,
+              sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor, block_m: int,
+              cfg: GemmConfig) -> None:
+    """out_pairs [N*k, D] = weight * (act w2^T) per pair; rows of pairs not laid out are left untouched."""
+    d, f = w2.shape[1], w2.shape[2]
+    _w2_weighted_kernel[(expert_ids.shape[0], triton.cdiv(d, cfg.block_n))](
+        act, w2, out_pairs, weights, sorted_ids, expert_ids, num_post_pad,
+        act.shape[0], d, f,
+        act.stride(0), w2.stride(0), w2.stride(1), out_pairs.stride(0),
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=f % cfg.block_k == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, expert_start: int = 0, config: MoEConfig | None = None) -> torch.Tensor:
+    """x [N, D]; w13 [E, 2F, D]; w2 [E, D, F]; topk_weights [N, k] fp32; topk_ids [N, k] global ids
+    -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
+
+    ``config`` overrides the tuned tile config (the tuning script uses it).
+    """
+    _check(x, w13, w2, topk_weights, topk_ids)
+    n, d = x.shape
+    e_local, two_f, _ = w13.shape
+    f = two_f // 2
+    top_k = topk_ids.shape[1]
+    if n == 0:
+        return x.new_zeros(n, d)
+    cfg = config or get_config(e_local, f, d, n, x.dtype, x.device)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weights = topk_weights.reshape(-1).float().contiguous()  # [N*k] fp32, as the reference applies them
+    sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, e_local, cfg.block_m, expert_start)
+    act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
+    invoke_w13(x, w13, act, sorted_ids, expert_ids, num_post_pad, top_k, cfg.block_m, cfg.w13)
+    # Zeroed: pairs routed to another expert-parallel rank are never written and must add nothing.
+    out_pairs = torch.zeros(n * top_k, d, dtype=x.dtype, device=x.device)  # [N*k, D]
+    invoke_w2(act, w2, out_pairs, weights, sorted_ids, expert_ids, num_post_pad, cfg.block_m, cfg.w2)
+    return out_pairs.view(n, top_k, d).sum(dim=1)  # top-k reduction, [N, D]

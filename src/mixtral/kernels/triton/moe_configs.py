@@ -1,0 +1,94 @@
+"""Tile configs of the fused MoE: dataclasses, the JSON files ``tune_moe.py`` writes, and the lookup.
+
+A file ``configs/E{E}_F{F}_D{D}_{device}.json`` holds, per batch size M (tokens), the rows per block
+(``block_m``, shared by both GEMMs because the align step pads to it) and each GEMM's column tile, reduction
+tile, warps and pipeline stages. The lookup takes the entry whose M is nearest the call's token count; with
+no file for this device it borrows another device's file for the same shape (Hopper tiles carry over), and
+with none for the shape (or a 4-byte dtype, whose tiles would not fit shared memory) it falls back
+to ``default_config``. Configs were tuned on bf16 and serve every 2-byte dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Launch shape of one grouped GEMM."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Rows per block (both GEMMs) and each GEMM's own tiles."""
+
+    block_m: int
+    w13: GemmConfig
+    w2: GemmConfig
+
+    def to_dict(self) -> dict[str, object]:
+        return {"block_m": self.block_m, "w13": asdict(self.w13), "w2": asdict(self.w2)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> MoEConfig:
+        return cls(int(d["block_m"]), GemmConfig(**d["w13"]), GemmConfig(**d["w2"]))  # type: ignore[arg-type]
+
+
+def device_key(name: str) -> str:
+    """'NVIDIA H100 80GB HBM3' -> 'NVIDIA_H100_80GB_HBM3' (file-name safe)."""
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+def config_path(num_experts: int, ffn_dim: int, dim: int, device_name: str) -> Path:
+    return CONFIG_DIR / f"E{num_experts}_F{ffn_dim}_D{dim}_{device_key(device_name)}.json"
+
+
+def default_config(num_tokens: int, dtype: torch.dtype) -> MoEConfig:
+    """Untuned tiles: 16-row blocks for decode-sized batches (weight streaming), larger tiles as M grows."""
+    if torch.empty((), dtype=dtype).element_size() >= 4:
+        return MoEConfig(16, GemmConfig(32, 32, 4, 2), GemmConfig(32, 32, 4, 2))
+    if num_tokens <= 32:
+        return MoEConfig(16, GemmConfig(64, 128, 4, 4), GemmConfig(64, 128, 4, 4))
+    if num_tokens <= 256:
+        return MoEConfig(32, GemmConfig(64, 64, 4, 4), GemmConfig(64, 64, 4, 4))
+    return MoEConfig(64, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
+
+
+@functools.lru_cache(maxsize=64)
+def load_configs(path: Path) -> dict[int, MoEConfig] | None:
+    """The file's {M: config} table, or None when there is no file."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return {int(m): MoEConfig.from_dict(c) for m, c in data["configs"].items()}
+
+
+@functools.lru_cache(maxsize=16)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def get_config(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype,
+               device: torch.device) -> MoEConfig:
+    """Tuned config for the nearest batch size on this device and shape, else ``default_config``."""
+    if torch.empty((), dtype=dtype).element_size() < 4:
+        table = load_configs(config_path(num_experts, ffn_dim, dim, _device_name(device)))
+        if table is None:  # another GPU's tuning for this shape beats the untuned default
+            others = sorted(CONFIG_DIR.glob(f"E{num_experts}_F{ffn_dim}_D{dim}_*.json"))
+            table = load_configs(others[0]) if others else None
+        if table:
+            nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
+            return table[nearest]
+    return default_config(num_tokens, dtype)

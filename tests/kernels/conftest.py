@@ -1,0 +1,51 @@
+"""Run the Triton kernels on CPU through Triton's interpreter (TRITON_INTERPRET=1), confined to these tests.
+
+Triton reads TRITON_INTERPRET when a kernel is decorated (module import) and again lazily while launching,
+so the kernel modules are (re)imported with it set, and an autouse fixture sets it for each test here
+only; other test folders never see it. Note: the interpreter's bf16 ``tl.dot`` is wrong (Triton 3.9: it
+returns garbage even for a plain 16x16 product), so CPU tests use fp32 and fp16; bf16 is checked on the GPU
+by scripts/gpu_kernel_check.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+KERNEL_MODULES = [
+    "mixtral.kernels.triton.moe_configs",
+    "mixtral.kernels.triton.moe_align",
+    "mixtral.kernels.triton.fused_moe",
+    "mixtral.kernels.triton.write_kv",
+    "mixtral.kernels.triton.paged_attention",
+]
+
+
+def _import_interpreted() -> None:
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        for name in KERNEL_MODULES:
+            if name in sys.modules:
+                importlib.reload(sys.modules[name])
+            else:
+                importlib.import_module(name)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_interpreted()
+
+
+@pytest.fixture(autouse=True)
+def triton_interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Keep the interpreter on while a kernel test runs (Triton imports parts of itself lazily)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield

@@ -1,0 +1,158 @@
+"""Fused MoE Triton kernels (align + grouped GEMMs) against the PyTorch references, on CPU via the interpreter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.kernels import ops
+from mixtral.kernels.reference import moe_reference, route_topk
+from mixtral.kernels.triton import fused_moe as fm
+from mixtral.kernels.triton import moe_align as ma
+from mixtral.kernels.triton import moe_configs as mc
+from mixtral.model.args import preset
+from mixtral.model.moe import EXPERT_PATHS, MoE, moe_grouped
+
+FP16_SMALL = mc.MoEConfig(16, mc.GemmConfig(32, 32), mc.GemmConfig(32, 32))
+
+
+def _routing(n: int, num_experts: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    return route_topk(torch.randn(n, num_experts, generator=gen), k)
+
+
+def _weights(e: int, f: int, d: int, dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    w13 = (torch.randn(e, 2 * f, d, generator=gen) / d**0.5).to(dtype)  # [E, 2F, D]
+    w2 = (torch.randn(e, d, f, generator=gen) / f**0.5).to(dtype)  # [E, D, F]
+    return w13, w2
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize(("n", "k", "e_local", "expert_start", "block_m", "seed"), [
+    (2, 2, 4, 0, 2, 0),  # the docstring's size
+    (1, 2, 8, 0, 16, 1),  # batch-1 decode: two experts, two blocks
+    (37, 2, 8, 0, 4, 2),  # chunk-free but ragged
+    (300, 2, 6, 0, 16, 3),  # > one 512-pair chunk: the running counts carry across chunks
+    (50, 3, 4, 4, 8, 4),  # expert parallel: this rank owns experts 4..7 of 8
+])
+def test_align_layout(n: int, k: int, e_local: int, expert_start: int, block_m: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    num_global = max(8, e_local + expert_start)
+    _, ids = _routing(n, num_global, k, gen)
+    sorted_ids, expert_ids, post_pad = ma.moe_align(ids, e_local, block_m, expert_start)
+    num_pairs = n * k
+    flat = ids.reshape(-1) - expert_start
+    row = 0
+    for e in range(e_local):
+        pairs = torch.nonzero(flat == e).flatten()  # the pairs of e, in order (the sort is stable)
+        padded = -(-pairs.numel() // block_m) * block_m
+        assert sorted_ids[row:row + pairs.numel()].tolist() == pairs.tolist()
+        assert (sorted_ids[row + pairs.numel():row + padded] == num_pairs).all()
+        assert (expert_ids[row // block_m:(row + padded) // block_m] == e).all()
+        row += padded
+    assert int(post_pad) == row
+    assert (sorted_ids[row:] == num_pairs).all()
+    assert (expert_ids[row // block_m:] == -1).all()
+    assert sorted_ids.numel() == ma.max_padded_rows(num_pairs, e_local, block_m) >= row
+
+
+@pytest.mark.parametrize(("dtype", "n", "d", "f", "e_local", "expert_start", "config", "tol"), [
+    (torch.float32, 1, 32, 48, 8, 0, None, 1e-5),  # F not a multiple of the column tile
+    (torch.float32, 9, 48, 32, 8, 0, None, 1e-5),  # D not a multiple of the reduction tile
+    (torch.float16, 5, 64, 64, 8, 0, None, 3e-3),  # the tuned-default fp16 tiles (16 x 64 x 128)
+    (torch.float16, 40, 64, 96, 8, 0, FP16_SMALL, 3e-3),
+    (torch.float32, 23, 32, 32, 4, 2, None, 1e-5),  # expert parallel: experts 2..5 local, the rest add nothing
+    (torch.float16, 70, 32, 64, 8, 0, mc.MoEConfig(32, mc.GemmConfig(64, 32), mc.GemmConfig(32, 64)), 3e-3),
+])
+def test_fused_moe_matches_reference(dtype: torch.dtype, n: int, d: int, f: int, e_local: int, expert_start: int,
+                                     config: mc.MoEConfig | None, tol: float) -> None:
+    gen = torch.Generator().manual_seed(n * 1000 + d)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    w13, w2 = _weights(e_local, f, d, dtype, gen)
+    weights, ids = _routing(n, 8, 2, gen)
+    out = fm.fused_moe(x, w13, w2, weights, ids, expert_start, config=config)
+    ref = moe_reference(x.double(), w13.double(), w2.double(), weights.double(), ids, expert_start)
+    assert out.dtype == dtype and out.shape == (n, d)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < tol
+
+
+def test_small_batch_reads_only_selected_experts() -> None:
+    """Batch 1: the unselected experts' weights are NaN; any read of them would poison the output."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 32, generator=gen)
+    w13, w2 = _weights(8, 32, 32, torch.float32, gen)
+    ids = torch.tensor([[5, 2]])
+    weights = torch.tensor([[0.7, 0.3]])
+    ref = moe_reference(x, w13, w2, weights, ids)
+    unused = [e for e in range(8) if e not in (2, 5)]
+    w13[unused] = float("nan")
+    w2[unused] = float("nan")
+    out = fm.fused_moe(x, w13, w2, weights, ids)
+    assert torch.isfinite(out).all()
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_fused_moe_rejects_bad_shapes() -> None:
+    x = torch.randn(3, 32)
+    w13, w2 = _weights(8, 16, 32, torch.float32, torch.Generator().manual_seed(0))
+    weights, ids = _routing(3, 8, 2, torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="w2"):
+        fm.fused_moe(x, w13, w2.transpose(1, 2), weights, ids)
+    with pytest.raises(ValueError, match="topk_ids"):
+        fm.fused_moe(x, w13, w2, weights, ids[:2])
+
+
+def test_triton_path_in_moe_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """EXPERT_PATHS['triton'] (registered by kernels.ops) inside a MoE layer equals the grouped path."""
+    monkeypatch.setattr(ops, "use_triton", lambda t: True)  # run the interpreted kernels on CPU tensors
+    assert EXPERT_PATHS["triton"] is ops.fused_moe
+    args = preset("tiny-odd")  # 6 experts, D 48, F 72: odd sizes
+    gen = torch.Generator().manual_seed(3)
+    layer = MoE(args, layer_idx=0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
+    x = torch.randn(11, args.dim, generator=gen)
+    layer.experts_fn = moe_grouped
+    ref, _ = layer(x)
+    layer.experts_fn = EXPERT_PATHS["triton"]
+    out, _ = layer(x)
+    assert _rel_err(out, ref) < 1e-5
+
+
+def test_config_lookup_nearest_batch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    table = {"1": FP16_SMALL.to_dict(),
+             "64": mc.MoEConfig(32, mc.GemmConfig(64, 64, 4, 3), mc.GemmConfig(128, 64, 8, 4)).to_dict()}
+    path = mc.config_path(8, 128, 64, "cpu")
+    path.write_text(json.dumps({"configs": table}))
+    mc.load_configs.cache_clear()
+    try:
+        get = lambda n, dt=torch.float16: mc.get_config(8, 128, 64, n, dt, torch.device("cpu"))  # noqa: E731
+        assert get(1) == FP16_SMALL and get(20) == FP16_SMALL
+        assert get(40).block_m == 32 and get(4096).w2 == mc.GemmConfig(128, 64, 8, 4)
+        assert get(1, torch.float32) == mc.default_config(1, torch.float32)  # 4-byte dtypes: never the file
+        assert mc.get_config(8, 256, 64, 1, torch.float16, torch.device("cpu")) == mc.default_config(1, torch.float16)
+        path.rename(mc.config_path(8, 128, 64, "Other GPU"))  # no file for this device: borrow the shape's
+        mc.load_configs.cache_clear()
+        assert get(1) == FP16_SMALL
+    finally:
+        mc.load_configs.cache_clear()
+
+
+def test_committed_configs_are_valid() -> None:
+    """Every tuned file parses, and its tiles are powers of two the kernels accept."""
+    files = sorted(mc.CONFIG_DIR.glob("*.json"))
+    assert files, f"no tuned configs under {mc.CONFIG_DIR}"
+    for path in files:
+        table = mc.load_configs(path)
+        assert table and 1 in table, path.name
+        for cfg in table.values():
+            sizes = [cfg.block_m, cfg.w13.block_n, cfg.w13.block_k, cfg.w2.block_n, cfg.w2.block_k]
+            assert all(s >= 16 and s & (s - 1) == 0 for s in sizes), (path.name, cfg)
