@@ -200,7 +200,8 @@ def lark_grammar(plan: GuidePlan, tool_calls_id: int | None) -> str:
     """The Lark grammar (llguidance dialect) for a plan whose mode is not "free"-without-JSON or "none"."""
     lines: list[str] = []
     if plan.json_schema is not None:
-        lines.append(f"answer: {_json_rule(plan.json_schema, _FLEXIBLE_JSON)}")
+        # A SentencePiece model's answer naturally starts with a "▁"-prefixed piece (" {"): allow that one space.
+        lines.append(f'answer: " "? {_json_rule(plan.json_schema, _FLEXIBLE_JSON)}')
     else:
         lines.append("answer: TEXT")
         lines.append(r"TEXT: /(?s:.*)/")  # any text; control tokens never match a regex

@@ -39,6 +39,11 @@ def _check_row(row: torch.Tensor, words: int) -> None:
         raise ValueError(f"bitmask row has {row.numel()} words, the vocabulary needs {words}")
 
 
+def _first_line(matcher: llg.LLMatcher) -> str:
+    """llguidance errors carry a parser-state dump after the first line; keep the readable part."""
+    return matcher.get_error().split("\n", 1)[0]
+
+
 class LLGuide:
     """One sequence's grammar state: an llguidance matcher over the tokenizer's vocabulary."""
 
@@ -56,14 +61,14 @@ class LLGuide:
             bitmask_row[self._words :].zero_()
         self._matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), self._words * 4)
         if self._matcher.is_error():
-            raise RuntimeError(f"constrained decoding failed: {self._matcher.get_error()}")
+            raise RuntimeError(f"constrained decoding failed: {_first_line(self._matcher)}")
 
     def accept_token(self, token_id: int) -> None:
         """Advance by the sampled token; a token the last mask forbade is an engine bug and raises."""
         if self._matcher.is_stopped() and token_id == self._eos_id:
             return  # EOS after the grammar completed: nothing left to advance
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"token {token_id} is not allowed by the grammar: {self._matcher.get_error()}")
+            raise RuntimeError(f"token {token_id} is not allowed by the grammar: {_first_line(self._matcher)}")
 
     def is_finished(self) -> bool:
         """True once the grammar can take nothing but EOS (or took it)."""

@@ -26,7 +26,7 @@ import llguidance as llg
 _SP_SPACE = "\u2581"  # SentencePiece's visible space
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one per tokenizer object
 class LLVocab:
     """Everything constrained decoding needs from a tokenizer."""
 
