@@ -1,0 +1,45 @@
+"""Engine test fixtures: one tiny random model per session, engines that are checked for leaked KV blocks.
+
+``make_engine`` builds LLMEngines on the tiny model; after every test each engine it built must have no
+unfinished request and every KV block free (abort and completion free all blocks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from engine_testing import assert_no_leaks, build_tiny_model
+
+from mixtral.engine.config import EngineConfig
+from mixtral.engine.llm_engine import LLMEngine
+from mixtral.model.mixtral import Transformer
+from mixtral.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Transformer:
+    return build_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer.from_version("v3")
+
+
+@pytest.fixture
+def make_engine(tiny_model: Transformer, tokenizer: Tokenizer) -> Iterator[Callable[..., LLMEngine]]:
+    engines: list[LLMEngine] = []
+
+    def make(model: Transformer | None = None, **kwargs: Any) -> LLMEngine:
+        kwargs.setdefault("num_kv_blocks", 512)
+        kwargs.setdefault("max_model_len", 512)
+        engine = LLMEngine(model or tiny_model, EngineConfig(**kwargs), tokenizer)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert_no_leaks(engine)
+        engine.shutdown()
