@@ -53,8 +53,8 @@ class CheckpointReader:
         if pickles and not allow_pickle:
             raise CheckpointError(
                 f"{pickles[0]} is a pickle file; loading pickles can run arbitrary code, so it is refused. "
-                "Convert it to safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust it "
-                "(it is then read with torch.load(weights_only=True))"
+                "If you trust it, pass allow_pickle=True (CLI: --allow-pickle; it is then read with "
+                "torch.load(weights_only=True)), or convert it once: `mixtral convert SRC DST --to hf --allow-pickle`"
             )
         self._pickles: dict[Path, dict[str, torch.Tensor]] = {}
         self.info = self._read_headers(files)
