@@ -104,7 +104,7 @@ def resolve(name_or_path: str | Path) -> ModelSource:
     """A local folder, a preset, "demo", or a Hugging Face repo id (cache first; HF_HUB_OFFLINE respected)."""
     path = Path(name_or_path).expanduser()
     name = str(name_or_path)
-    if path.is_dir():
+    if name.strip() and path.is_dir():  # "" would otherwise mean the current directory
         return resolve_folder(path)
     if isinstance(name_or_path, str):
         if name in PRESETS:
