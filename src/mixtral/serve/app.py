@@ -1,0 +1,129 @@
+"""The FastAPI app of ``mixtral serve``: Mistral- and OpenAI-compatible endpoints over one AsyncEngine.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (Mistral model cards),
+``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus), ``/openapi.json``.
+``create_app`` builds the app around an ``AsyncEngine``; the app's lifespan starts the engine and, on shutdown,
+stops admission (503 + Retry-After) and gives running requests ``drain_timeout`` seconds to finish before the
+engine stops.
+
+Behaviour worth knowing (details in the modules that implement it):
+- errors carry Mistral's and OpenAI's body shapes at once (``errors.py``); 422 names the bad field, 400 gives both
+  numbers for a prompt or ``max_tokens`` past the context, 404 unknown model, 401 bad key (when ``api_key`` is
+  set; ``/health``, ``/metrics`` and the docs stay open), 413 body over ``max_body_bytes``, 429 + Retry-After
+  when ``max_queued_requests`` requests already wait for their first token;
+- tool calls in the model's native ``[TOOL_CALLS]`` format (``chat.py``, ``tools.py``); on a v1-tokenizer model
+  (no tool tokens) ``tools`` are dropped when ``tool_choice`` is ``"none"`` and refused with a 400 otherwise, and
+  its model card says ``function_calling: false``;
+- a client that disconnects aborts its request, which frees its KV blocks (``generate.py``, ``sse.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from mixtral import __version__
+from mixtral.serve.chat import ChatHandler
+from mixtral.serve.completions import CompletionHandler
+from mixtral.serve.errors import error_body, install_error_handlers, logger
+from mixtral.serve.metrics import ServerMetrics
+from mixtral.serve.middleware import GuardMiddleware
+from mixtral.serve.models import ServedModel
+from mixtral.serve.protocol import (
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from mixtral.serve.state import ServerSettings, ServerState
+
+
+def llm_engine_of(async_engine: Any) -> Any:
+    """The LLMEngine inside an AsyncEngine (which wraps it as ``.engine``)."""
+    return getattr(async_engine, "engine", async_engine)
+
+
+def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    example = error_body(400, "what was wrong, naming the field and value")
+    return {s: {"description": "error (Mistral and OpenAI shapes)", "content": {"application/json": {
+        "example": example}}} for s in statuses}
+
+
+def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = None,
+               settings: ServerSettings | None = None, aliases: list[str] | None = None,
+               manage_engine: bool = True) -> FastAPI:
+    """The ASGI app serving ``engine`` (an ``AsyncEngine``) as ``served_model_name``.
+
+    ``manage_engine``: the lifespan starts the engine and shuts it down (off when a test owns the engine).
+    """
+    settings = settings or ServerSettings()
+    llm = llm_engine_of(engine)
+    tokenizer = tokenizer or llm.tokenizer
+    served = ServedModel(name=served_model_name, args=llm.model_args, max_model_len=llm.config.max_model_len,
+                         supports_tools=bool(tokenizer.supports_tools), extra_aliases=list(aliases or []))
+    metrics = ServerMetrics(served_model_name)
+    metrics.attach_engine(llm.get_stats, getattr(llm, "expert_counts", None))
+    state = ServerState(engine, tokenizer, served, settings, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if manage_engine:
+            await engine.start()
+        logger.info("serving %s (aliases %s), max_model_len %d", served.name, served.aliases, served.max_model_len)
+        try:
+            yield
+        finally:
+            state.draining = True
+            if manage_engine:
+                await engine.shutdown(settings.drain_timeout)
+
+    app = FastAPI(title="mixtral", version=__version__, lifespan=lifespan,
+                  description="Mistral- and OpenAI-compatible API for Mixtral models.")
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
+                       on_reject=metrics.reject)
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
+              responses={200: {"content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}}},
+                         **_error_responses(400, 401, 404, 413, 422, 429, 503)})
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        """Chat completion (Mistral and OpenAI fields); SSE when ``stream`` is true."""
+        return await ChatHandler(state, body, request).run()
+
+    @app.post("/v1/completions", response_model=CompletionResponse,
+              responses=_error_responses(400, 401, 404, 413, 422, 429, 503))
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        """Plain-prompt completion; SSE when ``stream`` is true."""
+        return await CompletionHandler(state, body, request).run()
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        """The served model's Mistral model card."""
+        return served.model_list()
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_error_responses(404))
+    async def retrieve_model(model_id: str) -> ModelCard:
+        served.resolve(model_id)
+        return served.card()
+
+    @app.get("/health")
+    async def health() -> Response:
+        """200 while serving; 503 once shutting down (load balancers stop sending traffic)."""
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": served.name, "in_flight": state.num_in_flight})
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: request, latency and token metrics, engine state, expert utilization."""
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

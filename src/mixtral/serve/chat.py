@@ -1,0 +1,265 @@
+"""POST /v1/chat/completions: prompt encoding, guided decoding, the JSON answer and the SSE stream.
+
+Flow: validated request -> mistral-common prompt (``Tokenizer.encode_chat``; ``safe_prompt`` prepends Mistral's
+guardrail system prompt) -> guide for tools / response_format -> SamplingParams with the context checks ->
+admission -> engine. Outputs that open with ``[TOOL_CALLS]`` become ``tool_calls`` with ``content: ""`` and
+``finish_reason: "tool_calls"``; when streaming, text is sent as it is generated and a tool call is sent whole
+in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason and usage.
+
+Tools on a model whose tokenizer has no tool tokens (v1, Mixtral-8x7B): with ``tool_choice: "none"`` the tools are
+dropped and the model answers in text; any other ``tool_choice`` is a 400 saying function calling needs a
+v3-tokenizer model. The model card advertises ``function_calling: false`` for such a model.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from fastapi.responses import JSONResponse
+from starlette.requests import Request
+from starlette.responses import Response
+
+from mixtral.serve.errors import APIError, error_body, logger
+from mixtral.serve.generate import collect_until_disconnect, finish_reason_of, stream_outputs
+from mixtral.serve.params import sampling_params
+from mixtral.serve.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatMessageOut,
+    ChoiceLogprobs,
+    DeltaMessage,
+    LogprobEntry,
+    NamedToolChoice,
+    SystemMessage,
+    UsageInfo,
+)
+from mixtral.serve.sse import DONE, EventStreamResponse, sse_event
+from mixtral.serve.state import ServerState
+from mixtral.serve.tools import starts_with_tool_call, tool_calls_from_output
+
+# Mistral's guardrail system prompt, prepended when a request sets safe_prompt=true.
+SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
+               "Avoid harmful, unethical, prejudiced, or negative content. Ensure replies promote fairness "
+               "and positivity.")
+
+
+def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    messages = []
+    if req.safe_prompt:
+        messages.append({"role": "system", "content": SAFE_PROMPT})
+    for msg in req.messages:
+        d = msg.model_dump(exclude_none=True)
+        if isinstance(msg, SystemMessage):
+            d["role"] = "system"
+        if isinstance(msg, AssistantMessage) and not msg.prefix:
+            d.pop("prefix", None)
+        if "content" not in d and not isinstance(msg, AssistantMessage):
+            d["content"] = ""
+        messages.append(d)
+    return messages
+
+
+def _tools_active(state: ServerState, req: ChatCompletionRequest) -> bool:
+    """Whether the request's tools reach the prompt (see the module docstring for v1 models)."""
+    if not req.tools:
+        return False
+    if state.model.supports_tools:
+        return True
+    if req.tool_choice == "none":
+        return False
+    raise APIError(400, f"model {state.model.name!r} uses tokenizer {state.model.args.tokenizer}, which has no "
+                        "tool-call tokens, so it cannot call functions; use a model with tokenizer v3 (e.g. "
+                        "Mixtral-8x22B-Instruct), or send tool_choice='none' to answer without the tools",
+                   param="tools", code="function_calling_unsupported")
+
+
+def encode_prompt(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> list[int]:
+    from mixtral.tokenizer import ChatEncodingError
+
+    tools = [{"type": "function", "function": {"name": t.function.name, "description": t.function.description,
+                                               "parameters": t.function.parameters}}
+             for t in req.tools or []] if tools_active else None
+    try:
+        return state.tokenizer.encode_chat(_messages_for_tokenizer(req), tools)
+    except ChatEncodingError as exc:
+        raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+
+
+def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> Any:
+    """The TokenGuide constraining this request's output, or None."""
+    fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    if fmt is not None and fmt.get("type") == "text":
+        fmt = None
+    if not tools_active and fmt is None:
+        return None
+    from mixtral.serve.guided import GuideError, build_guide
+
+    choice = req.tool_choice_or_default
+    if isinstance(choice, NamedToolChoice):
+        choice = choice.model_dump()
+    tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if tools_active else None
+    try:
+        return build_guide(state.tokenizer, tools=tools, tool_choice=choice if tools_active else "auto",
+                           response_format=fmt, parallel_tool_calls=req.parallel_tool_calls)
+    except GuideError as exc:
+        raise APIError(400, str(exc), param="response_format" if not tools_active else "tools",
+                       code="invalid_guide") from exc
+
+
+def _logprob_entries(state: ServerState, token_ids: list[int], logprobs: list[dict[int, float]] | None,
+                     top: int) -> list[LogprobEntry]:
+    tok = state.tokenizer
+    out = []
+    for tid, alts in zip(token_ids, logprobs or [], strict=False):
+        ranked = sorted(alts.items(), key=lambda kv: -kv[1])[:top]
+        out.append(LogprobEntry(
+            token=tok.piece_texts[tid], logprob=float(alts.get(tid, float("-inf"))),
+            bytes=list(tok.token_bytes(tid)),
+            top_logprobs=[{"token": tok.piece_texts[t], "logprob": float(lp), "bytes": list(tok.token_bytes(t))}
+                          for t, lp in ranked],
+        ))
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens,
+                     prompt_tokens_details={"cached_tokens": cached})
+
+
+def _dump(model: Any) -> dict[str, Any]:
+    """Wire JSON: nulls dropped except each choice's finish_reason (clients expect the key)."""
+    data = model.model_dump(exclude_none=True)
+    for choice, obj in zip(data.get("choices", []), model.choices, strict=True):
+        choice["finish_reason"] = obj.finish_reason
+    return data
+
+
+class ChatHandler:
+    """One chat completion request, from validated body to response."""
+
+    def __init__(self, state: ServerState, req: ChatCompletionRequest, request: Request) -> None:
+        self.state = state
+        self.req = req
+        self.request = request
+        self.model_name = state.model.resolve(req.model)
+        self.id = state.new_request_id("chatcmpl")
+        self.created = int(time.time())
+        self.tool_names = [t.function.name for t in req.tools or []]
+        self.top_logprobs = (req.top_logprobs or 0) if req.logprobs else 0
+
+    async def run(self) -> Response:
+        state, req = self.state, self.req
+        tools_active = _tools_active(state, req)
+        prompt_ids = encode_prompt(state, req, tools_active)
+        # Grammar compilation can take milliseconds: keep it off the event loop.
+        guide = await anyio.to_thread.run_sync(build_request_guide, state, req, tools_active)
+        params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
+                                 vocab_size=state.tokenizer.vocab_size,
+                                 logprobs=self.top_logprobs if req.logprobs else None, guide=guide)
+        tracker = state.admit()
+        try:
+            outputs = stream_outputs(state, tracker, prompt_ids, params, self.id)
+            if req.stream:
+                return EventStreamResponse(self._events(outputs, len(prompt_ids)), on_close=tracker.release)
+            final = await collect_until_disconnect(self.request, outputs)
+        except BaseException:
+            tracker.release()
+            raise
+        tracker.release()
+        if final is None:  # the client is gone; nobody reads this
+            return Response(status_code=499)
+        if finish_reason_of(final.outputs[0].finish_reason) == "error":
+            raise APIError(503, "the request was aborted because the server is shutting down",
+                           code="shutting_down", headers={"Retry-After": "1"})
+        return JSONResponse(_dump(self._response(final, len(prompt_ids))))
+
+    # ---------------------------------------------------------------- non-streaming
+    def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:
+        calls = tool_calls_from_output(self.state.tokenizer, out.token_ids, self.tool_names) if self.tool_names \
+            else None
+        if calls is not None:
+            return ChatMessageOut(content="", tool_calls=calls), "tool_calls"
+        return ChatMessageOut(content=out.text), finish_reason_of(out.finish_reason)
+
+    def _response(self, final: Any, prompt_tokens: int) -> ChatCompletionResponse:
+        choices = []
+        for out in final.outputs:
+            message, reason = self._message(out)
+            logprobs = None
+            if self.req.logprobs:
+                logprobs = ChoiceLogprobs(content=_logprob_entries(self.state, out.token_ids, out.logprobs,
+                                                                   self.top_logprobs))
+            choices.append(ChatChoice(index=out.index, message=message, finish_reason=reason, logprobs=logprobs))
+        completion = sum(len(o.token_ids) for o in final.outputs)
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.req.model, choices=choices,
+                                      usage=_usage(prompt_tokens, completion, final.num_cached_tokens or 0))
+
+    # ---------------------------------------------------------------- streaming
+    def _chunk(self, index: int, delta: DeltaMessage, finish_reason: str | None = None,
+               logprobs: ChoiceLogprobs | None = None, usage: UsageInfo | None = None) -> bytes:
+        chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.req.model, usage=usage,
+                                    choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
+                                                             logprobs=logprobs)])
+        return sse_event(_dump(chunk))
+
+    async def _events(self, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[bytes]:
+        n = self.req.n or 1
+        tok = self.state.tokenizer
+        sent_text = [""] * n
+        sent_tokens = [0] * n
+        tool_mode: list[bool | None] = [None] * n
+        done = [False] * n
+        try:
+            for i in range(n):
+                yield self._chunk(i, DeltaMessage(role="assistant", content=""))
+            async for out in outputs:
+                pending: list[tuple[int, DeltaMessage, str | None, ChoiceLogprobs | None]] = []
+                for o in out.outputs:
+                    i = o.index
+                    if done[i]:
+                        continue
+                    if tool_mode[i] is None and o.token_ids:
+                        tool_mode[i] = bool(self.tool_names) and starts_with_tool_call(o.token_ids, tok.tool_calls_id)
+                    if tool_mode[i] is False:
+                        delta_text = o.text[len(sent_text[i]):] if o.text.startswith(sent_text[i]) else ""
+                        logprobs = None
+                        if self.req.logprobs and len(o.token_ids) > sent_tokens[i]:
+                            logprobs = ChoiceLogprobs(content=_logprob_entries(
+                                self.state, o.token_ids[sent_tokens[i]:], (o.logprobs or [])[sent_tokens[i]:],
+                                self.top_logprobs))
+                        if delta_text or logprobs is not None:
+                            pending.append((i, DeltaMessage(content=delta_text), None, logprobs))
+                            sent_text[i] = o.text
+                            sent_tokens[i] = len(o.token_ids)
+                    if o.finished:
+                        done[i] = True
+                        if tool_mode[i]:
+                            message, reason = self._message(o)
+                            delta = DeltaMessage(content=message.content, tool_calls=message.tool_calls)
+                            pending.append((i, delta, None, None))
+                            pending.append((i, DeltaMessage(content=""), reason, None))
+                        else:
+                            pending.append((i, DeltaMessage(content=""), finish_reason_of(o.finish_reason), None))
+                usage = None
+                if out.finished:
+                    completion = sum(len(o.token_ids) for o in out.outputs)
+                    usage = _usage(prompt_tokens, completion, out.num_cached_tokens or 0)
+                    if not pending:  # every sample already finished: usage still needs a chunk to ride on
+                        pending.append((0, DeltaMessage(), None, None))
+                for k, (i, delta, reason, logprobs) in enumerate(pending):
+                    last = usage is not None and k == len(pending) - 1
+                    yield self._chunk(i, delta, reason, logprobs, usage if last else None)
+        except APIError as exc:
+            yield sse_event(error_body(exc.status, exc.message, param=exc.param, code=exc.code))
+        except Exception as exc:  # a bug after the headers went out: report it in-band, keep serving
+            logger.exception("error while streaming %s", self.id)
+            yield sse_event(error_body(500, f"internal server error: {type(exc).__name__}: {exc}"))
+        yield DONE

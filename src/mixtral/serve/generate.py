@@ -1,0 +1,122 @@
+"""Driving one admitted request through the AsyncEngine: metrics, engine errors, abort on disconnect.
+
+``stream_outputs`` wraps ``AsyncEngine.generate``: it records time to first token, inter-token latency and the
+finished request's figures, turns the engine's "can never fit" ``ValueError`` into a 400, and makes sure an
+unfinished request is aborted (its KV blocks freed) however the consumer stops: cancellation, ``aclose`` or an
+error. ``collect_until_disconnect`` runs a non-streaming request while watching the connection, so a client that
+hangs up stops its generation too (Starlette only notices disconnects of streaming responses by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+from starlette.requests import Request
+
+from mixtral.engine.async_engine import EngineDeadError, EngineOverloadedError
+from mixtral.serve.errors import APIError
+from mixtral.serve.state import RequestTracker, ServerState
+
+
+def finish_reason_of(engine_reason: str | None) -> str | None:
+    """Engine finish reasons -> API ones ("abort" happens only when the server stops: report it as an error)."""
+    if engine_reason == "abort":
+        return "error"
+    return engine_reason
+
+
+async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids: list[int], params: Any,
+                         request_id: str) -> AsyncIterator[Any]:
+    """Yield the engine's cumulative ``RequestOutput``s for one request, recording metrics."""
+    metrics = state.metrics
+    prev_tokens = 0
+    last_time = tracker.arrival
+    finished = False
+    started = False
+    iterator = state.engine.generate(prompt_ids, params, request_id).__aiter__()
+    try:
+        while True:
+            try:
+                out = await iterator.__anext__()
+            except StopAsyncIteration:
+                break
+            except EngineOverloadedError as exc:
+                raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
+            except EngineDeadError as exc:
+                raise APIError(503, f"the engine is not serving: {exc}", code="engine_unavailable",
+                               headers={"Retry-After": "1"}) from exc
+            except ValueError as exc:
+                if started:
+                    raise
+                # Refused at admission: the request can never fit this engine (prompt + max_tokens too long).
+                raise APIError(400, str(exc), code="context_length_exceeded") from exc
+            started = True
+            now = time.monotonic()
+            n_tokens = len(out.outputs[0].token_ids) if out.outputs else 0  # ITL follows sample 0
+            new = n_tokens - prev_tokens
+            if new > 0:
+                if prev_tokens == 0:
+                    metrics.first_token(now - tracker.arrival)
+                    tracker.started()
+                    # Tokens that came with the first one (a multi-token step) count as zero-latency gaps.
+                    metrics.inter_token(0.0, new - 1)
+                else:
+                    metrics.inter_token(now - last_time, new)
+                prev_tokens, last_time = n_tokens, now
+            if out.finished:
+                finished = True
+                reason = finish_reason_of(out.outputs[0].finish_reason if out.outputs else None) or "stop"
+                metrics.finished(reason, prompt_tokens=len(prompt_ids), cached_tokens=out.num_cached_tokens or 0,
+                                 generated=sum(len(o.token_ids) for o in out.outputs), e2e_s=now - tracker.arrival)
+            yield out
+            if finished:
+                break
+    finally:
+        if not finished:
+            # Cancelled or closed early: free the request's blocks. Shielded, because under an anyio cancel
+            # scope every await of a cancelled task would be cancelled again before it could run.
+            with anyio.CancelScope(shield=True):
+                await state.engine.abort(request_id)
+                await iterator.aclose()
+            if started:
+                metrics.requests.labels(state.model.name, "abort").inc()
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone (the body was already read, so the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def collect_until_disconnect(request: Request, outputs: AsyncIterator[Any]) -> Any | None:
+    """The last output of ``outputs`` (the finished request), or None if the client disconnected first.
+
+    The generation runs in a task raced against a disconnect watcher; whichever loses is cancelled, and
+    cancelling the generation aborts the engine request (see ``stream_outputs``).
+    """
+
+    async def drain() -> Any:
+        last = None
+        async for out in outputs:
+            last = out
+        return last
+
+    gen_task = asyncio.ensure_future(drain())
+    watch_task = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({gen_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (gen_task, watch_task):
+            if not task.done():
+                task.cancel()
+        # Let the cancelled generation run its finally (the abort) before the handler returns.
+        await asyncio.gather(gen_task, watch_task, return_exceptions=True)
+    if gen_task in done and not gen_task.cancelled():
+        return gen_task.result()  # re-raises APIError and bugs
+    return None

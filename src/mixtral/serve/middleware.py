@@ -1,0 +1,104 @@
+"""ASGI middleware in front of the API: the API key (401) and the request-body size limit (413).
+
+Pure ASGI rather than Starlette's ``BaseHTTPMiddleware``, so the app still sees the client's ``http.disconnect``
+(the disconnect watchers in ``generate.py`` and ``sse.py`` rely on it). The body is read here, at most
+``max_body_bytes`` of it, and replayed to the app; a ``Content-Length`` above the limit is refused before any
+byte is read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from mixtral.serve.errors import error_body
+
+# Paths that stay open without the key: probes and scrapers usually carry no credentials.
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+
+
+async def _send_error(send: Send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps(error_body(status, message, code=code)).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class GuardMiddleware:
+    """API-key check (constant-time) and body-size limit for every HTTP request."""
+
+    def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int,
+                 on_reject: Callable[[int], None] | None = None) -> None:
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+        self.on_reject = on_reject or (lambda status: None)
+
+    def _authorized(self, scope: Scope) -> bool:
+        if self.api_key is None or scope["path"] in PUBLIC_PATHS:
+            return True
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, token = auth.partition(b" ")
+        if scheme.lower() != b"bearer":
+            token = headers.get(b"x-api-key", b"")
+        # Compare digests-of-equal-length in constant time whatever the token's length.
+        return hmac.compare_digest(token.strip(), self.api_key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if not self._authorized(scope):
+            self.on_reject(401)
+            await _send_error(send, 401, "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                              "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+            return
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None:
+            try:
+                declared = int(length)
+            except ValueError:
+                await _send_error(send, 400, f"invalid Content-Length header {length.decode(errors='replace')!r}",
+                                  "invalid_request")
+                return
+            if declared > self.max_body_bytes:
+                await self._too_large(send, declared)
+                return
+        chunks: list[bytes] = []
+        total = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body_bytes:
+                await self._too_large(send, total)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, send: Send, size: int) -> None:
+        self.on_reject(413)
+        await _send_error(send, 413, f"request body of {size}+ bytes exceeds the limit of {self.max_body_bytes} bytes "
+                                     f"(--max-body-bytes)", "request_too_large")
