@@ -1,0 +1,143 @@
+"""Tune the fused MoE tiles on this GPU and write ``configs/E{E}_F{F}_D{D}_{device}.json`` per model shape.
+
+    python -m mixtral.kernels.triton.tune_moe --model mixtral-8x7b --model mixtral-8x22b
+
+For each batch size M and each candidate ``block_m`` it aligns one random routing, times every candidate
+tile of the w13 GEMM and of the w2 GEMM on their own (``triton.testing.do_bench``, median, L2 flushed
+between runs so weights stream from HBM as in a real layer), and keeps the ``block_m`` whose two best
+GEMMs sum lowest. Candidates are a short list per M range: small batches stream weights (16-row blocks,
+wide reduction tiles, deep pipelines), large ones are matrix-bound (64-128-row blocks). A tile that does
+not fit the chip (shared memory, registers) is skipped. Not a CI tool: it needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mixtral.kernels.reference import route_topk
+from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13
+from mixtral.kernels.triton.moe_align import moe_align
+from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path
+from mixtral.model.args import PRESETS
+
+DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
+
+# (block_n, block_k, num_warps, num_stages)
+_SMALL = [(32, 128, 4, 4), (64, 64, 4, 5), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
+          (32, 256, 4, 3)]
+_MID = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
+_LARGE = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
+
+
+def candidates(num_tokens: int) -> list[tuple[int, list[GemmConfig]]]:
+    """(block_m, tiles) to try at this batch size."""
+    if num_tokens <= 32:
+        return [(16, [GemmConfig(*c) for c in _SMALL])]
+    if num_tokens <= 256:
+        return [(bm, [GemmConfig(*c) for c in _MID]) for bm in (32, 64)]
+    return [(bm, [GemmConfig(*c) for c in _LARGE]) for bm in (64, 128)]
+
+
+def _bench(fn: Callable[[], None]) -> float:
+    """Median milliseconds of fn, or inf when the tile cannot launch on this chip."""
+    import triton
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return float(triton.testing.do_bench(fn, warmup=5, rep=15, return_mode="median"))
+    except Exception as exc:  # out of shared memory / registers, or a tile the compiler rejects: skip it
+        print(f"    skip: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        return float("inf")
+
+
+def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
+               device: torch.device, deadline: float) -> tuple[dict[int, MoEConfig], dict[int, float]]:
+    """Best config and its time (us) per batch size; stops early (keeping what it has) past ``deadline``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w13 = (torch.randn(num_experts, 2 * ffn_dim, dim, device=device, generator=gen, dtype=dtype) * dim**-0.5)
+    w2 = (torch.randn(num_experts, dim, ffn_dim, device=device, generator=gen, dtype=dtype) * ffn_dim**-0.5)
+    best: dict[int, MoEConfig] = {}
+    times: dict[int, float] = {}
+    for m in batches:
+        if time.monotonic() > deadline:
+            print(f"  time budget spent: stopping before M={m}")
+            break
+        x = torch.randn(m, dim, device=device, generator=gen, dtype=dtype)
+        weights, ids = route_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+        flat_w = weights.reshape(-1).contiguous()
+        act = torch.empty(m * top_k, ffn_dim, device=device, dtype=dtype)
+        out = torch.empty(m * top_k, dim, device=device, dtype=dtype)
+        options: list[tuple[float, MoEConfig]] = []
+        for block_m, tiles in candidates(m):
+            sorted_ids, expert_ids, post_pad = moe_align(ids, num_experts, block_m)
+            run13 = functools.partial(invoke_w13, x, w13, act, sorted_ids, expert_ids, post_pad, top_k, block_m)
+            run2 = functools.partial(invoke_w2, act, w2, out, flat_w, sorted_ids, expert_ids, post_pad, block_m)
+            a, c13 = min(((_bench(functools.partial(run13, cfg=c)), c) for c in tiles), key=lambda t: t[0])
+            b, c2 = min(((_bench(functools.partial(run2, cfg=c)), c) for c in tiles), key=lambda t: t[0])
+            print(f"  M={m:5d} block_m={block_m:3d}: w13 {a * 1e3:9.1f} us {c13}  w2 {b * 1e3:9.1f} us {c2}")
+            options.append((a + b, MoEConfig(block_m, c13, c2)))
+        total, cfg = min(options, key=lambda o: o[0])
+        if total != float("inf"):
+            best[m], times[m] = cfg, total * 1e3
+    return best, times
+
+
+def write_configs(path: Path, best: dict[int, MoEConfig], times: dict[int, float], meta: dict[str, Any]) -> None:
+    data = {**meta, "configs": {str(m): c.to_dict() for m, c in sorted(best.items())},
+            "time_us": {str(m): round(t, 1) for m, t in sorted(times.items())}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=None,
+                   help="preset whose MoE shape to tune (repeatable; default mixtral-8x7b and mixtral-8x22b)")
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)),
+                   help="comma-separated token counts M to tune")
+    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR, help="folder for the JSON files")
+    p.add_argument("--time-budget", type=float, default=400.0,
+                   help="seconds for all shapes; past it the remaining batch sizes are left to the nearest M")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("tuning needs a CUDA GPU")
+    import triton
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    models = args.model or ["mixtral-8x7b", "mixtral-8x22b"]
+    start = time.monotonic()
+    for i, model in enumerate(models):
+        margs = PRESETS[model]
+        # Share the remaining budget among the shapes still to tune.
+        deadline = start + args.time_budget * (i + 1) / len(models)
+        print(f"{name}: tuning {model} (E={margs.num_experts} F={margs.hidden_dim} D={margs.dim})")
+        best, times = tune_shape(margs.num_experts, margs.hidden_dim, margs.dim, margs.num_experts_per_tok,
+                                 batches, torch.bfloat16, device, deadline)
+        if not best:
+            print(f"  nothing tuned for {model}")
+            continue
+        path = config_path(margs.num_experts, margs.hidden_dim, margs.dim, name)
+        out = args.out_dir / path.name
+        write_configs(out, best, times, {
+            "device": name, "model": model, "E": margs.num_experts, "F": margs.hidden_dim, "D": margs.dim,
+            "dtype": "bf16", "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        })
+        print(f"  wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
