@@ -305,15 +305,16 @@ class LLMEngine:
                 f"the prompt has {prompt_len} tokens but max_model_len is {max_len}: nothing could be generated; "
                 f"shorten the prompt or raise --max-model-len"
             )
-        max_out = params.max_tokens if params.max_tokens is not None else max_len - prompt_len
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        # max_tokens=None: up to the context length, or what the whole KV cache holds if that is less.
+        max_out = params.max_tokens if params.max_tokens is not None else min(max_len, capacity) - prompt_len
         if prompt_len + max_out > max_len:
             raise RequestTooLongError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_out}) = {prompt_len + max_out} tokens exceeds "
                 f"max_model_len={max_len}; lower max_tokens to at most {max_len - prompt_len}"
             )
         need = self.block_manager.blocks_needed(prompt_len + max_out)
-        if need > self.block_manager.num_blocks:
-            capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if need > self.block_manager.num_blocks or max_out < 1:
             raise RequestTooLongError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({max_out}) = {prompt_len + max_out} tokens exceeds the "
                 f"whole KV cache ({capacity} tokens in {self.block_manager.num_blocks} blocks); lower max_tokens "
