@@ -52,7 +52,7 @@ class ChatSession:
         self.messages.append({"role": "user", "content": user_text})
         try:
             prompt_ids = self.llm.tokenizer.encode_chat(self.messages)
-            reply, finish_reason = stream_text(self.llm, prompt_ids, self.params, out)
+            reply, finish_reason = stream_text(self.llm, prompt_ids, self.params, out, strip_leading_space=True)
         except (ChatEncodingError, ValueError) as exc:
             self.messages.pop()
             err.write(f"error: {exc}\n")

@@ -76,19 +76,24 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
                           max_tokens=args.max_tokens, seed=args.seed, stop=args.stop or [])
 
 
-def stream_text(llm: Any, prompt: str | Sequence[int], params: SamplingParams, out: TextIO) -> tuple[str, str | None]:
+def stream_text(llm: Any, prompt: str | Sequence[int], params: SamplingParams, out: TextIO,
+                strip_leading_space: bool = False) -> tuple[str, str | None]:
     """Run one request, writing each new piece of text to ``out`` as it arrives.
 
     Returns (the whole text, finish reason). Outputs are cumulative, so each write is the part of the text
-    not written yet.
+    not written yet. ``strip_leading_space`` drops one leading space: a chat reply's first token carries
+    SentencePiece's word-start space after ``[/INST]``, which is not part of the message.
     """
     text, finish_reason = "", None
     for output in llm.stream(prompt, params):
         completion = output.outputs[0]
-        if len(completion.text) > len(text):
-            out.write(completion.text[len(text):])
+        current = completion.text
+        if strip_leading_space and current.startswith(" "):
+            current = current[1:]
+        if len(current) > len(text):
+            out.write(current[len(text):])
             out.flush()
-            text = completion.text
+            text = current
         finish_reason = completion.finish_reason
     return text, finish_reason
 
