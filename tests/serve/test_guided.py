@@ -167,7 +167,8 @@ class Sampler:
 
     def __init__(self, tok: Tokenizer, seed: int, call_bias: float = 0.0) -> None:
         vocab = llg_vocab(tok)
-        self.closes = _closing_tokens(vocab)
+        self.closes = _closing_tokens(vocab)  # [V] bool
+        self.close_bias = 2.0 * torch.from_numpy(self.closes).float()  # [V]
         self.vocab_size = vocab.vocab_size
         self.eos_id = vocab.eos_id
         self.tool_calls_id = vocab.tool_calls_id
@@ -186,7 +187,7 @@ class Sampler:
         if self.call_bias and allowed[self.tool_calls_id] and self.rng.random() < self.call_bias:
             return self.tool_calls_id
         if self.strategy == 2:  # the engine's path: random logits -> apply_bitmask -> argmax
-            logits = torch.randn(1, self.vocab_size, generator=self.gen) + 2.0 * torch.from_numpy(self.closes)  # [1, V]
+            logits = torch.randn(1, self.vocab_size, generator=self.gen) + self.close_bias  # [1, V]
             token = int(apply_bitmask(logits, row.unsqueeze(0)).argmax())
             assert allowed[token]
             return token

@@ -16,6 +16,7 @@ the engine.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -57,14 +58,27 @@ class GuidePlan:
     parallel_tool_calls: bool
 
 
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(schema_json: str) -> tuple[str, str] | None:
+    """(path, message) of the first metaschema violation of a schema, or None. Cached: checking costs ms."""
+    schema = json.loads(schema_json)
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        return "".join(f"[{p!r}]" for p in e.path), e.message
+    return None
+
+
 def _check_schema(schema: Any, where: str) -> dict[str, Any] | bool:
     if not isinstance(schema, (dict, bool)):
         raise GuideError(f"{where} must be a JSON schema object, got {type(schema).__name__}: {schema!r:.200}")
     try:
-        jsonschema.validators.validator_for(schema).check_schema(schema)
-    except jsonschema.SchemaError as e:
-        path = "".join(f"[{p!r}]" for p in e.path)
-        raise GuideError(f"{where}{path} is not a valid JSON schema: {e.message}") from None
+        canonical = json.dumps(schema, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise GuideError(f"{where} is not plain JSON: {e}") from None
+    problem = _schema_problem(canonical)
+    if problem is not None:
+        raise GuideError(f"{where}{problem[0]} is not a valid JSON schema: {problem[1]}")
     return schema
 
 
