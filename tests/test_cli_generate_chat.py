@@ -49,7 +49,7 @@ def v3() -> Tokenizer:
 
 def run_chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, llm: Any, stdin: str,
              *flags: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(chat_cli, "build_llm", lambda args: llm)
+    monkeypatch.setattr(generate_cli, "build_llm", lambda args: llm)
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     code = main(["chat", "--temperature", "0", *flags])
     captured = capsys.readouterr()
@@ -117,6 +117,13 @@ def test_bad_sampling_flag_is_a_clear_error(monkeypatch, capsys) -> None:
     monkeypatch.setattr(generate_cli, "build_llm", lambda args: pytest.fail("must not load a model"))
     assert main(["generate", "hi", "--top-p", "1.5"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_unknown_model_is_one_clear_line(capsys) -> None:
+    for command in (["generate", "hi"], ["chat"]):
+        assert main([*command, "--model", "no-such-model-xyz", "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "cannot load model 'no-such-model-xyz'" in err and "Traceback" not in err
 
 
 def test_help_explains_every_flag(capsys) -> None:

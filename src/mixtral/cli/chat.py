@@ -12,7 +12,13 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from mixtral.cli.generate import add_model_arguments, add_sampling_arguments, build_llm, sampling_params, stream_text
+from mixtral.cli.generate import (
+    add_model_arguments,
+    add_sampling_arguments,
+    load_or_report,
+    sampling_params,
+    stream_text,
+)
 
 HELP_TEXT = "Type a message and press Enter. Commands: /reset (forget the conversation), /exit (quit), /help."
 
@@ -92,7 +98,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mixtral chat: {exc}", file=sys.stderr)
         return 2
-    llm = build_llm(args)
+    llm = load_or_report(args, "chat")
+    if llm is None:
+        return 1
     session = ChatSession(llm, params, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:

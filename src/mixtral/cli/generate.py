@@ -25,7 +25,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
              f"Hugging Face repo id, or 'demo' (default: {DEFAULT_MODEL})",
     )
     p.add_argument("--device", default=None, metavar="DEVICE",
-                   help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available)")
+                   help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
 
@@ -68,6 +68,16 @@ def build_llm(args: argparse.Namespace) -> Any:
     return LLM(args.model, device=args.device, dtype=args.dtype)
 
 
+def load_or_report(args: argparse.Namespace, command: str) -> Any | None:
+    """``build_llm``, turning a model that cannot be loaded (bad name, broken checkpoint, bad device) into one
+    line on stderr instead of a traceback; None then."""
+    try:
+        return build_llm(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
+        print(f"mixtral {command}: cannot load model {args.model!r}: {exc}", file=sys.stderr)
+        return None
+
+
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """SamplingParams from the sampling flags (it validates them and names a bad value)."""
     from mixtral import SamplingParams
@@ -105,8 +115,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"mixtral generate: {exc}", file=sys.stderr)
         return 2
-    llm = build_llm(args)
-    text, _ = stream_text(llm, prompt, params, sys.stdout)
+    llm = load_or_report(args, "generate")
+    if llm is None:
+        return 1
+    try:
+        text, _ = stream_text(llm, prompt, params, sys.stdout)
+    except ValueError as exc:  # e.g. a prompt longer than the model's context
+        print(f"\nmixtral generate: {exc}", file=sys.stderr)
+        return 1
     if not text.endswith("\n"):
         sys.stdout.write("\n")  # leave the shell prompt on its own line
     sys.stdout.flush()
