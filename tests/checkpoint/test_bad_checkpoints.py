@@ -202,3 +202,11 @@ def test_pickle_that_is_not_a_state_dict(hf_dir: Path) -> None:
     torch.save([torch.zeros(2)], hf_dir / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         load_model(hf_dir, allow_pickle=True)
+
+
+@pytest.mark.usefixtures("no_allocation")
+def test_tensor_in_two_shards(tmp_path: Path) -> None:
+    folder = save_checkpoint(_model(), MICRO, tmp_path / "mistral", "mistral")
+    name = "layers.0.attention.wv.weight"
+    save_file({name: load_file(folder / "consolidated.safetensors")[name]}, folder / "consolidated.01.safetensors")
+    _fails(folder, name, "consolidated.safetensors", "consolidated.01.safetensors")
