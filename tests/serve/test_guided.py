@@ -389,13 +389,19 @@ def test_copy_is_independent(tok: Tokenizer) -> None:
         guide.accept_token(vocab.tool_calls_id)
 
 
-def test_mask_fills_a_padded_row(tok: Tokenizer) -> None:
-    """A model vocabulary padded past the tokenizer's: the extra tokens are never allowed."""
-    guide = build_guide(tok, response_format={"type": "json_object"})
-    row = torch.full((bitmask_words(tok.vocab_size) + 3,), -1, dtype=torch.int32)  # [W + 3]
-    guide.fill_bitmask(row)
-    assert (row[-3:] == 0).all() and row[: bitmask_words(tok.vocab_size)].ne(0).any()
+@pytest.mark.parametrize("tool_choice", ["any", "none"])
+def test_mask_rows_follow_the_model_vocabulary(tok: Tokenizer, tool_choice: str) -> None:
+    """Rows longer than the tokenizer's vocabulary (padded model) get zeros past it; shorter rows (a 32000-logit
+    model on the v3 tokenizer) get the prefix of the full mask."""
+    guide = build_guide(tok, tools=TOOLS, tool_choice=tool_choice)
+    words = bitmask_words(tok.vocab_size)
+    full = torch.zeros(words, dtype=torch.int32)  # [W]
+    guide.fill_bitmask(full)
+    padded = torch.full((words + 3,), -1, dtype=torch.int32)  # [W + 3]
+    guide.fill_bitmask(padded)
+    assert torch.equal(padded[:words], full) and (padded[words:] == 0).all()
+    short = torch.full((bitmask_words(32000),), -1, dtype=torch.int32)  # [1000]
+    guide.fill_bitmask(short)
+    assert torch.equal(short, full[: short.numel()])
     with pytest.raises(ValueError, match="int32"):
-        guide.fill_bitmask(torch.zeros(bitmask_words(tok.vocab_size), dtype=torch.int64))
-    with pytest.raises(ValueError, match="words"):
-        guide.fill_bitmask(torch.zeros(10, dtype=torch.int32))
+        guide.fill_bitmask(torch.zeros(words, dtype=torch.int64))

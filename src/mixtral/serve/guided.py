@@ -30,13 +30,11 @@ from mixtral.serve.llg_vocab import LLVocab, llg_vocab
 __all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "parse_tool_calls"]
 
 
-def _check_row(row: torch.Tensor, words: int) -> None:
+def _check_row(row: torch.Tensor) -> None:
     if row.dtype != torch.int32 or row.device.type != "cpu" or row.dim() != 1 or not row.is_contiguous():
         raise ValueError(
             f"bitmask row must be a contiguous 1-D int32 CPU tensor, got {row.dtype} {tuple(row.shape)} on {row.device}"
         )
-    if row.numel() < words:
-        raise ValueError(f"bitmask row has {row.numel()} words, the vocabulary needs {words}")
 
 
 def _first_line(matcher: llg.LLMatcher) -> str:
@@ -55,11 +53,21 @@ class LLGuide:
         self._eos_id = eos_id
 
     def fill_bitmask(self, bitmask_row: torch.Tensor) -> None:
-        """Allowed next tokens -> ``bitmask_row`` (int32 [W], CPU); native code, runs without the GIL."""
-        _check_row(bitmask_row, self._words)
-        if bitmask_row.numel() > self._words:  # the model's vocabulary is padded past the tokenizer's
+        """Allowed next tokens -> ``bitmask_row`` (int32 [W], CPU); native code, runs without the GIL.
+
+        The row follows the model's vocabulary: words past the tokenizer's are zeroed (never allowed); a model
+        vocabulary smaller than the tokenizer's (8x22B base: 32000 logits, v3 tokenizer) gets the prefix, as
+        the model cannot produce the ids beyond it anyway.
+        """
+        _check_row(bitmask_row)
+        n = bitmask_row.numel()
+        if n >= self._words:
             bitmask_row[self._words :].zero_()
-        self._matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), self._words * 4)
+            self._matcher.unsafe_compute_mask_ptr(bitmask_row.data_ptr(), self._words * 4)
+        else:
+            full = torch.empty(self._words, dtype=torch.int32)  # [W_tokenizer]
+            self._matcher.unsafe_compute_mask_ptr(full.data_ptr(), self._words * 4)
+            bitmask_row.copy_(full[:n])
         if self._matcher.is_error():
             raise RuntimeError(f"constrained decoding failed: {_first_line(self._matcher)}")
 
@@ -95,9 +103,10 @@ class BanTokensGuide:
         self._row = row
 
     def fill_bitmask(self, bitmask_row: torch.Tensor) -> None:
-        _check_row(bitmask_row, self._row.numel())
-        bitmask_row[: self._row.numel()].copy_(self._row)
-        bitmask_row[self._row.numel() :].zero_()
+        _check_row(bitmask_row)
+        n = min(bitmask_row.numel(), self._row.numel())
+        bitmask_row[:n].copy_(self._row[:n])
+        bitmask_row[n:].zero_()
 
     def accept_token(self, token_id: int) -> None:
         pass
