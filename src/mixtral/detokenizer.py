@@ -117,9 +117,10 @@ class IncrementalDetokenizer:
         # Whether a visible piece has been emitted: only the very first one loses its leading space.
         self._started = False
         if prompt_ids:
-            for token_id in prompt_ids:
-                self._step(token_id)
-            self._run.end()  # a prompt holds whole characters; nothing it left pending belongs to the output
+            # Only one fact about the prompt matters: whether it shows any piece (then the output's first piece
+            # keeps its space). A byte run the prompt leaves unfinished is not continued: prompts hold whole
+            # characters. Scanning from the end stops at once for real prompts, which end in text or [/INST].
+            self._started = any(self._visible(token_id) for token_id in reversed(prompt_ids))
 
     def add(self, token_id: int) -> str:
         """Consume one token; return the text it completes (possibly "")."""
@@ -132,6 +133,11 @@ class IncrementalDetokenizer:
         chunk = self._run.end()
         self.text += chunk
         return chunk
+
+    def _visible(self, token_id: int) -> bool:
+        if not 0 <= token_id < len(self._kinds):
+            raise ValueError(f"token id {token_id} is outside the vocabulary (size {len(self._kinds)})")
+        return self._kinds[token_id] != CONTROL or not self.skip_special
 
     def _step(self, token_id: int) -> str:
         if not 0 <= token_id < len(self._kinds):

@@ -97,6 +97,11 @@ def test_first_token_space_and_prompt_context() -> None:
     after = IncrementalDetokenizer(tok, prompt_ids=prompt)
     out = "".join(after.add(i) for i in paris) + after.flush()
     assert out == " Paris" == tok.decode(prompt + paris)[len(tok.decode(prompt)):]
+    # after a chat prompt (ending in [/INST]) the reply keeps its word-start space too; after <s> alone it does not
+    chat = tok.encode_chat([{"role": "user", "content": "Capital of France?"}])
+    assert chat[-1] == tok.inst_end_id
+    assert "".join(IncrementalDetokenizer(tok, prompt_ids=chat).add(i) for i in paris) == " Paris"
+    assert "".join(IncrementalDetokenizer(tok, prompt_ids=[tok.bos_id]).add(i) for i in paris) == "Paris"
 
 
 @settings(max_examples=100, deadline=None)
