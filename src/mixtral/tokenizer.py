@@ -148,6 +148,11 @@ class Tokenizer:
             return cls.from_file(tokenizer_file, version=source.args.tokenizer)
         return cls.from_version(source.args.tokenizer)
 
+    @property
+    def mistral_tokenizer(self) -> Any:
+        """The wrapped ``mistral_common`` ``MistralTokenizer`` (for code that speaks its API directly)."""
+        return self._mt
+
     # ------------------------------------------------------------------ plain text
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         """Token ids of ``text`` (with ``<s>`` first when ``bos``, ``</s>`` last when ``eos``)."""
