@@ -1,14 +1,13 @@
 """Fixtures of the server tests: live ``mixtral serve`` apps on 127.0.0.1 over a tiny random-weight model.
 
-``LiveServer`` runs a real uvicorn server on a free port in a background thread, over a real engine built from the
-``tiny_hf_checkpoint`` folder (v3 tokenizer). ``live_server`` is one such server shared by the whole session (tests
-must leave it idle: every request finished); ``server_factory`` builds dedicated ones (API key, queue limit, ...).
+``LiveServer`` is a real uvicorn server on a free port in a background thread (``mixtral.serve.inprocess``), over a
+real engine built from the ``tiny_hf_checkpoint`` folder (v3 tokenizer). ``live_server`` is one such server shared
+by the whole session (tests must leave it idle: every request finished); ``server_factory`` builds dedicated ones
+(API key, queue limit, ...).
 """
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,19 +16,10 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from mixtral.engine.async_engine import AsyncEngine
-from mixtral.engine.llm_engine import LLMEngine
-from mixtral.serve.app import create_app
-from mixtral.serve.server import make_server
-from mixtral.serve.state import ServerSettings
+from mixtral.engine.llm_engine import EngineStats, LLMEngine
+from mixtral.serve.inprocess import InProcessServer
 
 MAX_MODEL_LEN = 256
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def build_engine(model: str | Path, max_num_seqs: int = 16, max_model_len: int = MAX_MODEL_LEN) -> LLMEngine:
@@ -39,42 +29,13 @@ def build_engine(model: str | Path, max_num_seqs: int = 16, max_model_len: int =
                                  max_num_seqs=max_num_seqs, kv_cache_bytes=4 << 20)
 
 
-class LiveServer:
-    """uvicorn serving ``create_app`` in a thread; ``url`` is its root, ``llm`` the engine under it."""
-
-    def __init__(self, llm: LLMEngine, *, name: str = "tiny-mixtral", settings: ServerSettings | None = None,
-                 aliases: list[str] | None = None, **engine_kwargs: Any) -> None:
-        self.llm = llm
-        self.engine = AsyncEngine(llm, **engine_kwargs)
-        self.app = create_app(self.engine, served_model_name=name, settings=settings or ServerSettings(),
-                              aliases=aliases)
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = make_server(self.app, host="127.0.0.1", port=self.port, drain_timeout=5, log_level="warning",
-                                  access_log=False)
-        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def state(self) -> Any:
-        return self.app.state.server
+class LiveServer(InProcessServer):
+    """An in-process server with the helpers tests need."""
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=60, **kwargs)
 
-    def wait_idle(self, timeout: float = 20.0) -> Any:
+    def wait_idle(self, timeout: float = 20.0) -> EngineStats:
         """Wait until the engine has no request left; return its stats (blocks must all be free then)."""
         deadline = time.monotonic() + timeout
         while True:
@@ -89,7 +50,9 @@ class LiveServer:
 @pytest.fixture(scope="session")
 def live_server(tiny_hf_checkpoint: Path) -> Iterator[LiveServer]:
     """A running server (no API key, no queue limit) named ``tiny-mixtral``, alias ``open-mixtral-8x22b``."""
-    with LiveServer(build_engine(tiny_hf_checkpoint), name="tiny-mixtral", aliases=["open-mixtral-8x22b"]) as server:
+    server = LiveServer(build_engine(tiny_hf_checkpoint), served_model_name="tiny-mixtral",
+                        aliases=["open-mixtral-8x22b"])
+    with server:
         yield server
 
 
@@ -98,6 +61,7 @@ def server_factory(tiny_hf_checkpoint: Path) -> Callable[..., LiveServer]:
     """``server_factory(settings=..., max_num_seqs=...)`` -> an unstarted LiveServer (use it as a context manager)."""
 
     def make(max_num_seqs: int = 16, model: str | Path | None = None, **kwargs: Any) -> LiveServer:
+        kwargs.setdefault("served_model_name", "tiny-mixtral")
         return LiveServer(build_engine(model or tiny_hf_checkpoint, max_num_seqs=max_num_seqs), **kwargs)
 
     return make

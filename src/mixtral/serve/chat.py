@@ -89,7 +89,7 @@ def encode_prompt(state: ServerState, req: ChatCompletionRequest, tools_active: 
     try:
         return state.tokenizer.encode_chat(_messages_for_tokenizer(req), tools)
     except ChatEncodingError as exc:
-        raise APIError(400, str(exc), param="messages", code="invalid_messages") from exc
+        raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from exc
 
 
 def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> Any:

@@ -1,14 +1,17 @@
 """Running the app under uvicorn with a graceful drain on SIGTERM / SIGINT.
 
-On the signal, ``DrainingServer`` marks the app as draining at once (new requests get 503 + Retry-After, /health
-turns 503), uvicorn stops listening and closes idle keep-alive connections, running requests get up to
+On the signal, ``DrainingServer`` marks the app as draining at once (new requests get 503 + Retry-After,
+/health turns 503), uvicorn stops listening and closes idle keep-alive connections, running requests get up to
 ``drain_timeout`` seconds to finish (uvicorn's ``timeout_graceful_shutdown``; requests still running after that
-are cancelled, which aborts them in the engine), then the lifespan shuts the engine down and the process exits.
+are cancelled, which aborts them in the engine), then the lifespan shuts the engine down and the process exits
+with status 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -31,6 +34,14 @@ class DrainingServer(uvicorn.Server):
             logger.info("signal %s: draining %d in-flight request(s) for up to %.0fs", sig, state.num_in_flight,
                         self.config.timeout_graceful_shutdown or 0)
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # uvicorn re-raises the captured signal after shutting down, so the process would die of SIGTERM
+            # (status 143) even after a clean drain; a drained server exits 0 instead.
+            self._captured_signals.clear()
 
 
 def make_server(app: FastAPI, *, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
