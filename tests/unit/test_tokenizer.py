@@ -59,6 +59,7 @@ def test_v3_ids(v3: Tokenizer) -> None:
            v3.tool_results_id, v3.tool_results_end_id)
     assert got == (3, 4, 5, 6, 7, 8, 9)
     assert v3.supports_tools
+    assert v3.mistral_tokenizer.instruct_tokenizer.tokenizer.n_words == v3.vocab_size
     assert v3.is_control(3) and not v3.is_control(v3.encode("Hi", bos=False)[0])
 
 
