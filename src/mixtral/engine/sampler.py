@@ -50,13 +50,29 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """seeds, steps [R] int64 -> uniforms in (0, 1) [R, V] float32, a pure function of (seed, step, index)."""
+def _mix32_fast(x: torch.Tensor) -> torch.Tensor:
+    """One multiply-xorshift round: enough to decorrelate rows once both inputs are already well mixed."""
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _M32
+    return x ^ (x >> 12)
+
+
+def _column_keys(vocab_size: int, device: torch.device) -> torch.Tensor:
+    """Per-vocabulary-index hash [V] (int64, 32 significant bits)."""
+    return _mix32(torch.arange(vocab_size, device=device, dtype=torch.int64) ^ 0x6A09E667)
+
+
+def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int,
+                  column_keys: torch.Tensor | None = None) -> torch.Tensor:
+    """seeds, steps [R] int64 -> uniforms in (0, 1) [R, V] float32, a pure function of (seed, step, index).
+
+    ``column_keys`` is ``_column_keys(V)``, passed in by callers that cache it.
+    """
     seed_lo, seed_hi = seeds & _M32, (seeds >> 32) & _M32
     row = _mix32(_mix32(seed_lo) ^ seed_hi)
     row = _mix32(row ^ ((steps * 0x2545F491) & _M32))  # [R]
-    col = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64) ^ 0x6A09E667)  # [V]
-    bits = _mix32(row[:, None] ^ col[None, :])  # [R, V]
+    col = column_keys if column_keys is not None else _column_keys(vocab_size, seeds.device)  # [V]
+    bits = _mix32_fast(row[:, None] ^ col[None, :])  # [R, V]
     # 24 random bits (float32's mantissa), shifted by half a step so neither 0 nor 1 occurs.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
@@ -65,6 +81,7 @@ class Sampler:
     def __init__(self, vocab_size: int, eos_id: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
+        self._column_keys: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None
                  ) -> SamplerOutput:
@@ -160,7 +177,10 @@ class Sampler:
 
         seeds = torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64)
         steps = torch.tensor([r.step for r in rows], device=device, dtype=torch.int64)
-        q = -torch.log(uniform_noise(seeds, steps, probs.shape[-1]))  # [R, V] ~ Exp(1)
+        col = self._column_keys.get(device)
+        if col is None:
+            col = self._column_keys[device] = _column_keys(probs.shape[-1], device)
+        q = -torch.log(uniform_noise(seeds, steps, probs.shape[-1], col))  # [R, V] ~ Exp(1)
         return (probs / q).argmax(dim=-1)
 
 

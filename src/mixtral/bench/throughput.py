@@ -1,0 +1,261 @@
+"""``mixtral bench throughput``: offline engine throughput and latency over N requests submitted at once.
+
+Each request is either ``--input-len`` random token ids generating exactly ``--output-len`` tokens (EOS
+ignored, so every run does the same work), or a line of ``--dataset`` (JSONL: ``{"prompt": str}`` or
+``{"prompt_token_ids": [...]}``, optional ``"output_len"``). Reported: output tokens/s, total (prompt +
+output) tokens/s, requests/s, time to first token (TTFT) and inter-token latency (ITL) at p50/p99, plus the
+engine's preemptions and prefix-cache hit rate. ``--json`` writes the same numbers with the device, date
+and commit, for BENCHMARKS.md. On CPU it runs a tiny preset by default; point ``--model`` at a real model
+on a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny",
+                   help="model folder, preset name, 'demo' or Hugging Face repo id (default: tiny, random weights)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--num-prompts", type=int, default=64, help="number of requests (default: 64)")
+    p.add_argument("--input-len", type=int, default=128, help="prompt length in tokens, synthetic mode (default: 128)")
+    p.add_argument("--output-len", type=int, default=64,
+                   help="tokens generated per request; also the default for dataset lines without output_len "
+                        "(default: 64)")
+    p.add_argument("--dataset", type=Path, default=None, metavar="FILE",
+                   help="JSONL file of prompts ({'prompt': ...} or {'prompt_token_ids': [...]}, optional "
+                        "'output_len'); the first --num-prompts lines are used")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="sampling temperature; 0 is greedy (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the prompts, of preset weights and of sampling (default: 0)")
+    p.add_argument("--max-num-seqs", type=int, default=256,
+                   help="sequences batched per step (default: 256)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per forward pass, the chunked-prefill budget (default: 2048)")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest sequence, prompt + output (default: the model's context length)")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
+    p.add_argument("--kv-cache-bytes", type=int, default=None,
+                   help="KV cache budget in bytes (default: on GPU a fraction of free memory, on CPU 1 GiB at most)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory the engine may use (default: 0.9)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's own choice); 1 is fastest for tiny models on busy hosts")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
+
+
+@dataclass
+class ThroughputResult:
+    num_requests: int
+    elapsed_s: float
+    prompt_tokens: int
+    output_tokens: int
+    requests_per_s: float
+    output_tokens_per_s: float
+    total_tokens_per_s: float
+    ttft_p50_ms: float
+    ttft_p99_ms: float
+    itl_p50_ms: float
+    itl_p99_ms: float
+    num_preemptions: int
+    prefix_cache_hit_rate: float
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in 0..100); 0.0 for no values."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    lo = int(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def synthetic_requests(n: int, input_len: int, output_len: int, vocab_size: int, seed: int
+                       ) -> list[tuple[list[int], int]]:
+    """Random prompts of ordinary token ids (the first 1000 ids, control tokens among them, are avoided)."""
+    rng = random.Random(seed)
+    return [([rng.randrange(1000, vocab_size) for _ in range(input_len)], output_len) for _ in range(n)]
+
+
+def dataset_requests(path: Path, n: int, default_output_len: int, tokenizer: Any) -> list[tuple[list[int], int]]:
+    """The first ``n`` lines of a JSONL prompt file, tokenized."""
+    out: list[tuple[list[int], int]] = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if len(out) == n:
+                break
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
+            if "prompt_token_ids" in item:
+                ids = [int(t) for t in item["prompt_token_ids"]]
+            elif isinstance(item.get("prompt"), str):
+                ids = tokenizer.encode(item["prompt"], bos=True)
+            else:
+                raise ValueError(f"{path}:{lineno} needs a 'prompt' string or a 'prompt_token_ids' list")
+            out.append((ids, int(item.get("output_len", default_output_len))))
+    if not out:
+        raise ValueError(f"{path} holds no prompts")
+    return out
+
+
+def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperature: float, seed: int,
+                  progress: bool) -> ThroughputResult:
+    """Submit every request at once, step the engine until all finish, and measure."""
+    from mixtral.sampling import SamplingParams
+
+    start = time.monotonic()
+    for i, (prompt, out_len) in enumerate(requests):
+        params = SamplingParams(temperature=temperature, max_tokens=out_len, ignore_eos=True, seed=seed + i)
+        engine.add_request(f"bench-{i}", prompt, params, arrival_time=start)
+    finished = []
+    bar = _progress(len(requests)) if progress else None
+    try:
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished.append(out)
+                    if bar is not None:
+                        bar[0].advance(bar[1])
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    elapsed = time.monotonic() - start
+    stats = engine.get_stats()
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in finished)
+    output_tokens = sum(len(c.token_ids) for o in finished for c in o.outputs)
+    ttfts = [o.metrics.ttft for o in finished if o.metrics.ttft is not None]
+    itls = [x for o in finished for x in o.metrics.inter_token_latencies]
+    return ThroughputResult(
+        num_requests=len(finished),
+        elapsed_s=elapsed,
+        prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens,
+        requests_per_s=len(finished) / elapsed,
+        output_tokens_per_s=output_tokens / elapsed,
+        total_tokens_per_s=(prompt_tokens + output_tokens) / elapsed,
+        ttft_p50_ms=1000 * percentile(ttfts, 50),
+        ttft_p99_ms=1000 * percentile(ttfts, 99),
+        itl_p50_ms=1000 * percentile(itls, 50),
+        itl_p99_ms=1000 * percentile(itls, 99),
+        num_preemptions=stats.num_preemptions,
+        prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from mixtral.engine.llm_engine import LLMEngine
+    from mixtral.sampling import SamplingParams
+
+    if args.num_prompts < 1:
+        raise SystemExit(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    engine = LLMEngine.from_config(
+        args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+        enforce_eager=args.enforce_eager,
+    )
+    if args.dataset is not None:
+        requests = dataset_requests(args.dataset, args.num_prompts, args.output_len, engine.tokenizer)
+    else:
+        requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
+                                      engine.model_args.vocab_size, args.seed)
+    # Warm-up: first calls pay for lazy initialisation (kernels, allocator), not for serving.
+    engine.add_request("warmup", requests[0][0][:16], SamplingParams(max_tokens=2, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    engine.reset_prefix_cache()
+
+    result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty())
+    _print(result, engine)
+    if args.json is not None:
+        record = {"benchmark": "throughput", "results": asdict(result), "config": _config(args),
+                  "environment": _environment(engine)}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(record, indent=2) + "\n")
+    engine.shutdown()
+    return 0
+
+
+def _print(r: ThroughputResult, engine: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"throughput: {engine.model_name} on {_device_name(engine)}", show_header=False)
+    rows = [
+        ("requests", f"{r.num_requests} in {r.elapsed_s:.2f} s ({r.requests_per_s:.2f} req/s)"),
+        ("output tokens/s", f"{r.output_tokens_per_s:,.1f}"),
+        ("total tokens/s", f"{r.total_tokens_per_s:,.1f}  ({r.prompt_tokens} prompt + {r.output_tokens} output)"),
+        ("TTFT p50 / p99", f"{r.ttft_p50_ms:,.1f} / {r.ttft_p99_ms:,.1f} ms"),
+        ("ITL p50 / p99", f"{r.itl_p50_ms:,.2f} / {r.itl_p99_ms:,.2f} ms"),
+        ("preemptions", str(r.num_preemptions)),
+        ("prefix cache hit rate", f"{100 * r.prefix_cache_hit_rate:.1f}%"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    Console().print(table)
+
+
+def _progress(total: int) -> tuple[Any, Any]:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("requests"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        transient=True)
+    progress.start()
+    return progress, progress.add_task("bench", total=total)
+
+
+def _device_name(engine: Any) -> str:
+    import torch
+
+    device = engine.model.device
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if not k.startswith("_")
+            and not callable(v)}
+
+
+def _environment(engine: Any) -> dict[str, Any]:
+    import torch
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False, cwd=Path(__file__).parent).stdout.strip() or None
+    except OSError:
+        commit = None
+    return {
+        "device": _device_name(engine),
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "num_kv_blocks": engine.block_manager.num_blocks,
+    }
