@@ -12,9 +12,12 @@ from collections.abc import Iterator
 
 import jsonschema
 import pytest
+import torch
 
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.llm_engine import LLMEngine
+from mixtral.engine.sampler import Sampler, SampleRow
+from mixtral.guide import bitmask_words
 from mixtral.model.args import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
 from mixtral.sampling import SamplingParams
@@ -129,3 +132,22 @@ def test_json_schema_answers_validate_in_the_engine(engine: LLMEngine, tok: Toke
         assert sample.finish_reason == "stop", sample.text
         assert tok.tool_calls_id not in sample.token_ids
         jsonschema.validate(json.loads(sample.text), ANSWER)
+
+
+def test_sampler_never_leaves_the_mask() -> None:
+    """The engine's sampler must pick an allowed token whatever its random draw: 2048 draws (64 seeds x 32 steps)
+    with one allowed token per row. A uniform draw that rounds to exactly 1.0 gives Exp noise 0 and 0/0 = NaN,
+    which argmax picks: that is how a guided request once received a forbidden token."""
+    vocab, rows_n = 32768, 64
+    sampler = Sampler(vocab, eos_id=2)
+    gen = torch.Generator().manual_seed(0)
+    allowed = torch.randint(0, vocab, (rows_n,), generator=gen)  # [R] the one allowed token per row
+    bitmask = torch.zeros(rows_n, bitmask_words(vocab), dtype=torch.int32)  # [R, W]
+    bitmask[torch.arange(rows_n), allowed // 32] = (1 << (allowed % 32)).to(torch.int32)  # bit 31 wraps to < 0
+    params = SamplingParams(temperature=1.0)
+    for step in range(32):
+        rows = [SampleRow(params, seed * 7919 + 12345, step, [1], []) for seed in range(rows_n)]
+        logits = torch.randn(rows_n, vocab, generator=gen)  # [R, V]
+        out = sampler(logits, rows, bitmask)
+        bad = [(r, step, t) for r, t in enumerate(out.token_ids) if t != int(allowed[r])]
+        assert not bad, f"sampled tokens outside the mask (row, step, token): {bad}"
