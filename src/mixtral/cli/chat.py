@@ -61,7 +61,7 @@ class ChatSession:
             reply, finish_reason = stream_text(self.llm, prompt_ids, self.params, out, strip_leading_space=True)
         except (ChatEncodingError, ValueError) as exc:
             self.messages.pop()
-            err.write(f"error: {exc}\n")
+            err.write(f"error: {exc} (the message was not added; /reset starts over)\n")
             return None
         except KeyboardInterrupt:
             self.messages.pop()  # an interrupted reply is not part of the conversation
