@@ -68,10 +68,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         eos = tokenizer.eos_id if tokenizer is not None else model.args.eos_id
         self.sampler = Sampler(model.args.vocab_size, eos)
-        self.runner = ModelRunner(model, self.config, self.sampler)
+        self.model_runner = ModelRunner(model, self.config, self.sampler)
         num_blocks = plan_num_blocks(self.config, model.args, model.dtype, model.device,
-                                     self.runner.profile_activation_bytes)
-        self.runner.allocate_kv_cache(num_blocks)
+                                     self.model_runner.profile_activation_bytes)
+        self.model_runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.output_processor = OutputProcessor(tokenizer, eos, self.config.max_model_len or model.args.max_seq_len)
@@ -163,7 +163,7 @@ class LLMEngine:
         plan, targets = self._plan(sched)
         bitmask_fn = self._submit_guides(plan.rows)
         self._num_prompt_tokens += sum(s.num_new_tokens for s in sched.scheduled if s.seq.is_prefill)
-        result = self.runner.execute(plan, bitmask_fn)
+        result = self.model_runner.execute(plan, bitmask_fn)
         self.scheduler.update_after_step(sched)
 
         touched: dict[str, SequenceGroup] = {}
@@ -329,6 +329,11 @@ class LLMEngine:
         return seed if index == 0 else hash((seed, index)) & ((1 << 63) - 1)
 
     # ----------------------------------------------------------------- introspection
+    @property
+    def runner(self) -> ModelRunner:
+        """Short alias of ``model_runner``."""
+        return self.model_runner
+
     def get_stats(self) -> EngineStats:
         bm = self.block_manager
         return EngineStats(
@@ -348,7 +353,7 @@ class LLMEngine:
 
     def expert_counts(self) -> torch.Tensor:
         """Tokens routed to each expert so far, [n_layers, num_experts] int64 on the CPU (syncs the device)."""
-        return self.runner.expert_counts()
+        return self.model_runner.expert_counts()
 
     def reset_prefix_cache(self) -> None:
         self.block_manager.reset_prefix_cache()

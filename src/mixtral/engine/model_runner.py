@@ -64,7 +64,8 @@ class ModelRunner:
         self.expert_counts_buf = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.int64,
                                              device=self.device)  # [L, E]
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # persistent device inputs
+        self._staging: dict[str, torch.Tensor] = {}  # pinned host mirrors of _buffers
 
     # ----------------------------------------------------------------- setup
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -106,7 +107,7 @@ class ModelRunner:
 
         sampled = None
         if plan.rows:
-            index = torch.tensor([last_index[o] for o in plan.row_owner], device=self.device)
+            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
             logits = self.model.compute_logits(hidden[index])  # [R, V]
             sampled = self.sampler(logits, plan.rows, bitmask)
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
@@ -149,17 +150,24 @@ class ModelRunner:
         return ctx, input_ids, [q - 1 for q in qsl[1:]]
 
     def _put(self, name: str, host: torch.Tensor) -> torch.Tensor:
-        """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view."""
+        """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view.
+
+        The copy goes through a pinned staging buffer so it is truly asynchronous (a copy from pageable
+        memory would wait for the device). Reusing the staging buffer next step is safe: the step's sampled
+        ids are fetched (a sync) before the next step's inputs are written.
+        """
         if self.device.type == "cpu":
             return host
         n = host.shape[0]
         buf = self._buffers.get(name)
         if buf is None or buf.shape[0] < n:
-            buf = torch.zeros(max(n, 2 * (buf.shape[0] if buf is not None else 0), 256), dtype=host.dtype,
-                              device=self.device)
-            self._buffers[name] = buf
+            size = max(n, 2 * (buf.shape[0] if buf is not None else 0), 256)
+            buf = self._buffers[name] = torch.zeros(size, dtype=host.dtype, device=self.device)
+            self._staging[name] = torch.zeros(size, dtype=host.dtype, pin_memory=True)
+        stage = self._staging[name][:n]
+        stage.copy_(host)
         view = buf[:n]
-        view.copy_(host.pin_memory(), non_blocking=True)
+        view.copy_(stage, non_blocking=True)
         return view
 
     def _put_table(self, host: torch.Tensor, num_seqs: int) -> torch.Tensor:
@@ -169,9 +177,14 @@ class ModelRunner:
         buf = self._buffers.get("block_tables")
         if buf is None or buf.shape[0] < num_seqs:
             rows = max(num_seqs, self.config.max_num_seqs)
-            buf = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32, device=self.device)
-            self._buffers["block_tables"] = buf
-        buf[:num_seqs, :host.shape[1]].copy_(host.pin_memory(), non_blocking=True)
+            buf = self._buffers["block_tables"] = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32,
+                                                              device=self.device)
+            self._staging["block_tables"] = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32,
+                                                        pin_memory=True)
+        width = host.shape[1]
+        stage = self._staging["block_tables"][:num_seqs, :width]
+        stage.copy_(host)
+        buf[:num_seqs, :width].copy_(stage, non_blocking=True)
         return buf[:num_seqs]
 
     def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, last_index: list[int]
