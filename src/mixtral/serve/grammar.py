@@ -211,16 +211,17 @@ def _json_rule(schema: dict[str, Any], options: dict[str, Any]) -> str:
 
 
 def lark_grammar(plan: GuidePlan, tool_calls_id: int | None) -> str:
-    """The Lark grammar (llguidance dialect) for a plan whose mode is not "free"-without-JSON or "none"."""
+    """The Lark grammar (llguidance dialect) of a plan that constrains something beyond one banned token."""
     lines: list[str] = []
-    if plan.json_schema is not None:
-        # A SentencePiece model's answer naturally starts with a "▁"-prefixed piece (" {"): allow that one space.
-        lines.append(f'answer: " "? {_json_rule(plan.json_schema, _FLEXIBLE_JSON)}')
-    else:
-        lines.append("answer: TEXT")
-        lines.append(r"TEXT: /(?s:.*)/")  # any text; control tokens never match a regex
-
-    if plan.mode in ("auto", "required"):
+    calls = plan.mode in ("auto", "required")
+    if plan.mode != "required":  # the free answer: JSON when asked for, else any text
+        if plan.json_schema is not None:
+            # A SentencePiece model's answer naturally starts with a "▁"-prefixed piece (" {"): allow one space.
+            lines.append(f'answer: " "? {_json_rule(plan.json_schema, _FLEXIBLE_JSON)}')
+        else:
+            lines.append("answer: TEXT")
+            lines.append(r"TEXT: /(?s:.*)/")  # any text; control tokens never match a regex
+    if calls:
         # One rule per tool: the name is fixed before the arguments, whose schema depends on it.
         call_rules = []
         for k, spec in enumerate(plan.tools):
@@ -231,7 +232,5 @@ def lark_grammar(plan: GuidePlan, tool_calls_id: int | None) -> str:
         lines.append("call: " + " | ".join(call_rules))
         more = ' ("," " " call)*' if plan.parallel_tool_calls else ""
         lines.append(f'tool_calls: <[{tool_calls_id}]> " "? "[" call{more} "]"')
-        start = "tool_calls" if plan.mode == "required" else "answer | tool_calls"
-    else:
-        start = "answer"
+    start = {"required": "tool_calls", "auto": "answer | tool_calls"}.get(plan.mode, "answer")
     return "\n".join([f"start: {start}", *lines]) + "\n"
