@@ -73,8 +73,9 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int,
     row = _mix32(row ^ ((steps * 0x2545F491) & _M32))  # [R]
     col = column_keys if column_keys is not None else _column_keys(vocab_size, seeds.device)  # [V]
     bits = _mix32_fast(row[:, None] ^ col[None, :])  # [R, V]
-    # 24 random bits (float32's mantissa), shifted by half a step so neither 0 nor 1 occurs.
-    return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    # 23 random bits shifted by half a step: neither 0 nor 1 occurs. (24 bits would not do: the top value
+    # (2^24 - 0.5) / 2^24 rounds to exactly 1.0 in float32, giving -log(1) = 0 noise and a NaN ratio.)
+    return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 class Sampler:
