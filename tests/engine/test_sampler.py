@@ -85,7 +85,9 @@ def test_penalties_match_a_per_row_reference() -> None:
     params = [SamplingParams(temperature=0.0, repetition_penalty=1.3),
               SamplingParams(temperature=0.0, presence_penalty=1.5, frequency_penalty=0.5),
               SamplingParams(temperature=0.0)]
-    got = Sampler(V)._apply_penalties(logits.clone(), _rows(params, prompts=prompts, outputs=outputs))
+    sampler = Sampler(V)
+    tensors = sampler.prepare(_rows(params, prompts=prompts, outputs=outputs), logits.device)
+    got = sampler._apply_penalties(logits.clone(), tensors)
     want = logits.clone()
     for r, p in enumerate(params):
         for tok in set(prompts[r]) | set(outputs[r]):

@@ -102,14 +102,17 @@ class ModelRunner:
         pass is launched, so masks computed on worker threads overlap the model.
         """
         ctx, input_ids, last_index = self._prepare(plan.scheduled)
+        index = sampling = None
+        if plan.rows:
+            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
+            sampling = self.sampler.prepare(plan.rows, self.device, self._put)
         hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
 
         sampled = None
-        if plan.rows:
-            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
+        if index is not None:
             logits = self.model.compute_logits(hidden[index])  # [R, V]
-            sampled = self.sampler(logits, plan.rows, bitmask)
+            sampled = self.sampler(logits, plan.rows, bitmask, sampling)
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
         return StepResult(sampled, prompt_lp)
 

@@ -12,6 +12,7 @@ q ~ Exp(1) per token, ``argmax(p / q)`` is distributed as ``p`` (the Gumbel-max 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,68 +79,70 @@ def uniform_noise(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: int,
     return ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
+ToDevice = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _plain_to_device(device: torch.device) -> ToDevice:
+    return lambda _name, host: host.to(device)
+
+
+@dataclass
+class SamplingTensors:
+    """The per-row settings of one step on the device, built before the forward pass is launched (so their
+    host-to-device copies overlap it). Flags are host bools: whole stages are skipped when no row needs them."""
+
+    greedy: torch.Tensor  # [R] bool
+    temperature: torch.Tensor  # [R] f32 (1 for greedy rows)
+    top_k: torch.Tensor  # [R] int64 (V = off)
+    top_p: torch.Tensor  # [R] f32
+    min_p: torch.Tensor  # [R] f32
+    seeds: torch.Tensor  # [R] int64
+    steps: torch.Tensor  # [R] int64
+    all_greedy: bool
+    use_top_k_p: bool
+    use_min_p: bool
+    # Penalties (None when no row has any).
+    penalties: torch.Tensor | None = None  # [3, R] f32: repetition, frequency, presence
+    output_counts: torch.Tensor | None = None  # [R, V] f32
+    prompt_seen: torch.Tensor | None = None  # [R, V] bool
+    # min_tokens: (row index [B], token id [B]) pairs to forbid.
+    banned: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_id: int | None = None) -> None:
         self.vocab_size = vocab_size
         self.eos_id = eos_id
         self._column_keys: dict[torch.device, torch.Tensor] = {}
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None
-                 ) -> SamplerOutput:
-        """logits [R, V] (any float dtype); bitmask int32 [R, W] (all ones for unguided rows) or None."""
-        device = logits.device
-        logits = logits.float()
+    def prepare(self, rows: list[SampleRow], device: torch.device, to_device: ToDevice | None = None
+                ) -> SamplingTensors:
+        """Build the step's SamplingTensors. ``to_device(name, host_tensor)`` copies into a persistent buffer
+        (the model runner's pinned staging path); by default a plain ``.to(device)``."""
+        put = to_device or _plain_to_device(device)
         params = [r.params for r in rows]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
-
-        logits = self._apply_penalties(logits, rows)
-        logits = self._apply_min_tokens(logits, rows)
-        if bitmask is not None:
-            logits = apply_bitmask(logits, bitmask.to(device, non_blocking=True))
-
-        token_ids = logits.argmax(dim=-1)  # [R] greedy choice
-        if not all(p.greedy for p in params):
-            token_ids = torch.where(
-                torch.tensor([p.greedy for p in params], device=device), token_ids, self._sample(logits, rows)
-            )
-
-        sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [R]
-        ids_host = token_ids.tolist()  # the one sync of the step
-        lp_host = sampled_lp.tolist()
-        top: list[dict[int, float] | None] = [None] * len(rows)
-        want = [p.logprobs for p in params]
-        if any(k is not None for k in want):
-            k_max = max(k for k in want if k is not None)
-            if k_max > 0:
-                vals, idx = torch.topk(raw_logprobs, k_max, dim=-1)  # [R, k_max]
-                vals_l, idx_l = vals.tolist(), idx.tolist()
-            for r, k in enumerate(want):
-                if k is None:
-                    continue
-                entry = {idx_l[r][j]: vals_l[r][j] for j in range(k)} if k else {}
-                entry[ids_host[r]] = lp_host[r]
-                top[r] = entry
-        return SamplerOutput(ids_host, lp_host, top)
-
-    # ----------------------------------------------------------------- pieces
-    def _apply_penalties(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        if not any(r.params.has_penalties for r in rows):
-            return logits
-        device, v = logits.device, self.vocab_size
-        out_counts = _token_counts([r.output_token_ids for r in rows], v, device)  # [R, V]
-        seen_prompt = _token_counts([r.prompt_token_ids for r in rows], v, device) > 0
-        rep = torch.tensor([r.params.repetition_penalty for r in rows], device=device)[:, None]  # [R, 1]
-        freq = torch.tensor([r.params.frequency_penalty for r in rows], device=device)[:, None]
-        pres = torch.tensor([r.params.presence_penalty for r in rows], device=device)[:, None]
-        seen = seen_prompt | (out_counts > 0)
-        # Repetition penalty (CTRL): shrink seen tokens' logits towards "less likely" whatever their sign.
-        penalized = torch.where(logits > 0, logits / rep, logits * rep)
-        logits = torch.where(seen, penalized, logits)
-        return logits - freq * out_counts - pres * (out_counts > 0).float()
-
-    def _apply_min_tokens(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
-        """Forbid EOS and stop tokens for rows that have not reached min_tokens yet."""
-        banned_rows, banned_ids = [], []
+        v = self.vocab_size
+        floats = torch.tensor([[p.temperature if p.temperature > 0 else 1.0 for p in params],
+                               [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32)  # [3, R]
+        ints = torch.tensor([[p.effective_top_k or v for p in params], [r.seed for r in rows],
+                             [r.step for r in rows], [int(p.greedy) for p in params]], dtype=torch.int64)  # [4, R]
+        n = len(rows)
+        floats_d = put("sampling_floats", floats.flatten()).view(3, n)
+        ints_d = put("sampling_ints", ints.flatten()).view(4, n)
+        out = SamplingTensors(
+            greedy=ints_d[3].bool(), temperature=floats_d[0], top_k=ints_d[0], top_p=floats_d[1], min_p=floats_d[2],
+            seeds=ints_d[1], steps=ints_d[2], all_greedy=all(p.greedy for p in params),
+            use_top_k_p=any(p.effective_top_k > 0 or p.top_p < 1.0 for p in params),
+            use_min_p=any(p.min_p > 0 for p in params),
+        )
+        if any(p.has_penalties for p in params):
+            pen = torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
+                                [p.presence_penalty for p in params]], dtype=torch.float32)  # [3, R]
+            out.penalties = put("sampling_penalties", pen.flatten()).view(3, n)
+            out.output_counts = _token_counts([r.output_token_ids for r in rows], v, device, put, "out")
+            out.prompt_seen = _token_counts([r.prompt_token_ids for r in rows], v, device, put, "prompt") > 0
+        banned_rows: list[int] = []
+        banned_ids: list[int] = []
         for i, r in enumerate(rows):
             if r.step < r.params.min_tokens:
                 ids = list(r.params.stop_token_ids or [])
@@ -147,50 +150,91 @@ class Sampler:
                     ids.append(self.eos_id)
                 banned_rows += [i] * len(ids)
                 banned_ids += ids
-        if not banned_rows:
-            return logits
-        logits = logits.clone()
-        logits[torch.tensor(banned_rows, device=logits.device), torch.tensor(banned_ids, device=logits.device)] = (
-            float("-inf")
-        )
-        return logits
+        if banned_rows:
+            out.banned = (put("banned_rows", torch.tensor(banned_rows)), put("banned_ids", torch.tensor(banned_ids)))
+        return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[SampleRow]) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
+                 tensors: SamplingTensors | None = None) -> SamplerOutput:
+        """logits [R, V] (any float dtype); bitmask int32 [R, W] (all ones for unguided rows) or None;
+        ``tensors`` from ``prepare`` (built here when not given)."""
+        device = logits.device
+        t = tensors if tensors is not None else self.prepare(rows, device)
+        logits = logits.float()
+        raw_logprobs = torch.log_softmax(logits, dim=-1)  # [R, V]
+
+        if t.penalties is not None:
+            logits = self._apply_penalties(logits, t)
+        if t.banned is not None:
+            logits = logits.index_put(t.banned, torch.tensor(float("-inf"), device=device))
+        if bitmask is not None:
+            logits = apply_bitmask(logits, bitmask.to(device, non_blocking=True))
+
+        token_ids = logits.argmax(dim=-1)  # [R] greedy choice
+        if not t.all_greedy:
+            token_ids = torch.where(t.greedy, token_ids, self._sample(logits, t))
+
+        sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [R]
+        ids_host = token_ids.tolist()  # the one sync of the step
+        lp_host = sampled_lp.tolist()
+        top: list[dict[int, float] | None] = [None] * len(rows)
+        want = [r.params.logprobs for r in rows]
+        if any(k is not None for k in want):
+            k_max = max(k for k in want if k is not None)
+            vals_l: list[list[float]] = [[] for _ in rows]
+            idx_l: list[list[int]] = [[] for _ in rows]
+            if k_max > 0:
+                vals, idx = torch.topk(raw_logprobs, k_max, dim=-1)  # [R, k_max]
+                vals_l, idx_l = vals.tolist(), idx.tolist()
+            for r, k in enumerate(want):
+                if k is None:
+                    continue
+                entry = {idx_l[r][j]: vals_l[r][j] for j in range(k)}
+                entry[ids_host[r]] = lp_host[r]
+                top[r] = entry
+        return SamplerOutput(ids_host, lp_host, top)
+
+    # ----------------------------------------------------------------- pieces
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
+        assert t.penalties is not None and t.output_counts is not None and t.prompt_seen is not None
+        rep, freq, pres = (t.penalties[i][:, None] for i in range(3))  # [R, 1] each
+        counts = t.output_counts  # [R, V]
+        seen = t.prompt_seen | (counts > 0)
+        # Repetition penalty (CTRL): shrink seen tokens' logits towards "less likely" whatever their sign.
+        penalized = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalized, logits)
+        return logits - freq * counts - pres * (counts > 0).float()
+
+    def _sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then the exponential race. Returns [R] token ids."""
         device = logits.device
-        params = [r.params for r in rows]
-        temp = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=device)
-        probs = torch.softmax(logits / temp[:, None], dim=-1)  # [R, V]
-
-        if any(p.effective_top_k > 0 or p.top_p < 1.0 for p in params):
+        probs = torch.softmax(logits / t.temperature[:, None], dim=-1)  # [R, V]
+        if t.use_top_k_p:
             sorted_p, order = probs.sort(dim=-1, descending=True)  # [R, V]
             rank = torch.arange(probs.shape[-1], device=device)[None, :]
-            k = torch.tensor([p.effective_top_k or probs.shape[-1] for p in params], device=device)[:, None]
-            top_p = torch.tensor([p.top_p for p in params], device=device)[:, None]
             # Keep a token if the mass strictly before it is below top_p (so the top token always stays).
             before = sorted_p.cumsum(dim=-1) - sorted_p
-            drop_sorted = (rank >= k) | (before >= top_p)
+            drop_sorted = (rank >= t.top_k[:, None]) | (before >= t.top_p[:, None])
             drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
             probs = probs.masked_fill(drop, 0.0)
-        if any(p.min_p > 0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)[:, None]
-            probs = probs.masked_fill(probs < min_p * probs.amax(dim=-1, keepdim=True), 0.0)
-
-        seeds = torch.tensor([r.seed for r in rows], device=device, dtype=torch.int64)
-        steps = torch.tensor([r.step for r in rows], device=device, dtype=torch.int64)
+        if t.use_min_p:
+            probs = probs.masked_fill(probs < t.min_p[:, None] * probs.amax(dim=-1, keepdim=True), 0.0)
         col = self._column_keys.get(device)
         if col is None:
             col = self._column_keys[device] = _column_keys(probs.shape[-1], device)
-        q = -torch.log(uniform_noise(seeds, steps, probs.shape[-1], col))  # [R, V] ~ Exp(1)
+        q = -torch.log(uniform_noise(t.seeds, t.steps, probs.shape[-1], col))  # [R, V] ~ Exp(1)
         return (probs / q).argmax(dim=-1)
 
 
-def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device, put: ToDevice,
+                  name: str) -> torch.Tensor:
     """[R, V] float counts of each token id in each row's list."""
     longest = max((len(t) for t in token_lists), default=0)
     counts = torch.zeros(len(token_lists), vocab_size + 1, device=device)
     if longest:
         # Pad with an extra id (vocab_size) whose column is dropped.
-        padded = torch.tensor([t + [vocab_size] * (longest - len(t)) for t in token_lists], device=device)
-        counts.scatter_add_(1, padded, torch.ones(padded.shape, device=device))
+        padded = torch.tensor([t + [vocab_size] * (longest - len(t)) for t in token_lists])  # [R, L]
+        padded_d = put(f"counts_{name}", padded.flatten()).view(padded.shape)
+        counts.scatter_add_(1, padded_d, torch.ones(padded.shape, device=device))
     return counts[:, :vocab_size]
