@@ -54,6 +54,11 @@ def test_prefill_matches_reference(q_lens: list[int], ctx_lens: list[int], n_hea
     _check(q_lens, ctx_lens, n_heads, n_kv, head_dim, block_size, dtype, seed=sum(ctx_lens))
 
 
+def test_long_prefill_matches_reference() -> None:
+    """>= 1024 rows (tokens x QG) take the 128-row tiles; a 140-token cached prefix takes the unmasked loop."""
+    _check([260, 3], [400, 9], 4, 1, 16, 16, torch.float16, seed=99)
+
+
 @pytest.mark.parametrize(("ctx_lens", "block_size", "max_context_len"), [
     ([1, 16, 17, 31], 16, None),  # block boundaries, one partition (no split: short contexts)
     ([300, 5], 16, None),  # split into 256-key partitions; the short sequence uses one

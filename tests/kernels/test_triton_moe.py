@@ -68,6 +68,9 @@ def test_align_layout(n: int, k: int, e_local: int, expert_start: int, block_m: 
     (torch.float16, 40, 64, 96, 8, 0, FP16_SMALL, 3e-3),
     (torch.float32, 23, 32, 32, 4, 2, None, 1e-5),  # expert parallel: experts 2..5 local, the rest add nothing
     (torch.float16, 70, 32, 64, 8, 0, mc.MoEConfig(32, mc.GemmConfig(64, 32), mc.GemmConfig(32, 64)), 3e-3),
+    # split-K w2: F = 80 over 3 splits of 32 (the last one partial) and 2 splits of 64 (one tile short)
+    (torch.float32, 6, 32, 80, 8, 0, mc.MoEConfig(16, mc.GemmConfig(32, 32), mc.GemmConfig(32, 32, split_k=3)), 1e-5),
+    (torch.float16, 4, 32, 96, 4, 4, mc.MoEConfig(16, mc.GemmConfig(32, 32), mc.GemmConfig(16, 64, split_k=2)), 3e-3),
 ])
 def test_fused_moe_matches_reference(dtype: torch.dtype, n: int, d: int, f: int, e_local: int, expert_start: int,
                                      config: mc.MoEConfig | None, tol: float) -> None:

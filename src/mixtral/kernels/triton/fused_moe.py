@@ -72,13 +72,15 @@ def _w13_silu_kernel(
 @triton.jit
 def _w2_weighted_kernel(
     act_ptr, w2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
-    num_pairs, D, F,
-    stride_am, stride_we, stride_wn, stride_om,
+    num_pairs, D, F, k_per_split,
+    stride_am, stride_we, stride_wn, stride_os, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """out[pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    """out[split, pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) over this split's slice of F, for one
+    [BLOCK_M, BLOCK_N] tile. Splitting F (split-K) gives small batches enough programs to fill the GPU."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
         return
     e = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
@@ -88,17 +90,18 @@ def _w2_weighted_kernel(
     pair64 = tl.where(row_ok, pair, 0).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_ok = offs_n < D
-    offs_k = tl.arange(0, BLOCK_K)
+    k_start = pid_k * k_per_split
+    offs_k = k_start + tl.arange(0, BLOCK_K)
 
     a_ptrs = act_ptr + pair64[:, None] * stride_am + offs_k[None, :]  # [BM, BK]
     w_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, F), BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
         else:
-            k_ok = offs_k + k0 < F
+            k_ok = offs_k + (k0 - k_start) < F
             a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(a, w, acc)
@@ -106,7 +109,7 @@ def _w2_weighted_kernel(
         w_ptrs += BLOCK_K
     weight = tl.load(topk_weights_ptr + pair64, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
     acc = acc * weight[:, None]
-    out_ptrs = out_ptr + pair64[:, None] * stride_om + offs_n[None, :]
+    out_ptrs = out_ptr + pid_k * stride_os + pair64[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -137,18 +140,29 @@ def invoke_w13(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, sorted_ids
     )
 
 
-def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_pairs: torch.Tensor, weights: torch.Tensor,
+def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_partials: torch.Tensor, weights: torch.Tensor,
               sorted_ids: torch.Tensor, expert_ids: torch.Tensor, num_post_pad: torch.Tensor, block_m: int,
               cfg: GemmConfig) -> None:
-    """out_pairs [N*k, D] = weight * (act w2^T) per pair; rows of pairs not laid out are left untouched."""
+    """out_partials [split_k, N*k, D] = weight * (act w2^T) per pair and slice of F; rows of pairs not laid
+    out (other ranks' experts) are left untouched."""
     d, f = w2.shape[1], w2.shape[2]
-    _w2_weighted_kernel[(expert_ids.shape[0], triton.cdiv(d, cfg.block_n))](
-        act, w2, out_pairs, weights, sorted_ids, expert_ids, num_post_pad,
-        act.shape[0], d, f,
-        act.stride(0), w2.stride(0), w2.stride(1), out_pairs.stride(0),
+    if out_partials.shape[0] != cfg.split_k:
+        raise ValueError(f"out_partials has {out_partials.shape[0]} slices for split_k={cfg.split_k}")
+    k_per_split = triton.cdiv(triton.cdiv(f, cfg.split_k), cfg.block_k) * cfg.block_k
+    _w2_weighted_kernel[(expert_ids.shape[0], triton.cdiv(d, cfg.block_n), cfg.split_k)](
+        act, w2, out_partials, weights, sorted_ids, expert_ids, num_post_pad,
+        act.shape[0], d, f, k_per_split,
+        act.stride(0), w2.stride(0), w2.stride(1), out_partials.stride(0), out_partials.stride(1),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=f % cfg.block_k == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+def w2_partials(num_pairs: int, dim: int, cfg: GemmConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeroed [split_k, N*k, D] output of the w2 GEMM: x's dtype unsplit, fp32 when split-K partial sums
+    are added afterwards. Zeroed because pairs of another expert-parallel rank are never written."""
+    return torch.zeros(cfg.split_k, num_pairs, dim, dtype=dtype if cfg.split_k == 1 else torch.float32,
+                       device=device)
 
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -171,7 +185,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, e_local, cfg.block_m, expert_start)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
     invoke_w13(x, w13, act, sorted_ids, expert_ids, num_post_pad, top_k, cfg.block_m, cfg.w13)
-    # Zeroed: pairs routed to another expert-parallel rank are never written and must add nothing.
-    out_pairs = torch.zeros(n * top_k, d, dtype=x.dtype, device=x.device)  # [N*k, D]
-    invoke_w2(act, w2, out_pairs, weights, sorted_ids, expert_ids, num_post_pad, cfg.block_m, cfg.w2)
-    return out_pairs.view(n, top_k, d).sum(dim=1)  # top-k reduction, [N, D]
+    partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
+    invoke_w2(act, w2, partials, weights, sorted_ids, expert_ids, num_post_pad, cfg.block_m, cfg.w2)
+    # Top-k (and split-K) reduction: [S, N, k, D] -> [N, D], accumulated in fp32, rounded once.
+    return partials.view(-1, n, top_k, d).sum(dim=(0, 2), dtype=torch.float32).to(x.dtype)

@@ -22,12 +22,13 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch shape of one grouped GEMM."""
+    """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
+    split_k: int = 1
 
 
 @dataclass(frozen=True)

@@ -33,19 +33,27 @@ _MIN_PARTITION = 256  # keys per decode split: smaller splits cost more in the r
 @triton.jit
 def _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos, window, qk_scale,
                  stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, d, d_ok,
-                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr):
-    """One online-softmax step over keys start..start+BLOCK_N (those < hi) for rows at positions qpos."""
+                 BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys start..start+BLOCK_N (those < hi) for rows at positions qpos.
+
+    Without MASKED the caller guarantees every key of the tile is < hi and visible to every row (the part of
+    the context before the tile's first query), so the causal mask and its bounds checks are skipped.
+    """
     kpos = start + tl.arange(0, BLOCK_N)  # [BN]
     k_ok = kpos < hi
-    blk = tl.load(bt_ptr + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)  # [BN] physical blocks
+    if MASKED:
+        blk = tl.load(bt_ptr + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)  # [BN] physical blocks
+    else:
+        blk = tl.load(bt_ptr + kpos // PAGE).to(tl.int64)
     slot = kpos % PAGE
     k_ptrs = k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_kt + g * stride_kh + d[:, None]
     kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BD, BN]
     scores = tl.dot(q, kt) * qk_scale  # [BM, BN], log2 units
-    visible = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
-    if SLIDING:
-        visible = visible & (kpos[None, :] > qpos[:, None] - window)
-    scores = tl.where(visible, scores, float("-inf"))
+    if MASKED:
+        visible = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
+        if SLIDING:
+            visible = visible & (kpos[None, :] > qpos[:, None] - window)
+        scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))  # [BM]
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet stay at zero
     alpha = tl.exp2(m_i - m_use)
@@ -88,17 +96,24 @@ def _prefill_kernel(
 
     t_last = (tl.minimum((tile + 1) * BLOCK_M, n_q * QG) - 1) // QG  # the tile's last valid token
     hi = ctx - n_q + t_last + 1  # keys past the tile's last row are never visible
-    lo = 0
-    if SLIDING:
-        lo = tl.maximum(ctx - n_q + (tile * BLOCK_M) // QG - window + 1, 0) // BLOCK_N * BLOCK_N
+    first_q = ctx - n_q + (tile * BLOCK_M) // QG  # position of the tile's first query
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     bt_ptr = block_tables_ptr + s.to(tl.int64) * stride_bts
+    if SLIDING:
+        lo = tl.maximum(first_q - window + 1, 0) // BLOCK_N * BLOCK_N
+    else:
+        # Keys before the first query are visible to every row: whole tiles of them need no mask.
+        lo = (first_q + 1) // BLOCK_N * BLOCK_N
+        for start in range(0, lo, BLOCK_N):
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos,
+                                         window, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+                                         stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING, False)
     for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos,
                                      window, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                     stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING)
+                                     stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -146,7 +161,7 @@ def _decode_kernel(
     for start in range(lo, hi, BLOCK_N):
         acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos,
                                      window, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-                                     stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING)
+                                     stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING, True)
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     mask = h_ok[:, None] & d_ok[None, :]
     if SPLIT:
@@ -256,14 +271,21 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         _decode(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window,
                 common, qg, block_d, page, sliding, max_context_len)
         return out
-    block_m = 128 if max_query_len * qg >= 1024 else 64
+    block_m, block_n, num_warps, num_stages = prefill_launch_config(max_query_len * qg, block_d)
     grid = (num_seqs, triton.cdiv(max_query_len * qg, block_m), num_kv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window, **common,
-        QG=qg, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=64 if block_m == 128 else 32,
-        PAGE=page, SLIDING=sliding, num_warps=8 if block_m == 128 else 4, num_stages=2,
+        QG=qg, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def prefill_launch_config(rows: int, block_d: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for ``rows`` = max new tokens x QG."""
+    if rows >= 1024:
+        return 128, 64, 8, 2
+    return 64, 32, 4, 2
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -298,4 +320,4 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     )
 
 
-__all__ = ["decode_partition_size", "paged_attention"]
+__all__ = ["decode_partition_size", "paged_attention", "prefill_launch_config"]

@@ -23,27 +23,32 @@ from typing import Any
 import torch
 
 from mixtral.kernels.reference import route_topk
-from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13
+from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, w2_partials
 from mixtral.kernels.triton.moe_align import moe_align
-from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path
+from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path, load_configs
 from mixtral.model.args import PRESETS
 
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
-# (block_n, block_k, num_warps, num_stages)
+# (block_n, block_k, num_warps, num_stages[, split_k]); split-K only applies to w2 (w13's SiLU needs whole sums)
 _SMALL = [(32, 128, 4, 4), (64, 64, 4, 5), (64, 128, 4, 3), (64, 128, 4, 4), (64, 256, 4, 3), (128, 128, 4, 3),
           (32, 256, 4, 3)]
+_SMALL_SPLIT = [(32, 256, 4, 3, 2), (64, 256, 4, 3, 2), (64, 128, 4, 4, 2), (32, 128, 4, 4, 4), (64, 128, 4, 3, 4),
+                (16, 256, 4, 3, 1), (16, 128, 4, 4, 2)]
 _MID = [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 4), (128, 128, 8, 3)]
 _LARGE = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
 
 
-def candidates(num_tokens: int) -> list[tuple[int, list[GemmConfig]]]:
-    """(block_m, tiles) to try at this batch size."""
+def candidates(num_tokens: int) -> list[tuple[int, list[GemmConfig], list[GemmConfig]]]:
+    """(block_m, w13 tiles, w2 tiles) to try at this batch size."""
     if num_tokens <= 32:
-        return [(16, [GemmConfig(*c) for c in _SMALL])]
+        small = [GemmConfig(*c) for c in _SMALL]
+        return [(16, small, small + [GemmConfig(*c) for c in _SMALL_SPLIT])]
     if num_tokens <= 256:
-        return [(bm, [GemmConfig(*c) for c in _MID]) for bm in (32, 64)]
-    return [(bm, [GemmConfig(*c) for c in _LARGE]) for bm in (64, 128)]
+        mid = [GemmConfig(*c) for c in _MID]
+        return [(bm, mid, mid) for bm in (32, 64)]
+    large = [GemmConfig(*c) for c in _LARGE]
+    return [(bm, large, large) for bm in (64, 128)]
 
 
 def _bench(fn: Callable[[], None]) -> float:
@@ -75,14 +80,17 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
         weights, ids = route_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
         flat_w = weights.reshape(-1).contiguous()
         act = torch.empty(m * top_k, ffn_dim, device=device, dtype=dtype)
-        out = torch.empty(m * top_k, dim, device=device, dtype=dtype)
         options: list[tuple[float, MoEConfig]] = []
-        for block_m, tiles in candidates(m):
+        for block_m, tiles13, tiles2 in candidates(m):
             sorted_ids, expert_ids, post_pad = moe_align(ids, num_experts, block_m)
             run13 = functools.partial(invoke_w13, x, w13, act, sorted_ids, expert_ids, post_pad, top_k, block_m)
-            run2 = functools.partial(invoke_w2, act, w2, out, flat_w, sorted_ids, expert_ids, post_pad, block_m)
-            a, c13 = min(((_bench(functools.partial(run13, cfg=c)), c) for c in tiles), key=lambda t: t[0])
-            b, c2 = min(((_bench(functools.partial(run2, cfg=c)), c) for c in tiles), key=lambda t: t[0])
+            a, c13 = min(((_bench(functools.partial(run13, cfg=c)), c) for c in tiles13), key=lambda t: t[0])
+            timed2 = []
+            for c in tiles2:
+                out = w2_partials(m * top_k, dim, c, dtype, device)  # [split_k, N*k, D]
+                run2 = functools.partial(invoke_w2, act, w2, out, flat_w, sorted_ids, expert_ids, post_pad, block_m, c)
+                timed2.append((_bench(run2), c))
+            b, c2 = min(timed2, key=lambda t: t[0])
             print(f"  M={m:5d} block_m={block_m:3d}: w13 {a * 1e3:9.1f} us {c13}  w2 {b * 1e3:9.1f} us {c2}")
             options.append((a + b, MoEConfig(block_m, c13, c2)))
         total, cfg = min(options, key=lambda o: o[0])
@@ -91,7 +99,14 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
     return best, times
 
 
-def write_configs(path: Path, best: dict[int, MoEConfig], times: dict[int, float], meta: dict[str, Any]) -> None:
+def write_configs(path: Path, best: dict[int, MoEConfig], times: dict[int, float], meta: dict[str, Any],
+                  merge: bool = False) -> None:
+    """Write the table; with ``merge`` the file's entries for other batch sizes are kept."""
+    if merge and path.is_file():
+        old = json.loads(path.read_text())
+        best = {**{int(m): c for m, c in (load_configs(path) or {}).items()}, **best}
+        times = {**{int(m): t for m, t in old.get("time_us", {}).items()}, **times}
+        load_configs.cache_clear()
     data = {**meta, "configs": {str(m): c.to_dict() for m, c in sorted(best.items())},
             "time_us": {str(m): round(t, 1) for m, t in sorted(times.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)),
                    help="comma-separated token counts M to tune")
     p.add_argument("--out-dir", type=Path, default=CONFIG_DIR, help="folder for the JSON files")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the existing file's entries for batch sizes not tuned in this run")
     p.add_argument("--time-budget", type=float, default=400.0,
                    help="seconds for all shapes; past it the remaining batch sizes are left to the nearest M")
     args = p.parse_args(argv)
@@ -134,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             "device": name, "model": model, "E": margs.num_experts, "F": margs.hidden_dim, "D": margs.dim,
             "dtype": "bf16", "torch": torch.__version__, "triton": triton.__version__,
             "date": time.strftime("%Y-%m-%d"),
-        })
+        }, merge=args.merge)
         print(f"  wrote {out}")
     return 0
 
