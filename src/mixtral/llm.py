@@ -87,7 +87,7 @@ class LLM:
         progress = _progress(len(ids)) if use_tqdm and sys.stderr.isatty() else None
         try:
             while len(finished) < len(ids) and engine.has_unfinished_requests():
-                for out in engine.step():
+                for out in engine.step(finished_only=True):
                     if out.finished and out.request_id in wanted:
                         finished[out.request_id] = out
                         if progress is not None:

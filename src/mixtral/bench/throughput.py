@@ -131,7 +131,7 @@ def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperatur
     bar = _progress(len(requests)) if progress else None
     try:
         while engine.has_unfinished_requests():
-            for out in engine.step():
+            for out in engine.step(finished_only=True):
                 if out.finished:
                     finished.append(out)
                     if bar is not None:

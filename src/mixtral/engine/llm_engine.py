@@ -148,8 +148,12 @@ class LLMEngine:
         return len(self._groups)
 
     # ----------------------------------------------------------------- the step
-    def step(self) -> list[RequestOutput]:
-        """Run one forward pass; return the outputs of requests that got tokens or finished in it."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Run one forward pass; return the outputs of requests that got tokens or finished in it.
+
+        ``finished_only``: build outputs only for requests that finished (offline callers that do not
+        stream skip copying every running request's tokens each step).
+        """
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
@@ -181,13 +185,15 @@ class LLMEngine:
         for group in touched.values():
             if group.prompt_logprobs is None and group.seqs[0].prompt_logprobs is not None:
                 group.prompt_logprobs = group.seqs[0].prompt_logprobs
-            if group.is_finished:
+            finished = group.is_finished
+            if finished:
                 group.metrics.finished_time = now
                 self._groups.pop(group.request_id, None)
                 for seq in group.seqs:
                     self._group_of.pop(seq.seq_id, None)
                 self._num_finished += 1
-            outputs.append(group.to_output())
+            if finished or not finished_only:
+                outputs.append(group.to_output())
         return outputs
 
     def _plan(self, sched: SchedulerOutput) -> tuple[StepPlan, list[tuple[Sequence, int | None]]]:
@@ -205,14 +211,16 @@ class LLMEngine:
             prompt_lp.append(seq.params.prompt_logprobs if want_plp else None)
             if not s.samples:
                 continue
-            rows.append(SampleRow(seq.params, seq.seed, seq.num_output_tokens, seq.token_ids[:seq.num_prompt_tokens],
-                                  seq.output_token_ids))
+            prompt_ids = seq.token_ids[:seq.num_prompt_tokens] if seq.params.has_penalties else []
+            output_ids = seq.output_token_ids if seq.params.has_penalties else []
+            rows.append(SampleRow(seq.params, seq.seed, seq.num_output_tokens, prompt_ids, output_ids))
             owner.append(j)
             targets.append((seq, None))
             if seq.fork_count:
                 group = self._group_of[seq.seq_id]
-                for k, (p, seed) in enumerate(zip(group.pending_samples, group.pending_seeds, strict=False)):
-                    rows.append(SampleRow(p, seed, 0, seq.token_ids[:seq.num_prompt_tokens], []))
+                for k, (p, seed) in enumerate(zip(group.pending_samples, group.pending_seeds, strict=True)):
+                    prompt_ids = seq.token_ids[:seq.num_prompt_tokens] if p.has_penalties else []
+                    rows.append(SampleRow(p, seed, 0, prompt_ids, []))
                     owner.append(j)
                     targets.append((seq, k))
         return StepPlan(sched.scheduled, rows, owner, prompt_lp), targets

@@ -13,7 +13,7 @@ q ~ Exp(1) per token, ``argmax(p / q)`` is distributed as ``p`` (the Gumbel-max 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,8 +30,9 @@ class SampleRow:
     params: SamplingParams
     seed: int
     step: int  # tokens this sample has generated so far (the noise counter)
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    # Read only by the penalties; the engine fills them only for rows whose params have penalties.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
