@@ -19,8 +19,10 @@ def main(url: str) -> None:
     models = client.list_models()
     out["models"] = [m.id for m in models.data]
     messages = [ChatMessage(role="user", content="What's the weather like in Paris?")]
-    # The call from Mixtral-8x22B's documentation, verbatim but for max_tokens.
-    resp = client.chat(model="open-mixtral-8x22b", messages=messages, tools=TOOLS, tool_choice="any", max_tokens=60)
+    # The call from Mixtral-8x22B's documentation, verbatim but for max_tokens and the seed (a random-weight model
+    # may chain several parallel calls: give it room, and make the run reproducible).
+    resp = client.chat(model="open-mixtral-8x22b", messages=messages, tools=TOOLS, tool_choice="any", max_tokens=160,
+                       random_seed=0)
     msg = resp.choices[0].message
     out["tool_calls"] = [{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
                          for c in msg.tool_calls or []]

@@ -26,6 +26,18 @@ def _steer(case: Any) -> None:
                 case.body[key] = 8
 
 
+def _fuzz(operation: Any, statuses: Counter[int]) -> None:
+    @given(case=operation.as_strategy())
+    @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
+              database=None)
+    def check(case: Any) -> None:
+        _steer(case)
+        response = case.call_and_validate(checks=[not_a_server_error], timeout=60)
+        statuses[response.status_code] += 1
+
+    check()
+
+
 def test_no_server_errors(live_server: Any) -> None:
     schema = schemathesis.openapi.from_url(f"{live_server.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
@@ -33,16 +45,7 @@ def test_no_server_errors(live_server: Any) -> None:
     assert {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"} <= paths
     statuses: dict[str, Counter[int]] = {}
     for operation in operations:
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True,
-                  database=None)
-        def check(case: Any, path: str = operation.path) -> None:
-            _steer(case)
-            response = case.call_and_validate(checks=[not_a_server_error], timeout=60)
-            statuses.setdefault(path, Counter())[response.status_code] += 1
-
-        check()
+        _fuzz(operation, statuses.setdefault(operation.path, Counter()))
     # Generation really ran on part of the generated bodies, and invalid ones were refused, not crashed on.
     assert statuses["/v1/chat/completions"][200] > 0 and statuses["/v1/completions"][200] > 0
     assert statuses["/v1/chat/completions"][422] > 0

@@ -76,7 +76,7 @@ def test_mistralai_current(live_server: Any) -> None:
     assert usage is not None and usage.completion_tokens == resp.usage.completion_tokens
 
     resp = client.chat.complete(model="tiny-mixtral", messages=[{"role": "user", "content": "Weather in Paris?"}],
-                                tools=TOOLS, tool_choice="any", max_tokens=80)
+                                tools=TOOLS, tool_choice="any", parallel_tool_calls=False, max_tokens=120)
     msg = resp.choices[0].message
     assert resp.choices[0].finish_reason == "tool_calls" and msg.content == ""
     _check_calls([{"id": c.id, "name": c.function.name, "arguments": c.function.arguments} for c in msg.tool_calls])
@@ -117,7 +117,8 @@ def test_openai(live_server: Any) -> None:
     # OpenAI's spelling: tool_choice "required", a named function, max_completion_tokens; streamed tool calls.
     for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
         resp = client.chat.completions.create(model="tiny-mixtral", messages=[{"role": "user", "content": "Paris?"}],
-                                              tools=TOOLS, tool_choice=choice, max_completion_tokens=80)
+                                              tools=TOOLS, tool_choice=choice, max_completion_tokens=120,
+                                              parallel_tool_calls=False)
         msg = resp.choices[0].message
         assert resp.choices[0].finish_reason == "tool_calls" and msg.content == ""
         _check_calls([{"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
@@ -125,7 +126,8 @@ def test_openai(live_server: Any) -> None:
     calls: dict[int, dict[str, str]] = {}
     finish = None
     for chunk in client.chat.completions.create(model="tiny-mixtral", messages=[{"role": "user", "content": "P?"}],
-                                                tools=TOOLS, tool_choice="required", max_tokens=80, stream=True):
+                                                tools=TOOLS, tool_choice="required", max_tokens=120,
+                                                parallel_tool_calls=False, stream=True):
         for tc in chunk.choices[0].delta.tool_calls or [] if chunk.choices else []:
             entry = calls.setdefault(tc.index, {"id": "", "name": "", "arguments": ""})
             entry["id"] += tc.id or ""
@@ -134,6 +136,7 @@ def test_openai(live_server: Any) -> None:
         if chunk.choices and chunk.choices[0].finish_reason:
             finish = chunk.choices[0].finish_reason
     assert finish == "tool_calls"
+    assert len(calls) == 1, "parallel_tool_calls=false allows exactly one call"
     _check_calls(list(calls.values()))
 
     # An OpenAI-style id ("call_...") in the history is mapped to a valid Mistral id, not refused.

@@ -37,6 +37,7 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
     last_time = tracker.arrival
     finished = False
     started = False
+    refused = False  # the engine never took the request: nothing to abort or count
     iterator = state.engine.generate(prompt_ids, params, request_id).__aiter__()
     try:
         while True:
@@ -45,13 +46,16 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
             except StopAsyncIteration:
                 break
             except EngineOverloadedError as exc:
+                refused = True
                 raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
             except EngineDeadError as exc:
+                refused = not started
                 raise APIError(503, f"the engine is not serving: {exc}", code="engine_unavailable",
                                headers={"Retry-After": "1"}) from exc
             except ValueError as exc:
                 if started:
                     raise
+                refused = True
                 # Refused at admission: the request can never fit this engine (prompt + max_tokens too long).
                 raise APIError(400, str(exc), code="context_length_exceeded") from exc
             started = True
@@ -82,7 +86,7 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
             with anyio.CancelScope(shield=True):
                 await state.engine.abort(request_id)
                 await iterator.aclose()
-            if started:
+            if not refused:
                 metrics.requests.labels(state.model.name, "abort").inc()
 
 

@@ -1,0 +1,52 @@
+"""``mixtral bench serve``: the load generator against a live server, and its in-process mode with the offline
+comparison."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from mixtral.bench import serve as bench
+
+
+def _args(**overrides: Any) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    for key, value in overrides.items():
+        setattr(args, key, value)
+    return args
+
+
+def test_percentile() -> None:
+    assert bench.percentile([], 50) == 0.0
+    assert bench.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert bench.percentile(list(map(float, range(101))), 99) == 99.0
+
+
+def test_bench_against_running_server(live_server: Any, tmp_path: Path, capsys: Any) -> None:
+    out = tmp_path / "bench.json"
+    args = _args(url=live_server.url, num_requests=6, request_rate=50.0, concurrency=None, input_len=12,
+                 output_len=5, json=str(out))
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["requests"] == 6 and report["failed"] == 0
+    assert all(r["output_tokens"] == 5 and len(r["itls"]) == 4 for r in report["results"])
+    assert 0 < report["ttft_p50_ms"] <= report["e2e_p99_ms"] and report["output_tokens_per_s"] > 0
+    assert "offline_wall_s" not in report  # only the in-process mode has an offline baseline
+    assert "TTFT: p50" in capsys.readouterr().out
+    stats = live_server.wait_idle()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_bench_in_process_with_offline_baseline(tiny_hf_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = _args(model=str(tiny_hf_checkpoint), device="cpu", num_requests=8, concurrency=4, input_len=16,
+                 output_len=6, kv_cache_bytes=4 << 20, json=str(out))
+    assert bench.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["failed"] == 0 and report["offline_wall_s"] > 0
+    assert report["server_overhead_pct"] == 100 * (report["wall_s"] / report["offline_wall_s"] - 1)
+    assert sum(r["output_tokens"] for r in report["results"]) == 8 * 6
