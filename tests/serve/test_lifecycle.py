@@ -233,3 +233,32 @@ def test_sigterm_drains_running_requests(tiny_hf_checkpoint: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_engine_failure_mid_stream_is_reported_in_band(server_factory: Any) -> None:
+    """An error after the stream began goes out as ``data: {error}`` then ``[DONE]``; the server keeps answering
+    (503 + Retry-After for new generation, /health says why) instead of dying or hanging the client."""
+    with server_factory() as server:
+        real_step = server.llm.step
+        steps = {"n": 0}
+
+        def failing_step(*args: Any, **kwargs: Any) -> Any:
+            steps["n"] += 1
+            if steps["n"] == 4:
+                raise RuntimeError("injected engine failure")
+            return real_step(*args, **kwargs)
+
+        server.llm.step = failing_step
+        with server.client() as client:
+            with client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as resp:
+                assert resp.status_code == 200
+                events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])
+            assert error["object"] == "error" and error["error"]["code"] == "engine_unavailable", error
+            assert "injected engine failure" in error["message"]
+            assert any("choices" in json.loads(e) for e in events[:-2])  # tokens had been streamed before
+            assert client.get("/health").status_code == 503
+            resp = client.post("/v1/chat/completions", json={**LONG, "max_tokens": 2})
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+            assert client.get("/v1/models").status_code == 200

@@ -116,9 +116,11 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while serving; 503 once shutting down (load balancers stop sending traffic)."""
+        """200 while serving; 503 once shutting down or if the engine stopped (load balancers stop sending)."""
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not getattr(engine, "is_running", True):
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "model": served.name, "in_flight": state.num_in_flight})
 
     @app.get("/metrics")

@@ -158,9 +158,8 @@ class ChatHandler:
     async def run(self) -> Response:
         state, req = self.state, self.req
         tools_active = _tools_active(state, req)
-        prompt_ids = encode_prompt(state, req, tools_active)
-        # Grammar compilation can take milliseconds: keep it off the event loop.
-        guide = await anyio.to_thread.run_sync(build_request_guide, state, req, tools_active)
+        # Encoding a long conversation and compiling a grammar take milliseconds: keep them off the event loop.
+        prompt_ids, guide = await anyio.to_thread.run_sync(self._prepare, tools_active)
         params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
                                  vocab_size=state.tokenizer.vocab_size,
                                  logprobs=self.top_logprobs if req.logprobs else None, guide=guide)
@@ -180,6 +179,10 @@ class ChatHandler:
             raise APIError(503, "the request was aborted because the server is shutting down",
                            code="shutting_down", headers={"Retry-After": "1"})
         return JSONResponse(_dump(self._response(final, len(prompt_ids))))
+
+    def _prepare(self, tools_active: bool) -> tuple[list[int], Any]:
+        prompt_ids = encode_prompt(self.state, self.req, tools_active)
+        return prompt_ids, build_request_guide(self.state, self.req, tools_active)
 
     # ---------------------------------------------------------------- non-streaming
     def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:

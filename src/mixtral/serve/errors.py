@@ -123,12 +123,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(validation_error(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = str(exc.detail)
         if exc.status_code == 400 and "parsing the body" in message:
             message = "request body could not be read as UTF-8 JSON"
         elif exc.status_code == 404:
-            message = f"not found: {message}" if message != "Not Found" else "no such endpoint"
+            message = f"not found: {message}" if message != "Not Found" else \
+                f"no such endpoint: {request.method} {request.url.path}"
+        elif exc.status_code == 405:
+            message = f"{message}: {request.method} is not allowed on {request.url.path}"
         return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
 
     @app.exception_handler(Exception)

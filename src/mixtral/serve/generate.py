@@ -50,7 +50,8 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
                 raise APIError(429, str(exc), code="queue_full", headers={"Retry-After": "1"}) from exc
             except EngineDeadError as exc:
                 refused = not started
-                raise APIError(503, f"the engine is not serving: {exc}", code="engine_unavailable",
+                cause = f" (cause: {exc.__cause__!r})" if exc.__cause__ is not None else ""
+                raise APIError(503, f"the engine is not serving: {exc}{cause}", code="engine_unavailable",
                                headers={"Retry-After": "1"}) from exc
             except ValueError as exc:
                 if started:

@@ -9,7 +9,7 @@ admitted run to completion.
 
 from __future__ import annotations
 
-import itertools
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -72,11 +72,10 @@ class ServerState:
         self.num_queued = 0
         self.num_in_flight = 0
         self.draining = False
-        self._ids = itertools.count()
 
     def new_request_id(self, prefix: str) -> str:
-        # Unique within this process; the time part keeps ids distinct across restarts in logs.
-        return f"{prefix}-{int(time.time() * 1000):x}{next(self._ids):06x}"
+        """A fresh id (the engine's request id too): random, so ids stay distinct across restarts in logs."""
+        return f"{prefix}-{secrets.token_hex(12)}"
 
     def admit(self) -> RequestTracker:
         """Admit one generation request or raise 503 (draining) / 429 (queue full) with Retry-After."""
