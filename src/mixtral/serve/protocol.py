@@ -31,7 +31,20 @@ IGNORED_FIELDS = ("metadata", "user", "store", "service_tier", "prompt_cache_key
 # Features this server does not implement: accepted only when absent, null or empty, else a 422 naming them.
 UNSUPPORTED_FIELDS = ("logit_bias", "prediction", "prompt_mode", "reasoning_effort", "guardrails", "modalities",
                       "audio", "web_search_options", "functions", "function_call", "verbosity",
-                      "top_prompt_logprobs", "suffix", "best_of")
+                      "top_prompt_logprobs", "prompt_logprobs", "suffix", "best_of")
+
+
+# Values of UNSUPPORTED_FIELDS that mean "feature off" (besides None, false and empty containers).
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {
+    "reasoning_effort": ("none",), "function_call": ("none", "auto"), "modalities": (["text"],), "best_of": (1,),
+    "top_prompt_logprobs": (0,), "suffix": ("",),
+}
+
+
+def _is_off(name: str, value: Any) -> bool:
+    if value is None or value is False or (isinstance(value, (dict, list, str)) and not value):
+        return True
+    return any(value == off and type(value) is type(off) for off in _OFF_VALUES.get(name, ()))
 
 
 class _Strict(BaseModel):
@@ -232,9 +245,7 @@ class _SamplingFields(_Strict):
     def _unsupported(self) -> _SamplingFields:
         for name in UNSUPPORTED_FIELDS:
             value = getattr(self, name, None)
-            # The mistralai SDK sends reasoning_effort/prompt_mode only when asked; "none" means off.
-            if value not in (None, {}, [], "", "none", "auto", "text") and not (name == "modalities" and
-                                                                                  value == ["text"]):
+            if not _is_off(name, value):
                 raise ValueError(f"'{name}' is not supported by this server (got {value!r}); leave it unset")
         max_tokens = self.effective_max_tokens
         if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
