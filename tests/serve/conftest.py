@@ -60,8 +60,10 @@ def live_server(tiny_hf_checkpoint: Path) -> Iterator[LiveServer]:
 def server_factory(tiny_hf_checkpoint: Path) -> Callable[..., LiveServer]:
     """``server_factory(settings=..., max_num_seqs=...)`` -> an unstarted LiveServer (use it as a context manager)."""
 
-    def make(max_num_seqs: int = 16, model: str | Path | None = None, **kwargs: Any) -> LiveServer:
+    def make(max_num_seqs: int = 16, model: str | Path | None = None, max_model_len: int = MAX_MODEL_LEN,
+             **kwargs: Any) -> LiveServer:
         kwargs.setdefault("served_model_name", "tiny-mixtral")
-        return LiveServer(build_engine(model or tiny_hf_checkpoint, max_num_seqs=max_num_seqs), **kwargs)
+        engine = build_engine(model or tiny_hf_checkpoint, max_num_seqs=max_num_seqs, max_model_len=max_model_len)
+        return LiveServer(engine, **kwargs)
 
     return make
