@@ -124,6 +124,7 @@ class BlockManager:
                 self._take(b)
             seq.block_table = list(cached_blocks)
             seq.num_computed_tokens = len(cached_blocks) * self.block_size
+            seq.num_published_blocks = len(cached_blocks)  # they are cache entries already
         for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
             seq.block_table.append(self._pop_free())
 
@@ -136,8 +137,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if num_full <= seq.num_published_blocks:
+            return
         self._ensure_hashes(seq, num_full)
-        for i in range(num_full):
+        for i in range(seq.num_published_blocks, num_full):
             block = self.blocks[seq.block_table[i]]
             if block.block_hash is not None:
                 continue
@@ -146,6 +149,7 @@ class BlockManager:
             if h not in self._cached:
                 block.block_hash = h
                 self._cached[h] = block.block_id
+        seq.num_published_blocks = num_full
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Give ``child`` the parent's full prompt blocks (shared, ref-counted). The child recomputes the
@@ -156,6 +160,7 @@ class BlockManager:
             self._take(b)
         child.block_hashes = list(parent.block_hashes[:num_shared])
         child.num_computed_tokens = num_shared * self.block_size
+        child.num_published_blocks = min(num_shared, parent.num_published_blocks)
 
     def free(self, seq: Sequence) -> None:
         """Drop ``seq``'s references. Its tail blocks are freed first so they are evicted before its prefix."""
@@ -170,6 +175,7 @@ class BlockManager:
                     # Nothing to find in it: reuse it before any cached block.
                     self._free.move_to_end(b, last=False)
         seq.block_table = []
+        seq.num_published_blocks = 0
 
     def reset_prefix_cache(self) -> None:
         """Forget all cached content (blocks in use keep their data)."""

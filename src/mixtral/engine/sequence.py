@@ -55,6 +55,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     # Block hashes of this sequence's full blocks, computed lazily (prefix caching).
     block_hashes: list[int] = field(default_factory=list)
+    # Leading blocks of block_table already offered to the prefix cache (cache_full_blocks resumes here).
+    num_published_blocks: int = 0
     # Output side.
     text: str = ""
     # Characters at the end of ``text`` not shown yet: they may be the start of a stop string.
