@@ -233,7 +233,9 @@ class LLMEngine:
         if self._guide_pool is None:
             self._guide_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mixtral-guide")
         words = bitmask_words(self.model_args.vocab_size)
-        bitmask = torch.full((len(rows), words), -1, dtype=torch.int32)  # all allowed for unguided rows
+        # All allowed for unguided rows; pinned on CUDA so its copy to the device is asynchronous.
+        bitmask = torch.full((len(rows), words), -1, dtype=torch.int32,
+                             pin_memory=self.model_runner.device.type == "cuda")
         futures: list[Future[None]] = [
             self._guide_pool.submit(rows[i].params.guide.fill_bitmask, bitmask[i])  # type: ignore[union-attr]
             for i in guided

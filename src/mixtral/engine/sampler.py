@@ -176,8 +176,9 @@ class Sampler:
             token_ids = torch.where(t.greedy, token_ids, self._sample(logits, t))
 
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [R]
-        ids_host = token_ids.tolist()  # the one sync of the step
-        lp_host = sampled_lp.tolist()
+        # One transfer (the step's one sync): ids are exact in float64.
+        ids_f, lp_host = torch.stack([token_ids.double(), sampled_lp.double()]).tolist()  # [2, R]
+        ids_host = [int(t) for t in ids_f]
         top: list[dict[int, float] | None] = [None] * len(rows)
         want = [r.params.logprobs for r in rows]
         if any(k is not None for k in want):
