@@ -21,6 +21,8 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.moe_align",
     "mixtral.kernels.triton.fused_moe",
     "mixtral.kernels.triton.write_kv",
+    "mixtral.kernels.triton.attention_tile",
+    "mixtral.kernels.triton.paged_decode",
     "mixtral.kernels.triton.paged_attention",
 ]
 

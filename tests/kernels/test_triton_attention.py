@@ -78,6 +78,27 @@ def test_sliding_window_matches_reference(q_lens: list[int], ctx_lens: list[int]
     _check(q_lens, ctx_lens, 4, 2, 16, 8, torch.float32, window=window, seed=window)
 
 
+def test_int64_metadata() -> None:
+    """Engines may keep lengths, starts and slots in int64: same results as int32."""
+    q, kc, vc, bt, cl, qsl = _paged_batch([4, 1], [9, 30], 4, 2, 16, 4, torch.float32, 21)
+    for max_q in (4, 1):
+        rows = slice(None) if max_q == 4 else slice(4, 5)
+        qs = q[rows]
+        starts = qsl if max_q == 4 else torch.tensor([0, 0, 1], dtype=torch.int32)  # decode: the 1-token sequence
+        lens = cl
+        out32 = pa.paged_attention(qs, kc, vc, bt, lens, starts, max_query_len=max_q, max_context_len=30)
+        out64 = pa.paged_attention(qs, kc, vc, bt.long(), lens.long(), starts.long(), max_query_len=max_q,
+                                   max_context_len=30)
+        assert torch.equal(out32, out64)
+        ref = paged_attention_reference(qs, kc, vc, bt, lens, starts)
+        assert torch.allclose(out32, ref, atol=1e-5)
+    k, v = torch.randn(3, 2, 16), torch.randn(3, 2, 16)
+    slots = torch.tensor([5, -1, 0])
+    caches = [torch.zeros(2, 4, 2, 16) for _ in range(2)]
+    wk.write_kv(k, v, caches[0], caches[1], slots.long())
+    assert torch.equal(caches[0][1, 1], k[0]) and torch.equal(caches[1][0, 0], v[2])
+
+
 def test_decode_partition_size() -> None:
     assert pa.decode_partition_size(64, 8, 4096, 132) is None  # 512 programs already fill the GPU
     assert pa.decode_partition_size(1, 8, 200, 132) is None  # too short to split
