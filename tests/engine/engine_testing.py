@@ -59,7 +59,7 @@ def greedy_reference(model: Transformer, prompt: list[int], max_tokens: int) -> 
     out: list[int] = []
     tokens, start = list(prompt), 0
     for _ in range(max_tokens):
-        ctx = ContiguousKVContext(cache, start, len(tokens))
+        ctx = ContiguousKVContext(cache, start, len(tokens), sliding_window=args.sliding_window)
         hidden = model.forward_tokens(torch.tensor(tokens), ctx)  # [T, D]
         out.append(int(model.compute_logits(hidden[-1]).argmax()))
         start += len(tokens)

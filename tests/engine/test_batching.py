@@ -9,6 +9,8 @@ import pytest
 from engine_testing import greedy_reference, random_prompts, run_to_completion
 
 from mixtral.engine.llm_engine import LLMEngine
+from mixtral.model.args import preset
+from mixtral.model.mixtral import Transformer, init_random_weights
 from mixtral.sampling import SamplingParams
 
 NUM_REQUESTS = 24
@@ -135,3 +137,16 @@ def test_waiting_request_is_aborted_before_it_runs(make_engine) -> None:
     assert len(engine.scheduler.running) == 1 and len(engine.scheduler.waiting) == 1
     engine.abort_request("second")
     assert list(run_to_completion(engine)) == ["first"]
+
+
+def test_sliding_window_model_matches_its_reference(make_engine) -> None:
+    model = Transformer(preset("tiny").replace(sliding_window=12))
+    init_random_weights(model, seed=5, std=0.2)
+    model.eval()
+    prompts = random_prompts(5, 20, 45, seed=9)
+    engine = make_engine(model=model, block_size=4, max_num_batched_tokens=16)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"w{i}", p, SamplingParams(temperature=0.0, max_tokens=10))
+    done = run_to_completion(engine)
+    for i, p in enumerate(prompts):
+        assert done[f"w{i}"].outputs[0].token_ids == greedy_reference(model, p, 10)
