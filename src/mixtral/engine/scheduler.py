@@ -113,7 +113,8 @@ class Scheduler:
 
         if out.preempted:
             return out  # memory is short: admit nobody new this step
-        seats = self.config.max_num_seqs - len(self.running)
+        # Running prompts that will fork into n samples hold seats for all of them.
+        seats = self.config.max_num_seqs - sum(1 + s.fork_count for s in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if 1 + seq.fork_count > seats:
