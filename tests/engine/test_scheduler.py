@@ -52,3 +52,19 @@ def test_token_budget_and_batch_limit(make_engine) -> None:
     done = run_to_completion(engine)
     assert len(done) == 7
     assert max(n for n, _ in seen) == 3 and max(t for _, t in seen) == 20
+
+
+def test_samples_of_n_count_against_the_batch_limit(make_engine) -> None:
+    engine = make_engine(max_num_seqs=4, max_num_batched_tokens=8)  # prompts take several chunked steps
+    for i in range(3):
+        engine.add_request(f"n{i}", list(range(30 + i, 50 + i)), SamplingParams(n=3, temperature=1.0, max_tokens=3))
+    peak = 0
+
+    def check(e) -> None:
+        nonlocal peak
+        seats = sum(1 + s.fork_count for s in e.scheduler.running)
+        peak = max(peak, seats)
+        assert seats <= 4
+
+    done = run_to_completion(engine, check)
+    assert peak == 3 and all(len(done[f"n{i}"].outputs) == 3 for i in range(3))
