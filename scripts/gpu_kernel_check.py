@@ -54,6 +54,8 @@ def main() -> int:
     p.add_argument("--json", default=None, help="write all results to this JSON file")
     p.add_argument("--commit", default="", help="commit id to record (the device copy has no git history)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: moe,attn,graph,time")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the fused MoE pieces (align, w13, w2 tile variants) at batch 1 and 8")
     args = p.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
@@ -81,6 +83,8 @@ def main() -> int:
     if not args.smoke and "time" not in skip:
         section("fused MoE timing", parts.time_moe)
         section("paged attention timing", parts.time_attention)
+    if not args.smoke and args.breakdown:
+        section("fused MoE breakdown", parts.moe_breakdown)
     parts.summary()
     if args.json:
         with open(args.json, "w") as f:
