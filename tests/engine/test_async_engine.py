@@ -107,3 +107,33 @@ def test_shutdown_with_drain_lets_requests_finish(make_engine) -> None:
 
     stream = asyncio.run(main())
     assert stream[-1].outputs[0].finish_reason == "length" and len(stream[-1].outputs[0].token_ids) == 6
+
+
+def test_a_crashing_step_ends_streams_and_marks_the_engine_dead(make_engine) -> None:
+    llm_engine = make_engine()
+    real_step = llm_engine.step
+    calls = {"n": 0}
+
+    def failing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_step(*args, **kwargs)
+
+    llm_engine.step = failing_step
+
+    async def main() -> None:
+        engine = AsyncEngine(llm_engine)
+        await engine.start()
+        seen = []
+        with pytest.raises(EngineDeadError) as info:
+            async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=50), "c"):
+                seen.append(out)
+        assert isinstance(info.value.__cause__, RuntimeError) and len(seen) == 2
+        assert not engine.is_running and isinstance(engine.error, RuntimeError)
+        with pytest.raises(EngineDeadError, match="injected failure"):
+            await _collect(engine, [1], None, "after")
+        await engine.shutdown()
+
+    asyncio.run(main())
+    llm_engine.abort_request("c")  # the crashed engine still holds the request; free it for the leak check

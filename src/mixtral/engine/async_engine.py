@@ -70,7 +70,13 @@ class AsyncEngine:
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        """True while the engine thread serves requests (False once shut down or crashed)."""
+        return self._error is None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def error(self) -> BaseException | None:
+        """The exception that stopped the engine loop, if one did."""
+        return self._error
 
     async def start(self) -> None:
         if self.is_running:
