@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-_CHUNK = 512  # pairs handled per loop step of the single align program
+_MAX_CHUNK = 512  # pairs (or rows, or blocks) handled per loop step of the single align program
 
 
 def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
@@ -99,9 +99,11 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_sta
     sorted_ids = torch.empty(rows, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(rows // block_m, dtype=torch.int32, device=ids.device)
     num_post_pad = torch.empty(1, dtype=torch.int32, device=ids.device)
+    # Decode-sized batches fit one small step: a 512-wide step would cost microseconds of idle lanes.
+    chunk = min(_MAX_CHUNK, triton.next_power_of_2(max(num_pairs, rows, 16)))
     _moe_align_kernel[(1,)](
         ids, sorted_ids, expert_ids, num_post_pad,
         num_pairs, expert_start, num_experts, rows, rows // block_m,
-        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=_CHUNK,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk,
     )
     return sorted_ids, expert_ids, num_post_pad
