@@ -175,6 +175,7 @@ class BlockManager:
                     # Nothing to find in it: reuse it before any cached block.
                     self._free.move_to_end(b, last=False)
         seq.block_table = []
+        seq.block_table_epoch += 1
         seq.num_published_blocks = 0
 
     def reset_prefix_cache(self) -> None:

@@ -134,7 +134,7 @@ class LLMEngine:
             group.pending_samples = []
             for seq in group.seqs:
                 if not seq.is_finished:
-                    self.scheduler.finish(seq, SequenceStatus.FINISHED_ABORTED)
+                    self._finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
                 self._group_of.pop(seq.seq_id, None)
             group.metrics.finished_time = time.monotonic()
             self._num_finished += 1
@@ -277,7 +277,11 @@ class LLMEngine:
         for i, seq in enumerate(seqs):
             status = self.output_processor.process_token(seq, self._group_of[seq.seq_id], sampled.token_ids[i])
             if status is not None:
-                self.scheduler.finish(seq, status)
+                self._finish_seq(seq, status)
+
+    def _finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
+        self.scheduler.finish(seq, status)
+        self.model_runner.release(seq.seq_id)
 
     def _fork(self, parent: Sequence, group: SequenceGroup, k: int) -> Sequence:
         """Sample k + 1 of a request: the parent's prompt and full prompt blocks, its own params and seed."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from mixtral.engine.attention import PagedAttentionContext
+from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.sampler import Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
@@ -66,6 +67,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // config.block_size)
         self._buffers: dict[str, torch.Tensor] = {}  # persistent device inputs
         self._staging: dict[str, torch.Tensor] = {}  # pinned host mirrors of _buffers
+        self._inputs_copied: torch.cuda.Event | None = None
+        self.block_tables = BlockTables(self.max_blocks_per_seq, self.device)
 
     # ----------------------------------------------------------------- setup
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -101,11 +104,17 @@ class ModelRunner:
         ``bitmask_fn`` returns the guided-decoding bitmask [R, W] (int32, CPU); it is called after the forward
         pass is launched, so masks computed on worker threads overlap the model.
         """
+        if self._inputs_copied is not None:
+            # Last step's host-to-device copies must finish before their pinned staging is overwritten.
+            self._inputs_copied.synchronize()
         ctx, input_ids, last_index = self._prepare(plan.scheduled)
         index = sampling = None
         if plan.rows:
             index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
             sampling = self.sampler.prepare(plan.rows, self.device, self._put)
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
         hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
 
@@ -123,8 +132,6 @@ class ModelRunner:
         slots: list[int] = []
         qsl = [0]
         ctx_lens: list[int] = []
-        width = max(len(s.seq.block_table) for s in scheduled)
-        table_rows: list[list[int]] = []
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             table = seq.block_table
@@ -134,10 +141,8 @@ class ModelRunner:
             slots += [table[p // bs] * bs + p % bs for p in pos]
             qsl.append(qsl[-1] + n)
             ctx_lens.append(start + n)
-            table_rows.append(table + [0] * (width - len(table)))
-        num_seqs = len(scheduled)
         input_ids = self._put("input_ids", torch.tensor(ids, dtype=torch.int64))
-        block_tables = self._put_table(torch.tensor(table_rows, dtype=torch.int32), num_seqs)
+        block_tables = self.block_tables.gather([s.seq for s in scheduled])  # [S, max_blocks_per_seq]
         ctx = PagedAttentionContext(
             positions=self._put("positions", torch.tensor(positions, dtype=torch.int64)),
             slot_mapping=self._put("slot_mapping", torch.tensor(slots, dtype=torch.int64)),
@@ -156,8 +161,8 @@ class ModelRunner:
         """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view.
 
         The copy goes through a pinned staging buffer so it is truly asynchronous (a copy from pageable
-        memory would wait for the device). Reusing the staging buffer next step is safe: the step's sampled
-        ids are fetched (a sync) before the next step's inputs are written.
+        memory would wait for the device); ``execute`` waits for the previous step's copies before writing
+        staging again.
         """
         if self.device.type == "cpu":
             return host
@@ -172,23 +177,6 @@ class ModelRunner:
         view = buf[:n]
         view.copy_(stage, non_blocking=True)
         return view
-
-    def _put_table(self, host: torch.Tensor, num_seqs: int) -> torch.Tensor:
-        """Block tables go into a [max_seqs, max_blocks_per_seq] buffer: full-width rows, stable strides."""
-        if self.device.type == "cpu":
-            return host
-        buf = self._buffers.get("block_tables")
-        if buf is None or buf.shape[0] < num_seqs:
-            rows = max(num_seqs, self.config.max_num_seqs)
-            buf = self._buffers["block_tables"] = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32,
-                                                              device=self.device)
-            self._staging["block_tables"] = torch.zeros(rows, self.max_blocks_per_seq, dtype=torch.int32,
-                                                        pin_memory=True)
-        width = host.shape[1]
-        stage = self._staging["block_tables"][:num_seqs, :width]
-        stage.copy_(host)
-        buf[:num_seqs, :width].copy_(stage, non_blocking=True)
-        return buf[:num_seqs]
 
     def _prompt_logprobs(self, plan: StepPlan, hidden: torch.Tensor, last_index: list[int]
                          ) -> dict[int, dict[int, dict[int, float]]]:
@@ -218,6 +206,10 @@ class ModelRunner:
                 entries[first + 1 + r] = entry
             out[j] = entries
         return out
+
+    def release(self, seq_id: int) -> None:
+        """A sequence finished: drop its cached block-table row."""
+        self.block_tables.release(seq_id)
 
     def expert_counts(self) -> torch.Tensor:
         """Cumulative routing counts [L, E] (copied to the host: a sync, on demand only)."""

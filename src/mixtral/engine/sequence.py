@@ -53,6 +53,9 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Bumped by the block manager each time it drops this table (finish, preemption): tells cached copies
+    # of the table (the model runner's BlockTables) to rewrite it.
+    block_table_epoch: int = 0
     # Block hashes of this sequence's full blocks, computed lazily (prefix caching).
     block_hashes: list[int] = field(default_factory=list)
     # Leading blocks of block_table already offered to the prefix cache (cache_full_blocks resumes here).
