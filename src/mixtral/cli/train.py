@@ -23,8 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     d = p.add_argument_group("data")
     d.add_argument("--data", nargs="+", required=True, metavar="FILE", help="training files (.jsonl, .txt, "
                    "packed .safetensors)")
-    d.add_argument("--tokenizer", default="v3", help="mistral-common tokenizer for .jsonl/.txt: v1, v3 or a "
-                   "tokenizer file (default: v3)")
+    d.add_argument("--tokenizer", help="mistral-common tokenizer for .jsonl/.txt: v1, v3 or a tokenizer file "
+                   "(default: the model's own)")
     d.add_argument("--seq-len", type=int, default=512, help="tokens per packed window (default: 512)")
     d.add_argument("--eval-fraction", type=float, default=0.02, help="share of windows held out for "
                    "perplexity (default: 0.02; 0 = none)")

@@ -17,7 +17,7 @@ class TrainConfig:
     model: str | None = None
     preset: str | None = None
     model_config: str | None = None  # a config.json / params.json for a fresh random model
-    tokenizer: str = "v3"  # "v1", "v3" or a tokenizer file path; encodes .jsonl/.txt data
+    tokenizer: str | None = None  # "v1", "v3" or a tokenizer file; None: the model's own (encodes .jsonl/.txt)
     seq_len: int = 512
     batch_size: int = 8
     grad_accum: int = 1

@@ -15,6 +15,8 @@ definitions and tool results are context. In plain text every token after ``<s>`
 Packing: documents are laid into windows of ``seq_len`` tokens in order; a document that does not fit the
 rest of the current window starts a new one (the tail is padding), and a document longer than a window
 is cut into window-sized pieces. Each position carries a code: 0 = padding, 1 = context, 2 = trained target.
+Documents sharing a window attend to each other (plain causal attention, as in most pre-training); every
+document starts with ``<s>``, whose prediction is never trained, so the model learns where one begins.
 """
 
 from __future__ import annotations

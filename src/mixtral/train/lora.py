@@ -7,6 +7,10 @@ An adapter adds ``scale * B @ A`` to a frozen weight, with ``scale = alpha / r``
 Adapters are attached as ``torch.nn.utils.parametrize`` parametrizations: the model's forward is
 unchanged and sees W + delta, ``merge_lora`` bakes the delta in, and the saved file holds only A and B.
 
+Cost: the parametrization materialises W + delta for the whole stacked expert tensor at each forward, i.e.
+one extra copy of a layer's expert weights at a time (with gradient checkpointing, again in backward).
+That keeps every experts path (reference, grouped, gather, GPU kernels) usable unchanged.
+
 On disk (a folder): ``adapter_model.safetensors`` (``<param path>.lora_A`` / ``.lora_B``, e.g.
 ``layers.0.feed_forward.w13.lora_A``) and ``adapter_config.json`` (rank, alpha, targets).
 This module does not train; see trainer.py.

@@ -181,7 +181,7 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
         self.aux_coef = self.model.args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.autocast = cfg.bf16
-        data = build_dataset(cfg.data, cfg.seq_len, cfg.tokenizer)
+        data = build_dataset(cfg.data, cfg.seq_len, cfg.tokenizer or self.model.args.tokenizer)
         if cfg.save_dataset:
             save_packed(data, cfg.save_dataset)
         self.train_ds, self.eval_ds = data.split(cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else (
@@ -320,7 +320,7 @@ class Trainer:
 
     def _save_model(self, folder: Path, dtype: torch.dtype, max_shard_bytes: int | None) -> Path:
         """An HF checkpoint folder (config.json, safetensors, tokenizer file) through mixtral.checkpoint."""
-        tok = Path(self.cfg.tokenizer)
+        tok = Path(self.cfg.tokenizer or "")
         # A tokenizer given as a file is copied from there: no mistral-common needed (the GPU machine).
         return write_checkpoint(StateDictSource(self.model.state_dict()), self.model.args, folder, "hf", dtype,
                                 tokenizer_file=tok if tok.is_file() else None,
