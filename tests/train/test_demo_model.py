@@ -24,7 +24,7 @@ TOOLS = [weather_tool()]
 
 @pytest.fixture(scope="module")
 def llm() -> LLM:
-    return LLM("demo")
+    return LLM("demo", device="cpu", dtype="float32")  # fp32 on CPU: greedy paths as tested
 
 
 def _chat(llm: LLM, conversations: list[list[dict]], tools: list[dict] | None = None) -> list:
