@@ -94,3 +94,13 @@ def test_bad_records_name_file_and_line(tmp_path: Path) -> None:
     path.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"prompt": "?"}) + "\n")
     with pytest.raises(ValueError, match=r"bad\.jsonl:2"):
         build_dataset([path], seq_len=64)
+
+
+def test_v1_chat_targets_follow_the_text_template() -> None:
+    enc = Encoder("v1")  # Mixtral-8x7B: [INST] and [/INST] are ordinary text pieces
+    record = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there!"},
+                           {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Goodbye."}]}
+    ids, codes = enc.encode_chat(record)
+    spans = _spans(ids, codes)
+    assert [enc.sp.decode(s).strip() for s in spans] == ["Hello there!", "Goodbye."]
+    assert all(s[-1] == enc.eos_id for s in spans)

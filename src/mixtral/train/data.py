@@ -71,16 +71,29 @@ class PackedDataset:
                 "targets": int((self.codes == TARGET).sum())}
 
 
-def chat_target_codes(tokens: Sequence[int], eos_id: int) -> list[int]:
-    """Position codes for an encoded v3 chat: TARGET from just after ``[/INST]``/``[/TOOL_RESULTS]`` to ``</s>``."""
+def chat_target_codes(tokens: Sequence[int], eos_id: int,
+                      turn_ends: Sequence[Sequence[int]] = ((END_INST,), (END_TOOL_RESULTS,)),
+                      turn_starts: Sequence[Sequence[int]] = ((INST,), (AVAILABLE_TOOLS,), (TOOL_RESULTS,)),
+                      ) -> list[int]:
+    """Position codes for an encoded chat: TARGET from just after a turn end (``[/INST]``, ``[/TOOL_RESULTS]``)
+    up to and including ``</s>``. Markers are token sequences: single control ids in v3, the text pieces of
+    ``[/INST]`` in v1 (where the template is plain text)."""
+
+    def ends_with(i: int, markers: Sequence[Sequence[int]]) -> bool:
+        return any(len(m) and i + 1 >= len(m) and list(tokens[i + 1 - len(m):i + 1]) == list(m) for m in markers)
+
     codes, speaking = [], False
-    for t in tokens:
-        if speaking and t in (INST, AVAILABLE_TOOLS, TOOL_RESULTS):
-            speaking = False  # a turn that ended without </s> (should not happen with mistral-common)
+    for i, t in enumerate(tokens):
         codes.append(TARGET if speaking else CONTEXT)
+        if speaking and ends_with(i, turn_starts):
+            # A turn that ended without </s> (not produced by mistral-common): un-train the marker.
+            speaking = False
+            for m in turn_starts:
+                if ends_with(i, [m]):
+                    codes[i + 1 - len(m):] = [CONTEXT] * len(m)
         if speaking and t == eos_id:
             speaking = False
-        elif t in (END_INST, END_TOOL_RESULTS):
+        elif ends_with(i, turn_ends):
             speaking = True
     return codes
 
@@ -101,6 +114,25 @@ class Encoder:
         self.mistral = mt
         self.sp = mt.instruct_tokenizer.tokenizer
         self.bos_id, self.eos_id = self.sp.bos_id, self.sp.eos_id
+        # v3 has control tokens for the template; v1 spells "[INST]"/"[/INST]" as text pieces.
+        if self._control("[/INST]") is not None:
+            self.turn_ends: tuple[tuple[int, ...], ...] = ((END_INST,), (END_TOOL_RESULTS,))
+            self.turn_starts: tuple[tuple[int, ...], ...] = ((INST,), (AVAILABLE_TOOLS,), (TOOL_RESULTS,))
+        else:
+            self.turn_ends = (tuple(self.sp.encode("[/INST]", bos=False, eos=False)),)
+            self.turn_starts = (tuple(self.sp.encode("[INST]", bos=False, eos=False)),)
+
+    def _control(self, piece: str) -> int | None:
+        """The control id of ``piece``, or None when this tokenizer has none (v1)."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # get_control_token's rename in newer versions
+            try:
+                tid = int(self.sp.get_control_token(piece))
+            except Exception:
+                return None
+        return tid if tid > 2 else None  # unknown pieces come back as <unk> (0)
 
     def encode_text(self, text: str) -> tuple[list[int], list[int]]:
         ids = self.sp.encode(text, bos=True, eos=True)
@@ -112,7 +144,7 @@ class Encoder:
         request = ChatCompletionRequest(messages=_normalise_messages(record["messages"]),
                                         tools=record.get("tools") or None)
         ids = self.mistral.encode_chat_completion(request).tokens
-        return ids, chat_target_codes(ids, self.eos_id)
+        return ids, chat_target_codes(ids, self.eos_id, self.turn_ends, self.turn_starts)
 
 
 def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
