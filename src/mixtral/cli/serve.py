@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mixtral.defaults import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from mixtral.engine.llm_engine import LLMEngine
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -58,6 +63,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="seed for random weights (presets) and for requests that bring no seed (default: 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: info)")
+    p.add_argument("--lora", type=Path, default=None, metavar="PATH",
+                   help="LoRA adapter folder (from `mixtral train --lora-rank`) merged into the weights at load")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     return p
 
@@ -75,6 +82,25 @@ def _check(args: argparse.Namespace) -> str | None:
     return None
 
 
+def load_engine(args: argparse.Namespace) -> LLMEngine:
+    """The engine ``mixtral serve`` runs: the model, with a LoRA adapter merged into its weights if asked."""
+    from mixtral.engine.llm_engine import LLMEngine
+
+    engine_kwargs = dict(
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+        gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+    )
+    if args.lora is None:
+        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+    from mixtral.engine.loading import load_for_engine
+    from mixtral.train.lora import merge_lora_into
+
+    model, tokenizer, _ = load_for_engine(args.model, args.device, args.dtype, seed=args.seed)
+    merge_lora_into(model, args.lora)
+    return LLMEngine.from_config(model, tokenizer=tokenizer, **engine_kwargs)
+
+
 def run(args: argparse.Namespace) -> int:
     problem = _check(args)
     if problem:
@@ -83,18 +109,13 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from mixtral.engine.async_engine import AsyncEngine
-    from mixtral.engine.llm_engine import LLMEngine
     from mixtral.serve.app import create_app
     from mixtral.serve.server import make_server
     from mixtral.serve.state import ServerSettings
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        llm = LLMEngine.from_config(
-            args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-            kv_cache_bytes=args.kv_cache_bytes, gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
-        )
+        llm = load_engine(args)
     except (ValueError, FileNotFoundError) as exc:
         print(f"mixtral serve: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 1
