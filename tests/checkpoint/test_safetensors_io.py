@@ -1,4 +1,4 @@
-"""Our safetensors header parser, streaming writer and staged reader agree with the safetensors library."""
+"""Our safetensors header parser and streaming writer agree with the safetensors library."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mixtral.checkpoint.errors import CheckpointError
-from mixtral.checkpoint.safetensors_io import StagedReader, read_header, write_safetensors
+from mixtral.checkpoint.safetensors_io import read_header, write_safetensors
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -52,27 +51,3 @@ def test_header_of_a_library_written_file(tmp_path: Path) -> None:
     info = read_header(tmp_path / "lib.safetensors")
     assert {k: (i.dtype, i.shape) for k, i in info.items()} == {k: (v.dtype, tuple(v.shape)) for k, v in
                                                                 tensors.items()}
-
-
-@pytest.mark.parametrize("chunk", [6, 64, 1 << 20])
-def test_staged_reader_reads_what_safetensors_reads(tmp_path: Path, chunk: int) -> None:
-    tensors = _tensors()
-    save_file(tensors, tmp_path / "lib.safetensors")
-    reader = StagedReader(torch.device("cpu"), chunk_bytes=chunk)
-    try:
-        for name, entry in read_header(tmp_path / "lib.safetensors").items():
-            got = reader.get(entry)
-            assert got.dtype == tensors[name].dtype and torch.equal(got, tensors[name]), name
-    finally:
-        reader.close()
-
-
-def test_staged_reader_on_a_file_truncated_after_validation(tmp_path: Path) -> None:
-    path = tmp_path / "lib.safetensors"
-    save_file({"x": torch.randn(100)}, path)
-    entry = read_header(path)["x"]
-    path.write_bytes(path.read_bytes()[:-10])
-    reader = StagedReader(torch.device("cpu"), chunk_bytes=128)
-    with pytest.raises(CheckpointError, match="truncated"):
-        reader.get(entry)
-    reader.close()

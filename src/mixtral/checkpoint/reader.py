@@ -15,7 +15,7 @@ import torch
 from mixtral.checkpoint.consolidated import consolidated_specs, consolidated_weight_files
 from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.hf import hf_specs, hf_weight_files
-from mixtral.checkpoint.safetensors_io import SafetensorsReader, StagedReader, TensorInfo, read_header
+from mixtral.checkpoint.safetensors_io import SafetensorsReader, TensorInfo, read_header
 from mixtral.checkpoint.specs import PieceKey, TensorSpec
 from mixtral.model.args import ModelArgs
 
@@ -60,7 +60,6 @@ class CheckpointReader:
         self.info = self._read_headers(files)
         self._validate(weight_map, index)
         self._safetensors = SafetensorsReader()
-        self._staged: dict[torch.device, StagedReader] = {}
 
     # ----------------------------------------------------------------- discovery and validation
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None, Path | None]:
@@ -135,10 +134,6 @@ class CheckpointReader:
         entry = self.info[spec.name]
         if entry.file in self._pickles:
             t = self._pickles[entry.file][spec.name].to(device)
-        elif device.type == "cuda":
-            if device not in self._staged:
-                self._staged[device] = StagedReader(device)
-            t = self._staged[device].get(entry)
         else:
             t = self._safetensors.get(entry.file, spec.name, device)
         return spec.to_internal(t)
@@ -152,9 +147,6 @@ class CheckpointReader:
 
     def close(self) -> None:
         self._safetensors.close()
-        for staged in self._staged.values():
-            staged.close()
-        self._staged.clear()
         self._pickles.clear()
 
     def __enter__(self) -> CheckpointReader:

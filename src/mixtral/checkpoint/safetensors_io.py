@@ -1,11 +1,8 @@
 """The safetensors file format, read header-first and written tensor by tensor.
 
 Reading: the header (8-byte little-endian length, then JSON ``{name: {dtype, shape, data_offsets}}``) is
-parsed here so a checkpoint can be validated — names, shapes, truncation — before any data is read. The data
-is then read one tensor at a time: onto the CPU through ``safetensors.safe_open`` (mmap); onto a GPU through
-:class:`StagedReader`, which reads the known byte range into two small pinned buffers in turn and copies each
-to the GPU asynchronously, so reading the next chunk overlaps the transfer of the last (measured on an H100:
-safe_open's pageable path moved about 2 GB/s).
+parsed here so a checkpoint can be validated — names, shapes, truncation — before any data is read; the
+data itself is read through ``safetensors.safe_open`` (mmap), one tensor at a time.
 Writing: ``safetensors.torch.save_file`` needs every tensor in memory at once, so :func:`write_safetensors`
 writes the header from the planned shapes, then streams each tensor's bytes as it is produced.
 """
@@ -42,11 +39,6 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
     file: Path
-    offset: int = -1  # absolute byte offset of the data in a safetensors file (-1: not a safetensors file)
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
@@ -92,7 +84,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path}: tensor {name!r} ends at data byte {end} but the file holds only {data_size} data bytes; "
                 "the file is truncated (re-download or re-convert it)"
             )
-        out[name] = TensorInfo(dtype, shape, path, 8 + n + begin)
+        out[name] = TensorInfo(dtype, shape, path)
     return out
 
 
@@ -115,62 +107,6 @@ class SafetensorsReader:
     def close(self) -> None:
         self._stack.close()
         self._handles.clear()
-
-
-class StagedReader:
-    """Read tensors by byte range into ``device`` memory through two reusable staging buffers.
-
-    Per chunk: wait until the buffer's previous copy has finished (a CUDA event), ``readinto`` the buffer from
-    the file, start a non-blocking copy to the device. Buffers are pinned for CUDA, so host memory stays at
-    2 x ``chunk_bytes`` whatever the tensor size. On the CPU the copies are synchronous (used by the tests).
-    """
-
-    def __init__(self, device: torch.device, chunk_bytes: int = 64 * 2**20) -> None:
-        self.device = device
-        self.chunk = chunk_bytes
-        cuda = device.type == "cuda"
-        self._buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
-        self._events = [torch.cuda.Event() if cuda else None for _ in range(2)]
-        self._turn = 0
-        self._files: dict[Path, object] = {}
-        self._stack = contextlib.ExitStack()
-
-    def get(self, info: TensorInfo) -> torch.Tensor:
-        if info.offset < 0:
-            raise ValueError(f"{info.file} is not a safetensors file")
-        fh = self._files.get(info.file)
-        if fh is None:
-            fh = self._files[info.file] = self._stack.enter_context(open(info.file, "rb", buffering=0))  # noqa: SIM115
-        out = torch.empty(info.nbytes, dtype=torch.uint8, device=self.device)
-        for start in range(0, info.nbytes, self.chunk):
-            size = min(self.chunk, info.nbytes - start)
-            buf, event = self._buffers[self._turn], self._events[self._turn]
-            self._turn ^= 1
-            if event is not None:
-                event.synchronize()  # the copy that last read this buffer is done
-            _read_exactly(fh, info.offset + start, buf[:size], info)
-            out[start:start + size].copy_(buf[:size], non_blocking=event is not None)
-            if event is not None:
-                event.record()
-        return out.view(info.dtype).view(info.shape)
-
-    def close(self) -> None:
-        if self._events[0] is not None:
-            torch.cuda.synchronize(self.device)  # no copy may still read a buffer we free
-        self._stack.close()
-        self._files.clear()
-
-
-def _read_exactly(fh, offset: int, dest: torch.Tensor, info: TensorInfo) -> None:
-    view = memoryview(dest.numpy()).cast("B")
-    fh.seek(offset)
-    done = 0
-    while done < len(view):
-        n = fh.readinto(view[done:])
-        if not n:
-            raise CheckpointError(f"{info.file} ended while reading a tensor's bytes at offset {offset + done}; "
-                                  "the file is truncated")
-        done += n
 
 
 def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
