@@ -59,3 +59,26 @@ def test_help_explains_every_flag(command: str, capsys: pytest.CaptureFixture[st
              "info": ["--json"]}[command]
     for flag in flags:
         assert flag in out
+
+
+def test_errors_are_one_line_not_a_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["convert", str(tmp_path / "nowhere"), str(tmp_path / "out"), "--to", "hf"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral convert: error:") and "nowhere" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # a bad source fails before the output is touched
+    assert main(["info", str(tmp_path)]) == 1
+    assert "neither config.json" in capsys.readouterr().err
+
+
+def test_existing_checkpoint_is_only_replaced_with_overwrite(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    assert main(["init", str(out), "--preset", "tiny-odd", "--format", "hf", "--max-shard-size", "1MB"]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main(["init", str(out), "--preset", "tiny-odd", "--format", "mistral"]) == 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert main(["init", str(out), "--preset", "tiny-odd", "--format", "mistral", "--overwrite"]) == 0
+    names = {p.name for p in out.iterdir()}
+    # The old HF files are gone (they would shadow the new checkpoint); unrelated files stay.
+    assert names == {"params.json", "consolidated.safetensors", "tokenizer.model.v3", "notes.txt"}
+    assert load_model(out).args.num_experts == 6

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -16,6 +19,43 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * SIZE_UNITS[m.group(2).upper()])
 
 
+# What a checkpoint folder holds; --overwrite removes these (and nothing else) before writing.
+CHECKPOINT_GLOBS = ("config.json", "params.json", "*.safetensors", "*.index.json", "tokenizer.model*", "*.bin",
+                    "*.pth", "*.pt")
+
+
+def prepare_output(folder: str | Path, overwrite: bool) -> None:
+    """Refuse to mix a new checkpoint with an old one in ``folder`` unless ``overwrite``, then clear the old."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"output {folder} exists and is not a folder")
+    old = sorted({p for pattern in CHECKPOINT_GLOBS for p in folder.glob(pattern) if p.is_file()})
+    if old and not overwrite:
+        raise ValueError(f"{folder} already holds a checkpoint ({', '.join(p.name for p in old[:4])}"
+                         f"{', ...' if len(old) > 4 else ''}); pass --overwrite to replace it")
+    for path in old:
+        path.unlink()
+
+
+def report_errors(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Decorate a subcommand's ``run``: a checkpoint, config or argument error becomes one line on stderr and
+    exit status 1 instead of a traceback."""
+    def wrapped(args: argparse.Namespace) -> int:
+        from mixtral.checkpoint.errors import CheckpointError
+        from mixtral.model.args import ConfigError
+
+        try:
+            return run(args)
+        except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as exc:
+            print(f"mixtral {args.command}: error: {exc}", file=sys.stderr)
+            return 1
+
+    wrapped.__doc__ = run.__doc__
+    return wrapped
+
+
 def add_common_write_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by `convert` and `init`."""
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
@@ -25,6 +65,8 @@ def add_common_write_flags(p: argparse.ArgumentParser) -> None:
                    help="largest Hugging Face shard file, e.g. 5GB or 500MiB (default 5GB); ignored for mistral")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar (default: when stderr is a terminal)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a checkpoint already in the output folder (default: refuse)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -45,10 +87,15 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+@report_errors
 def run(args: argparse.Namespace) -> int:
-    from mixtral.checkpoint.loader import parse_dtype
+    from mixtral.checkpoint.loader import parse_dtype, resolve
     from mixtral.checkpoint.writer import convert_checkpoint
 
+    source = resolve(args.src)  # a bad source fails before the output folder is touched
+    if source.folder is not None and Path(args.dst).resolve() == source.folder.resolve():
+        raise ValueError(f"destination {args.dst} is the source folder; write the conversion somewhere else")
+    prepare_output(args.dst, args.overwrite)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     out = convert_checkpoint(args.src, args.dst, args.to, dtype, allow_pickle=args.allow_pickle,
                              max_shard_bytes=args.max_shard_size, progress=args.progress)

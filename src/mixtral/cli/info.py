@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from mixtral.cli.convert import report_errors
+
 # Bytes per weight of each storage type (int4 ignores its small per-group scales).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
 
@@ -58,6 +60,7 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
+@report_errors
 def run(args: argparse.Namespace) -> int:
     info = model_info(args.model)
     if args.json:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from mixtral.cli.convert import add_common_write_flags
+from mixtral.cli.convert import add_common_write_flags, prepare_output, report_errors
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -32,12 +32,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+@report_errors
 def run(args: argparse.Namespace) -> int:
     from mixtral.checkpoint.loader import parse_dtype
     from mixtral.checkpoint.writer import RandomSource, write_checkpoint
     from mixtral.model.args import preset
 
     model_args = preset(args.preset)
+    prepare_output(args.out, args.overwrite)
     dtype = parse_dtype(args.dtype or "bf16")
     out = write_checkpoint(RandomSource(model_args, args.seed, args.std), model_args, args.out, args.format, dtype,
                            max_shard_bytes=args.max_shard_size, progress=args.progress)
