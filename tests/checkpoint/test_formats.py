@@ -166,3 +166,18 @@ def test_parse_dtype(text, want: torch.dtype) -> None:
 def test_parse_dtype_rejects(bad) -> None:
     with pytest.raises(ValueError, match="dtype"):
         parse_dtype(bad)
+
+
+def test_reader_closes_each_shard_after_its_last_tensor(tmp_path: Path) -> None:
+    from mixtral.checkpoint.reader import CheckpointReader
+
+    args = preset("tiny-odd")
+    folder = write_checkpoint(RandomSource(args), args, tmp_path, "hf", max_shard_bytes=500_000)
+    reader = CheckpointReader(folder, "hf", args)
+    assert len(reader.files) > 3
+    most_open = 0
+    for spec in reader.specs:
+        reader.read(spec)
+        most_open = max(most_open, len(reader._safetensors.open_files()))
+    assert most_open == 1  # shards are written in spec order, so one is mapped at a time
+    assert reader._safetensors.open_files() == []

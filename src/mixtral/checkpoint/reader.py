@@ -60,6 +60,8 @@ class CheckpointReader:
         self.info = self._read_headers(files)
         self._validate(weight_map, index)
         self._safetensors = SafetensorsReader()
+        # Each file's last tensor in spec order: reading it closes the file (see SafetensorsReader).
+        self._last_in_file = {self.info[s.name].file: s.name for s in self.specs}
 
     # ----------------------------------------------------------------- discovery and validation
     def _weight_files(self) -> tuple[list[Path], dict[str, str] | None, Path | None]:
@@ -136,6 +138,8 @@ class CheckpointReader:
             t = self._pickles[entry.file][spec.name].to(device)
         else:
             t = self._safetensors.get(entry.file, spec.name, device)
+            if self._last_in_file.get(entry.file) == spec.name:
+                self._safetensors.close_file(entry.file)
         return spec.to_internal(t)
 
     def read_key(self, key: PieceKey, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -9,13 +9,13 @@ writes the header from the planned shapes, then streams each tensor's bytes as i
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -89,24 +89,34 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 class SafetensorsReader:
-    """Open safetensors files lazily and read single tensors through mmap; close them with :meth:`close`."""
+    """Open safetensors files lazily and read single tensors through mmap.
+
+    A file done with is closed (:meth:`close_file`) so its mapped pages stop counting against the process;
+    :meth:`close` closes the rest.
+    """
 
     def __init__(self) -> None:
-        self._stack = contextlib.ExitStack()
-        self._handles: dict[tuple[Path, str], object] = {}
+        self._handles: dict[tuple[Path, str], Any] = {}
 
     def get(self, path: Path, name: str, device: torch.device) -> torch.Tensor:
         # safetensors reads straight onto a CUDA device; anything else goes through the CPU.
         dev = str(device) if device.type in ("cpu", "cuda") else "cpu"
         handle = self._handles.get((path, dev))
         if handle is None:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt", device=dev))
+            handle = safe_open(str(path), framework="pt", device=dev).__enter__()
             self._handles[(path, dev)] = handle
-        return handle.get_tensor(name).to(device)  # type: ignore[attr-defined]
+        return handle.get_tensor(name).to(device)
+
+    def close_file(self, path: Path) -> None:
+        for key in [k for k in self._handles if k[0] == path]:
+            self._handles.pop(key).__exit__(None, None, None)
+
+    def open_files(self) -> list[Path]:
+        return sorted({k[0] for k in self._handles})
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        for path in self.open_files():
+            self.close_file(path)
 
 
 def write_safetensors(path: Path, entries: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
