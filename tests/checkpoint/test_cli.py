@@ -34,6 +34,7 @@ def test_init_convert_info(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     assert info["parameters"]["total"] == sum(t.numel() for t in want.values())
     assert info["weight_bytes"]["bf16"] == 2 * info["parameters"]["total"]
     assert info["checkpoint_bytes"] >= 2 * info["parameters"]["total"]
+    assert info["checkpoint_files"] == 1 and info["checkpoint_dtypes"] == ["bfloat16"]
 
 
 def test_info_on_full_size_preset(capsys: pytest.CaptureFixture[str]) -> None:

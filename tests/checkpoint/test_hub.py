@@ -62,3 +62,26 @@ def test_local_folder_wins_over_repo_id(tiny_hf_checkpoint: Path, offline_home: 
     monkeypatch.chdir(offline_home)
     source = resolve("org/model")
     assert source.repo_id is None and source.folder == Path("org/model")
+
+
+def test_online_fetches_configs_first_then_one_formats_weights(tiny_hf_checkpoint: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repos like Mixtral-8x22B ship HF shards AND a consolidated copy: only the chosen format is downloaded."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls: list[dict] = []
+
+    def fake_snapshot_download(repo_id: str, **kwargs: object) -> str:
+        calls.append({"repo_id": repo_id, **kwargs})
+        return str(tiny_hf_checkpoint)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    source = resolve("someorg/Tiny-Mixtral")
+    assert len(calls) == 1 and calls[0]["local_files_only"] is False
+    assert not any(p.endswith(".safetensors") for p in calls[0]["allow_patterns"])  # configs and tokenizer only
+    load_model("someorg/Tiny-Mixtral")
+    weights = calls[-1]["allow_patterns"]
+    assert source.format == "hf" and "model*.safetensors" in weights
+    assert not any(p.startswith("consolidated") for p in weights)

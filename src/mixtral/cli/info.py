@@ -36,7 +36,10 @@ def gib(n: float) -> str:
 
 def model_info(name: str) -> dict[str, Any]:
     """Everything `info` prints, as a dict."""
+    from mixtral.checkpoint.consolidated import consolidated_weight_files
+    from mixtral.checkpoint.hf import hf_weight_files
     from mixtral.checkpoint.loader import resolve
+    from mixtral.checkpoint.safetensors_io import read_header
 
     source = resolve(name)
     args = source.args
@@ -54,9 +57,14 @@ def model_info(name: str) -> dict[str, Any]:
     }
     info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
     if source.folder is not None and source.repo_id is None:
-        files = [p for p in source.folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth")]
+        folder = source.folder
+        files = hf_weight_files(folder)[0] if source.format == "hf" else consolidated_weight_files(folder)
         info["checkpoint_files"] = len(files)
         info["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
+        # Only headers are read; pickle files are not opened.
+        dtypes = {str(t.dtype).removeprefix("torch.") for p in files if p.suffix == ".safetensors"
+                  for t in read_header(p).values()}
+        info["checkpoint_dtypes"] = sorted(dtypes)
     return info
 
 
@@ -85,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  per token              {kv['bf16']:,} B (bf16), {kv['fp8']:,} B (fp8)")
     print(f"  max_seq_len, bf16      {gib(info['kv_bytes_max_seq_len_bf16'])} per sequence")
     if "checkpoint_bytes" in info:
-        print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk")
+        print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk, "
+              f"dtype {'/'.join(info['checkpoint_dtypes']) or 'unknown'}")
     return 0
