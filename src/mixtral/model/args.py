@@ -129,6 +129,13 @@ class ModelArgs:
             raise ConfigError(f"hidden_act={act!r} is not Mixtral's 'silu'")
         if cfg.get("tie_word_embeddings", False):
             raise ConfigError("tie_word_embeddings=true is not a Mixtral model (its lm_head is separate)")
+        try:
+            return cls._from_hf_fields(cfg, tokenizer)
+        except TypeError as exc:  # e.g. "hidden_size": null
+            raise ConfigError(f"config.json has a field of the wrong type: {exc}") from exc
+
+    @classmethod
+    def _from_hf_fields(cls, cfg: dict[str, Any], tokenizer: str | None) -> ModelArgs:
         n_heads = cfg["num_attention_heads"]
         head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
         vocab = cfg["vocab_size"]
@@ -192,6 +199,13 @@ class ModelArgs:
         moe = params.get("moe")
         if not isinstance(moe, dict):
             raise ConfigError("params.json has no 'moe' section: this is a dense model, not Mixtral")
+        try:
+            return cls._from_params_fields(params, moe, tokenizer)
+        except TypeError as exc:
+            raise ConfigError(f"params.json has a field of the wrong type: {exc}") from exc
+
+    @classmethod
+    def _from_params_fields(cls, params: dict[str, Any], moe: dict[str, Any], tokenizer: str | None) -> ModelArgs:
         n_heads = params["n_heads"]
         vocab = params["vocab_size"]
         return cls(
@@ -225,6 +239,8 @@ class ModelArgs:
             "rope_theta": self.rope_theta,
             "max_seq_len": self.max_seq_len,
             "moe": {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok},
+            # Not a field of Mistral's own params.json; kept so 8x22B's 0.001 survives a round trip.
+            "router_aux_loss_coef": self.router_aux_loss_coef,
         }
         if self.sliding_window is not None:
             out["sliding_window"] = self.sliding_window
@@ -273,12 +289,13 @@ def default_tokenizer_for_vocab(vocab_size: int) -> str:
 # File names of the tokenizers inside a model folder, by version.
 TOKENIZER_FILES = {
     "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
-    "v1": ("tokenizer.model.v1", "tokenizer.model"),
+    "v1": ("tokenizer.model.v1",),
 }
 
 
 def tokenizer_version_in_folder(folder: Path) -> str | None:
-    """Which tokenizer the folder ships, by the mistral-common file it holds (None if none)."""
+    """Which tokenizer the folder ships, by the mistral-common file it holds (None if none, or only a bare
+    ``tokenizer.model``, whose version the vocabulary size then decides)."""
     for version, names in TOKENIZER_FILES.items():
         if any((folder / n).is_file() for n in names):
             return version
