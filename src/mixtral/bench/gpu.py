@@ -10,6 +10,7 @@ the same shapes. Every figure is printed with its roofline and the fraction reac
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import subprocess
@@ -251,6 +252,12 @@ def run(args: argparse.Namespace) -> int:
                       f"{r['total_tok_s']:.0f} total tok/s")
 
     if args.peer == "hf":
+        # The peer keeps its own KV cache: give back the engine's cache and graphs (the weights stay, shared).
+        engine.model_runner.graphs = None
+        engine.model_runner.kv_caches = []
+        del engine
+        gc.collect()
+        torch.cuda.empty_cache()
         hf = build_hf_peer(model, margs)
         peer_rows = []
         for b in batches:

@@ -3,7 +3,8 @@
 Owns the KV cache tensors (per layer ``[num_blocks, block_size, KV, hd]``), the persistent device input
 buffers and the cumulative expert-routing counts. Inputs are built on the host as plain lists and copied
 into fixed device buffers, so a decode step launches no host syncs before sampling, and its inputs keep
-stable addresses (what CUDA-graph capture needs; ``enforce_eager`` is reserved for that path).
+stable addresses. On CUDA with the Triton kernels, pure decode steps replay CUDA graphs (engine/cuda_graphs.py)
+unless ``enforce_eager``.
 
 Flat layout of one step (block_size 4), sequence A decoding its 7th token, sequence B prefilling a
 3-token chunk starting at position 4:
@@ -23,8 +24,10 @@ import torch
 from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
+from mixtral.engine.cuda_graphs import DecodeGraphs, batch_ladder
 from mixtral.engine.sampler import Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
+from mixtral.kernels import ops
 from mixtral.model.context import DenseContext
 from mixtral.model.mixtral import Transformer
 
@@ -69,6 +72,10 @@ class ModelRunner:
         self._staging: dict[str, torch.Tensor] = {}  # pinned host mirrors of _buffers
         self._inputs_copied: torch.cuda.Event | None = None
         self.block_tables = BlockTables(self.max_blocks_per_seq, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and ops.use_triton(self.expert_counts_buf):
+            # The fused Triton MoE: no host sync per layer (the PyTorch paths need one), so graphs can capture it.
+            model.set_moe_path("triton")
 
     # ----------------------------------------------------------------- setup
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -79,6 +86,16 @@ class ModelRunner:
             for _ in range(self.args.n_layers)
         ]
         self.num_blocks = num_blocks
+        if not self.config.enforce_eager and self._graph_safe():
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs, self.max_blocks_per_seq,
+                                       self.config.max_model_len, self.expert_counts_buf)
+            self.graphs.capture(batch_ladder(self.config.max_num_seqs))
+
+    def _graph_safe(self) -> bool:
+        """CUDA graphs need a CUDA device and kernels without host syncs: Triton attention and the fused MoE."""
+        if self.device.type != "cuda" or not ops.use_triton(self.expert_counts_buf):
+            return False
+        return all(layer.feed_forward.experts_fn is ops.fused_moe for layer in self.model.layers)
 
     @torch.inference_mode()
     def profile_activation_bytes(self) -> int:
@@ -115,7 +132,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
-        hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
+        if self.graphs is not None and ctx.max_query_len == 1 and self.graphs.graph_size(len(plan.scheduled)):
+            # Pure decode: replay the captured forward pass (one launch instead of hundreds).
+            hidden = self.graphs.run(input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
+                                     ctx.context_lens)  # [N, D]
+        else:
+            hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
 
         sampled = None

@@ -5,8 +5,7 @@ CUDA tensor with Triton importable the Triton kernel runs, anywhere else the ref
 without Triton). ``MIXTRAL_KERNELS=reference`` forces the reference everywhere (debugging a kernel).
 Callers (model/moe.py, engine/model_runner.py) import only this module.
 
-Importing this module registers the Triton experts path as ``EXPERT_PATHS["triton"]`` in model/moe.py,
-so ``model.set_moe_path("triton")`` works once the engine (or anyone) has imported ops.
+``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``.
 """
 
 from __future__ import annotations
@@ -71,18 +70,3 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start)
     return reference.moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
-
-
-def register_moe_paths() -> None:
-    """Add ``fused_moe`` as ``EXPERT_PATHS["triton"]`` (model/moe.py) unless a path of that name exists.
-
-    Tolerates model/moe.py being mid-import (it would then register the path itself).
-    """
-    from mixtral.model import moe
-
-    paths = getattr(moe, "EXPERT_PATHS", None)
-    if paths is not None:
-        paths.setdefault("triton", fused_moe)
-
-
-register_moe_paths()

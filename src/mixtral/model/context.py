@@ -26,12 +26,18 @@ class AttentionContext(Protocol):
 
 
 def record_routing(ctx: object, layer_idx: int, topk_ids: torch.Tensor) -> None:
-    """Add this layer's routing decisions to ``ctx.expert_counts`` [L, E] when the context keeps one."""
+    """Add this layer's routing decisions (topk_ids [N, k]) to ``ctx.expert_counts`` [L, E] when the context
+    keeps one. ``ctx.routing_mask`` [N] (1 = count, 0 = skip), when present, leaves out padding rows (CUDA-graph
+    batches padded to a captured size)."""
     counts = getattr(ctx, "expert_counts", None)
-    if counts is not None:
-        counts[layer_idx].index_add_(
-            0, topk_ids.reshape(-1), torch.ones(topk_ids.numel(), dtype=counts.dtype, device=counts.device)
-        )
+    if counts is None:
+        return
+    mask = getattr(ctx, "routing_mask", None)
+    if mask is None:
+        weights = torch.ones(topk_ids.numel(), dtype=counts.dtype, device=counts.device)  # [N*k]
+    else:
+        weights = mask.to(counts.dtype)[:, None].expand(topk_ids.shape).reshape(-1)  # [N*k]
+    counts[layer_idx].index_add_(0, topk_ids.reshape(-1), weights)
 
 
 def _causal_mask(t_q: int, t_k: int, offset: int, window: int | None, device: torch.device) -> torch.Tensor:

@@ -8,7 +8,7 @@ Three interchangeable PyTorch paths compute the experts, and a test holds them e
 - ``reference``: one expert at a time over the tokens routed to it (kernels/reference.py);
 - ``grouped``: token/expert pairs sorted by expert, one GEMM per contiguous group (good at large N);
 - ``gather``: each pair gathers its expert's weights (reads only the chosen experts: batch 1-4 decode).
-GPU kernels (kernels/triton) plug in through ``MoE.experts_fn``.
+- ``triton``: the fused GPU kernel (kernels/ops.py dispatch); the engine picks it on CUDA.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral.kernels import ops
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import record_routing
@@ -73,6 +74,8 @@ EXPERT_PATHS: dict[str, ExpertsFn] = {
     "reference": moe_reference,
     "grouped": moe_grouped,
     "gather": moe_gather,
+    # The fused Triton kernel on CUDA (kernels/triton/fused_moe.py), the reference elsewhere.
+    "triton": ops.fused_moe,
 }
 
 
