@@ -150,7 +150,9 @@ def build_hf_peer(model: torch.nn.Module, margs: ModelArgs) -> torch.nn.Module:
 
     skip = ("architectures", "model_type", "torch_dtype")
     cfg_dict = {k: v for k, v in margs.to_hf_config().items() if k not in skip}
-    cfg = MixtralConfig(**cfg_dict)
+    # grouped_mm is transformers' fastest experts implementation on Hopper (its default gathers each token's
+    # expert weights, which runs out of memory at a 512-token batch-128 prefill).
+    cfg = MixtralConfig(**cfg_dict, experts_implementation="grouped_mm", attn_implementation="sdpa")
     with torch.device("meta"):
         hf = MixtralForCausalLM(cfg)
     sd: dict[str, torch.Tensor] = {
