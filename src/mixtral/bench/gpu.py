@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import time
@@ -57,6 +58,9 @@ def _model_name(args: argparse.Namespace) -> str:
 
 
 def _git_commit() -> str:
+    """The commit benchmarked: $MIXTRAL_COMMIT when set (a tree copied without .git), else git's HEAD."""
+    if os.environ.get("MIXTRAL_COMMIT"):
+        return os.environ["MIXTRAL_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
