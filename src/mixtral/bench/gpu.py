@@ -157,6 +157,7 @@ def build_hf_peer(model: torch.nn.Module, margs: ModelArgs) -> torch.nn.Module:
     # grouped_mm is transformers' fastest experts implementation on Hopper (its default gathers each token's
     # expert weights, which runs out of memory at a 512-token batch-128 prefill).
     cfg = MixtralConfig(**cfg_dict, experts_implementation="grouped_mm", attn_implementation="sdpa")
+    cfg._experts_implementation = "grouped_mm"  # older transformers 5.x ignore the keyword
     with torch.device("meta"):
         hf = MixtralForCausalLM(cfg)
     sd: dict[str, torch.Tensor] = {
@@ -257,6 +258,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"offline {in_len}/{out_len} x{args.offline_requests}: {r['output_tok_s']:.0f} output tok/s, "
                       f"{r['total_tok_s']:.0f} total tok/s")
 
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
     if args.peer == "hf":
         # The peer keeps its own KV cache: give back the engine's cache and graphs (the weights stay, shared).
         engine.model_runner.graphs = None
@@ -268,7 +271,14 @@ def run(args: argparse.Namespace) -> int:
         peer_rows = []
         for b in batches:
             steps = min(args.decode_steps, 32)
-            tok_s = bench_hf_decode(hf, margs, b, args.context, steps)
+            try:
+                tok_s = bench_hf_decode(hf, margs, b, args.context, steps)
+            except torch.OutOfMemoryError:
+                # transformers' experts gather per-token weight copies at prefill; say so and go on.
+                torch.cuda.empty_cache()
+                console.print(f"peer hf decode batch {b:4d}: out of GPU memory")
+                peer_rows.append({"batch": b, "tok_s": None, "ours_over_peer": None, "error": "out of memory"})
+                continue
             ours = next(r["tok_s"] for r in rows if r["batch"] == b)
             peer_rows.append({"batch": b, "tok_s": tok_s, "ours_over_peer": ours / tok_s})
             console.print(f"peer hf decode batch {b:4d}: {tok_s:9.1f} tok/s  (ours {ours / tok_s:.1f}x)")
@@ -277,7 +287,7 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"mixtral bench gpu — {name} — {model_name} {args.dtype}")
     for col in ("batch", "ours tok/s", "roofline tok/s", "% roofline", "hf tok/s", "ours / hf"):
         table.add_column(col, justify="right")
-    peer_by_b = {r["batch"]: r for r in results.get("peer_hf", [])}
+    peer_by_b = {r["batch"]: r for r in results.get("peer_hf", []) if r["tok_s"] is not None}
     for r in rows:
         p = peer_by_b.get(r["batch"])
         table.add_row(str(r["batch"]), f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.1f}", f"{r['fraction']:.0%}",
@@ -302,8 +312,9 @@ def plot_decode(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(b, [r["roofline_tok_s"] for r in rows], "k--", label="memory roofline (measured bandwidth)")
     ax.plot(b, [r["tok_s"] for r in rows], "o-", label="mixtral (this project)")
-    if results.get("peer_hf"):
-        ax.plot(b, [r["tok_s"] for r in results["peer_hf"]], "s-", label="transformers MixtralForCausalLM")
+    peer = [r for r in results.get("peer_hf", []) if r["tok_s"] is not None]
+    if peer:
+        ax.plot([r["batch"] for r in peer], [r["tok_s"] for r in peer], "s-", label="transformers MixtralForCausalLM")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("decode batch size")
