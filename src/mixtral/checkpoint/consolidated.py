@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mixtral.checkpoint.specs import TensorSpec
+from mixtral.checkpoint.specs import TensorSpec, moe_specs
 from mixtral.model.args import ModelArgs
 
 PARAMS = "params.json"
@@ -32,15 +32,7 @@ def consolidated_specs(args: ModelArgs) -> list[TensorSpec]:
             TensorSpec(f"{me}.attention.wo.weight", (d, q), f"{me}.attention.wo.weight"),
             TensorSpec(f"{me}.ffn_norm.weight", (d,), f"{me}.ffn_norm.weight"),
         ]
-        experts = f"{me}.feed_forward.experts"
-        w13, w2 = f"{me}.feed_forward.w13", f"{me}.feed_forward.w2"  # [E, 2F, D], [E, D, F]
-        for e in range(args.num_experts):
-            specs.append(TensorSpec(f"{experts}.{e}.w1.weight", (f, d), w13, (e, (0, f))))
-            specs.append(TensorSpec(f"{experts}.{e}.w3.weight", (f, d), w13, (e, (f, 2 * f))))
-        specs += [TensorSpec(f"{experts}.{e}.w2.weight", (d, f), w2, (e,)) for e in range(args.num_experts)]
-        # The router last: MoE registers w13/w2 itself and the gate in a child module (parameter order).
-        gate = f"{me}.feed_forward.gate.weight"
-        specs.append(TensorSpec(gate, (args.num_experts, d), gate))
+        specs += moe_specs(f"{me}.feed_forward.experts", f"{me}.feed_forward.gate.weight", i, args.num_experts, d, f)
     specs.append(TensorSpec("norm.weight", (d,), "norm.weight"))
     specs.append(TensorSpec("output.weight", (args.vocab_size, d), "output.weight"))
     return specs

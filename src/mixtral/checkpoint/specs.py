@@ -49,6 +49,21 @@ class TensorSpec:
         return half_to_interleaved(t, self.rope_heads) if self.rope_heads else t
 
 
+def moe_specs(experts: str, gate: str, layer: int, num_experts: int, dim: int, ffn: int) -> list[TensorSpec]:
+    """A layer's expert and router tensors, named ``{experts}.{e}.w1/w3/w2.weight`` and ``gate`` on disk (both
+    formats share this shape), in internal parameter order: w13 pieces, w2 pieces, then the router (MoE
+    registers w13/w2 itself and the gate in a child module)."""
+    me = f"layers.{layer}.feed_forward"
+    w13, w2 = f"{me}.w13", f"{me}.w2"  # [E, 2F, D], [E, D, F]
+    specs: list[TensorSpec] = []
+    for e in range(num_experts):
+        specs.append(TensorSpec(f"{experts}.{e}.w1.weight", (ffn, dim), w13, (e, (0, ffn))))
+        specs.append(TensorSpec(f"{experts}.{e}.w3.weight", (ffn, dim), w13, (e, (ffn, 2 * ffn))))
+    specs += [TensorSpec(f"{experts}.{e}.w2.weight", (dim, ffn), w2, (e,)) for e in range(num_experts)]
+    specs.append(TensorSpec(gate, (num_experts, dim), f"{me}.gate.weight"))
+    return specs
+
+
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Mistral wq/wk rows -> HF rotate_half rows, per head.
 

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mixtral.serve.errors import APIError, error_body, logger
-from mixtral.serve.generate import collect_until_disconnect, finish_reason_of, stream_outputs
+from mixtral.serve.generate import finish_reason_of, run_request
 from mixtral.serve.params import sampling_params
 from mixtral.serve.protocol import (
     AssistantMessage,
@@ -40,7 +40,7 @@ from mixtral.serve.protocol import (
     SystemMessage,
     UsageInfo,
 )
-from mixtral.serve.sse import DONE, EventStreamResponse, sse_event
+from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
 from mixtral.serve.tools import starts_with_tool_call, tool_calls_from_output
 
@@ -163,18 +163,9 @@ class ChatHandler:
         params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
                                  vocab_size=state.tokenizer.vocab_size,
                                  logprobs=self.top_logprobs if req.logprobs else None, guide=guide)
-        tracker = state.admit()
-        try:
-            outputs = stream_outputs(state, tracker, prompt_ids, params, self.id)
-            if req.stream:
-                return EventStreamResponse(self._events(outputs, len(prompt_ids)), on_close=tracker.release)
-            final = await collect_until_disconnect(self.request, outputs)
-        except BaseException:
-            tracker.release()
-            raise
-        tracker.release()
-        if final is None:  # the client is gone; nobody reads this
-            return Response(status_code=499)
+        final = await run_request(state, self.request, prompt_ids, params, self.id, bool(req.stream), self._events)
+        if isinstance(final, Response):
+            return final
         if finish_reason_of(final.outputs[0].finish_reason) == "error":
             raise APIError(503, "the request was aborted because the server is shutting down",
                            code="shutting_down", headers={"Retry-After": "1"})

@@ -16,10 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from mixtral.serve.errors import APIError, error_body, logger
-from mixtral.serve.generate import collect_until_disconnect, finish_reason_of, stream_outputs
+from mixtral.serve.generate import finish_reason_of, run_request
 from mixtral.serve.params import check_token_ids, sampling_params
 from mixtral.serve.protocol import CompletionChoice, CompletionRequest, CompletionResponse, UsageInfo
-from mixtral.serve.sse import DONE, EventStreamResponse, sse_event
+from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
 
 
@@ -57,18 +57,9 @@ class CompletionHandler:
                                  vocab_size=state.tokenizer.vocab_size, logprobs=req.logprobs)
         self.echo = (req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)) \
             if req.echo else ""
-        tracker = state.admit()
-        try:
-            outputs = stream_outputs(state, tracker, prompt_ids, params, self.id)
-            if req.stream:
-                return EventStreamResponse(self._events(outputs, len(prompt_ids)), on_close=tracker.release)
-            final = await collect_until_disconnect(self.request, outputs)
-        except BaseException:
-            tracker.release()
-            raise
-        tracker.release()
-        if final is None:
-            return Response(status_code=499)
+        final = await run_request(state, self.request, prompt_ids, params, self.id, bool(req.stream), self._events)
+        if isinstance(final, Response):
+            return final
         choices = [CompletionChoice(index=o.index, text=self.echo + o.text,
                                     finish_reason=finish_reason_of(o.finish_reason),
                                     logprobs=_legacy_logprobs(state, o, 0) if req.logprobs is not None else None)

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
 from starlette.requests import Request
+from starlette.responses import Response
 
 from mixtral.engine.async_engine import EngineDeadError, EngineOverloadedError
 from mixtral.serve.errors import APIError
+from mixtral.serve.sse import EventStreamResponse
 from mixtral.serve.state import RequestTracker, ServerState
 
 
@@ -125,3 +127,22 @@ async def collect_until_disconnect(request: Request, outputs: AsyncIterator[Any]
     if gen_task in done and not gen_task.cancelled():
         return gen_task.result()  # re-raises APIError and bugs
     return None
+
+
+async def run_request(state: ServerState, request: Request, prompt_ids: list[int], params: Any, request_id: str,
+                      stream: bool, events: Callable[[AsyncIterator[Any], int], AsyncIterator[bytes]]
+                      ) -> Response | Any:
+    """Admit a request and run it: the SSE response (``events`` renders the outputs) when streaming, else the
+    final RequestOutput, or a 499 response when the client hung up first. The admission slot is released
+    however it ends (for a stream, when the response closes)."""
+    tracker = state.admit()
+    try:
+        outputs = stream_outputs(state, tracker, prompt_ids, params, request_id)
+        if stream:
+            return EventStreamResponse(events(outputs, len(prompt_ids)), on_close=tracker.release)
+        final = await collect_until_disconnect(request, outputs)
+    except BaseException:
+        tracker.release()
+        raise
+    tracker.release()
+    return Response(status_code=499) if final is None else final  # 499: nobody is left to read it
