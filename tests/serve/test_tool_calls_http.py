@@ -60,6 +60,10 @@ def test_100_seeded_forced_and_named_calls_validate(server_factory: Any) -> None
         results = asyncio.run(main(server.url))
         stats = server.wait_idle()
         assert stats.num_free_blocks == stats.num_total_blocks
+        metrics = httpx.get(f"{server.url}/metrics").text
+    # Every forced and named request ended in a tool call, and the metric counts them under that reason.
+    counted = re.search(r'mixtral_requests_total\{finish_reason="tool_calls",[^}]*\} ([\d.]+)', metrics)
+    assert counted is not None and float(counted[1]) >= 100
     forced, by_name, json_answers, auto = results[:50], results[50:100], results[100:110], results[110:]
     assert all(_valid_calls(c, {"get_weather", "get_time"}) == 1 for c in forced)  # parallel_tool_calls=false
     assert {c["message"]["tool_calls"][0]["function"]["name"] for c in forced} == {"get_weather", "get_time"}

@@ -22,6 +22,7 @@ from mixtral.engine.async_engine import EngineDeadError, EngineOverloadedError
 from mixtral.serve.errors import APIError
 from mixtral.serve.sse import EventStreamResponse
 from mixtral.serve.state import RequestTracker, ServerState
+from mixtral.serve.tools import starts_with_tool_call
 
 
 def finish_reason_of(engine_reason: str | None) -> str | None:
@@ -77,6 +78,9 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
             if out.finished:
                 finished = True
                 reason = finish_reason_of(out.outputs[0].finish_reason if out.outputs else None) or "stop"
+                if reason == "stop" and out.outputs and starts_with_tool_call(out.outputs[0].token_ids,
+                                                                             state.tokenizer.tool_calls_id):
+                    reason = "tool_calls"  # what the API reports for it, so the metric agrees with clients
                 metrics.finished(reason, prompt_tokens=len(prompt_ids), cached_tokens=out.num_cached_tokens or 0,
                                  generated=sum(len(o.token_ids) for o in out.outputs), e2e_s=now - tracker.arrival)
             yield out
