@@ -24,6 +24,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.attention_tile",
     "mixtral.kernels.triton.paged_decode",
     "mixtral.kernels.triton.paged_attention",
+    "mixtral.kernels.triton.rmsnorm", "mixtral.kernels.triton.rope", "mixtral.kernels.triton.router",
 ]
 
 

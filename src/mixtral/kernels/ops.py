@@ -6,6 +6,10 @@ without Triton). ``MIXTRAL_KERNELS=reference`` forces the reference everywhere (
 Callers (model/moe.py, engine/model_runner.py) import only this module.
 
 ``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``.
+
+The small ops around the big kernels (``rms_norm``, ``add_rms_norm``, ``rope_qk``, ``route_topk``) have
+Triton kernels without a backward: they run only where autograd records nothing (inference mode, no_grad,
+or inputs that need no grad); training takes the reference, whose results on CPU are the model's ground truth.
 """
 
 from __future__ import annotations
@@ -70,3 +74,50 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
 
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start)
     return reference.moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
+
+
+def _no_autograd(*tensors: torch.Tensor) -> bool:
+    """True when autograd will not record an op on ``tensors`` (the small Triton kernels have no backward)."""
+    return not torch.is_grad_enabled() or not any(t.requires_grad for t in tensors)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D], weight [D] -> weight * rmsnorm(x) [..., D]; see ``reference.rms_norm_reference``."""
+    if use_triton(x) and _no_autograd(x, weight):
+        from mixtral.kernels.triton.rmsnorm import rms_norm as rms_norm_triton
+
+        return rms_norm_triton(x, weight, eps)
+    return reference.rms_norm_reference(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual [..., D] -> (rms_norm(x + residual), x + residual): a block's residual add and the next
+    norm in one kernel on CUDA; see ``reference.add_rms_norm_reference``."""
+    if (use_triton(x) and x.dtype == residual.dtype and x.shape == residual.shape
+            and _no_autograd(x, residual, weight)):
+        from mixtral.kernels.triton.rmsnorm import add_rms_norm as add_rms_norm_triton
+
+        return add_rms_norm_triton(x, residual, weight, eps)
+    return reference.add_rms_norm_reference(x, residual, weight, eps)
+
+
+def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, H, hd], k [N, KV, hd], cos/sin [N, hd] -> rotated (q, k); see ``reference.rope_qk_reference``.
+    The Triton kernel needs one dtype for all four (the model's case); mixed dtypes take the reference."""
+    if (use_triton(q) and len({q.dtype, k.dtype, cos.dtype, sin.dtype}) == 1
+            and _no_autograd(q, k, cos, sin)):
+        from mixtral.kernels.triton.rope import rope_qk as rope_qk_triton
+
+        return rope_qk_triton(q, k, cos, sin)
+    return reference.rope_qk_reference(q, k, cos, sin)
+
+
+def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits [N, E] -> (weights [N, k] fp32, ids [N, k] int64); see ``reference.route_topk``."""
+    if use_triton(router_logits) and _no_autograd(router_logits):
+        from mixtral.kernels.triton.router import route_topk_fused
+
+        return route_topk_fused(router_logits, top_k)
+    return reference.route_topk(router_logits, top_k)

@@ -19,6 +19,37 @@ def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
     return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim: normalise in fp32, cast back to x's dtype, then scale by weight (the order
+    transformers and Mistral use). x [..., D], weight [D] -> [..., D] in promote(weight, x) dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add then the next norm: (rms_norm(x + residual), x + residual), the sum in x's dtype."""
+    h = x + residual
+    return rms_norm_reference(h, weight, eps), h
+
+
+def rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, "rotate_half" layout: pairs (i, i + hd/2) rotate together.
+
+    x [N, heads, hd], cos/sin [N, hd] -> [N, heads, hd]; computed in the inputs' dtype (three roundings).
+    """
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rope_qk_reference(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [N, H, hd], k [N, KV, hd], cos/sin [N, hd] -> rotated (q, k)."""
+    return rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+
+
 def expert_ffn(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert. x [n, D], w13 [2F, D] (w1 rows then w3 rows), w2 [D, F] -> [n, D]."""
     gate, up = F.linear(x, w13).chunk(2, dim=-1)  # [n, F] each

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral.kernels import ops
+from mixtral.kernels.reference import rope_reference
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import AttentionContext
 
@@ -23,10 +25,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale: the order transformers and Mistral use.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # Normalise in fp32, cast back, then scale (the order transformers and Mistral use): one fused kernel
+        # on CUDA at inference, kernels/reference.py's rms_norm_reference elsewhere.
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
@@ -42,9 +43,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [N, heads, hd]; pairs (i, i + hd/2) rotate together ("rotate_half" layout)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    return rope_reference(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -70,8 +69,9 @@ class Attention(nn.Module):
         n = x.shape[0]
         qkv = self.wqkv(x)  # [N, (H + 2KV) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rope(q.view(n, self.n_heads, self.head_dim), cos, sin)  # [N, H, hd]
-        k = apply_rope(k.view(n, self.n_kv_heads, self.head_dim), cos, sin)  # [N, KV, hd]
+        # [N, H, hd], [N, KV, hd]: one fused kernel for both on CUDA at inference (ops.rope_qk)
+        q, k = ops.rope_qk(q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv_heads, self.head_dim),
+                           cos, sin)
         v = v.view(n, self.n_kv_heads, self.head_dim)
         out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
         return self.wo(out.reshape(n, self.q_size))

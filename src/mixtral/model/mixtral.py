@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from mixtral.kernels import ops
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import AttentionContext, DenseContext
 from mixtral.model.layers import Attention, RMSNorm, rope_cos_sin
@@ -31,8 +32,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        h = x + self.attention(self.attention_norm(x), cos, sin, ctx)
-        moe_out, router_logits = self.feed_forward(self.ffn_norm(h), ctx)
+        attn_out = self.attention(self.attention_norm(x), cos, sin, ctx)  # [N, D]
+        # h = x + attn_out, then ffn_norm(h): one kernel on CUDA at inference (kernels/ops.py add_rms_norm).
+        normed, h = ops.add_rms_norm(x, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
+        moe_out, router_logits = self.feed_forward(normed, ctx)
         return h + moe_out, router_logits
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.kernels import ops
-from mixtral.kernels.reference import moe_reference, route_topk
+from mixtral.kernels.reference import moe_reference
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import record_routing
 
@@ -105,7 +105,7 @@ class MoE(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         router_logits = self.gate(x)  # [N, E]
-        topk_weights, topk_ids = route_topk(router_logits, self.top_k)  # [N, k] fp32, [N, k]
+        topk_weights, topk_ids = ops.route_topk(router_logits, self.top_k)  # [N, k] fp32, [N, k] int64
         if ctx is not None:
             record_routing(ctx, self.layer_idx, topk_ids)
         out = self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
