@@ -227,7 +227,8 @@ def check_calls(tok: Tokenizer, run: Run, names: set[str], parallel: bool = True
     if not parallel:
         assert len(calls) == 1
     for call, item in zip(calls, raw, strict=True):
-        assert set(item) == {"name", "arguments"}
+        assert set(item) - {"id"} == {"name", "arguments"}  # an id, when written, is v3's 9 alphanumerics
+        assert "id" not in item or (len(item["id"]) == 9 and item["id"].isalnum() and item["id"].isascii())
         assert call["name"] in names
         jsonschema.validate(call["arguments"], SCHEMAS[call["name"]])
     return calls

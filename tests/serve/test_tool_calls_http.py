@@ -49,7 +49,10 @@ def test_100_seeded_forced_and_named_calls_validate(server_factory: Any) -> None
     async def main(url: str) -> list[dict[str, Any]]:
         async with httpx.AsyncClient(base_url=url, timeout=120) as client:
             forced = [_ask(client, s, tools=TOOLS, tool_choice="any", parallel_tool_calls=False) for s in range(50)]
-            by_name = [_ask(client, 100 + s, tools=TOOLS, tool_choice=named) for s in range(50)]
+            # One call each: a random-weight model at temperature 1 can chain parallel calls past any token budget
+            # (parallel lists are covered by the grammar's own property tests in test_guided.py).
+            by_name = [_ask(client, 100 + s, tools=TOOLS, tool_choice=named, parallel_tool_calls=False)
+                       for s in range(50)]
             json_answers = [_ask(client, 200 + s, response_format={"type": "json_schema", "json_schema": {
                 "name": "v", "schema": verdict}}) for s in range(10)]
             auto = [_ask(client, 300 + s, tools=TOOLS) for s in range(10)]
@@ -62,12 +65,13 @@ def test_100_seeded_forced_and_named_calls_validate(server_factory: Any) -> None
         assert stats.num_free_blocks == stats.num_total_blocks
         metrics = httpx.get(f"{server.url}/metrics").text
     # Every forced and named request ended in a tool call, and the metric counts them under that reason.
-    counted = re.search(r'mixtral_requests_total\{finish_reason="tool_calls",[^}]*\} ([\d.]+)', metrics)
-    assert counted is not None and float(counted[1]) >= 100
     forced, by_name, json_answers, auto = results[:50], results[50:100], results[100:110], results[110:]
     assert all(_valid_calls(c, {"get_weather", "get_time"}) == 1 for c in forced)  # parallel_tool_calls=false
     assert {c["message"]["tool_calls"][0]["function"]["name"] for c in forced} == {"get_weather", "get_time"}
-    assert all(_valid_calls(c, {"get_time"}) >= 1 for c in by_name)
+    assert all(_valid_calls(c, {"get_time"}) == 1 for c in by_name)
+    # The metric counts them under the reason the API reported (auto answers may add more calls).
+    counted = re.search(r'mixtral_requests_total\{finish_reason="tool_calls",[^}]*\} ([\d.]+)', metrics)
+    assert counted is not None and float(counted[1]) >= 100, counted
     for choice in json_answers:
         assert choice["finish_reason"] == "stop"
         jsonschema.validate(json.loads(choice["message"]["content"]), verdict)

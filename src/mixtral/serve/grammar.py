@@ -2,7 +2,8 @@
 
 Output shapes the grammars allow (``<[5]>`` is the ``[TOOL_CALLS]`` control token of the v3 vocabulary):
 
-- tool call (``any`` / ``required`` / named): ``[TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]`` then EOS.
+- tool call (``any`` / ``required`` / named): ``[TOOL_CALLS] [{"name": "f", "arguments": {...}}, ...]`` then EOS;
+  each call may end with ``, "id": "<9 alphanumerics>"`` as in the v3 prompts.
   The frame uses the separators ``json.dumps`` writes, as in the prompts mistral-common encodes (what the model
   was trained on); each tool's ``arguments`` is an inline ``%json`` schema with the same compact separators.
 - ``auto``: free text (which can never contain a control token) or a tool call as above.
@@ -226,10 +227,14 @@ def lark_grammar(plan: GuidePlan, tool_calls_id: int | None) -> str:
         call_rules = []
         for k, spec in enumerate(plan.tools):
             head = _lark_str(f'{{"name": "{spec.name}", "arguments": ')
-            lines.append(f"call_{k}: {head} args_{k} " + _lark_str("}"))
+            lines.append(f"call_{k}: {head} args_{k} call_id? " + _lark_str("}"))
             lines.append(f"args_{k}: {_json_rule(spec.schema, _COMPACT_JSON)}")
             call_rules.append(f"call_{k}")
         lines.append("call: " + " | ".join(call_rules))
+        # v3 prompts carry each past call's 9-character id after its arguments (mistral-common writes them), so a
+        # model may write one too: allow it, in that exact form. The server issues its own ids either way.
+        lines.append("call_id: " + _lark_str(', "id": "') + " CALL_ID " + _lark_str('"'))
+        lines.append("CALL_ID: /[a-zA-Z0-9]{9}/")
         more = ' ("," " " call)*' if plan.parallel_tool_calls else ""
         lines.append(f'tool_calls: <[{tool_calls_id}]> " "? "[" call{more} "]"')
     start = {"required": "tool_calls", "auto": "answer | tool_calls"}.get(plan.mode, "answer")
