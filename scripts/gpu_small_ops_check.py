@@ -73,9 +73,13 @@ class Check:
 
     @staticmethod
     def within_step(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float, int]:
-        """(|out - ref| <= step * (1 + |ref|) everywhere and finite, max |out - ref|, elements not identical)."""
+        """(|out - ref| <= 2 steps * (1 + |ref|) everywhere and finite, max |out - ref|, elements not identical).
+
+        Two steps, not one: the normalised value is rounded to the dtype and then multiplied by the weight and
+        rounded again, so a one-step difference before the weight can become two after it (seen on an H100:
+        fp16, 24 of 1M elements at 2 steps)."""
         diff = (out.double() - ref.double()).abs()
-        ok = bool(torch.isfinite(out).all()) and bool((diff <= STEP[dtype] * (1 + ref.double().abs())).all())
+        ok = bool(torch.isfinite(out).all()) and bool((diff <= 2 * STEP[dtype] * (1 + ref.double().abs())).all())
         return ok and out.dtype == ref.dtype, diff.max().item(), int((out != ref).sum())
 
     def qk_inputs(self, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
