@@ -154,9 +154,11 @@ class AsyncEngine:
 
         self._num_pending_adds += 1
         self._submit(add)
-        await admitted
         finished = False
         try:
+            # Inside the try: a consumer cancelled while its request waits for admission must abort it too (the
+            # queued add still runs and would otherwise generate for nobody).
+            await admitted
             while not finished:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
@@ -166,7 +168,7 @@ class AsyncEngine:
         finally:
             if not finished:
                 # Consumer went away (cancelled / disconnected): free the request's blocks.
-                self._submit(lambda: self._abort_now(request_id))
+                self._submit(lambda: self._abort_now(request_id, stream))
 
     async def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
@@ -186,7 +188,11 @@ class AsyncEngine:
         self._commands.put(command)
         self._wake.set()
 
-    def _abort_now(self, request_id: str) -> None:
+    def _abort_now(self, request_id: str, owner: _Stream | None = None) -> None:
+        """Abort ``request_id``; with ``owner``, only if that stream still serves it (the id is not another's:
+        admission may have refused it as a duplicate, or it finished and the id was reused)."""
+        if owner is not None and self._streams.get(request_id) is not owner:
+            return
         stream = self._streams.pop(request_id, None)
         for out in self.engine.abort_request(request_id):
             if stream is not None:
