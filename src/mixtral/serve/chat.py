@@ -154,6 +154,11 @@ class ChatHandler:
         self.created = int(time.time())
         self.tool_names = [t.function.name for t in req.tools or []]
         self.top_logprobs = (req.top_logprobs or 0) if req.logprobs else 0
+        # After [/INST] (or [/TOOL_RESULTS]) the reply's first piece carries SentencePiece's word-start space
+        # ("▁Paris"), which is not part of the message: Mistral's API and `mixtral chat` drop it. A prefix
+        # message is continued instead, so there the space is real text.
+        last = req.messages[-1]
+        self.strip_space = not (isinstance(last, AssistantMessage) and last.prefix)
 
     async def run(self) -> Response:
         state, req = self.state, self.req
@@ -175,13 +180,18 @@ class ChatHandler:
         prompt_ids = encode_prompt(self.state, self.req, tools_active)
         return prompt_ids, build_request_guide(self.state, self.req, tools_active)
 
+    def _text(self, out: Any) -> str:
+        """The reply text of one output (cumulative, so streaming can diff it)."""
+        text = out.text
+        return text[1:] if self.strip_space and text.startswith(" ") else text
+
     # ---------------------------------------------------------------- non-streaming
     def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:
         calls = tool_calls_from_output(self.state.tokenizer, out.token_ids, self.tool_names) if self.tool_names \
             else None
         if calls is not None:
             return ChatMessageOut(content="", tool_calls=calls), "tool_calls"
-        return ChatMessageOut(content=out.text), finish_reason_of(out.finish_reason)
+        return ChatMessageOut(content=self._text(out)), finish_reason_of(out.finish_reason)
 
     def _response(self, final: Any, prompt_tokens: int) -> ChatCompletionResponse:
         choices = []
@@ -223,7 +233,8 @@ class ChatHandler:
                     if tool_mode[i] is None and o.token_ids:
                         tool_mode[i] = bool(self.tool_names) and starts_with_tool_call(o.token_ids, tok.tool_calls_id)
                     if tool_mode[i] is False:
-                        delta_text = o.text[len(sent_text[i]):] if o.text.startswith(sent_text[i]) else ""
+                        text = self._text(o)
+                        delta_text = text[len(sent_text[i]):] if text.startswith(sent_text[i]) else ""
                         logprobs = None
                         if self.req.logprobs and len(o.token_ids) > sent_tokens[i]:
                             logprobs = ChoiceLogprobs(content=_logprob_entries(
@@ -231,7 +242,7 @@ class ChatHandler:
                                 self.top_logprobs))
                         if delta_text or logprobs is not None:
                             pending.append((i, DeltaMessage(content=delta_text), None, logprobs))
-                            sent_text[i] = o.text
+                            sent_text[i] = text
                             sent_tokens[i] = len(o.token_ids)
                     if o.finished:
                         done[i] = True
