@@ -73,8 +73,8 @@ class SamplingParams:
             raise bad("top_k", "must be an integer >= -1 (-1 or 0 switch it off)")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "must be an integer or None")
+        if self.seed is not None and (not _is_int(self.seed) or not -(1 << 63) <= self.seed < (1 << 64)):
+            raise bad("seed", "must be None or an integer in [-2**63, 2**64) (a signed or unsigned 64-bit value)")
         if self.max_tokens is not None and (not _is_int(self.max_tokens) or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1 or None (up to the context length)")
         if not _is_int(self.min_tokens) or self.min_tokens < 0:

@@ -53,3 +53,19 @@ def test_consumer_cancelled_before_admission_does_not_leave_its_request_running(
     stats = engine.get_stats()
     # Without the abort it would generate up to max_model_len (509 tokens) for nobody.
     assert stats.num_generation_tokens < 100 and stats.num_finished_requests == 2
+
+
+def test_unsigned_64_bit_seeds_sample_like_their_signed_bits(make_engine) -> None:
+    # A seed from random.getrandbits(64) used to overflow the sampler's int64 tensor inside step().
+    def sample(seed: int) -> list[int]:
+        engine = make_engine()
+        engine.add_request("s", [1, 20, 30], SamplingParams(temperature=1.0, seed=seed, max_tokens=6, n=2))
+        return [c.token_ids for c in run_to_completion(engine)["s"].outputs]
+
+    big = sample(2**64 - 3)
+    assert big[0] == sample(-3)[0]  # the same 64 bits
+    assert big[0] != sample(3)[0]
+    assert sample(2**63)[0] == sample(-(2**63))[0]
+    for bad in (2**64, -(2**63) - 1):
+        with pytest.raises(ValueError, match=r"SamplingParams.seed .*64-bit"):
+            SamplingParams(seed=bad)

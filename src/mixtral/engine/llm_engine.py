@@ -346,7 +346,10 @@ class LLMEngine:
         if seed is None:
             return self._rng.getrandbits(63)
         # Sample 0 uses the seed itself; the others a deterministic derivative (int hashing is not salted).
-        return seed if index == 0 else hash((seed, index)) & ((1 << 63) - 1)
+        if index:
+            return hash((seed, index)) & ((1 << 63) - 1)
+        # The sampler holds seeds in int64: an unsigned 64-bit seed keeps its bits as the signed value.
+        return seed - (1 << 64) if seed >= (1 << 63) else seed
 
     # ----------------------------------------------------------------- introspection
     @property
