@@ -69,3 +69,13 @@ def test_unsigned_64_bit_seeds_sample_like_their_signed_bits(make_engine) -> Non
     for bad in (2**64, -(2**63) - 1):
         with pytest.raises(ValueError, match=r"SamplingParams.seed .*64-bit"):
             SamplingParams(seed=bad)
+
+
+def test_top_k_beyond_the_vocabulary_keeps_every_token(make_engine) -> None:
+    # top_k = 2**70 is valid (>= -1) but used to overflow the sampler's int64 settings inside step().
+    def sample(top_k: int) -> list[int]:
+        engine = make_engine()
+        engine.add_request("k", [1, 20, 30], SamplingParams(temperature=1.0, seed=11, top_k=top_k, max_tokens=6))
+        return run_to_completion(engine)["k"].outputs[0].token_ids
+
+    assert sample(2**70) == sample(-1) == sample(10**6)

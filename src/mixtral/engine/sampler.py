@@ -125,7 +125,8 @@ class Sampler:
         v = self.vocab_size
         floats = torch.tensor([[p.temperature if p.temperature > 0 else 1.0 for p in params],
                                [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32)  # [3, R]
-        ints = torch.tensor([[p.effective_top_k or v for p in params], [r.seed for r in rows],
+        # top_k >= V keeps every token, like "off" (and an unbounded one would not fit int64).
+        ints = torch.tensor([[min(p.effective_top_k or v, v) for p in params], [r.seed for r in rows],
                              [r.step for r in rows], [int(p.greedy) for p in params]], dtype=torch.int64)  # [4, R]
         n = len(rows)
         floats_d = put("sampling_floats", floats.flatten()).view(3, n)
