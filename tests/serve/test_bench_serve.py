@@ -26,6 +26,13 @@ def test_percentile() -> None:
     assert bench.percentile(list(map(float, range(101))), 99) == 99.0
 
 
+def test_bad_request_rate_is_refused_before_any_work(capsys: Any) -> None:
+    # No server is started (url is unset): the check must come first, else 0 divided the arrival gaps.
+    for rate in (0.0, -2.0, float("nan")):
+        assert bench.run(_args(request_rate=rate, concurrency=None)) == 2
+        assert "--request-rate must be > 0" in capsys.readouterr().err
+
+
 def test_bench_against_running_server(live_server: Any, tmp_path: Path, capsys: Any) -> None:
     out = tmp_path / "bench.json"
     args = _args(url=live_server.url, num_requests=6, request_rate=50.0, concurrency=None, input_len=12,

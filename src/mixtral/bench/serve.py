@@ -232,6 +232,10 @@ def run(args: argparse.Namespace) -> int:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"mixtral bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if args.request_rate is not None and not args.request_rate > 0:  # also refuses NaN
+        print(f"mixtral bench serve: --request-rate must be > 0 requests per second, got {args.request_rate}",
+              file=sys.stderr)
+        return 2
     server = None
     llm = None
     if args.url is None:
