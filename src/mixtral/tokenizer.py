@@ -23,6 +23,7 @@ from mixtral.detokenizer import BYTE, CONTROL, NORMAL, UNKNOWN, IncrementalDetok
 __all__ = ["ChatEncodingError", "IncrementalDetokenizer", "Tokenizer", "normalize_tool_call_id"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _TOOL_CALL_ID = re.compile(r"[a-zA-Z0-9]{9}")
 _BASE62 = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _ROLES = ("system", "user", "assistant", "tool")
@@ -158,7 +159,7 @@ class Tokenizer:
         """Token ids of ``text`` (with ``<s>`` first when ``bos``, ``</s>`` last when ``eos``)."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return list(self._sp.encode(text, bos=bos, eos=eos))
+        return list(self._sp.encode(scrub_surrogates(text), bos=bos, eos=eos))
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Text of ``ids``. ``skip_special=False`` renders control tokens as their pieces (``<s>``, ``[INST]``)."""
@@ -205,6 +206,7 @@ class Tokenizer:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from pydantic import ValidationError
 
+        messages, tools = scrub_surrogates(messages), scrub_surrogates(tools)
         prepared, continue_final = self._prepare_messages(messages)
         if tools and not self.supports_tools:
             raise ChatEncodingError(
@@ -261,6 +263,23 @@ class Tokenizer:
                 msg["tool_call_id"] = normalize_tool_call_id(call_id)
             prepared.append(msg)
         return prepared, continue_final
+
+
+def scrub_surrogates(value: Any) -> Any:
+    """``value`` with every lone UTF-16 surrogate in its strings (nested in lists and dicts too) replaced by
+    U+FFFD.
+
+    Python strings can hold them (a JSON ``"\\udcff"`` escape, bytes read with ``surrogateescape``) but UTF-8
+    cannot, and SentencePiece fails on them with an opaque C++ cast error; a UTF-8 decoder with
+    ``errors="replace"`` shows undecodable bytes the same way. Values without surrogates are returned as they are.
+    """
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, list):
+        return [scrub_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {k: scrub_surrogates(v) for k, v in value.items()}
+    return value
 
 
 def _check_content(content: Any, where: str) -> Any:

@@ -16,6 +16,7 @@ from mixtral.cli.generate import (
     add_model_arguments,
     add_sampling_arguments,
     load_or_report,
+    read_stdin,
     sampling_params,
     stream_text,
 )
@@ -88,8 +89,8 @@ def read_line(interactive: bool) -> str | None:
             return input(">>> ")
         except EOFError:
             return None
-    line = sys.stdin.readline()
-    return None if line == "" else line.rstrip("\n")
+    line = read_stdin(sys.stdin, line=True)
+    return None if line == "" else line.rstrip("\r\n")
 
 
 def run(args: argparse.Namespace) -> int:

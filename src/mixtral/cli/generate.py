@@ -108,8 +108,22 @@ def stream_text(llm: Any, prompt: str | Sequence[int], params: SamplingParams, o
     return text, finish_reason
 
 
+def read_stdin(stream: TextIO, line: bool = False) -> str:
+    """All of ``stream`` (or one line, with its newline; "" at end of input) as text.
+
+    Bytes that are not UTF-8 become U+FFFD instead of failing: a text stream's strict decoding would raise,
+    and under a C locale its ``surrogateescape`` strings would reach the tokenizer. Streams without a byte
+    buffer (a ``StringIO``) are read as they are.
+    """
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None:
+        return stream.readline() if line else stream.read()
+    data = buffer.readline() if line else buffer.read()
+    return data.decode("utf-8", errors="replace")
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    prompt = read_stdin(sys.stdin) if args.prompt == "-" else args.prompt
     try:
         params = sampling_params(args)
     except ValueError as exc:
