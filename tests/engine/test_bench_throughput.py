@@ -47,3 +47,14 @@ def test_percentile_interpolates() -> None:
     assert throughput.percentile([], 50) == 0.0
     assert throughput.percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
     assert throughput.percentile([5.0, 1.0], 100) == 5.0
+
+
+def test_prefix_cache_hit_rate_counts_only_the_measured_requests(tmp_path: Path) -> None:
+    # Two equal 48-token prompts, one at a time: the second finds 2 of its blocks (32 tokens) cached, so the
+    # rate is 32 / 96. The warm-up's 16-token lookup used to be counted too (32 / 112).
+    data = tmp_path / "same.jsonl"
+    line = json.dumps({"prompt_token_ids": list(range(1000, 1048)), "output_len": 2})
+    data.write_text(f"{line}\n{line}\n")
+    assert throughput.run(_args(tmp_path, "--dataset", str(data), "--max-num-seqs", "1")) == 0
+    r = json.loads((tmp_path / "out.json").read_text())["results"]
+    assert r["prefix_cache_hit_rate"] == pytest.approx(32 / 96)

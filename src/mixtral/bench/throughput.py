@@ -189,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
     while engine.has_unfinished_requests():
         engine.step()
     engine.reset_prefix_cache()
+    # The warm-up's prompt lookup must not count in the reported hit rate.
+    engine.block_manager.prefix_queries = engine.block_manager.prefix_hits = 0
 
     result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty())
     _print(result, engine)
