@@ -65,6 +65,10 @@ class ModelArgs:
             raise ConfigError(f"norm_eps must be > 0, got {self.norm_eps!r}")
         if not self.rope_theta > 0:
             raise ConfigError(f"rope_theta must be > 0, got {self.rope_theta!r}")
+        if isinstance(self.router_aux_loss_coef, bool) or not (
+            isinstance(self.router_aux_loss_coef, (int, float)) and self.router_aux_loss_coef >= 0
+        ):
+            raise ConfigError(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ConfigError(f"sliding_window must be a positive integer or None, got {self.sliding_window!r}")
         if self.tokenizer not in TOKENIZER_VERSIONS:
@@ -129,6 +133,7 @@ class ModelArgs:
             raise ConfigError(f"hidden_act={act!r} is not Mixtral's 'silu'")
         if cfg.get("tie_word_embeddings", False):
             raise ConfigError("tie_word_embeddings=true is not a Mixtral model (its lm_head is separate)")
+        _check_plain_rope(cfg)
         try:
             return cls._from_hf_fields(cfg, tokenizer)
         except TypeError as exc:  # e.g. "hidden_size": null
@@ -154,9 +159,9 @@ class ModelArgs:
             rope_theta=float(_hf_rope_theta(cfg)),
             max_seq_len=cfg.get("max_position_embeddings", 32768),
             sliding_window=cfg.get("sliding_window"),
-            router_aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02),
-            bos_id=cfg.get("bos_token_id", 1) if cfg.get("bos_token_id") is not None else 1,
-            eos_id=_first(cfg.get("eos_token_id", 2)),
+            router_aux_loss_coef=_unset_default(cfg.get("router_aux_loss_coef"), 0.02),
+            bos_id=_unset_default(cfg.get("bos_token_id"), 1),
+            eos_id=_unset_default(_first(cfg.get("eos_token_id")), 2),
             tokenizer=tokenizer or default_tokenizer_for_vocab(vocab),
         )
 
@@ -222,7 +227,7 @@ class ModelArgs:
             rope_theta=float(params.get("rope_theta", 1e6)),
             max_seq_len=params.get("max_seq_len", 32768),
             sliding_window=params.get("sliding_window"),
-            router_aux_loss_coef=params.get("router_aux_loss_coef", 0.02),
+            router_aux_loss_coef=_unset_default(params.get("router_aux_loss_coef"), 0.02),
             tokenizer=tokenizer or default_tokenizer_for_vocab(vocab),
         )
 
@@ -258,8 +263,35 @@ class ModelArgs:
         raise ConfigError(f"{folder} has neither config.json nor params.json")
 
 
-def _first(value: Any) -> int:
-    return value[0] if isinstance(value, list) else value
+def _first(value: Any) -> Any:
+    """The first of a list of ids (HF configs may list several end-of-sequence ids), or the value itself."""
+    if isinstance(value, list):
+        if not value:
+            raise ConfigError("config.json has an empty eos_token_id list")
+        return value[0]
+    return value
+
+
+def _unset_default(value: Any, default: Any) -> Any:
+    """``default`` when a config field is null (transformers writes unset fields as null)."""
+    return default if value is None else value
+
+
+def _check_plain_rope(cfg: dict[str, Any]) -> None:
+    """Mixtral uses plain RoPE; a config asking for scaled RoPE (linear, dynamic, YaRN, ...) would be silently
+    computed wrong, so it is refused. transformers 5 writes ``rope_parameters`` with ``rope_type: default``."""
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = cfg.get(key)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"config.json: {key} must be an object or null, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in (None, "default"):
+            raise ConfigError(
+                f"config.json: {key} asks for {kind!r} RoPE scaling ({rope}); Mixtral uses plain RoPE and "
+                "scaled RoPE is not implemented"
+            )
 
 
 def _hf_rope_theta(cfg: dict[str, Any]) -> float:
