@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         llm = load_engine(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # RuntimeError: a KV cache budget too small for one max_model_len sequence, an unusable device, ...
         print(f"mixtral serve: cannot load {args.model!r}: {exc}", file=sys.stderr)
         return 1
     # Admission (429) is the server's: it counts requests waiting for their first token (see serve/state.py).

@@ -1,0 +1,18 @@
+"""``mixtral serve`` refuses what it cannot serve with one line on stderr and status 1, not a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mixtral.cli import serve
+from mixtral.cli.main import build_parser
+
+
+def test_kv_budget_below_one_sequence_is_a_clean_error(capsys: Any) -> None:
+    # 64 KiB of KV cache cannot hold one 256-token sequence of the tiny model: the engine refuses to start.
+    args = build_parser("serve").parse_args(["serve", "tiny", "--device", "cpu", "--max-model-len", "256",
+                                             "--kv-cache-bytes", str(1 << 16), "--port", "1"])
+    assert serve.run(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral serve: cannot load 'tiny'") and "kv_cache_bytes=65536" in err, err
+    assert "Traceback" not in err
