@@ -148,7 +148,11 @@ class Encoder:
 
 
 def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Accept tool-call arguments as objects as well as JSON strings (mistral-common wants strings)."""
+    """Accept tool-call arguments as objects as well as JSON strings (mistral-common wants strings), and
+    OpenAI-style tool-call ids (``call_...``): they are mapped to Mistral's 9-character ids exactly as the
+    server and ``Tokenizer.encode_chat`` map them, so a model is trained on the prompts it will be served."""
+    from mixtral.tokenizer import normalize_tool_call_id
+
     out = []
     for m in messages:
         m = dict(m)
@@ -158,8 +162,13 @@ def _normalise_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 fn = dict(c["function"])
                 if not isinstance(fn.get("arguments"), str):
                     fn["arguments"] = json.dumps(fn.get("arguments", {}), ensure_ascii=False)
-                calls.append({**c, "function": fn})
+                call = {**c, "function": fn}
+                if isinstance(call.get("id"), str):
+                    call["id"] = normalize_tool_call_id(call["id"])
+                calls.append(call)
             m["tool_calls"] = calls
+        if isinstance(m.get("tool_call_id"), str):
+            m["tool_call_id"] = normalize_tool_call_id(m["tool_call_id"])
         out.append(m)
     return out
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,8 +239,17 @@ class Trainer:
         if state["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.expert_counts = state["expert_counts"]
-        self.total_steps = int(state.get("total_steps", self.cfg.max_steps))
         self.step = int(state["step"])
+        saved_max = state.get("config", {}).get("max_steps")
+        if saved_max is not None and saved_max != self.cfg.max_steps:
+            # A new --max-steps extends (or shortens) the run: the cosine schedule follows the new length.
+            self.total_steps = self.cfg.max_steps
+        else:
+            # The same run continued: keep its length, which a time limit may have lowered.
+            self.total_steps = int(state.get("total_steps", self.cfg.max_steps))
+        if self.step >= self.total_steps:
+            print(f"resumed {folder} at step {self.step}, which already reaches the run's {self.total_steps} "
+                  "steps: nothing to train (pass a larger --max-steps to continue)", file=sys.stderr)
 
     # ------------------------------------------------------------------ training
     def train_step(self) -> StepStats:
