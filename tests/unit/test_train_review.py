@@ -72,3 +72,21 @@ def test_resume_with_a_larger_max_steps_continues_the_run(packed: Path, tmp_path
     capsys.readouterr()
     again = train(_cfg(packed, tmp_path / "full2", max_steps=2, resume=str(tmp_path / "short" / "checkpoint-000002")))
     assert again.steps == [] and "nothing to train" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--preset", "tiny", "--data", "{tmp}/missing.jsonl"], "missing.jsonl not found"),
+    (["--preset", "tiny", "--model", "demo", "--data", "{tmp}/d.txt"], "exactly one of"),
+    (["--preset", "nope", "--data", "{tmp}/d.txt"], "unknown preset 'nope'"),
+    (["--preset", "tiny", "--data", "{tmp}/user_only.jsonl"], "user_only.jsonl:1"),
+])
+def test_train_cli_errors_are_one_line(tmp_path: Path, capsys, flags: list[str], message: str) -> None:
+    from mixtral.cli.main import main
+
+    (tmp_path / "d.txt").write_text("some text\n")
+    (tmp_path / "user_only.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    argv = ["train", *[f.format(tmp=tmp_path) for f in flags], "-o", str(tmp_path / "out"), "--device", "cpu",
+            "--no-progress"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral train: error: ") and message in err and "Traceback" not in err

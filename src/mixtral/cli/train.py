@@ -17,7 +17,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                     "texts ({'text': ...}), .txt files, or a packed .safetensors from --save-dataset.",
     )
     src = p.add_argument_group("what to train (exactly one)")
-    src.add_argument("--model", help="Hugging Face checkpoint folder to start from")
+    src.add_argument("--model", help="model to start from: a checkpoint folder (Hugging Face or Mistral format), "
+                     "'demo', or a Hugging Face repo id")
     src.add_argument("--preset", help="start from random weights of a named preset (e.g. tiny)")
     src.add_argument("--model-config", help="start from random weights of this config.json or params.json")
     d = p.add_argument_group("data")
@@ -40,7 +41,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "cosine decay (default: 0.1)")
     o.add_argument("--warmup-steps", type=int, default=10, help="linear warm-up steps (default: 10)")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (default: 0.1)")
-    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
+    o.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (default: 1.0; "
+                   "0 = off)")
     o.add_argument("--aux-loss-coef", type=float, help="load-balancing loss weight (default: the model "
                    "config's router_aux_loss_coef)")
     o.add_argument("--z-loss-coef", type=float, default=0.0, help="router z-loss weight (default: 0 = off)")
@@ -50,8 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     o.add_argument("--gradient-checkpointing", action="store_true", help="recompute blocks in backward to "
                    "save memory")
     o.add_argument("--seed", type=int, default=0, help="seed for init, data order and jitter (default: 0)")
-    o.add_argument("--init-std", type=float, default=0.02, help="std of random init (fresh models only)")
-    o.add_argument("--moe-path", default="grouped", help="experts implementation (default: grouped)")
+    o.add_argument("--init-std", type=float, default=0.02, help="std of random init (fresh models only; default: 0.02)")
+    o.add_argument("--moe-path", default="grouped", help="experts implementation: grouped, gather, "
+                   "reference or triton (CUDA) (default: grouped)")
     o.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     o.add_argument("--time-limit-minutes", type=float, help="stop, checkpoint and export after this long")
     lo = p.add_argument_group("LoRA")
@@ -65,14 +68,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     s = p.add_argument_group("output")
     s.add_argument("--output-dir", "-o", required=True, help="folder for checkpoints, metrics and the "
                    "final model")
-    s.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps")
-    s.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (always at "
-                   "the end)")
+    s.add_argument("--save-every", type=int, default=0, help="write a resumable checkpoint every N steps "
+                   "(default: 0, only at a --time-limit-minutes stop)")
+    s.add_argument("--eval-every", type=int, default=0, help="held-out perplexity every N steps (default: 0, only "
+                   "at the end)")
     s.add_argument("--log-every", type=int, default=10, help="log metrics every N steps (default: 10)")
     s.add_argument("--resume", help="checkpoint folder to resume from, or 'latest' in --output-dir")
     s.add_argument("--save-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
                    help="dtype of the exported model (default: bfloat16)")
-    s.add_argument("--max-shard-mb", type=float, help="split exported weights into shards of at most this size")
+    s.add_argument("--max-shard-mb", type=float, help="split exported weights into shards of at "
+                   "most this many MiB (default: 5 GiB shards)")
     s.add_argument("--no-heatmap", dest="heatmap", action="store_false", help="skip the expert-load PNG")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or log lines")
     return p
@@ -83,8 +88,12 @@ def run(args: argparse.Namespace) -> int:
     from mixtral.train.trainer import train
 
     fields = set(TrainConfig.__dataclass_fields__) - {"extra"}
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    result = train(cfg)
+    try:
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        result = train(cfg)
+    except (ValueError, FileNotFoundError) as exc:  # bad flags, data, model or checkpoint: ConfigError too
+        print(f"mixtral train: error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({"steps": len(result.steps), "eval_loss": result.eval_loss,
                       "eval_perplexity": result.eval_perplexity,
                       "model": str(result.model_dir) if result.model_dir else None,
