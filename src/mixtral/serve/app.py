@@ -67,7 +67,8 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
     llm = llm_engine_of(engine)
     tokenizer = tokenizer or llm.tokenizer
     served = ServedModel(name=served_model_name, args=llm.model_args, max_model_len=llm.config.max_model_len,
-                         supports_tools=bool(tokenizer.supports_tools), extra_aliases=list(aliases or []))
+                         supports_tools=bool(tokenizer.supports_tools), extra_aliases=list(aliases or []),
+                         max_num_seqs=getattr(llm.config, "max_num_seqs", None))
     metrics = ServerMetrics(served_model_name)
     metrics.attach_engine(llm.get_stats, getattr(llm, "expert_counts", None))
     state = ServerState(engine, tokenizer, served, settings, metrics)

@@ -166,7 +166,7 @@ class ChatHandler:
         # Encoding a long conversation and compiling a grammar take milliseconds: keep them off the event loop.
         prompt_ids, guide = await anyio.to_thread.run_sync(self._prepare, tools_active)
         params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
-                                 vocab_size=state.tokenizer.vocab_size,
+                                 vocab_size=state.tokenizer.vocab_size, max_num_seqs=state.model.max_num_seqs,
                                  logprobs=self.top_logprobs if req.logprobs else None, guide=guide)
         final = await run_request(state, self.request, prompt_ids, params, self.id, bool(req.stream), self._events)
         if isinstance(final, Response):

@@ -54,7 +54,8 @@ class CompletionHandler:
         state, req = self.state, self.req
         prompt_ids = self._prompt_ids()
         params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
-                                 vocab_size=state.tokenizer.vocab_size, logprobs=req.logprobs)
+                                 vocab_size=state.tokenizer.vocab_size, max_num_seqs=state.model.max_num_seqs,
+                                 logprobs=req.logprobs)
         self.echo = (req.prompt if isinstance(req.prompt, str) else state.tokenizer.decode(prompt_ids)) \
             if req.echo else ""
         final = await run_request(state, self.request, prompt_ids, params, self.id, bool(req.stream), self._events)

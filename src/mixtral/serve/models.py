@@ -37,6 +37,8 @@ class ServedModel:
     supports_tools: bool
     extra_aliases: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
+    # The engine's batch limit: a request's n samples run together, so n above it can never be served.
+    max_num_seqs: int | None = None
 
     @property
     def aliases(self) -> list[str]:

@@ -41,9 +41,21 @@ def check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
                        param=field)
 
 
+def check_n(n: int, max_num_seqs: int | None) -> None:
+    """400 when the request asks for more samples than the engine runs at once (they are decoded together)."""
+    if max_num_seqs is not None and n > max_num_seqs:
+        raise APIError(400, f"n={n} samples cannot run together on this server, which decodes at most "
+                            f"{max_num_seqs} sequences at once (--max-num-seqs); use n <= {max_num_seqs}",
+                       param="n", code="invalid_request")
+
+
 def sampling_params(req: _SamplingFields, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, guide: Any = None) -> SamplingParams:
-    """SamplingParams for a chat or text completion request whose prompt is ``prompt_tokens`` long."""
+                    logprobs: int | None, guide: Any = None, max_num_seqs: int | None = None) -> SamplingParams:
+    """SamplingParams for a chat or text completion request whose prompt is ``prompt_tokens`` long.
+
+    ``max_num_seqs``: the engine's batch limit, checked here so that a streaming request gets a 400 rather than
+    a 200 whose stream holds only the engine's refusal."""
+    check_n(req.n or 1, max_num_seqs)
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
     max_tokens = check_context(prompt_tokens, req.effective_max_tokens, max_model_len)
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
