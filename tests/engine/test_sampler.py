@@ -143,3 +143,26 @@ def test_sampling_params_normalise_stop() -> None:
     assert p.stop == ["###"] and p.stop_token_ids == []
     assert p.effective_top_k == 0 and SamplingParams(top_k=0).effective_top_k == 0
     assert not math.isnan(p.temperature)
+
+
+def test_all_greedy_steps_copy_no_per_row_settings_and_mixed_steps_do() -> None:
+    # Argmax reads none of temperature/top-k/top-p/min-p/seeds: an all-greedy step skips building and copying
+    # them (host time on every decode step); one random row brings them back, and greedy rows stay exact.
+    logits = _logits(3, seed=6)
+    copied: list[str] = []
+
+    def put(name: str, host: torch.Tensor) -> torch.Tensor:
+        copied.append(name)
+        return host
+
+    sampler = Sampler(V)
+    greedy = _rows([SamplingParams(temperature=0.0)] * 3)
+    t = sampler.prepare(greedy, logits.device, put)
+    assert copied == [] and t.all_greedy and t.temperature is None
+    assert sampler(logits, greedy, tensors=t).token_ids == logits.argmax(-1).tolist()
+    mixed = _rows([SamplingParams(temperature=0.0), SamplingParams(temperature=0.7, top_k=5), SamplingParams()])
+    t = sampler.prepare(mixed, logits.device, put)
+    assert copied == ["sampling_floats", "sampling_ints"] and not t.all_greedy
+    out = sampler(logits, mixed, tensors=t)
+    assert out.token_ids[0] == int(logits[0].argmax())
+    assert out.token_ids[1] in logits[1].topk(5).indices.tolist()

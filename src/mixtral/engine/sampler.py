@@ -92,16 +92,17 @@ class SamplingTensors:
     """The per-row settings of one step on the device, built before the forward pass is launched (so their
     host-to-device copies overlap it). Flags are host bools: whole stages are skipped when no row needs them."""
 
-    greedy: torch.Tensor  # [R] bool
-    temperature: torch.Tensor  # [R] f32 (1 for greedy rows)
-    top_k: torch.Tensor  # [R] int64 (V = off)
-    top_p: torch.Tensor  # [R] f32
-    min_p: torch.Tensor  # [R] f32
-    seeds: torch.Tensor  # [R] int64
-    steps: torch.Tensor  # [R] int64
     all_greedy: bool
     use_top_k_p: bool
     use_min_p: bool
+    # Read only by random sampling: None when every row is greedy (argmax needs none of them).
+    greedy: torch.Tensor | None = None  # [R] bool
+    temperature: torch.Tensor | None = None  # [R] f32 (1 for greedy rows)
+    top_k: torch.Tensor | None = None  # [R] int64 (V = off)
+    top_p: torch.Tensor | None = None  # [R] f32
+    min_p: torch.Tensor | None = None  # [R] f32
+    seeds: torch.Tensor | None = None  # [R] int64
+    steps: torch.Tensor | None = None  # [R] int64
     # Penalties (None when no row has any).
     penalties: torch.Tensor | None = None  # [3, R] f32: repetition, frequency, presence
     output_counts: torch.Tensor | None = None  # [R, V] f32
@@ -123,20 +124,23 @@ class Sampler:
         put = to_device or _plain_to_device(device)
         params = [r.params for r in rows]
         v = self.vocab_size
-        floats = torch.tensor([[p.temperature if p.temperature > 0 else 1.0 for p in params],
-                               [p.top_p for p in params], [p.min_p for p in params]], dtype=torch.float32)  # [3, R]
-        # top_k >= V keeps every token, like "off" (and an unbounded one would not fit int64).
-        ints = torch.tensor([[min(p.effective_top_k or v, v) for p in params], [r.seed for r in rows],
-                             [r.step for r in rows], [int(p.greedy) for p in params]], dtype=torch.int64)  # [4, R]
         n = len(rows)
-        floats_d = put("sampling_floats", floats.flatten()).view(3, n)
-        ints_d = put("sampling_ints", ints.flatten()).view(4, n)
-        out = SamplingTensors(
-            greedy=ints_d[3].bool(), temperature=floats_d[0], top_k=ints_d[0], top_p=floats_d[1], min_p=floats_d[2],
-            seeds=ints_d[1], steps=ints_d[2], all_greedy=all(p.greedy for p in params),
-            use_top_k_p=any(p.effective_top_k > 0 or p.top_p < 1.0 for p in params),
-            use_min_p=any(p.min_p > 0 for p in params),
-        )
+        all_greedy = all(p.greedy for p in params)
+        out = SamplingTensors(all_greedy=all_greedy,
+                              use_top_k_p=any(p.effective_top_k > 0 or p.top_p < 1.0 for p in params),
+                              use_min_p=any(p.min_p > 0 for p in params))
+        if not all_greedy:  # an all-greedy step (argmax) needs none of the per-row settings: no copies
+            floats = torch.tensor([[p.temperature if p.temperature > 0 else 1.0 for p in params],
+                                   [p.top_p for p in params], [p.min_p for p in params]],
+                                  dtype=torch.float32)  # [3, R]
+            # top_k >= V keeps every token, like "off" (and an unbounded one would not fit int64).
+            ints = torch.tensor([[min(p.effective_top_k or v, v) for p in params], [r.seed for r in rows],
+                                 [r.step for r in rows], [int(p.greedy) for p in params]],
+                                dtype=torch.int64)  # [4, R]
+            floats_d = put("sampling_floats", floats.flatten()).view(3, n)
+            ints_d = put("sampling_ints", ints.flatten()).view(4, n)
+            out.greedy, out.temperature, out.top_p, out.min_p = ints_d[3].bool(), floats_d[0], floats_d[1], floats_d[2]
+            out.top_k, out.seeds, out.steps = ints_d[0], ints_d[1], ints_d[2]
         if any(p.has_penalties for p in params):
             pen = torch.tensor([[p.repetition_penalty for p in params], [p.frequency_penalty for p in params],
                                 [p.presence_penalty for p in params]], dtype=torch.float32)  # [3, R]
@@ -174,6 +178,7 @@ class Sampler:
 
         token_ids = logits.argmax(dim=-1)  # [R] greedy choice
         if not t.all_greedy:
+            assert t.greedy is not None
             token_ids = torch.where(t.greedy, token_ids, self._sample(logits, t))
 
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [R]
@@ -211,6 +216,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, t: SamplingTensors) -> torch.Tensor:
         """Temperature, top-k, top-p, min-p, then the exponential race. Returns [R] token ids."""
+        assert t.temperature is not None and t.top_k is not None and t.top_p is not None and t.min_p is not None
+        assert t.seeds is not None and t.steps is not None
         device = logits.device
         probs = torch.softmax(logits / t.temperature[:, None], dim=-1)  # [R, V]
         if t.use_top_k_p:

@@ -122,7 +122,7 @@ class Sequence:
         return CompletionOutput(
             index=self.index,
             text=self.text[:len(self.text) - self.text_holdback] if self.text_holdback else self.text,
-            token_ids=list(self.output_token_ids),
+            token_ids=self.token_ids[self.num_prompt_tokens:],  # a slice is already a copy
             cumulative_logprob=self.cumulative_logprob if self.num_output_tokens else None,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.status.finish_reason,
