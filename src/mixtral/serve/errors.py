@@ -98,7 +98,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
     detail = []
     for e in errors[:8]:
         param = _loc_to_param(e.get("loc", ()))
-        msg = e.get("msg", "invalid value")
+        # pydantic prefixes the text of a ValueError raised by a validator; the client needs only the text.
+        msg = e.get("msg", "invalid value").removeprefix("Value error, ")
         if e.get("type") == "extra_forbidden":
             msg = "unknown field (not part of the API)"
         elif e.get("type") == "missing":

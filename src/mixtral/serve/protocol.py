@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Largest seed both SDKs can send: an unsigned 64-bit value would not fit a signed tensor.
 MAX_SEED = 2**63 - 1
@@ -277,17 +277,26 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_logprobs: bool | None = None
     top_prompt_logprobs: int | None = None
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_in_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
+        # A field validator (tools is declared first, so it is in info.data once valid), so that the 422 names
+        # tool_choice as its param.
+        if "tools" not in info.data:
+            return value  # tools itself was invalid: that error is reported
+        names = [t.function.name for t in info.data["tools"] or []]
+        if isinstance(value, NamedToolChoice) and value.function.name not in names:
+            raise ValueError(f"tool_choice names function {value.function.name!r}, which is not in tools {names}")
+        if value in ("any", "required") and not names:
+            raise ValueError(f"tool_choice={value!r} needs a non-empty 'tools' list")
+        return value
+
     @model_validator(mode="after")
     def _tools_consistent(self) -> ChatCompletionRequest:
         names = [t.function.name for t in self.tools or []]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"tools: function names must be unique, {dupes} appear more than once")
-        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
-            raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, "
-                             f"which is not in tools {names}")
-        if self.tool_choice in ("any", "required") and not names:
-            raise ValueError(f"tool_choice={self.tool_choice!r} needs a non-empty 'tools' list")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs=true")
         return self

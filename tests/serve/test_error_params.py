@@ -1,0 +1,38 @@
+"""A 422 names the offending field in ``param`` (which the openai SDK exposes as ``.param``) and its message
+carries the validator's own words, without pydantic's "Value error, " prefix."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import openai
+import pytest
+
+USER = [{"role": "user", "content": "Hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(("changes", "param", "fragment"), [
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice",
+     "tool_choice names function 'nope', which is not in tools ['get_weather']"),
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice", "not in tools []"),
+    ({"tool_choice": "any"}, "tool_choice", "tool_choice='any' needs a non-empty 'tools' list"),
+    # tools itself is invalid: that is the error reported, not a consequence of it.
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}],
+      "tool_choice": {"type": "function", "function": {"name": "bad name"}}}, "tools[0].function.name", "pattern"),
+])
+def test_422_names_the_field(live_server: Any, changes: dict[str, Any], param: str, fragment: str) -> None:
+    with live_server.client() as client:
+        resp = client.post("/v1/chat/completions", json={"model": "tiny-mixtral", "messages": USER, **changes})
+    assert resp.status_code == 422, resp.text
+    err = resp.json()
+    assert err["param"] == param and err["error"]["param"] == param, err
+    assert fragment in err["message"] and "Value error" not in err["message"], err["message"]
+
+
+def test_openai_sdk_sees_the_param(live_server: Any) -> None:
+    client = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key="k", max_retries=0)
+    with pytest.raises(openai.UnprocessableEntityError) as info:
+        client.chat.completions.create(model="tiny-mixtral", messages=USER, tools=[WEATHER],  # type: ignore[list-item]
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
+    assert info.value.param == "tool_choice" and "'nope'" in info.value.message
