@@ -36,6 +36,10 @@ class LLM:
         self.llm_engine = LLMEngine.from_config(model, device=device, dtype=dtype, **engine_kwargs)
         self.tokenizer = self.llm_engine.tokenizer
         self._ids = itertools.count()
+        # Streams share the engine: a stream's output produced by another caller's step (another stream, or
+        # generate) waits here, latest only (outputs are cumulative), until that stream asks.
+        self._streaming: set[str] = set()
+        self._mailbox: dict[str, RequestOutput] = {}
 
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams |
                  Sequence[SamplingParams] | None = None, use_tqdm: bool = True) -> list[RequestOutput]:
@@ -69,14 +73,26 @@ class LLM:
         rid = f"llm-{next(self._ids)}"
         engine = self.llm_engine
         engine.add_request(rid, prompt, sampling_params)
+        self._streaming.add(rid)
         done = False
         try:
-            while not done and engine.has_unfinished_requests():
-                for out in engine.step():
-                    if out.request_id == rid:
-                        done = out.finished
-                        yield out
+            while not done:
+                mine = self._mailbox.pop(rid, None)
+                if mine is None:
+                    if not engine.has_unfinished_requests():
+                        break
+                    for out in engine.step():
+                        if out.request_id == rid:
+                            mine = out
+                        elif out.request_id in self._streaming:
+                            self._mailbox[out.request_id] = out
+                    if mine is None:
+                        continue
+                done = mine.finished
+                yield mine
         finally:
+            self._streaming.discard(rid)
+            self._mailbox.pop(rid, None)
             if not done:
                 engine.abort_request(rid)
 
@@ -92,6 +108,8 @@ class LLM:
                         finished[out.request_id] = out
                         if progress is not None:
                             progress[0].advance(progress[1])
+                    elif out.request_id in self._streaming:  # an open stream's request finished meanwhile
+                        self._mailbox[out.request_id] = out
         finally:
             if progress is not None:
                 progress[0].stop()
