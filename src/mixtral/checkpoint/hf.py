@@ -45,6 +45,14 @@ def hf_specs(args: ModelArgs) -> list[TensorSpec]:
     return specs
 
 
+def has_hf_weights(folder: Path) -> bool:
+    """Whether ``folder`` holds or names HF weights, without checking them: an index counts even while its
+    shards are still missing (a Hub snapshot holds the index before the weights are downloaded)."""
+    if any((folder / name).is_file() for name in (SAFETENSORS_INDEX, SAFETENSORS, PICKLE_INDEX, PICKLE)):
+        return True
+    return any(True for pattern in ("model-*.safetensors", "pytorch_model-*.bin") for _ in folder.glob(pattern))
+
+
 def hf_weight_files(folder: Path) -> tuple[list[Path], dict[str, str] | None, Path | None]:
     """The weight files of an HF folder: (files, weight_map or None, index file or None).
 

@@ -66,9 +66,13 @@ def demo_folder() -> Path:
 
 
 def detect_format(folder: Path) -> Literal["hf", "mistral"]:
-    """HF when config.json is there with HF weights; else consolidated when params.json is; else by config."""
+    """HF when config.json is there with HF weights; else consolidated when params.json is; else by config.
+
+    HF weights are recognised by their names only (an index whose shards are not downloaded yet counts), so
+    a Hub repo's config-only snapshot is detected the same as the full download; the reader validates later.
+    """
     has_config, has_params = (folder / hf.CONFIG).is_file(), (folder / consolidated.PARAMS).is_file()
-    if has_config and hf.hf_weight_files(folder)[0]:
+    if has_config and hf.has_hf_weights(folder):
         return "hf"
     if has_params and consolidated.consolidated_weight_files(folder):
         return "mistral"
