@@ -44,8 +44,9 @@ def test_null_fields_take_mixtrals_defaults() -> None:
     cfg = {**MIXTRAL_8X7B_CONFIG, "bos_token_id": None, "eos_token_id": None, "router_aux_loss_coef": None}
     args = ModelArgs.from_hf_config(cfg)
     assert (args.bos_id, args.eos_id, args.router_aux_loss_coef) == (1, 2, 0.02)
-    params = ModelArgs.from_params_json({**MIXTRAL_8X22B_PARAMS, "router_aux_loss_coef": None})
-    assert params.router_aux_loss_coef == 0.02
+    params = ModelArgs.from_params_json({**MIXTRAL_8X22B_PARAMS, "router_aux_loss_coef": None, "rope_theta": None,
+                                         "sliding_window": None})
+    assert (params.router_aux_loss_coef, params.rope_theta, params.sliding_window) == (0.02, 1e6, None)
 
 
 def test_eos_list_takes_its_first_id_and_an_empty_list_is_named() -> None:

@@ -224,7 +224,7 @@ class ModelArgs:
             num_experts=moe.get("num_experts", 8),
             num_experts_per_tok=moe.get("num_experts_per_tok", 2),
             norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(params.get("rope_theta", 1e6)),
+            rope_theta=float(_unset_default(params.get("rope_theta"), 1e6)),
             max_seq_len=params.get("max_seq_len", 32768),
             sliding_window=params.get("sliding_window"),
             router_aux_loss_coef=_unset_default(params.get("router_aux_loss_coef"), 0.02),
