@@ -229,6 +229,13 @@ class _SamplingFields(_Strict):
     function_call: str | dict[str, Any] | None = None
     verbosity: str | None = None
 
+    @field_validator("stream", "ignore_eos", mode="before")
+    @classmethod
+    def _null_is_default(cls, value: Any) -> Any:
+        # OpenAI's spec makes these flags nullable and clients that serialise every field send null: it means
+        # the default (false), not a type error.
+        return False if value is None else value
+
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
@@ -277,6 +284,16 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_logprobs: bool | None = None
     top_prompt_logprobs: int | None = None
 
+    @field_validator("safe_prompt", "logprobs", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
+
+    @field_validator("parallel_tool_calls", mode="before")
+    @classmethod
+    def _null_is_true(cls, value: Any) -> Any:
+        return True if value is None else value
+
     @field_validator("tool_choice")
     @classmethod
     def _choice_in_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
@@ -314,6 +331,11 @@ class CompletionRequest(_SamplingFields):
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     suffix: str | None = None
     best_of: int | None = None
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _null_is_false(cls, value: Any) -> Any:
+        return False if value is None else value
 
     @field_validator("prompt")
     @classmethod
