@@ -68,10 +68,23 @@ def build_llm(args: argparse.Namespace) -> Any:
     return LLM(args.model, device=args.device, dtype=args.dtype)
 
 
+def check_device(device: str | None) -> None:
+    """Refuse a CUDA device on a machine without one with a ValueError that says so (torch would raise a bare
+    AssertionError from deep inside the load)."""
+    if not device:
+        return
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        why = "no CUDA GPU is visible" if torch.backends.cuda.is_built() else "this torch is built without CUDA"
+        raise ValueError(f"--device {device}: {why}; use --device cpu")
+
+
 def load_or_report(args: argparse.Namespace, command: str) -> Any | None:
     """``build_llm``, turning a model that cannot be loaded (bad name, broken checkpoint, bad device) into one
     line on stderr instead of a traceback; None then."""
     try:
+        check_device(args.device)
         return build_llm(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
         print(f"mixtral {command}: cannot load model {args.model!r}: {exc}", file=sys.stderr)

@@ -66,9 +66,16 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto``: CUDA when available, else CPU. A CUDA device that is not there is a ValueError saying so."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r} is not a torch device: {exc}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    return device
 
 
 def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
