@@ -36,3 +36,15 @@ def test_openai_sdk_sees_the_param(live_server: Any) -> None:
         client.chat.completions.create(model="tiny-mixtral", messages=USER, tools=[WEATHER],  # type: ignore[list-item]
                                        tool_choice={"type": "function", "function": {"name": "nope"}})
     assert info.value.param == "tool_choice" and "'nope'" in info.value.message
+
+
+def test_missing_v1_prefix_gets_a_hint(live_server: Any) -> None:
+    # The openai SDK with base_url="http://host:port" (no /v1) posts to /chat/completions.
+    client = openai.OpenAI(base_url=live_server.url, api_key="k", max_retries=0)
+    with pytest.raises(openai.NotFoundError, match=r"did you mean /v1/chat/completions\?"):
+        client.chat.completions.create(model="tiny-mixtral", messages=USER)  # type: ignore[arg-type]
+    with live_server.client() as http:
+        resp = http.get("/models")
+        assert resp.status_code == 404 and "did you mean /v1/models?" in resp.json()["message"]
+        resp = http.get("/v1/nothing")
+        assert resp.status_code == 404 and "did you mean" not in resp.json()["message"]

@@ -112,6 +112,18 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
                     code="invalid_request", detail=detail)
 
 
+def _v1_hint(request: Request) -> str:
+    """A pointer to the /v1 route when the client left /v1 out of its base URL (a common OpenAI SDK slip)."""
+    path = request.url.path
+    if path.startswith("/v1/"):
+        return ""
+    wanted = "/v1" + path.rstrip("/")
+    if any(getattr(route, "path", None) == wanted for route in request.app.routes):
+        return f"; did you mean {wanted}? (an OpenAI client's base_url must end in /v1; a Mistral client's " \
+               f"server_url is the server root)"
+    return ""
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Route every exception a request can raise to an error body; unknown ones are 500 and logged."""
 
@@ -130,7 +142,7 @@ def install_error_handlers(app: FastAPI) -> None:
             message = "request body could not be read as UTF-8 JSON"
         elif exc.status_code == 404:
             message = f"not found: {message}" if message != "Not Found" else \
-                f"no such endpoint: {request.method} {request.url.path}"
+                f"no such endpoint: {request.method} {request.url.path}" + _v1_hint(request)
         elif exc.status_code == 405:
             message = f"{message}: {request.method} is not allowed on {request.url.path}"
         return error_response(APIError(exc.status_code, message, headers=getattr(exc, "headers", None)))
