@@ -110,7 +110,7 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
         """The served model's Mistral model card."""
         return served.model_list()
 
-    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses=_error_responses(404))
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_error_responses(404))
     async def retrieve_model(model_id: str) -> ModelCard:
         served.resolve(model_id)
         return served.card()
