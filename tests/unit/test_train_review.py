@@ -90,3 +90,15 @@ def test_train_cli_errors_are_one_line(tmp_path: Path, capsys, flags: list[str],
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith("mixtral train: error: ") and message in err and "Traceback" not in err
+
+
+def test_a_bare_tokenizer_model_file_is_read_by_its_vocabulary(tmp_path: Path) -> None:
+    """Hub repos ship the v3 tokenizer as a bare ``tokenizer.model``: --tokenizer FILE must encode tools with it."""
+    import shutil
+
+    from mixtral.checkpoint.tokenizer_files import packaged_tokenizer
+
+    bare = tmp_path / "tokenizer.model"
+    shutil.copy(packaged_tokenizer("v3"), bare)
+    record = {"messages": _openai_chat("call_1"), "tools": [WEATHER]}
+    assert Encoder(bare).encode_chat(record) == Encoder("v3").encode_chat(record)

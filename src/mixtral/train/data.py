@@ -107,10 +107,14 @@ class Encoder:
 
         if str(tokenizer) in ("v1", "v3"):
             mt = getattr(MistralTokenizer, str(tokenizer))()
-            # Training requests end with the assistant's turn: finetuning mode validates exactly that.
-            mt._chat_completion_request_validator._mode = ValidationMode.finetuning
         else:
-            mt = MistralTokenizer.from_file(str(tokenizer), mode=ValidationMode.finetuning)
+            from mixtral.tokenizer import Tokenizer
+
+            # A file: read as the serving side reads it, so a bare ``tokenizer.model`` (as Hub repos ship it)
+            # is v3 when it has 32768 ids; mistral-common's own from_file would take it for v1.
+            mt = Tokenizer.from_file(tokenizer).mistral_tokenizer
+        # Training requests end with the assistant's turn: finetuning mode validates exactly that.
+        mt._chat_completion_request_validator._mode = ValidationMode.finetuning
         self.mistral = mt
         self.sp = mt.instruct_tokenizer.tokenizer
         self.bos_id, self.eos_id = self.sp.bos_id, self.sp.eos_id
