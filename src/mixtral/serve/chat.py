@@ -6,6 +6,9 @@ admission -> engine. Outputs that open with ``[TOOL_CALLS]`` become ``tool_calls
 ``finish_reason: "tool_calls"``; when streaming, text is sent as it is generated and a tool call is sent whole
 in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason and usage.
 
+Histories are taken as clients echo them back: an assistant turn with text beside its tool calls keeps only the
+calls (v3 prompts have no place for both); the reply's word-start space after ``[/INST]`` is not part of it.
+
 Tools on a model whose tokenizer has no tool tokens (v1, Mixtral-8x7B): with ``tool_choice: "none"`` the tools are
 dropped and the model answers in text; any other ``tool_choice`` is a 400 saying function calling needs a
 v3-tokenizer model. The model card advertises ``function_calling: false`` for such a model.
@@ -60,6 +63,11 @@ def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             d["role"] = "system"
         if isinstance(msg, AssistantMessage) and not msg.prefix:
             d.pop("prefix", None)
+        if isinstance(msg, AssistantMessage) and msg.tool_calls:
+            # OpenAI-style histories may pair text with the calls ("Let me check." + a call). The v3 format has
+            # no place for it (a turn is text or [TOOL_CALLS], and mistral-common refuses both): keep the calls,
+            # which the tool results that follow answer.
+            d.pop("content", None)
         if "content" not in d and not isinstance(msg, AssistantMessage):
             d["content"] = ""
         messages.append(d)
