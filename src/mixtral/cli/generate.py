@@ -28,6 +28,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
                    help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--max-model-len", type=int, default=None, metavar="N",
+                   help="longest prompt + reply in tokens (default: the model's context length, as the KV cache "
+                        "allows); lower it when the KV cache does not fit")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -65,7 +68,9 @@ def build_llm(args: argparse.Namespace) -> Any:
     """The ``mixtral.LLM`` the flags name."""
     from mixtral import LLM
 
-    return LLM(args.model, device=args.device, dtype=args.dtype)
+    max_model_len = getattr(args, "max_model_len", None)
+    engine_kwargs = {} if max_model_len is None else {"max_model_len": max_model_len}
+    return LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
 
 
 def check_device(device: str | None) -> None:
