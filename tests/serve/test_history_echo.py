@@ -27,3 +27,24 @@ def test_text_beside_tool_calls_is_accepted(live_server: Any) -> None:
             prompt_tokens.append(resp.json()["usage"]["prompt_tokens"])
         assert len(set(prompt_tokens)) == 1, prompt_tokens  # the same prompt whatever the text was
     live_server.wait_idle()
+
+
+def test_empty_reply_sent_back_is_accepted(live_server: Any) -> None:
+    # The server answers "" when the model stops at once; a client that sends the history back must not get a 400.
+    with live_server.client() as client:
+        def prompt_tokens(messages: list[dict[str, Any]]) -> int:
+            resp = client.post("/v1/chat/completions", json={"model": "tiny-mixtral", "messages": messages,
+                                                             "max_tokens": 2})
+            assert resp.status_code == 200, resp.text
+            return resp.json()["usage"]["prompt_tokens"]
+
+        merged = prompt_tokens([{"role": "user", "content": "Hi"}, {"role": "user", "content": "Still there?"}])
+        for empty in ("", None, []):
+            assert prompt_tokens([{"role": "user", "content": "Hi"},
+                                  {"role": "assistant", "content": empty, "prefix": False},
+                                  {"role": "user", "content": "Still there?"}]) == merged
+        # As the last message it is still a conversation that ends with the assistant: refused, as before.
+        resp = client.post("/v1/chat/completions", json={"model": "tiny-mixtral", "messages": [
+            {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]})
+        assert resp.status_code == 400 and resp.json()["param"] == "messages"
+    live_server.wait_idle()

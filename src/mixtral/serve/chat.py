@@ -7,7 +7,8 @@ admission -> engine. Outputs that open with ``[TOOL_CALLS]`` become ``tool_calls
 in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason and usage.
 
 Histories are taken as clients echo them back: an assistant turn with text beside its tool calls keeps only the
-calls (v3 prompts have no place for both); the reply's word-start space after ``[/INST]`` is not part of it.
+calls (v3 prompts have no place for both), and an empty assistant turn before the last message is skipped. The
+reply's word-start space after ``[/INST]`` is not part of it.
 
 Tools on a model whose tokenizer has no tool tokens (v1, Mixtral-8x7B): with ``tool_choice: "none"`` the tools are
 dropped and the model answers in text; any other ``tool_choice`` is a 400 saying function calling needs a
@@ -42,6 +43,7 @@ from mixtral.serve.protocol import (
     NamedToolChoice,
     SystemMessage,
     UsageInfo,
+    content_text,
 )
 from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
@@ -57,7 +59,13 @@ def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
     messages = []
     if req.safe_prompt:
         messages.append({"role": "system", "content": SAFE_PROMPT})
-    for msg in req.messages:
+    last = len(req.messages) - 1
+    for index, msg in enumerate(req.messages):
+        if (isinstance(msg, AssistantMessage) and index < last and not msg.tool_calls and not msg.prefix
+                and not content_text(msg.content)):
+            # An empty reply (the model stopped at once) that the client sends back: it says nothing, and
+            # mistral-common cannot encode an empty turn; the user turns around it are read as one.
+            continue
         d = msg.model_dump(exclude_none=True)
         if isinstance(msg, SystemMessage):
             d["role"] = "system"
