@@ -149,12 +149,13 @@ class Tokenizer:
             tokenizer = cls.from_file(tokenizer_file, version=source.args.tokenizer)
         else:
             tokenizer = cls.from_version(source.args.tokenizer)
-        if tokenizer.vocab_size > source.args.vocab_size:
+        model_vocab = getattr(source.args, "vocab_size", None)
+        if model_vocab is not None and tokenizer.vocab_size > model_vocab:
             # e.g. a v3 tokenizer file dropped into an 8x7B folder: its ids past the model's rows would crash
             # the embedding, and the ids below them mean other words (v3 ids are v1's + 768).
             raise ValueError(
                 f"the {tokenizer.version} tokenizer {tokenizer_file or '(packaged)'} has {tokenizer.vocab_size} ids "
-                f"but the model {getattr(source, 'name', '')!r} has a vocabulary of {source.args.vocab_size}: they "
+                f"but the model {getattr(source, 'name', '')!r} has a vocabulary of {model_vocab}: they "
                 "do not belong together; put the model's own tokenizer file in its folder"
             )
         return tokenizer
