@@ -48,3 +48,13 @@ def test_missing_v1_prefix_gets_a_hint(live_server: Any) -> None:
         assert resp.status_code == 404 and "did you mean /v1/models?" in resp.json()["message"]
         resp = http.get("/v1/nothing")
         assert resp.status_code == 404 and "did you mean" not in resp.json()["message"]
+
+
+@pytest.mark.parametrize("prompt", [["Hi", "Bye"], ["Hi"], [[1, 2], [3]]])
+def test_batched_completion_prompt_is_one_clear_422(live_server: Any, prompt: Any) -> None:
+    with live_server.client() as http:
+        resp = http.post("/v1/completions", json={"model": "tiny-mixtral", "prompt": prompt, "max_tokens": 2})
+    assert resp.status_code == 422
+    err = resp.json()
+    assert err["param"] == "prompt" and "batched prompts" in err["message"], err
+    assert "valid integer" not in err["message"], err["message"]

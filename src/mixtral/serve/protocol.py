@@ -337,6 +337,15 @@ class CompletionRequest(_SamplingFields):
     def _null_is_false(cls, value: Any) -> Any:
         return False if value is None else value
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_prompt(cls, value: Any) -> Any:
+        # OpenAI also takes a batch (a list of strings or of id lists); say so rather than listing type errors.
+        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
+            raise ValueError(f"batched prompts (a list of {len(value)} strings or token-id lists) are not supported; "
+                             f"send one prompt (a string or one list of token ids) per request")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _non_empty(cls, value: str | list[int]) -> str | list[int]:
