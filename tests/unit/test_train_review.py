@@ -102,3 +102,14 @@ def test_a_bare_tokenizer_model_file_is_read_by_its_vocabulary(tmp_path: Path) -
     shutil.copy(packaged_tokenizer("v3"), bare)
     record = {"messages": _openai_chat("call_1"), "tools": [WEATHER]}
     assert Encoder(bare).encode_chat(record) == Encoder("v3").encode_chat(record)
+
+
+def test_data_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
+    text = tmp_path / "d.txt"
+    text.write_text("Some words to train on.\n")
+    with pytest.raises(ValueError, match="32768 ids but the model's vocabulary has 32000"):
+        train(_cfg(text, tmp_path / "a", preset="tiny-v1", tokenizer="v3", max_steps=1))
+    packed = tmp_path / "v3.safetensors"
+    save_packed(pack([([1, 32500, 2], [CONTEXT, TARGET, TARGET])], seq_len=8), packed)
+    with pytest.raises(ValueError, match="token id 32500, outside the model's vocabulary of 32000"):
+        train(_cfg(packed, tmp_path / "b", preset="tiny-v1", max_steps=1))

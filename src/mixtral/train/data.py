@@ -254,16 +254,29 @@ def load_packed(path: str | Path) -> PackedDataset:
     return PackedDataset(t["tokens"].to(torch.int64), t["codes"].to(torch.uint8))
 
 
-def build_dataset(paths: Sequence[str | Path], seq_len: int, tokenizer: str | Path = "v3") -> PackedDataset:
-    """Files -> one PackedDataset. Packed .safetensors inputs are concatenated as they are (same seq_len)."""
+def build_dataset(paths: Sequence[str | Path], seq_len: int, tokenizer: str | Path = "v3",
+                  vocab_size: int | None = None) -> PackedDataset:
+    """Files -> one PackedDataset. Packed .safetensors inputs are concatenated as they are (same seq_len).
+
+    ``vocab_size`` (the model's): refuse a tokenizer with more ids, or data holding an id the model lacks. A v3
+    tokenizer on a v1 model would otherwise train on ids that mean other words (v3 ids are v1's + 768).
+    """
     packed = [load_packed(p) for p in paths if Path(p).suffix == ".safetensors"]
     raw = [p for p in paths if Path(p).suffix != ".safetensors"]
     parts = list(packed)
     if raw:
-        parts.append(pack(read_documents(raw, Encoder(tokenizer)), seq_len))
+        encoder = Encoder(tokenizer)
+        if vocab_size is not None and encoder.sp.n_words > vocab_size:
+            raise ValueError(f"tokenizer {tokenizer} has {encoder.sp.n_words} ids but the model's vocabulary has "
+                             f"{vocab_size}; use the model's own tokenizer (--tokenizer)")
+        parts.append(pack(read_documents(raw, encoder), seq_len))
     if not parts:
         raise ValueError("no training data files given")
     lens = {p.seq_len for p in parts}
     if len(lens) != 1:
         raise ValueError(f"packed datasets have different window lengths {sorted(lens)}; use one --seq-len")
-    return PackedDataset(torch.cat([p.tokens for p in parts]), torch.cat([p.codes for p in parts]))
+    data = PackedDataset(torch.cat([p.tokens for p in parts]), torch.cat([p.codes for p in parts]))
+    if vocab_size is not None and len(data) and int(data.tokens.max()) >= vocab_size:
+        raise ValueError(f"the training data holds token id {int(data.tokens.max())}, outside the model's vocabulary "
+                         f"of {vocab_size}; was it encoded with another model's tokenizer?")
+    return data

@@ -189,7 +189,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, self.total_steps, cfg.min_lr_ratio))
         self.aux_coef = self.model.args.router_aux_loss_coef if cfg.aux_loss_coef is None else cfg.aux_loss_coef
         self.autocast = cfg.bf16
-        data = build_dataset(cfg.data, cfg.seq_len, cfg.tokenizer or self.model.args.tokenizer)
+        data = build_dataset(cfg.data, cfg.seq_len, cfg.tokenizer or self.model.args.tokenizer,
+                             vocab_size=self.model.args.vocab_size)
         if cfg.save_dataset:
             save_packed(data, cfg.save_dataset)
         self.train_ds, self.eval_ds = data.split(cfg.eval_fraction, seed=cfg.seed) if cfg.eval_fraction else (
