@@ -57,3 +57,27 @@ def test_bench_in_process_with_offline_baseline(tiny_hf_checkpoint: Path, tmp_pa
     assert report["failed"] == 0 and report["offline_wall_s"] > 0
     assert report["server_overhead_pct"] == 100 * (report["wall_s"] / report["offline_wall_s"] - 1)
     assert sum(r["output_tokens"] for r in report["results"]) == 8 * 6
+
+
+def test_steps_without_text_still_time_tokens() -> None:
+    """A token that completes no character yet (byte fallback) is still a step: TTFT + one ITL per later token."""
+    import asyncio
+
+    import httpx2 as httpx
+
+    events = [{"choices": [{"index": 0, "text": "a", "finish_reason": None}]},
+              {"choices": [{"index": 0, "text": "", "finish_reason": None}]},  # first byte of a 2-byte character
+              {"choices": [{"index": 0, "text": "é", "finish_reason": None}]},
+              {"choices": [{"index": 0, "text": "b", "finish_reason": "length"}],
+               "usage": {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}}]
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+
+    async def main() -> Any:
+        transport = httpx.MockTransport(lambda request: httpx.Response(
+            200, content=body.encode(), headers={"content-type": "text/event-stream"}))
+        async with httpx.AsyncClient(transport=transport, base_url="http://bench") as client:
+            return await bench._one_request(client, "m", [5, 6], 4)
+
+    result = asyncio.run(main())
+    assert result.ok and result.output_tokens == 4
+    assert result.ttft > 0 and len(result.itls) == 3, result

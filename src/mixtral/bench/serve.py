@@ -89,6 +89,7 @@ async def _one_request(client: Any, model: str, prompt: list[int], output_len: i
     start = time.perf_counter()
     last = start
     result = RequestResult(ok=False)
+    finished = False
     try:
         async with client.stream("POST", "/v1/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -105,12 +106,16 @@ async def _one_request(client: Any, model: str, prompt: list[int], output_len: i
                 now = time.perf_counter()
                 if chunk.get("usage"):
                     result.output_tokens = chunk["usage"]["completion_tokens"]
-                if any(c.get("text") for c in chunk.get("choices", [])):
+                choices = chunk.get("choices", [])
+                # Each chunk before the finish is one engine step, even one whose token shows no text yet (part
+                # of a character spelled by several byte tokens): timing only chunks with text would merge gaps.
+                if choices and not finished:
                     if result.ttft == 0.0:
                         result.ttft = now - start
                     else:
                         result.itls.append(now - last)
                     last = now
+                finished = finished or any(c.get("finish_reason") for c in choices)
     except httpx.HTTPError as exc:
         result.error = f"{type(exc).__name__}: {exc}"
         return result
