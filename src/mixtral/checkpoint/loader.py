@@ -110,6 +110,8 @@ def resolve(name_or_path: str | Path) -> ModelSource:
     name = str(name_or_path)
     if name.strip() and path.is_dir():  # "" would otherwise mean the current directory
         return resolve_folder(path)
+    if path.is_file():  # config.json or a weight file: the loader wants the folder holding them
+        raise CheckpointError(f"{name!r} is a file; pass the model folder that holds it ({path.parent})")
     if isinstance(name_or_path, str):
         if name in PRESETS:
             args = PRESETS[name]
