@@ -113,3 +113,20 @@ def test_data_from_another_vocabulary_is_refused(tmp_path: Path) -> None:
     save_packed(pack([([1, 32500, 2], [CONTEXT, TARGET, TARGET])], seq_len=8), packed)
     with pytest.raises(ValueError, match="token id 32500, outside the model's vocabulary of 32000"):
         train(_cfg(packed, tmp_path / "b", preset="tiny-v1", max_steps=1))
+
+
+def test_resume_refuses_a_checkpoint_of_another_kind(packed: Path, tmp_path: Path) -> None:
+    """LoRA checkpoints resume only with the same rank and targets (in any order); full ones only without LoRA."""
+    lora = dict(lora_rank=2, lora_targets=("wqkv", "wo"), save_every=1, max_steps=1)
+    train(_cfg(packed, tmp_path / "lora", **lora))
+    train(_cfg(packed, tmp_path / "full", save_every=1, max_steps=1))
+    lora_ckpt, full_ckpt = str(tmp_path / "lora" / "checkpoint-000001"), str(tmp_path / "full" / "checkpoint-000001")
+    with pytest.raises(ValueError, match="rank 2 on wqkv wo, but this run asks for rank 4"):
+        train(_cfg(packed, tmp_path / "r1", **{**lora, "lora_rank": 4}, resume=lora_ckpt))
+    with pytest.raises(ValueError, match="is a LoRA checkpoint"):
+        train(_cfg(packed, tmp_path / "r2", resume=lora_ckpt))
+    with pytest.raises(ValueError, match="is a full fine-tuning checkpoint"):
+        train(_cfg(packed, tmp_path / "r3", **lora, resume=full_ckpt))
+    resumed = train(_cfg(packed, tmp_path / "r4", **{**lora, "lora_targets": ("wo", "wqkv"), "max_steps": 2},
+                         resume=lora_ckpt))
+    assert len(resumed.steps) == 1

@@ -79,7 +79,8 @@ class TrainConfig:
         bad = sorted(set(self.lora_targets) - set(TARGETS))
         if bad:
             raise ValueError(f"unknown LoRA target(s) {bad}; choose from {sorted(TARGETS)}")
-        self.lora_targets = tuple(self.lora_targets)
+        # One canonical order, whatever the flag order: adapter and optimizer-state layouts then match on resume.
+        self.lora_targets = tuple(t for t in TARGETS if t in self.lora_targets)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -230,6 +230,7 @@ class Trainer:
             folder = found[-1]
         if not (folder / STATE_FILE).is_file():
             raise FileNotFoundError(f"{folder} is not a training checkpoint (no {STATE_FILE})")
+        self._check_resume_kind(folder)
         state = torch.load(folder / STATE_FILE, map_location="cpu", weights_only=False)
         if self.lora:
             from safetensors.torch import load_file
@@ -258,6 +259,25 @@ class Trainer:
         if self.step >= self.total_steps:
             print(f"resumed {folder} at step {self.step}, which already reaches the run's {self.total_steps} "
                   "steps: nothing to train (pass a larger --max-steps to continue)", file=sys.stderr)
+
+    def _check_resume_kind(self, folder: Path) -> None:
+        """A LoRA checkpoint resumes only as LoRA with the same rank and targets, a full one only as full."""
+        saved = folder / "adapter_config.json"
+        if self.lora is None:
+            if saved.is_file():
+                meta = json.loads(saved.read_text())
+                raise ValueError(f"{folder} is a LoRA checkpoint (rank {meta.get('rank')}, targets "
+                                 f"{' '.join(meta.get('targets', []))}): resume it with those --lora-rank and "
+                                 "--lora-targets")
+            return
+        if not saved.is_file():
+            raise ValueError(f"{folder} is a full fine-tuning checkpoint: resume it without --lora-rank")
+        meta = json.loads(saved.read_text())
+        want = (self.lora.rank, list(self.lora.targets))
+        if (meta.get("rank"), sorted(meta.get("targets", []))) != (want[0], sorted(want[1])):
+            raise ValueError(f"{folder} holds LoRA adapters of rank {meta.get('rank')} on "
+                             f"{' '.join(meta.get('targets', []))}, but this run asks for rank {want[0]} on "
+                             f"{' '.join(want[1])}; pass the checkpoint's --lora-rank and --lora-targets")
 
     # ------------------------------------------------------------------ training
     def train_step(self) -> StepStats:
