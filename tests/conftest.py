@@ -12,9 +12,11 @@ run, so a landing never hinges on a lucky draw. Locally they draw fresh examples
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import settings
 
 settings.register_profile("ci", derandomize=True)
@@ -24,6 +26,15 @@ if os.environ.get("CI"):
 TINY_PRESET = "tiny"
 TINY_SEED = 0
 TINY_STD = 0.1
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: on a busy 2-core box OpenMP's thread wake-ups cost ~20x."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,6 @@ with its v3 tokenizer file), loaded by both sides from the same files.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 NUM_TOKENS = 40
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread (OpenMP wake-ups dominate on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tests/conftest.py says why
 
 
 @pytest.fixture(scope="module")

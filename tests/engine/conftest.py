@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 from engine_testing import assert_no_leaks, build_tiny_model
 
 from mixtral.engine.config import EngineConfig
@@ -20,12 +19,8 @@ from mixtral.tokenizer import Tokenizer
 
 
 @pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: on a busy 2-core box OpenMP's thread wake-ups cost ~20x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_torch_thread(single_torch_thread: None) -> None:
+    """Every engine test runs on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="session")
