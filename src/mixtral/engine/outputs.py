@@ -56,7 +56,8 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     """The state of one request after an engine step. ``num_cached_tokens``: prompt tokens whose KV came
-    from the prefix cache instead of being computed."""
+    from the prefix cache instead of being computed. ``prompt_token_ids`` is the same list in every output of
+    a request (as in vLLM): read it, don't modify it."""
 
     request_id: str
     prompt: str | None

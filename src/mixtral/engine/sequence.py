@@ -159,7 +159,9 @@ class SequenceGroup:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
+            # Shared, not copied: a step's outputs would otherwise copy every long prompt again (O(prompt) host
+            # work per request per step). The engine never changes it after admission.
+            prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
             outputs=[s.completion() for s in sorted(self.seqs, key=lambda s: s.index)],
             finished=self.is_finished,
