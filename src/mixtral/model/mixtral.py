@@ -30,13 +30,24 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args, layer_idx)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        attn_out = self.attention(self.attention_norm(x), cos, sin, ctx)  # [N, D]
-        # h = x + attn_out, then ffn_norm(h): one kernel on CUDA at inference (kernels/ops.py add_rms_norm).
-        normed, h = ops.add_rms_norm(x, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block's input hidden state is ``x + residual`` (just ``x`` when ``residual`` is None).
+
+        Returns (moe_out, h, router_logits): the block's output hidden state is ``h + moe_out``, left unsummed
+        so the next block (or the final norm) adds it inside its norm kernel: one launch and one [N, D] round
+        trip less per layer. The sums are the same bf16 additions as summing here, so results are identical.
+        """
+        if residual is None:
+            h = x
+            normed = self.attention_norm(x)
+        else:
+            normed, h = ops.add_rms_norm(x, residual, self.attention_norm.weight, self.attention_norm.eps)
+        attn_out = self.attention(normed, cos, sin, ctx)  # [N, D]
+        # h = h + attn_out, then ffn_norm(h): one kernel on CUDA at inference (kernels/ops.py add_rms_norm).
+        normed, h = ops.add_rms_norm(h, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
         moe_out, router_logits = self.feed_forward(normed, ctx)
-        return h + moe_out, router_logits
+        return moe_out, h, router_logits
 
 
 class Transformer(nn.Module):
@@ -68,16 +79,19 @@ class Transformer(nn.Module):
                        router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [N] -> final-normed hidden states [N, D]. Appends each layer's [N, E] router logits to
         ``router_logits`` when a list is given (training's aux loss)."""
-        h = self.tok_embeddings(tokens)  # [N, D]
-        cos, sin = rope_cos_sin(ctx.positions, self.args.head_dim, self.args.rope_theta, h.dtype)  # [N, hd]
+        x = self.tok_embeddings(tokens)  # [N, D]
+        cos, sin = rope_cos_sin(ctx.positions, self.args.head_dim, self.args.rope_theta, x.dtype)  # [N, hd]
+        residual: torch.Tensor | None = None  # hidden state = x + residual (see TransformerBlock.forward)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                h, logits = checkpoint(layer, h, cos, sin, ctx, use_reentrant=False)
+                x, residual, logits = checkpoint(layer, x, cos, sin, ctx, residual, use_reentrant=False)
             else:
-                h, logits = layer(h, cos, sin, ctx)
+                x, residual, logits = layer(x, cos, sin, ctx, residual)
             if router_logits is not None:
                 router_logits.append(logits)
-        return self.norm(h)
+        if residual is None:  # no layers
+            return self.norm(x)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> logits [..., V] in the model dtype."""
