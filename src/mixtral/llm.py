@@ -61,12 +61,19 @@ class LLM:
     def chat(self, messages: Messages | Sequence[Messages], sampling_params: SamplingParams |
              Sequence[SamplingParams] | None = None, tools: list[dict[str, Any]] | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate the assistant's reply to one conversation or a list of them (mistral-common encoding)."""
+        """Generate the assistant's reply to one conversation or a list of them (mistral-common encoding).
+
+        Each output's ``prompt`` is the rendered chat prompt the model saw, control tokens shown
+        (``"<s>[INST] Hi[/INST]"``), as vLLM's ``LLM.chat`` returns its templated prompt string."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer; this engine has none")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         prompts = [self.tokenizer.encode_chat(list(conv), tools) for conv in conversations]  # type: ignore[arg-type]
-        return self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        # The engine got token ids, so it knows no prompt text; the ids decode back to the rendered template.
+        for out in outputs:
+            out.prompt = self.tokenizer.decode(out.prompt_token_ids, skip_special=False)
+        return outputs
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         """Run one request, yielding its cumulative output after every step that advanced it."""
