@@ -5,7 +5,8 @@ CUDA tensor with Triton importable the Triton kernel runs, anywhere else the ref
 without Triton). ``MIXTRAL_KERNELS=reference`` forces the reference everywhere (debugging a kernel).
 Callers (model/moe.py, engine/model_runner.py) import only this module.
 
-``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``.
+``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``; at large token
+counts on sm90+ it hands over to the CUTLASS grouped GEMMs of ``kernels/grouped_mm_moe.py``.
 
 The small ops around the big kernels (``rms_norm``, ``add_rms_norm``, ``rope_qk``, ``route_topk``) have
 Triton kernels without a backward: they run only where autograd records nothing (inference mode, no_grad,
@@ -65,11 +66,39 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                sliding_window)
 
 
+# From this many tokens on, fused_moe runs the experts as CUTLASS grouped GEMMs (kernels/grouped_mm_moe.py)
+# where that path is fast (sm90/sm100, bf16, aligned D and F); below it the Triton kernel, which reads only
+# the experts hit and wins at decode sizes. Set from scripts/gpu_moe_prefill.py on an H100.
+GROUPED_MM_MIN_TOKENS = 512
+
+
+def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether ``fused_moe`` takes the grouped-GEMM path for these operands (the caller checked CUDA/Triton).
+
+    ``MIXTRAL_MOE_GROUPED_MM=1`` takes it at any token count, ``=0`` never (benchmarking); unset, from
+    ``GROUPED_MM_MIN_TOKENS`` tokens on. Either way only where ``_grouped_mm`` has its CUTLASS fast path
+    and accepts the layout; otherwise the Triton kernel runs.
+    """
+    forced = os.environ.get("MIXTRAL_MOE_GROUPED_MM", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"MIXTRAL_MOE_GROUPED_MM={forced!r}: use 1 (always), 0 (never) or leave it unset")
+    if forced == "0" or (forced == "" and x.shape[0] < GROUPED_MM_MIN_TOKENS):
+        return False
+    from mixtral.kernels import grouped_mm_moe
+
+    return grouped_mm_moe.device_problem(x) is None and grouped_mm_moe.layout_problem(x, w13, w2) is None
+
+
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """The experts of a MoE layer: x [N, D], w13 [E, 2F, D], w2 [E, D, F], topk_weights [N, k] fp32,
-    topk_ids [N, k] global ids -> [N, D]. The Triton fused kernel on CUDA, ``moe_reference`` elsewhere."""
+    topk_ids [N, k] global ids -> [N, D]. On CUDA the CUTLASS grouped GEMMs at large token counts
+    (``use_grouped_mm``), else the Triton fused kernel; ``moe_reference`` elsewhere."""
     if use_triton(x):
+        if use_grouped_mm(x, w13, w2):
+            from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
+
+            return grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
         from mixtral.kernels.triton.fused_moe import fused_moe as fused_moe_triton
 
         return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral.kernels import ops
+from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
 from mixtral.kernels.reference import moe_reference
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import record_routing
@@ -76,6 +77,8 @@ EXPERT_PATHS: dict[str, ExpertsFn] = {
     "gather": moe_gather,
     # The fused Triton kernel on CUDA (kernels/triton/fused_moe.py), the reference elsewhere.
     "triton": ops.fused_moe,
+    # Two CUTLASS grouped GEMMs via torch._grouped_mm (kernels/grouped_mm_moe.py): prefill-sized batches.
+    "grouped_mm": grouped_mm_moe,
 }
 
 

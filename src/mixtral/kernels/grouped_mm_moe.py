@@ -1,0 +1,145 @@
+"""MoE experts as two CUTLASS grouped GEMMs (``torch._grouped_mm``): the prefill path at large token counts.
+
+Same contract as ``reference.moe_reference`` and the Triton ``fused_moe``: x [N, D], w13 [E_local, 2F, D]
+(w1 rows then w3 rows), w2 [E_local, D, F], topk_weights [N, k] fp32, topk_ids [N, k] global expert ids;
+pairs whose expert lives on another expert-parallel rank add nothing.
+
+Steps, all on the device and without a host sync (so a prefill step never waits on the CPU):
+1. key each (token, slot) pair by its local expert, other ranks' pairs by E_local (they sort last);
+   a stable sort gives the pair order, ``searchsorted`` the int32 end row of each expert's group;
+2. gather x rows into that order and run ``_grouped_mm`` against w13^T: [P, D] x [E, D, 2F] -> [P, 2F];
+   rows past the last local group (other ranks' pairs) are never multiplied and stay uninitialised;
+3. SiLU(gate) * up in fp32, rounded once (Triton on CUDA, PyTorch elsewhere);
+4. ``_grouped_mm`` against w2^T: [P, F] x [E, F, D] -> [P, D];
+5. gather rows back to (token, slot) order, scale by the fp32 weight, drop other ranks' rows with a select
+   (their memory may hold NaN, and NaN * 0 is NaN), sum the k slots in fp32 and round once.
+
+Where it is fast: on sm90 / sm100 with bf16 operands PyTorch runs CUTLASS's grouped GEMM (TMA, warp
+specialised). Anywhere else ``_grouped_mm`` loops over the groups after copying the offsets to the host, which
+is correct but syncs; ``ops.fused_moe`` only dispatches here where the fast path applies (see
+``device_problem``). CUTLASS's TMA needs 16-byte aligned strides, so D and F must be multiples of 8 bf16
+elements (``layout_problem``); the Mixtral shapes are.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+
+def _check_contract(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                    topk_ids: torch.Tensor) -> None:
+    """ValueError naming the bad shape when the inputs do not fit the experts contract."""
+    if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"grouped_mm_moe: expected x [N, D], w13 [E, 2F, D], w2 [E, D, F]; got x "
+                         f"{tuple(x.shape)}, w13 {tuple(w13.shape)}, w2 {tuple(w2.shape)}")
+    n, d = x.shape
+    e, two_f, d13 = w13.shape
+    if d13 != d or two_f % 2 or tuple(w2.shape) != (e, d, two_f // 2):
+        raise ValueError(f"grouped_mm_moe: x {tuple(x.shape)}, w13 {tuple(w13.shape)} and w2 {tuple(w2.shape)} "
+                         "do not fit x [N, D], w13 [E, 2F, D], w2 [E, D, F]")
+    if topk_ids.dim() != 2 or topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != n:
+        raise ValueError(f"grouped_mm_moe: topk_ids {tuple(topk_ids.shape)} and topk_weights "
+                         f"{tuple(topk_weights.shape)} must both be [N={n}, k]")
+
+
+def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> str | None:
+    """Why ``_grouped_mm`` would refuse these operands (None when it takes them).
+
+    It needs one dtype for all three, 16-byte aligned row strides and group strides (D and F multiples of
+    16 / element size, e.g. 8 for bf16), weights contiguous in their last dim, and 16-byte aligned weight
+    storage (CUTLASS builds a TMA descriptor per expert from base + e * stride).
+    """
+    if not (x.dtype == w13.dtype == w2.dtype):
+        return f"x, w13 and w2 must share one dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {x.dtype} is not one _grouped_mm multiplies (bf16, fp16, fp32)"
+    size = x.element_size()
+    align = 16 // size
+    d, f = x.shape[1], w2.shape[2]
+    if d % align or f % align:
+        return (f"D={d} and F={f} must be multiples of {align} ({x.dtype}: 16-byte aligned strides for "
+                "CUTLASS's TMA loads)")
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.stride(-1) != 1 or w.stride(1) % align or w.stride(0) % align:
+            return f"{name} strides {w.stride()} must be contiguous in the last dim and 16-byte aligned"
+        if w.is_cuda and w.data_ptr() % 16:
+            return f"{name} storage starts at an address that is not 16-byte aligned"
+    return None
+
+
+@functools.lru_cache(maxsize=16)
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def device_problem(x: torch.Tensor) -> str | None:
+    """Why ``_grouped_mm`` would not take its CUTLASS fast path for x's device and dtype (None when it does).
+
+    The fast path is bf16 on compute capability 9.x or 10.x; elsewhere PyTorch copies the group offsets to
+    the host and loops over experts, a sync in the middle of every layer.
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no _grouped_mm"
+    if not x.is_cuda:
+        return f"x lives on {x.device}, the CUTLASS grouped GEMM is CUDA only"
+    major, minor = _capability(x.device)
+    if major not in (9, 10):
+        return f"compute capability {major}.{minor}: the CUTLASS grouped GEMM is built for 9.x and 10.x"
+    if x.dtype != torch.bfloat16:
+        return f"dtype {x.dtype}: the CUTLASS grouped GEMM is bf16 only"
+    return None
+
+
+def silu_mul(h: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor:
+    """h [P, 2F] gate|up -> silu(gate) * up [P, F] in h's dtype: fp32 math, one rounding.
+
+    ``num_rows`` (device, one element) bounds the rows worth computing; the Triton kernel skips the rest. The
+    kernel has no backward, so autograd (training) takes the PyTorch ops."""
+    if h.is_cuda and not (torch.is_grad_enabled() and h.requires_grad):
+        from mixtral.kernels.triton.silu_mul import silu_mul as silu_mul_triton
+
+        return silu_mul_triton(h if h.stride(-1) == 1 else h.contiguous(), num_rows)
+    f = h.shape[1] // 2
+    return (F.silu(h[:, :f].float()) * h[:, f:].float()).to(h.dtype)
+
+
+def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    """x [N, D]; w13 [E_local, 2F, D]; w2 [E_local, D, F]; topk_weights [N, k] fp32; topk_ids [N, k] global ids
+    -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
+
+    Raises ValueError when the shapes break the contract or ``_grouped_mm`` cannot take the layout
+    (``layout_problem``); ``ops.fused_moe`` checks first and takes the Triton kernel instead.
+
+    Example (E_local 2 at expert_start 2, k 2): topk_ids [[2, 0], [3, 2]] -> pair keys [0, 2, 1, 0]
+    (global 0 is another rank's: key E_local = 2), sorted pairs [0, 3, 2, 1], group ends offs [2, 3];
+    pair 1 lands in the trailing row 3, which neither GEMM touches, and its slot adds nothing.
+    """
+    _check_contract(x, w13, w2, topk_weights, topk_ids)
+    problem = layout_problem(x, w13, w2)
+    if problem is not None:
+        raise ValueError(f"grouped_mm_moe: {problem}; ops.fused_moe takes the Triton kernel for such shapes")
+    n, d = x.shape
+    e_local = w13.shape[0]
+    k = topk_ids.shape[1]
+    if n == 0:
+        return x.new_zeros(0, d)
+    flat = topk_ids.reshape(-1) - expert_start  # [P] local expert of each pair, P = N * k
+    local = (flat >= 0) & (flat < e_local)  # [P]
+    key = torch.where(local, flat, e_local)  # [P] other ranks' pairs after every local group
+    sorted_key, order = torch.sort(key, stable=True)  # [P], [P]: stable keeps token order inside a group
+    experts = torch.arange(e_local, device=x.device, dtype=sorted_key.dtype)  # [E]
+    offs = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)  # [E] end row of each group
+    x_sorted = x.index_select(0, order // k)  # [P, D] row r = token of sorted pair r
+    h = torch._grouped_mm(x_sorted, w13.transpose(-2, -1), offs=offs)  # [P, 2F]
+    act = silu_mul(h, offs[-1:])  # [P, F]
+    y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)  # [P, D] rows in sorted order
+    # row_of_pair[p] = where pair p landed in the sorted order (the inverse permutation of ``order``)
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
+    y_pairs = y.index_select(0, row_of_pair).view(n, k, d)  # [N, k, D] back in (token, slot) order
+    weighted = y_pairs.float() * topk_weights.float().view(n, k, 1)  # [N, k, D] fp32, as the reference applies it
+    weighted = torch.where(local.view(n, k, 1), weighted, 0.0)  # other ranks' rows hold garbage, maybe NaN
+    return weighted.sum(dim=1).to(x.dtype)  # [N, D]: fp32 sum over the k slots, one rounding
