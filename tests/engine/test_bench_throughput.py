@@ -37,10 +37,43 @@ def test_dataset_mode_reads_text_and_token_prompts(tmp_path: Path) -> None:
     assert throughput.run(_args(tmp_path, "--dataset", str(data))) == 0
     r = json.loads((tmp_path / "out.json").read_text())["results"]
     assert r["num_requests"] == 2 and r["output_tokens"] == 3 + 5
+
+
+@pytest.mark.parametrize(("line", "says"), [
+    ('{"text": "no prompt"}', "bad.jsonl:2 needs a 'prompt'"),
+    ('{"prompt_token_ids": []}', "bad.jsonl:2: the prompt is empty"),
+    ('{"prompt_token_ids": [5, 99999]}', "bad.jsonl:2: token ids [99999] are outside the vocabulary (size 32768)"),
+    ('{"prompt": "Hi", "output_len": 0}', "bad.jsonl:2: 'output_len' must be a whole number >= 1, got 0"),
+    ('[1, 2]', "bad.jsonl:2 must be a JSON object, got list"),
+])
+def test_bad_dataset_line_is_one_line_naming_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                           line: str, says: str) -> None:
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "no prompt"}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:1 needs a 'prompt'"):
-        throughput.run(_args(tmp_path, "--dataset", str(bad)))
+    bad.write_text('{"prompt": "fine"}\n' + line + "\n")
+    assert throughput.run(_args(tmp_path, "--dataset", str(bad))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral bench throughput: --dataset: ") and says in err, err
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_missing_dataset_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert throughput.run(_args(tmp_path, "--dataset", str(tmp_path / "nope.jsonl"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral bench throughput: --dataset: ") and "nope.jsonl" in err, err
+
+
+def test_prompt_longer_than_max_model_len_names_the_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    assert throughput.run(_args(tmp_path, "--input-len", "200")) == 2  # _args sets --max-model-len 128
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral bench throughput: --input-len 200 cannot be served:"), err
+    assert "max_model_len is 128" in err and "--max-model-len" in err
+
+
+def test_unloadable_model_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert throughput.run(_args(tmp_path, "--model", str(tmp_path / "no-such-model"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixtral bench throughput: cannot load ") and "no-such-model" in err, err
 
 
 def test_percentile_interpolates() -> None:

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,29 +23,42 @@ from typing import Any
 import torch
 
 from mixtral.bench import roofline
+from mixtral.bench.args import fraction, length_pairs, positive_int, positive_int_list
 from mixtral.model.args import PRESETS, ModelArgs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="mixtral-8x7b", help="preset name (random weights) or model folder")
     p.add_argument("--dtype", default="bf16", help="weight and activation dtype: bf16 or fp16")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=positive_int, default=None,
                    help="keep only this many decoder layers (to fit a smaller GPU); figures say so")
-    p.add_argument("--batch-sizes", default="1,8,32,64,128", help="comma-separated decode batch sizes")
-    p.add_argument("--context", type=int, default=512, help="prompt length of each decode-benchmark sequence")
-    p.add_argument("--decode-steps", type=int, default=64, help="decode steps timed per batch size")
-    p.add_argument("--prefill-len", type=int, default=2048, help="prompt length of the prefill benchmark")
-    p.add_argument("--offline", default="128:128,1000:1000",
+    p.add_argument("--batch-sizes", type=positive_int_list, default="1,8,32,64,128",
+                   help="comma-separated decode batch sizes")
+    p.add_argument("--context", type=positive_int, default=512, help="prompt length of each decode-benchmark sequence")
+    p.add_argument("--decode-steps", type=positive_int, default=64, help="decode steps timed per batch size")
+    p.add_argument("--prefill-len", type=positive_int, default=2048, help="prompt length of the prefill benchmark")
+    p.add_argument("--offline", type=length_pairs, default="128:128,1000:1000",
                    help="comma-separated INPUT:OUTPUT lengths for the offline throughput runs ('' skips)")
-    p.add_argument("--offline-requests", type=int, default=256, help="requests per offline throughput run")
+    p.add_argument("--offline-requests", type=positive_int, default=256, help="requests per offline throughput run")
     p.add_argument("--peer", choices=["none", "hf"], default="none",
                    help="also run transformers' MixtralForCausalLM on the same weights and prompts")
     p.add_argument("--moe-path", default=None, help="force an experts implementation (triton, grouped, gather...)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs in the engine")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.92,
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.92,
                    help="fraction of GPU memory the engine may use (weights + KV cache)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of tok/s against batch size")
+
+
+def arg_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with a combination of flags that argparse's types accepted one by one; None if nothing."""
+    if args.layers is None:
+        return None
+    if args.model not in PRESETS:
+        return f"--layers needs a preset --model ({', '.join(sorted(PRESETS))}), got {args.model!r}"
+    if args.layers > PRESETS[args.model].n_layers:
+        return f"--layers {args.layers}: {args.model} has only {PRESETS[args.model].n_layers} layers"
+    return None
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -204,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
 
     from mixtral.engine.llm_engine import LLMEngine
 
+    problem = arg_problem(args)
+    if problem is not None:
+        print(f"mixtral bench gpu: {problem}", file=sys.stderr)
+        return 2
     console = Console()
     if not torch.cuda.is_available():
         console.print("[red]mixtral bench gpu needs a CUDA GPU; use `mixtral bench throughput` on CPU.[/red]")

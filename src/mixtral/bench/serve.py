@@ -27,6 +27,8 @@ try:  # the openai SDK's HTTP client; plain httpx has the same API
 except ImportError:  # pragma: no cover - depends on the environment
     import httpx  # type: ignore[no-redef]
 
+from mixtral.bench.args import positive_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None,
@@ -38,20 +40,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="model id to send (default: the id the server lists first at /v1/models)")
     p.add_argument("--api-key", default=None, help="API key for a server started with --api-key")
-    p.add_argument("--num-requests", type=int, default=64, help="requests to send (default: 64)")
+    p.add_argument("--num-requests", type=positive_int, default=64, help="requests to send (default: 64)")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", type=int, default=8,
+    load.add_argument("--concurrency", type=positive_int, default=8,
                       help="clients, each sending its next request when the last one ends (default: 8)")
-    load.add_argument("--request-rate", type=float, default=None,
+    load.add_argument("--request-rate", type=positive_float, default=None,
                       help="Poisson arrivals at this many requests per second instead of fixed clients")
-    p.add_argument("--input-len", type=int, default=64, help="prompt length in tokens (default: 64)")
-    p.add_argument("--output-len", type=int, default=32, help="tokens generated per request (default: 32)")
+    p.add_argument("--input-len", type=positive_int, default=64, help="prompt length in tokens (default: 64)")
+    p.add_argument("--output-len", type=positive_int, default=32, help="tokens generated per request (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and arrivals (default: 0)")
     p.add_argument("--device", default=None, help="device of the in-process server (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="dtype of the in-process server (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--max-num-seqs", type=int, default=64,
+    p.add_argument("--max-num-seqs", type=positive_int, default=64,
                    help="the in-process engine's batch size limit (default: 64)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None,
+    p.add_argument("--kv-cache-bytes", type=positive_int, default=None,
                    help="the in-process engine's KV cache budget in bytes (default: the engine's)")
     p.add_argument("--no-offline", action="store_true",
                    help="skip the offline-engine comparison when starting the server in-process")
@@ -233,9 +235,11 @@ def _print_report(summary: dict[str, Any], offline_s: float | None) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    for name in ("num_requests", "input_len", "output_len", "concurrency"):
+    # argparse's types refuse these already; run() may also get a Namespace built in code.
+    for name in ("num_requests", "input_len", "output_len", "concurrency", "max_num_seqs", "kv_cache_bytes"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            print(f"mixtral bench serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            print(f"mixtral bench serve: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}",
+                  file=sys.stderr)
             return 2
     if args.request_rate is not None and not args.request_rate > 0:  # also refuses NaN
         print(f"mixtral bench serve: --request-rate must be > 0 requests per second, got {args.request_rate}",
@@ -244,17 +248,32 @@ def run(args: argparse.Namespace) -> int:
     server = None
     llm = None
     if args.url is None:
+        from mixtral.cli.generate import check_device
         from mixtral.serve.inprocess import InProcessServer
 
-        server = InProcessServer(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-                                 kv_cache_bytes=args.kv_cache_bytes)
+        try:
+            check_device(args.device)
+            server = InProcessServer(args.model, device=args.device, dtype=args.dtype,
+                                     max_num_seqs=args.max_num_seqs, kv_cache_bytes=args.kv_cache_bytes)
+        except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError: ValueErrors
+            print(f"mixtral bench serve: cannot load {args.model!r}: {exc}", file=sys.stderr)
+            return 2
         server.start()
         url = server.url
     else:
         url = args.url.rstrip("/")
     try:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        card = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]
+        try:
+            resp = httpx.get(f"{url}/v1/models", headers=headers, timeout=30)
+        except httpx.HTTPError as exc:
+            print(f"mixtral bench serve: cannot reach the server at {url}: {exc}", file=sys.stderr)
+            return 2
+        if resp.status_code != 200:
+            print(f"mixtral bench serve: GET {url}/v1/models answered HTTP {resp.status_code}: {resp.text[:200]}",
+                  file=sys.stderr)
+            return 2
+        card = resp.json()["data"][0]
         model = args.served_model_name or card["id"]
         vocab = server.llm.model_args.vocab_size if server else 32000
         prompts = make_prompts(args.num_requests, args.input_len, vocab, args.seed)

@@ -22,38 +22,41 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mixtral.bench.args import fraction, non_negative_float, positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny",
                    help="model folder, preset name, 'demo' or Hugging Face repo id (default: tiny, random weights)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--num-prompts", type=int, default=64, help="number of requests (default: 64)")
-    p.add_argument("--input-len", type=int, default=128, help="prompt length in tokens, synthetic mode (default: 128)")
-    p.add_argument("--output-len", type=int, default=64,
+    p.add_argument("--num-prompts", type=positive_int, default=64, help="number of requests (default: 64)")
+    p.add_argument("--input-len", type=positive_int, default=128,
+                   help="prompt length in tokens, synthetic mode (default: 128)")
+    p.add_argument("--output-len", type=positive_int, default=64,
                    help="tokens generated per request; also the default for dataset lines without output_len "
                         "(default: 64)")
     p.add_argument("--dataset", type=Path, default=None, metavar="FILE",
                    help="JSONL file of prompts ({'prompt': ...} or {'prompt_token_ids': [...]}, optional "
                         "'output_len'); the first --num-prompts lines are used")
-    p.add_argument("--temperature", type=float, default=1.0,
+    p.add_argument("--temperature", type=non_negative_float, default=1.0,
                    help="sampling temperature; 0 is greedy (default: 1.0)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the prompts, of preset weights and of sampling (default: 0)")
-    p.add_argument("--max-num-seqs", type=int, default=256,
+    p.add_argument("--max-num-seqs", type=positive_int, default=256,
                    help="sequences batched per step (default: 256)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="tokens per forward pass, the chunked-prefill budget (default: 2048)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="longest sequence, prompt + output (default: the model's context length)")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: 16)")
-    p.add_argument("--kv-cache-bytes", type=int, default=None,
+    p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (default: 16)")
+    p.add_argument("--kv-cache-bytes", type=positive_int, default=None,
                    help="KV cache budget in bytes (default: on GPU a fraction of free memory, on CPU 1 GiB at most)")
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+    p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                    help="fraction of GPU memory the engine may use (default: 0.9)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice); 1 is fastest for tiny models on busy hosts")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
 
@@ -93,8 +96,10 @@ def synthetic_requests(n: int, input_len: int, output_len: int, vocab_size: int,
     return [([rng.randrange(1000, vocab_size) for _ in range(input_len)], output_len) for _ in range(n)]
 
 
-def dataset_requests(path: Path, n: int, default_output_len: int, tokenizer: Any) -> list[tuple[list[int], int]]:
-    """The first ``n`` lines of a JSONL prompt file, tokenized."""
+def dataset_requests(path: Path, n: int, default_output_len: int, tokenizer: Any, vocab_size: int | None = None
+                     ) -> list[tuple[list[int], int]]:
+    """The first ``n`` lines of a JSONL prompt file, tokenized. A line the engine could not take (no prompt, an
+    empty one, ids outside ``vocab_size``, an output_len below 1) is a ``ValueError`` naming the file and line."""
     out: list[tuple[list[int], int]] = []
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
@@ -102,17 +107,33 @@ def dataset_requests(path: Path, n: int, default_output_len: int, tokenizer: Any
                 break
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 item = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {exc}") from exc
-            if "prompt_token_ids" in item:
-                ids = [int(t) for t in item["prompt_token_ids"]]
+                raise ValueError(f"{where} is not valid JSON: {exc}") from exc
+            if not isinstance(item, dict):
+                raise ValueError(f"{where} must be a JSON object, got {type(item).__name__}")
+            if isinstance(item.get("prompt_token_ids"), list):
+                ids = item["prompt_token_ids"]
+                if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                    raise ValueError(f"{where}: 'prompt_token_ids' must be a list of integers")
+                bad = [t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)]
+                if bad:
+                    raise ValueError(f"{where}: token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
             elif isinstance(item.get("prompt"), str):
+                if tokenizer is None:
+                    raise ValueError(f"{where}: a text prompt needs a tokenizer; this model has none "
+                                     "(use 'prompt_token_ids')")
                 ids = tokenizer.encode(item["prompt"], bos=True)
             else:
-                raise ValueError(f"{path}:{lineno} needs a 'prompt' string or a 'prompt_token_ids' list")
-            out.append((ids, int(item.get("output_len", default_output_len))))
+                raise ValueError(f"{where} needs a 'prompt' string or a 'prompt_token_ids' list")
+            if not ids:
+                raise ValueError(f"{where}: the prompt is empty")
+            output_len = item.get("output_len", default_output_len)
+            if not isinstance(output_len, int) or isinstance(output_len, bool) or output_len < 1:
+                raise ValueError(f"{where}: 'output_len' must be a whole number >= 1, got {output_len!r}")
+            out.append(([int(t) for t in ids], output_len))
     if not out:
         raise ValueError(f"{path} holds no prompts")
     return out
@@ -163,36 +184,53 @@ def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperatur
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the benchmark. A model that cannot load, an unreadable dataset or a request that can never fit
+    (prompt longer than --max-model-len or the KV cache) is one line on stderr and status 2, not a traceback.
+    Nonsensical numbers never get here: ``add_arguments``' types refuse them."""
     import torch
 
-    from mixtral.engine.llm_engine import LLMEngine
+    from mixtral.cli.generate import check_device
+    from mixtral.engine.llm_engine import LLMEngine, RequestTooLongError
     from mixtral.sampling import SamplingParams
 
-    if args.num_prompts < 1:
-        raise SystemExit(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.num_prompts < 1:  # also checked by argparse; run() may get a Namespace built in code
+        return _fail(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    engine = LLMEngine.from_config(
-        args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
-        gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-        enforce_eager=args.enforce_eager,
-    )
+    try:
+        check_device(args.device)
+        engine = LLMEngine.from_config(
+            args.model, device=args.device, dtype=args.dtype, seed=args.seed, block_size=args.block_size,
+            max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+            gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
+            enforce_eager=args.enforce_eager,
+        )
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
+        return _fail(f"cannot load {args.model!r}: {exc}")
     if args.dataset is not None:
-        requests = dataset_requests(args.dataset, args.num_prompts, args.output_len, engine.tokenizer)
+        try:
+            requests = dataset_requests(args.dataset, args.num_prompts, args.output_len, engine.tokenizer,
+                                        engine.model_args.vocab_size)
+        except (ValueError, OSError) as exc:  # OSError: a missing or unreadable file
+            engine.shutdown()
+            return _fail(f"--dataset: {exc}")
     else:
         requests = synthetic_requests(args.num_prompts, args.input_len, args.output_len,
                                       engine.model_args.vocab_size, args.seed)
-    # Warm-up: first calls pay for lazy initialisation (kernels, allocator), not for serving.
-    engine.add_request("warmup", requests[0][0][:16], SamplingParams(max_tokens=2, ignore_eos=True))
-    while engine.has_unfinished_requests():
-        engine.step()
-    engine.reset_prefix_cache()
-    # The warm-up's prompt lookup must not count in the reported hit rate.
-    engine.block_manager.prefix_queries = engine.block_manager.prefix_hits = 0
-
-    result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty())
+    try:
+        # Warm-up: first calls pay for lazy initialisation (kernels, allocator), not for serving.
+        engine.add_request("warmup", requests[0][0][:16], SamplingParams(max_tokens=2, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+        engine.reset_prefix_cache()
+        # The warm-up's prompt lookup must not count in the reported hit rate.
+        engine.block_manager.prefix_queries = engine.block_manager.prefix_hits = 0
+        result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty())
+    except RequestTooLongError as exc:  # raised by add_request for a prompt that can never fit
+        engine.shutdown()
+        where = "a --dataset prompt" if args.dataset is not None else f"--input-len {args.input_len}"
+        return _fail(f"{where} cannot be served: {exc}")
     _print(result, engine)
     if args.json is not None:
         record = {"benchmark": "throughput", "results": asdict(result), "config": _config(args),
@@ -201,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     engine.shutdown()
     return 0
+
+
+def _fail(message: str) -> int:
+    print(f"mixtral bench throughput: {message}", file=sys.stderr)
+    return 2
 
 
 def _print(r: ThroughputResult, engine: Any) -> None:

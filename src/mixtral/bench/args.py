@@ -1,0 +1,91 @@
+"""argparse ``type=`` checkers for the ``mixtral bench`` flags.
+
+A nonsensical number (a 0-token prompt, a negative count, a NaN rate) becomes an argparse error that names the flag
+and the value (``argument --input-len: must be a whole number >= 1, got '0'``) before any model is loaded, instead
+of a traceback from deep in the engine minutes later. argparse adds the flag's name to the message raised here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1 (counts, lengths, sizes)."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0 (rates)."""
+    value = _float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0 (temperatures)."""
+    value = _float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """A share in (0, 1] (GPU memory utilization)."""
+    value = _float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return value
+
+
+def positive_int_list(text: str) -> str:
+    """Comma-separated integers >= 1, at least one (``"1,8,32"``); returned as given, for callers that split it."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers >= 1, got {text!r}")
+    for item in items:
+        try:
+            positive_int(item)
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated whole numbers >= 1, got {text!r} ({item!r} is not)") from None
+    return text
+
+
+def length_pairs(text: str) -> str:
+    """Comma-separated ``INPUT:OUTPUT`` token lengths, each >= 1 (``"128:128,1000:1000"``), or ``""`` for none;
+    returned as given, for callers that split it."""
+    for item in (x for x in text.split(",") if x):
+        parts = item.split(":")
+        try:
+            if len(parts) != 2:
+                raise argparse.ArgumentTypeError("")
+            positive_int(parts[0])
+            positive_int(parts[1])
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"must be comma-separated INPUT:OUTPUT lengths >= 1 like 128:128, got {text!r} ({item!r} is not)"
+            ) from None
+    return text
