@@ -4,8 +4,9 @@ Run on a CUDA machine (through the device tool):
     TRITON_F32_DEFAULT=ieee PYTHONPATH=src python3 scripts/gpu_engine_check.py --json out.json
 
 1. fp32 (Triton dots in IEEE precision): 24 greedy requests of mixed prompt lengths through the engine with
-   the PyTorch reference kernels (MIXTRAL_KERNELS=reference, eager) and with the fast path must give
-   identical tokens; graphs on == graphs off too.
+   the PyTorch reference kernels (MIXTRAL_KERNELS=reference, eager, synchronous steps) and with the fast path
+   (graphs, async scheduling) must give identical tokens; graphs on == graphs off, and async scheduling on ==
+   off with seeded random sampling and stop tokens too.
 2. bf16: the same requests, reported (not a pass criterion): rounding differs between kernels, so greedy
    paths part at some point; the report says how many part first at a near-tie of the bf16 reference model.
 Exits non-zero when the fp32 comparison fails.
@@ -48,16 +49,21 @@ def build(args: ModelArgs, std: float) -> Transformer:
 
 
 def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_tokens: int, *, reference: bool,
-               eager: bool) -> tuple[list[list[int]], list[int]]:
+               eager: bool, async_scheduling: bool = True, sampled: bool = False
+               ) -> tuple[list[list[int]], list[int]]:
     """Greedy tokens of every prompt, and the batch sizes the engine captured graphs for (freed afterwards)."""
     if reference:
         os.environ["MIXTRAL_KERNELS"] = "reference"
     else:
         os.environ.pop("MIXTRAL_KERNELS", None)
     engine = LLMEngine.from_config(copy.deepcopy(base), device="cuda", dtype=dtype, max_model_len=1024,
-                                   max_num_seqs=32, enforce_eager=eager, gpu_memory_utilization=0.5, seed=0)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+                                   max_num_seqs=32, enforce_eager=eager, gpu_memory_utilization=0.5, seed=0,
+                                   async_scheduling=async_scheduling and not reference)
     for i, p in enumerate(prompts):
+        params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+        if sampled:  # seeded random rows, varied lengths and a stop token: rows finish at different steps
+            params = SamplingParams(temperature=0.8, top_p=0.95, seed=i, max_tokens=max_tokens - i % 7,
+                                    stop_token_ids=[1000 + i], ignore_eos=True)
         engine.add_request(str(i), p, params)
     outs: dict[str, list[int]] = {}
     while engine.has_unfinished_requests():
@@ -110,11 +116,21 @@ def main() -> int:
         ref, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=True, eager=True)
         fast, sizes = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False)
         eager, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=True)
+        sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+                             async_scheduling=False)
+        samp_async, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+                                   sampled=True)
+        samp_sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+                                  async_scheduling=False, sampled=True)
         same_ref = sum(a == b for a, b in zip(ref, fast, strict=True))
         same_eager = sum(a == b for a, b in zip(eager, fast, strict=True))
+        same_sync = sum(a == b for a, b in zip(sync, fast, strict=True))
+        same_sampled = sum(a == b for a, b in zip(samp_sync, samp_async, strict=True))
         r = {"fp32_equal_to_reference": same_ref, "fp32_graphs_equal_to_eager": same_eager,
+             "fp32_async_equal_to_sync": same_sync, "fp32_sampled_async_equal_to_sync": same_sampled,
              "graphs_captured": sizes, "seconds": round(time.time() - t0, 1)}
-        ok &= same_ref == len(prompts) and same_eager == len(prompts) and bool(sizes)
+        ok &= (same_ref == len(prompts) and same_eager == len(prompts) and same_sync == len(prompts)
+               and same_sampled == len(prompts) and bool(sizes))
 
         ref16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=True, eager=True)
         fast16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=False, eager=False)

@@ -46,13 +46,27 @@ def main() -> None:
     runner = engine.model_runner
     graphs = runner.graphs
     b = graphs.graph_size(args.batch)
-    step_ms = timed(engine.step, 50)
+    step_ms = timed(engine.step, 50)  # async scheduling (the CUDA default)
+    engine._overlap = False
+    engine.step()  # drains the step launched ahead
+    sync_ms = timed(engine.step, 50)
     replay_ms = timed(graphs.graphs[b].replay, 50)
     hidden = graphs.outputs[b][: args.batch]
     with torch.inference_mode():
         logits_ms = timed(lambda: runner.model.compute_logits(hidden), 50)
-    print(f"batch {args.batch}: engine.step {step_ms:.3f} ms | graph replay {replay_ms:.3f} ms | "
-          f"lm_head {logits_ms:.3f} ms | other {step_ms - replay_ms - logits_ms:.3f} ms")
+    print(f"batch {args.batch}: engine.step {step_ms:.3f} ms async, {sync_ms:.3f} ms sync | graph replay "
+          f"{replay_ms:.3f} ms | lm_head {logits_ms:.3f} ms | sync other {sync_ms - replay_ms - logits_ms:.3f} ms")
+    try:  # kernels inside the graph, by total GPU time (CUPTI traces graph kernels on recent drivers)
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(10):
+                graphs.graphs[b].replay()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    except Exception as exc:  # profiling is a bonus: never lose the timings above to it
+        print(f"kernel profile failed: {type(exc).__name__}: {exc}")
+    engine._overlap = True
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(30):

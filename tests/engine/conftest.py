@@ -33,13 +33,17 @@ def tokenizer() -> Tokenizer:
     return Tokenizer.from_version("v3")
 
 
-@pytest.fixture
-def make_engine(tiny_model: Transformer, tokenizer: Tokenizer) -> Iterator[Callable[..., LLMEngine]]:
+@pytest.fixture(params=[False, True], ids=["sync", "async"])
+def make_engine(request: pytest.FixtureRequest, tiny_model: Transformer, tokenizer: Tokenizer
+                ) -> Iterator[Callable[..., LLMEngine]]:
+    """Every engine test runs twice: stepping synchronously, and with async scheduling (each decode step
+    launched before the previous step's tokens are applied), which must not change any output."""
     engines: list[LLMEngine] = []
 
     def make(model: Transformer | None = None, **kwargs: Any) -> LLMEngine:
         kwargs.setdefault("num_kv_blocks", 512)
         kwargs.setdefault("max_model_len", 512)
+        kwargs.setdefault("async_scheduling", request.param)
         engine = LLMEngine(model or tiny_model, EngineConfig(**kwargs), tokenizer)
         engines.append(engine)
         return engine

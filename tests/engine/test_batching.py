@@ -61,14 +61,14 @@ def test_chunked_prefill_of_long_prompts(make_engine, tiny_model) -> None:
     wants = [greedy_reference(tiny_model, p, 6) for p in prompts]
     engine = make_engine(max_num_batched_tokens=32, block_size=8)
     chunks: list[int] = []
-    original = engine.runner.execute
+    original = engine.runner.launch
 
-    def spy(plan, bitmask_fn=None):
+    def spy(plan, *args, **kwargs):
         chunks.extend(s.num_new_tokens for s in plan.scheduled if s.seq.is_prefill)
         assert sum(s.num_new_tokens for s in plan.scheduled) <= 32  # the per-step token budget
-        return original(plan, bitmask_fn)
+        return original(plan, *args, **kwargs)
 
-    engine.runner.execute = spy
+    engine.runner.launch = spy
     for i, p in enumerate(prompts):
         engine.add_request(f"p{i}", p, SamplingParams(temperature=0.0, max_tokens=6))
     done = run_to_completion(engine)

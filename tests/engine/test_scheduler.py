@@ -41,14 +41,14 @@ def test_token_budget_and_batch_limit(make_engine) -> None:
     engine = make_engine(max_num_seqs=3, max_num_batched_tokens=20)
     for i, p in enumerate(random_prompts(7, 5, 30, seed=8)):
         engine.add_request(f"q{i}", p, SamplingParams(temperature=0.0, max_tokens=4))
-    original = engine.model_runner.execute
+    original = engine.model_runner.launch
     seen: list[tuple[int, int]] = []
 
-    def spy(plan, bitmask_fn=None):
+    def spy(plan, *args, **kwargs):
         seen.append((len(plan.scheduled), sum(s.num_new_tokens for s in plan.scheduled)))
-        return original(plan, bitmask_fn)
+        return original(plan, *args, **kwargs)
 
-    engine.model_runner.execute = spy
+    engine.model_runner.launch = spy
     done = run_to_completion(engine)
     assert len(done) == 7
     assert max(n for n, _ in seen) == 3 and max(t for _, t in seen) == 20

@@ -44,6 +44,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run transformers' MixtralForCausalLM on the same weights and prompts")
     p.add_argument("--moe-path", default=None, help="force an experts implementation (triton, grouped, gather...)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs in the engine")
+    p.add_argument("--sync-scheduling", action="store_true",
+                   help="disable async scheduling (each step waits for the previous step's tokens on the host)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.92,
                    help="fraction of GPU memory the engine may use (weights + KV cache)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
@@ -246,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine.from_config(
         model_name, device="cuda", dtype=args.dtype, max_model_len=max_len, max_num_seqs=max(*batches, 256),
         max_num_batched_tokens=max(args.prefill_len, 2048), gpu_memory_utilization=args.gpu_memory_utilization,
-        enforce_eager=args.enforce_eager, enable_prefix_caching=False,
+        enforce_eager=args.enforce_eager, enable_prefix_caching=False, async_scheduling=not args.sync_scheduling,
     )
     margs: ModelArgs = engine.model_args
     model = engine.model_runner.model

@@ -136,7 +136,10 @@ class BlockManager:
         """Publish the hashes of ``seq``'s blocks that are full and computed, so later prompts can reuse them."""
         if not self.enable_prefix_caching:
             return
-        num_full = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        # A step launched ahead (async scheduling) computes the K/V of a token the host does not know yet: only
+        # blocks whose tokens are all known can be hashed.
+        known = min(seq.num_computed_tokens, seq.num_tokens)
+        num_full = min(known // self.block_size, len(seq.block_table))
         if num_full <= seq.num_published_blocks:
             return
         self._ensure_hashes(seq, num_full)

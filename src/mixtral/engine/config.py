@@ -28,6 +28,9 @@ class EngineConfig:
     - ``num_kv_blocks``: explicit number of KV blocks (tests use it to force preemption).
     - ``enable_prefix_caching``: reuse full KV blocks of equal prefixes.
     - ``enforce_eager``: never capture CUDA graphs (reserved for the GPU decode path).
+    - ``async_scheduling``: launch the next decode step before the current step's tokens reach the host, so
+      the host's scheduling and output work overlaps the GPU (vLLM's "async scheduling"). None = on for
+      CUDA, off elsewhere (where the host computes the model itself and nothing overlaps).
     - ``seed``: draws the per-request seeds of requests that bring none.
     """
 
@@ -40,6 +43,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    async_scheduling: bool | None = None
     seed: int = 0
     device: torch.device | None = None
     dtype: torch.dtype | None = None

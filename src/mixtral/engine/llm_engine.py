@@ -21,11 +21,11 @@ from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.loading import load_for_engine
 from mixtral.engine.memory import plan_num_blocks
-from mixtral.engine.model_runner import ModelRunner, StepPlan
+from mixtral.engine.model_runner import LaunchedStep, ModelRunner, StepPlan
 from mixtral.engine.output_processor import OutputProcessor
 from mixtral.engine.outputs import RequestMetrics, RequestOutput
 from mixtral.engine.sampler import Sampler, SamplerOutput, SampleRow
-from mixtral.engine.scheduler import Scheduler, SchedulerOutput
+from mixtral.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from mixtral.engine.sequence import Sequence, SequenceGroup, SequenceStatus
 from mixtral.guide import bitmask_words
 from mixtral.model.mixtral import Transformer
@@ -58,6 +58,19 @@ class EngineStats:
         return asdict(self)
 
 
+@dataclass
+class _Inflight:
+    """A launched step whose samples have not been applied yet."""
+
+    plan: StepPlan
+    targets: list[tuple[Sequence, int | None]]
+    launched: LaunchedStep
+
+    def is_stale(self) -> bool:
+        """Every sequence it computes for has finished (or was aborted) since: its results are not wanted."""
+        return all(s.seq.is_finished for s in self.plan.scheduled)
+
+
 class LLMEngine:
     def __init__(self, model: Transformer, config: EngineConfig, tokenizer: Tokenizer | None = None,
                  model_name: str = "model") -> None:
@@ -83,6 +96,10 @@ class LLMEngine:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_finished = 0
+        # Async scheduling: the step launched ahead, before the previous one's tokens were known on the host.
+        self._overlap = (self.config.async_scheduling if self.config.async_scheduling is not None
+                         else model.device.type == "cuda")
+        self._inflight: _Inflight | None = None
 
     @classmethod
     def from_config(cls, model: str | Transformer | None = None, *, device: torch.device | str | None = None,
@@ -159,10 +176,30 @@ class LLMEngine:
 
         ``finished_only``: build outputs only for requests that finished (offline callers that do not
         stream skip copying every running request's tokens each step).
+
+        With async scheduling a decode step is launched before the previous step's samples are applied: the
+        GPU computes step N + 1 (fed on step N's sampled ids, which never leave the device) while the host
+        applies step N's tokens, checks stops and builds outputs. A sequence that finishes at step N has
+        computed one token too many at N + 1: it is dropped. Any step that needs the host's view of the
+        tokens (admissions, prefill chunks, guides, penalties, forks) waits for the previous step instead.
         """
+        current = self._inflight
+        self._inflight = None
+        if current is not None and current.is_stale():
+            current = None  # every sequence in it finished meanwhile: nothing to apply
+        if current is None:
+            current = self._launch_scheduled()
+            if current is None:
+                return []
+        if self._overlap:
+            self._inflight = self._launch_ahead(current)
+        return self._apply_step(current, finished_only)
+
+    def _launch_scheduled(self) -> _Inflight | None:
+        """Schedule and launch a step (the scheduler's choice); None when there is nothing to run."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
-            return []
+            return None
         now = time.monotonic()
         self._num_steps += 1
         for seq_id, num_cached in sched.num_cached_tokens.items():
@@ -173,9 +210,62 @@ class LLMEngine:
         plan, targets = self._plan(sched)
         bitmask_fn = self._submit_guides(plan.rows)
         self._num_prompt_tokens += sum(s.num_new_tokens for s in sched.scheduled if s.seq.is_prefill)
-        result = self.model_runner.execute(plan, bitmask_fn)
+        launched = self.model_runner.launch(plan, bitmask_fn)
         self.scheduler.update_after_step(sched)
+        return _Inflight(plan, targets, launched)
 
+    def _launch_ahead(self, current: _Inflight) -> _Inflight | None:
+        """Launch the decode step that follows ``current`` for its sequences, before ``current``'s samples are
+        known on the host; None when that step would need them (or a new admission should come first).
+
+        Each sequence's input is the token ``current`` samples for it, read from the device. Sequences
+        certain to finish at ``current`` (length limits) are left out; ones that stop on a token are not
+        known yet and compute one extra token that ``_apply_step`` drops.
+        """
+        if self.scheduler.waiting or current.launched.token_ids is None:
+            return None
+        plan = current.plan
+        if len(plan.rows) != len(plan.scheduled) or any(k is not None for _, k in current.targets):
+            return None  # a prefill chunk that samples nothing, or n > 1 forking: the scheduler decides
+        max_len = self.config.max_model_len
+        assert max_len is not None
+        keep: list[int] = []
+        for i, s in enumerate(plan.scheduled):
+            seq = s.seq
+            params = seq.params
+            if params.guide is not None or params.has_penalties:
+                return None  # both read the previous token on the host
+            if seq.is_finished:
+                continue
+            # After ``current`` the sequence holds num_tokens + 1 tokens.
+            if (seq.num_output_tokens + 1 >= self._group_of[seq.seq_id].max_output_tokens
+                    or seq.num_tokens + 1 >= max_len):
+                continue
+            keep.append(i)
+        if not keep:
+            return None
+        seqs = [plan.scheduled[i].seq for i in keep]
+        bm = self.block_manager
+        new_blocks = sum(bm.blocks_needed(seq.num_tokens + 1) - len(seq.block_table) for seq in seqs)
+        if new_blocks > bm.num_free_blocks:
+            return None  # memory is short: let the scheduler preempt
+        for seq in seqs:
+            bm.allocate_slots(seq, seq.num_tokens + 1)
+        scheduled = [ScheduledSequence(seq, 1) for seq in seqs]
+        rows = [SampleRow(seq.params, seq.seed, seq.num_output_tokens + 1) for seq in seqs]
+        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs))
+        prev_ids = current.launched.token_ids  # [R] on the device, row i = plan.scheduled[i]
+        launched = self.model_runner.launch(ahead, None, input_ids=prev_ids,
+                                            input_rows=keep if len(keep) != len(plan.rows) else None)
+        self._num_steps += 1
+        for seq in seqs:
+            seq.num_computed_tokens += 1  # its K/V is being computed; the token itself arrives with ``current``
+        return _Inflight(ahead, [(seq, None) for seq in seqs], launched)
+
+    def _apply_step(self, step: _Inflight, finished_only: bool) -> list[RequestOutput]:
+        """Wait for ``step``'s samples, apply them and build the outputs."""
+        plan, targets = step.plan, step.targets
+        result = step.launched.result()
         touched: dict[str, SequenceGroup] = {}
         for j, entries in result.prompt_logprobs.items():
             seq = plan.scheduled[j].seq
@@ -183,8 +273,11 @@ class LLMEngine:
                 if seq.prompt_logprobs is not None and pos == len(seq.prompt_logprobs):
                     seq.prompt_logprobs.append(entry)
         if result.sampled is not None:
-            self._num_generation_tokens += len(result.sampled.token_ids)
             self._apply_samples(plan, targets, result.sampled, touched)
+        for s in plan.scheduled:
+            if not s.seq.is_finished:
+                # Blocks completed by the token just appended (a step launched ahead computed their K/V).
+                self.block_manager.cache_full_blocks(s.seq)
 
         outputs = []
         now = time.monotonic()
@@ -258,15 +351,18 @@ class LLMEngine:
                        touched: dict[str, SequenceGroup]) -> None:
         now = time.monotonic()
         forked: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, new samples)
-        seqs: list[Sequence] = []
+        seqs: list[tuple[int, Sequence]] = []
         for i, (seq, fork_k) in enumerate(targets):
+            if seq.is_finished:
+                continue  # finished (or aborted) after this step was launched: its token is not wanted
             group = self._group_of[seq.seq_id]
             if fork_k is not None:
                 child = self._fork(seq, group, fork_k)
                 forked.setdefault(seq.seq_id, (seq, []))[1].append(child)
                 seq = child
             seq.append_token(sampled.token_ids[i], sampled.top_logprobs[i], sampled.logprobs[i])
-            seqs.append(seq)
+            self._num_generation_tokens += 1
+            seqs.append((i, seq))
             if seq.index == 0:
                 if group.metrics.first_token_time is None:
                     group.metrics.first_token_time = now
@@ -280,7 +376,7 @@ class LLMEngine:
             group.pending_seeds = []
             self.scheduler.add_running_after(parent, kids)
         # Stop checks after forking, so a sample that finishes at once is freed like any other.
-        for i, seq in enumerate(seqs):
+        for i, seq in seqs:
             status = self.output_processor.process_token(seq, self._group_of[seq.seq_id], sampled.token_ids[i])
             if status is not None:
                 self._finish_seq(seq, status)

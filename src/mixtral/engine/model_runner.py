@@ -25,7 +25,7 @@ from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, batch_ladder
-from mixtral.engine.sampler import Sampler, SamplerOutput, SampleRow
+from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels import ops
 from mixtral.model.context import DenseContext
@@ -52,6 +52,22 @@ class StepResult:
     sampled: SamplerOutput | None
     # Per scheduled sequence that asked: {index in prompt: {token_id: logprob}} for this chunk's positions.
     prompt_logprobs: dict[int, dict[int, dict[int, float]]]
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose forward pass and sampling are queued on the device; ``result`` waits for this step only."""
+
+    sampled: SampledBatch | None
+    prompt_logprobs: dict[int, dict[int, dict[int, float]]]
+
+    @property
+    def token_ids(self) -> torch.Tensor | None:
+        """The sampled ids [R] still on the device (a following step can take its inputs from them)."""
+        return self.sampled.token_ids if self.sampled is not None else None
+
+    def result(self) -> StepResult:
+        return StepResult(self.sampled.fetch() if self.sampled is not None else None, self.prompt_logprobs)
 
 
 class ModelRunner:
@@ -114,17 +130,28 @@ class ModelRunner:
         return int(peak)
 
     # ----------------------------------------------------------------- one step
-    @torch.inference_mode()
     def execute(self, plan: StepPlan, bitmask_fn: Callable[[], torch.Tensor | None] | None = None) -> StepResult:
-        """Run the forward pass for ``plan.scheduled`` and sample ``plan.rows``.
+        """Run the forward pass for ``plan.scheduled``, sample ``plan.rows`` and wait for the results."""
+        return self.launch(plan, bitmask_fn).result()
+
+    @torch.inference_mode()
+    def launch(self, plan: StepPlan, bitmask_fn: Callable[[], torch.Tensor | None] | None = None,
+               input_ids: torch.Tensor | None = None, input_rows: list[int] | None = None) -> LaunchedStep:
+        """Queue the forward pass for ``plan.scheduled`` and the sampling of ``plan.rows``; no host sync (except
+        for prompt logprobs, which are rare and wanted on the host).
 
         ``bitmask_fn`` returns the guided-decoding bitmask [R, W] (int32, CPU); it is called after the forward
-        pass is launched, so masks computed on worker threads overlap the model.
+        pass is launched, so masks computed on worker threads overlap the model. ``input_ids`` [N] (on the
+        device) replaces the tokens read from the sequences: a step launched before the previous step's samples
+        reached the host feeds on them directly; ``input_rows`` picks the rows of ``input_ids`` to use.
         """
         if self._inputs_copied is not None:
             # Last step's host-to-device copies must finish before their pinned staging is overwritten.
             self._inputs_copied.synchronize()
-        ctx, input_ids, last_index = self._prepare(plan.scheduled)
+        if input_ids is not None and input_rows is not None:
+            # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
+            input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
+        ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
         index = sampling = None
         if plan.rows:
             index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
@@ -134,20 +161,21 @@ class ModelRunner:
             self._inputs_copied.record()
         if self.graphs is not None and ctx.max_query_len == 1 and self.graphs.graph_size(len(plan.scheduled)):
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
-            hidden = self.graphs.run(input_ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
+            hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)  # [N, D]
         else:
-            hidden = self.model.forward_tokens(input_ids, ctx)  # [N, D]
+            hidden = self.model.forward_tokens(ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
 
         sampled = None
         if index is not None:
             logits = self.model.compute_logits(hidden[index])  # [R, V]
-            sampled = self.sampler(logits, plan.rows, bitmask, sampling)
+            sampled = self.sampler.sample(logits, plan.rows, bitmask, sampling)
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
-        return StepResult(sampled, prompt_lp)
+        return LaunchedStep(sampled, prompt_lp)
 
-    def _prepare(self, scheduled: list[ScheduledSequence]) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:
+    def _prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
+                 ) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:
         bs = self.config.block_size
         ids: list[int] = []
         positions: list[int] = []
@@ -157,13 +185,17 @@ class ModelRunner:
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             table = seq.block_table
-            ids += seq.token_ids[start:start + n]
+            if input_ids is None:
+                ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
             positions += pos
             slots += [table[p // bs] * bs + p % bs for p in pos]
             qsl.append(qsl[-1] + n)
             ctx_lens.append(start + n)
-        input_ids = self._put("input_ids", torch.tensor(ids, dtype=torch.int64))
+        if input_ids is None:
+            input_ids = self._put("input_ids", torch.tensor(ids, dtype=torch.int64))
+        elif input_ids.shape[0] != qsl[-1]:
+            raise ValueError(f"input_ids has {input_ids.shape[0]} tokens for a step of {qsl[-1]}")
         block_tables = self.block_tables.gather([s.seq for s in scheduled])  # [S, max_blocks_per_seq]
         ctx = PagedAttentionContext(
             positions=self._put("positions", torch.tensor(positions, dtype=torch.int64)),

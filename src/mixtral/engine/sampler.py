@@ -160,10 +160,11 @@ class Sampler:
             out.banned = (put("banned_rows", torch.tensor(banned_rows)), put("banned_ids", torch.tensor(banned_ids)))
         return out
 
-    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
-                 tensors: SamplingTensors | None = None) -> SamplerOutput:
+    def sample(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
+               tensors: SamplingTensors | None = None) -> SampledBatch:
         """logits [R, V] (any float dtype); bitmask int32 [R, W] (all ones for unguided rows) or None;
-        ``tensors`` from ``prepare`` (built here when not given)."""
+        ``tensors`` from ``prepare`` (built here when not given). Returns without waiting for the device: the
+        sampled ids stay on it (the next step may read them) and their copy to the host is in flight."""
         device = logits.device
         t = tensors if tensors is not None else self.prepare(rows, device)
         logits = logits.float()
@@ -172,7 +173,8 @@ class Sampler:
         if t.penalties is not None:
             logits = self._apply_penalties(logits, t)
         if t.banned is not None:
-            logits = logits.index_put(t.banned, torch.tensor(float("-inf"), device=device))
+            # A fill, not torch.tensor(..., device): that copy from the host would wait for the running step.
+            logits = logits.index_put(t.banned, torch.full((), float("-inf"), device=device))
         if bitmask is not None:
             logits = apply_bitmask(logits, bitmask.to(device, non_blocking=True))
 
@@ -182,25 +184,19 @@ class Sampler:
             token_ids = torch.where(t.greedy, token_ids, self._sample(logits, t))
 
         sampled_lp = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [R]
-        # One transfer (the step's one sync): ids are exact in float64.
-        ids_f, lp_host = torch.stack([token_ids.double(), sampled_lp.double()]).tolist()  # [2, R]
-        ids_host = [int(t) for t in ids_f]
-        top: list[dict[int, float] | None] = [None] * len(rows)
         want = [r.params.logprobs for r in rows]
-        if any(k is not None for k in want):
-            k_max = max(k for k in want if k is not None)
-            vals_l: list[list[float]] = [[] for _ in rows]
-            idx_l: list[list[int]] = [[] for _ in rows]
-            if k_max > 0:
-                vals, idx = torch.topk(raw_logprobs, k_max, dim=-1)  # [R, k_max]
-                vals_l, idx_l = vals.tolist(), idx.tolist()
-            for r, k in enumerate(want):
-                if k is None:
-                    continue
-                entry = {idx_l[r][j]: vals_l[r][j] for j in range(k)}
-                entry[ids_host[r]] = lp_host[r]
-                top[r] = entry
-        return SamplerOutput(ids_host, lp_host, top)
+        k_max = max((k for k in want if k is not None), default=0)
+        parts = [token_ids.double(), sampled_lp.double()]  # ids are exact in float64
+        if k_max > 0:
+            vals, idx = torch.topk(raw_logprobs, k_max, dim=-1)  # [R, k_max]
+            parts += [vals.double().T, idx.double().T]
+        packed = torch.cat([p.reshape(-1, len(rows)) for p in parts])  # [2 + 2k, R]
+        return SampledBatch(token_ids, _to_host_async(packed), want, k_max)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
+                 tensors: SamplingTensors | None = None) -> SamplerOutput:
+        """``sample`` and wait for its results on the host."""
+        return self.sample(logits, rows, bitmask, tensors).fetch()
 
     # ----------------------------------------------------------------- pieces
     @staticmethod
@@ -235,6 +231,48 @@ class Sampler:
             col = self._column_keys[device] = _column_keys(probs.shape[-1], device)
         q = -torch.log(uniform_noise(t.seeds, t.steps, probs.shape[-1], col))  # [R, V] ~ Exp(1)
         return (probs / q).argmax(dim=-1)
+
+
+def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying ``t`` to (pinned) host memory; returns the host tensor and an event marking the copy done.
+
+    Enqueued right after the sampling kernels, so it waits for this step only: a blocking ``.tolist()`` later
+    would also wait for any step launched after this one (the engine overlaps the next step's launch).
+    """
+    if t.device.type != "cuda":
+        return t, None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+@dataclass
+class SampledBatch:
+    """One step's samples: ids on the device (``token_ids`` [R] int64) and the host copy in flight."""
+
+    token_ids: torch.Tensor
+    host: tuple[torch.Tensor, torch.cuda.Event | None]  # [2 + 2k, R] float64: ids, logprobs, top-k values, ids
+    want: list[int | None]  # per row: top logprobs asked for
+    k_max: int
+
+    def fetch(self) -> SamplerOutput:
+        """Wait for the host copy (this step's work only) and unpack it."""
+        packed, done = self.host
+        if done is not None:
+            done.synchronize()
+        rows = packed.tolist()
+        ids_host = [int(t) for t in rows[0]]
+        lp_host = rows[1]
+        top: list[dict[int, float] | None] = [None] * len(ids_host)
+        for r, k in enumerate(self.want):
+            if k is None:
+                continue
+            entry = {int(rows[2 + self.k_max + j][r]): rows[2 + j][r] for j in range(k)}
+            entry[ids_host[r]] = lp_host[r]
+            top[r] = entry
+        return SamplerOutput(ids_host, lp_host, top)
 
 
 def _token_counts(token_lists: list[list[int]], vocab_size: int, device: torch.device, put: ToDevice,
