@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,12 +109,27 @@ def run(args: argparse.Namespace) -> int:
         return 2
     import logging
 
+    from mixtral.serve.server import bind_socket
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # The address first: loading a real model takes minutes, and a port that is taken must not cost them. The
+    # socket stays bound through the load (no other process can take the port meanwhile) and uvicorn serves on it.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except OSError as exc:
+        print(f"mixtral serve: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    with sock:
+        return _load_and_serve(args, sock)
+
+
+def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
+    """Load the model and serve it on ``sock`` (already bound to --host:--port) until a signal drains it."""
     from mixtral.engine.async_engine import AsyncEngine
     from mixtral.serve.app import create_app
     from mixtral.serve.server import make_server
     from mixtral.serve.state import ServerSettings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         llm = load_engine(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
@@ -128,5 +144,5 @@ def run(args: argparse.Namespace) -> int:
                      aliases=args.alias)
     server = make_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
                          log_level=args.log_level, access_log=not args.no_access_log)
-    server.run()
+    server.run(sockets=[sock])
     return 0
