@@ -4,14 +4,22 @@
 Only the files the chosen format needs are fetched: configs and tokenizer first, then the weights of one
 format (Mixtral repos often ship both HF shards and a consolidated copy; fetching both would double the
 download).
+
+Which format a repo's weights are in is read from the metadata snapshot when it tells (an HF shard index, or
+weights already in the cache). A repo shipping both config.json and params.json shows neither before its
+weights are fetched, so then the repo's file list on the Hub decides (``weight_format``): a repo whose only
+weights are consolidated*.safetensors must not be taken for an HF one.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
 from pathlib import Path
+from typing import Literal
 
+from mixtral.checkpoint import consolidated, hf
 from mixtral.checkpoint.errors import CheckpointError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,3 +76,39 @@ def snapshot_metadata(repo_id: str, revision: str | None = None) -> Path:
 def snapshot_weights(repo_id: str, fmt: str, revision: str | None = None) -> Path:
     """Fetch (or find) the weights of format ``fmt`` ("hf" or "mistral"); returns the snapshot folder."""
     return _snapshot(repo_id, revision, _META_PATTERNS + _WEIGHT_PATTERNS[fmt])
+
+
+def repo_files(repo_id: str, revision: str | None = None) -> list[str]:
+    """The names of the files at the top of a repo on the Hub (the weights of either format live there)."""
+    import huggingface_hub
+
+    try:
+        names = huggingface_hub.list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # network, auth, unknown repo: huggingface_hub's message says which
+        raise CheckpointError(f"cannot list the files of {repo_id!r} on the Hugging Face Hub to tell the format "
+                              f"of its weights: {exc}") from exc
+    return [name for name in names if "/" not in name]
+
+
+def format_of_files(names: list[str]) -> Literal["hf", "mistral"] | None:
+    """The weights format that file names show: HF first (as for a local folder), then consolidated; None when
+    they hold no weights this loader fetches."""
+    for fmt in ("hf", "mistral"):
+        if any(fnmatch.fnmatch(name, pattern) for name in names for pattern in _WEIGHT_PATTERNS[fmt]):
+            return fmt  # type: ignore[return-value]
+    return None
+
+
+def weight_format(repo_id: str, folder: Path, revision: str | None = None) -> Literal["hf", "mistral"] | None:
+    """The format of a repo's weights when its metadata snapshot ``folder`` cannot tell, from the repo's file list;
+    None when the folder tells by itself (or offline, where the cache is all there is to look at).
+
+    Ambiguous: both config.json and params.json, and no weights or shard index in the folder yet. Read from the
+    folder alone, config.json would win and a consolidated-only repo would be fetched as an HF one with no weights.
+    """
+    both_configs = (folder / hf.CONFIG).is_file() and (folder / consolidated.PARAMS).is_file()
+    if not both_configs or hf.has_hf_weights(folder) or consolidated.consolidated_weight_files(folder):
+        return None
+    if hub_offline():
+        return None
+    return format_of_files(repo_files(repo_id, revision))

@@ -86,9 +86,11 @@ def detect_format(folder: Path) -> Literal["hf", "mistral"]:
     )
 
 
-def resolve_folder(folder: Path, name: str | None = None, repo_id: str | None = None) -> ModelSource:
-    """Read a model folder's config and tokenizer (no weights are read)."""
-    fmt = detect_format(folder)
+def resolve_folder(folder: Path, name: str | None = None, repo_id: str | None = None,
+                   fmt: Literal["hf", "mistral"] | None = None) -> ModelSource:
+    """Read a model folder's config and tokenizer (no weights are read). ``fmt``: the weights' format when known
+    from elsewhere (a Hub repo's file list), else detected from the folder."""
+    fmt = fmt or detect_format(folder)
     try:
         if fmt == "hf":
             args = ModelArgs.from_hf_config(_read_json(folder / hf.CONFIG))
@@ -125,7 +127,8 @@ def resolve(name_or_path: str | Path) -> ModelSource:
                 )
             return resolve_folder(folder, name="demo")
         if hub.is_repo_id(name):
-            return resolve_folder(hub.snapshot_metadata(name), name=name, repo_id=name)
+            folder = hub.snapshot_metadata(name)
+            return resolve_folder(folder, name=name, repo_id=name, fmt=hub.weight_format(name, folder))
     raise CheckpointError(
         f"{name!r} is not a model folder, a preset ({', '.join(sorted(PRESETS))}), 'demo', or a Hugging Face "
         "repo id like 'mistralai/Mixtral-8x7B-v0.1'"
