@@ -105,6 +105,8 @@ class Bench:
         w13 = torch.randn(NUM_EXPERTS, 2 * f, d, device=self.dev, generator=gen, dtype=self.dtype) * d**-0.5
         w2 = torch.randn(NUM_EXPERTS, d, f, device=self.dev, generator=gen, dtype=self.dtype) * f**-0.5
         self.check_expert_parallel(name, x_dim=d, w13=w13, w2=w2, m=tokens[min(2, len(tokens) - 1)])
+        if self.args.breakdown_m:
+            self.breakdown(name, d, f, w13, w2, self.args.breakdown_m)
         for m in tokens:
             if time.monotonic() > self.deadline:
                 log(f"  time budget spent: skipping {name} M={m} and after")
@@ -154,6 +156,61 @@ class Bench:
             log(f"-- {name} expert-parallel check ERROR {row['error']}")
         self.rows.append(row)
 
+    def breakdown(self, name: str, d: int, f: int, w13: Any, w2: Any, m: int) -> None:
+        """Each step of grouped_mm_moe timed alone at M tokens: where the time goes besides the GEMMs."""
+        torch = self.torch
+        from mixtral.kernels import grouped_mm_moe as gm
+        from mixtral.kernels.reference import route_topk
+
+        gen = torch.Generator(device=self.dev).manual_seed(2)
+        x = torch.randn(m, d, device=self.dev, generator=gen, dtype=self.dtype)
+        weights, ids = route_topk(torch.randn(m, NUM_EXPERTS, device=self.dev, generator=gen), TOP_K)
+        order, row_of_pair, offs = gm.sort_pairs(ids, NUM_EXPERTS)
+        xs = x.index_select(0, order // TOP_K)
+        h = torch._grouped_mm(xs, w13.transpose(-2, -1), offs=offs)
+        act = gm.silu_mul(h, offs[-1:])
+        y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)
+        w13t, w2t = w13.transpose(-2, -1), w2.transpose(-2, -1)
+        steps: list[tuple[str, Callable[[], Any], float]] = [  # (step, fn, FLOPs)
+            ("sort_pairs", lambda: gm.sort_pairs(ids, NUM_EXPERTS), 0.0),
+            ("gather x", lambda: x.index_select(0, order // TOP_K), 0.0),
+            ("grouped_mm w13", lambda: torch._grouped_mm(xs, w13t, offs=offs), 4.0 * d * f * m * TOP_K),
+            ("silu_mul", lambda: gm.silu_mul(h, offs[-1:]), 0.0),
+            ("grouped_mm w2", lambda: torch._grouped_mm(act, w2t, offs=offs), 2.0 * d * f * m * TOP_K),
+            ("combine", lambda: gm.combine(y, row_of_pair, weights, offs[-1:]), 0.0),
+            ("whole grouped_mm_moe", lambda: gm.grouped_mm_moe(x, w13, w2, weights, ids), 6.0 * d * f * m * TOP_K),
+        ]
+        # Diagnostics for the design, not used by the path: the transposed products (weights as the M side:
+        # W [E, 2F, D] x xs^T [D, P] ragged in N -> h^T [2F, P]), and cuBLAS per expert with host offsets.
+        act_t = act.t().contiguous()  # [F, P]
+        ends = [0, *offs.tolist()]  # host copy, outside the timing
+        h_loop = torch.empty_like(h)
+        y_loop = torch.empty_like(y)
+
+        def cublas_loop(a: Any, w: Any, out: Any) -> None:
+            for e in range(NUM_EXPERTS):
+                if ends[e + 1] > ends[e]:
+                    torch.mm(a[ends[e]:ends[e + 1]], w[e].t(), out=out[ends[e]:ends[e + 1]])
+
+        steps += [
+            ("transposed w13 W.x^T", lambda: torch._grouped_mm(w13, xs.t(), offs=offs), 4.0 * d * f * m * TOP_K),
+            ("transposed w2 W.act^T", lambda: torch._grouped_mm(w2, act_t, offs=offs), 2.0 * d * f * m * TOP_K),
+            ("cublas loop w13", lambda: cublas_loop(xs, w13, h_loop), 4.0 * d * f * m * TOP_K),
+            ("cublas loop w2", lambda: cublas_loop(act, w2, y_loop), 2.0 * d * f * m * TOP_K),
+        ]
+        log(f"-- {name} M={m} grouped_mm_moe step by step")
+        for step, fn, flops in steps:
+            row: dict[str, Any] = {"model": name, "M": m, "variant": f"breakdown: {step}"}
+            try:
+                ms = self.time_ms(fn)
+                row["us"] = ms * 1e3
+                rate = f"{flops / (ms * 1e-3) / 1e12:7.1f} TFLOP/s" if flops else ""
+                log(f"  {step:22s} {row['us']:10.1f} us {rate}")
+            except Exception as exc:  # report and go on
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                log(f"  {step:22s} ERROR {row['error']}")
+            self.rows.append(row)
+
     def variants(self, x: Any, w13: Any, w2: Any, weights: Any, ids: Any, sweep: list[Any]
                  ) -> list[tuple[str, str, Callable[[], Any], bool]]:
         """(name, config text, callable returning [M, D], compare with the reference?) for every variant."""
@@ -177,12 +234,10 @@ class Bench:
                 continue
             out.append((f"triton-sweep-{i}", text,
                         lambda cfg=cfg: fm.fused_moe(x, w13, w2, weights, ids, config=cfg), True))
-        out.append(("grouped_mm", "torch._grouped_mm x2 + Triton silu_mul",
+        out.append(("grouped_mm", "torch._grouped_mm x2 + Triton glue",
                     lambda: gm.grouped_mm_moe(x, w13, w2, weights, ids), True))
         # The two GEMMs alone, on inputs sorted once outside the timing: what the glue costs is the difference.
-        order = torch.argsort(ids.reshape(-1), stable=True)  # [P]
-        offs = torch.searchsorted(ids.reshape(-1)[order], torch.arange(NUM_EXPERTS, device=x.device, dtype=ids.dtype),
-                                  right=True, out_int32=True)  # [E]
+        order, _, offs = gm.sort_pairs(ids, NUM_EXPERTS)  # [P], [P], [E]
         xs = x[order // TOP_K]  # [P, D]
         act = torch.randn(xs.shape[0], f, device=x.device, dtype=x.dtype)  # [P, F]
         w13t, w2t = w13.transpose(-2, -1), w2.transpose(-2, -1)
@@ -273,6 +328,8 @@ def main() -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing window per variant, milliseconds")
     p.add_argument("--tol", type=float, default=1e-2, help="norm-relative error above which a variant is BAD")
     p.add_argument("--budget-s", type=float, default=230.0, help="stop starting new measurements after this")
+    p.add_argument("--breakdown-m", type=int, default=2048,
+                   help="time each step of grouped_mm_moe alone at this many tokens per model (0: skip)")
     p.add_argument("--json", default=None, help="write every row, the summary and the setup to this JSON file")
     p.add_argument("--commit", default="", help="commit id to record (the device copy may have no git history)")
     args = p.parse_args()
@@ -293,6 +350,7 @@ def main() -> int:
     log("  ".join(f"{k} {v}" for k, v in meta.items()))
     if args.tiny or dev.type == "cpu":
         models, tokens, sweep = TINY_MODELS, TINY_TOKENS, TINY_SWEEP
+        args.breakdown_m = min(args.breakdown_m, TINY_TOKENS[-1])
     else:
         models = {k: MODELS[k] for k in args.models.split(",")}
         tokens = [int(t) for t in args.tokens.split(",")]

@@ -193,30 +193,62 @@ def test_dispatch_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def silu_mul_interpreted() -> ModuleType:
-    """The Triton SiLU·mul module imported while TRITON_INTERPRET=1 (set by conftest's autouse fixture)."""
-    import mixtral.kernels.triton.silu_mul as sm
+def glue() -> ModuleType:
+    """The Triton glue module imported while TRITON_INTERPRET=1 (set by conftest's autouse fixture)."""
+    import mixtral.kernels.triton.moe_glue as moe_glue
 
-    return importlib.reload(sm)
+    return importlib.reload(moe_glue)
 
 
 @pytest.mark.parametrize(("dtype", "rows", "f", "block"), [
     (torch.float32, 7, 40, 16),  # F not a multiple of the block: masked tail
     (torch.float16, 5, 64, 1024),  # block clipped to F
 ])
-def test_triton_silu_mul(silu_mul_interpreted: ModuleType, dtype: torch.dtype, rows: int, f: int,
-                         block: int) -> None:
+def test_triton_silu_mul(glue: ModuleType, dtype: torch.dtype, rows: int, f: int, block: int) -> None:
     g = torch.Generator().manual_seed(rows)
     h = (torch.randn(rows, 2 * f, generator=g) * 3).to(dtype)  # [R, 2F]
     want = (torch.nn.functional.silu(h[:, :f].double()) * h[:, f:].double()).to(dtype)
-    got = silu_mul_interpreted.silu_mul(h, block=block)
-    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-3, "atol": 1e-3}
+    torch.testing.assert_close(glue.silu_mul(h, block=block), want, **tol)
     # Rows from num_rows on are skipped: the result's first rows are computed, the rest left alone.
-    limited = silu_mul_interpreted.silu_mul(h, torch.tensor([rows - 2], dtype=torch.int32), block=block)
-    torch.testing.assert_close(limited[:rows - 2], want[:rows - 2], rtol=1e-5 if dtype == torch.float32 else 1e-3,
-                               atol=1e-5)
+    limited = glue.silu_mul(h, torch.tensor([rows - 2], dtype=torch.int32), block=block)
+    torch.testing.assert_close(limited[:rows - 2], want[:rows - 2], **tol)
     with pytest.raises(ValueError, match="even"):
-        silu_mul_interpreted.silu_mul(h[:, 1:])
+        glue.silu_mul(h[:, 1:])
+
+
+@pytest.mark.parametrize(("dtype", "n", "k", "d", "block"), [
+    (torch.float32, 9, 2, 40, 16),  # D not a multiple of the block
+    (torch.float16, 6, 3, 64, 1024),
+])
+def test_triton_weighted_topk_sum(glue: ModuleType, dtype: torch.dtype, n: int, k: int, d: int, block: int) -> None:
+    """Against combine's PyTorch path; rows past num_local hold NaN and must not reach the output."""
+    g = torch.Generator().manual_seed(n)
+    y = torch.randn(n * k, d, generator=g).to(dtype)  # [P, D]
+    row_of_pair = torch.randperm(n * k, generator=g)  # [P]
+    weights = torch.rand(n, k, generator=g)  # [N, k] fp32
+    num_local = torch.tensor([n * k - 3], dtype=torch.int32)
+    y[n * k - 3:] = float("nan")
+    want = gm.combine(y, row_of_pair, weights, num_local)  # CPU tensor: the PyTorch path
+    got = glue.weighted_topk_sum(y, row_of_pair, weights, num_local, block=block)
+    assert torch.isfinite(got).all() and torch.isfinite(want).all()
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=1e-5)
+
+
+def test_sort_pairs_docstring_example() -> None:
+    order, row_of_pair, offs = gm.sort_pairs(torch.tensor([[2, 0], [3, 2]]), e_local=2, expert_start=2)
+    assert order.tolist() == [0, 3, 2, 1] and row_of_pair.tolist() == [0, 3, 2, 1]
+    assert offs.tolist() == [2, 3] and offs.dtype == torch.int32
+
+
+@pytest.mark.parametrize(("expert_start", "e_local"), [(0, 8), (4, 4)])
+def test_with_triton_glue(glue: ModuleType, monkeypatch: pytest.MonkeyPatch, expert_start: int,
+                          e_local: int) -> None:
+    """The GPU path's composition on CPU: both glue steps through the interpreted Triton kernels."""
+    monkeypatch.setattr(gm, "_triton_glue", lambda t: True)
+    x, w13, w2, weights, ids = _problem(21, e_local, 32, 48, 2, seed=15, num_global=8)
+    got = gm.grouped_mm_moe(x, w13, w2, weights, ids, expert_start)
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids, expert_start), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-odd"])

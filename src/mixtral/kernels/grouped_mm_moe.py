@@ -9,10 +9,10 @@ Steps, all on the device and without a host sync (so a prefill step never waits 
    a stable sort gives the pair order, ``searchsorted`` the int32 end row of each expert's group;
 2. gather x rows into that order and run ``_grouped_mm`` against w13^T: [P, D] x [E, D, 2F] -> [P, 2F];
    rows past the last local group (other ranks' pairs) are never multiplied and stay uninitialised;
-3. SiLU(gate) * up in fp32, rounded once (Triton on CUDA, PyTorch elsewhere);
+3. SiLU(gate) * up in fp32, rounded once (Triton on CUDA: kernels/triton/moe_glue.py; PyTorch elsewhere);
 4. ``_grouped_mm`` against w2^T: [P, F] x [E, F, D] -> [P, D];
-5. gather rows back to (token, slot) order, scale by the fp32 weight, drop other ranks' rows with a select
-   (their memory may hold NaN, and NaN * 0 is NaN), sum the k slots in fp32 and round once.
+5. per token, gather its k rows, scale by the fp32 weights, skip other ranks' rows (their memory may hold
+   NaN, and NaN * 0 is NaN), sum in fp32 and round once (Triton on CUDA, PyTorch elsewhere).
 
 Where it is fast: on sm90 / sm100 with bf16 operands PyTorch runs CUTLASS's grouped GEMM (TMA, warp
 specialised). Anywhere else ``_grouped_mm`` loops over the groups after copying the offsets to the host, which
@@ -93,17 +93,57 @@ def device_problem(x: torch.Tensor) -> str | None:
     return None
 
 
+def _triton_glue(t: torch.Tensor) -> bool:
+    """The Triton glue kernels run on CUDA where autograd records nothing (they have no backward)."""
+    return t.is_cuda and not (torch.is_grad_enabled() and t.requires_grad)
+
+
+def sort_pairs(topk_ids: torch.Tensor, e_local: int, expert_start: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [N, k] global ids -> (order [P], row_of_pair [P], offs [E_local] int32), P = N * k.
+
+    ``order[r]`` is the pair (t * k + j) in sorted row r; ``row_of_pair`` is its inverse; ``offs[e]`` is the
+    end row of local expert e's group, so ``offs[-1]`` counts the local pairs. Other ranks' pairs follow
+    every local group. Device ops only (a sort and a ``searchsorted``): no host sync.
+
+    Example (E_local 2 at expert_start 2): ids [[2, 0], [3, 2]] -> keys [0, 2, 1, 0] (global 0 is another
+    rank's: key E_local), order [0, 3, 2, 1], row_of_pair [0, 3, 2, 1], offs [2, 3].
+    """
+    flat = topk_ids.reshape(-1) - expert_start  # [P] local expert of each pair
+    key = torch.where((flat >= 0) & (flat < e_local), flat, e_local)  # [P] other ranks' pairs sort last
+    sorted_key, order = torch.sort(key, stable=True)  # [P], [P]: stable keeps token order inside a group
+    experts = torch.arange(e_local, device=topk_ids.device, dtype=sorted_key.dtype)  # [E]
+    offs = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)  # [E] end row of each group
+    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return order, row_of_pair, offs
+
+
 def silu_mul(h: torch.Tensor, num_rows: torch.Tensor) -> torch.Tensor:
     """h [P, 2F] gate|up -> silu(gate) * up [P, F] in h's dtype: fp32 math, one rounding.
 
-    ``num_rows`` (device, one element) bounds the rows worth computing; the Triton kernel skips the rest. The
-    kernel has no backward, so autograd (training) takes the PyTorch ops."""
-    if h.is_cuda and not (torch.is_grad_enabled() and h.requires_grad):
-        from mixtral.kernels.triton.silu_mul import silu_mul as silu_mul_triton
+    ``num_rows`` (device, one element) bounds the rows worth computing; the Triton kernel skips the rest."""
+    if _triton_glue(h):
+        from mixtral.kernels.triton.moe_glue import silu_mul as silu_mul_triton
 
         return silu_mul_triton(h if h.stride(-1) == 1 else h.contiguous(), num_rows)
     f = h.shape[1] // 2
     return (F.silu(h[:, :f].float()) * h[:, f:].float()).to(h.dtype)
+
+
+def combine(y: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: torch.Tensor, num_local: torch.Tensor
+            ) -> torch.Tensor:
+    """y [P, D] in sorted order -> [N, D]: per token the fp32 sum of weight * its k rows, rounded once; rows
+    from ``num_local`` on (other ranks') are dropped with a select, since their memory may hold NaN and
+    NaN * 0 is NaN."""
+    n, k = topk_weights.shape
+    if _triton_glue(y):
+        from mixtral.kernels.triton.moe_glue import weighted_topk_sum
+
+        return weighted_topk_sum(y if y.stride(-1) == 1 else y.contiguous(), row_of_pair, topk_weights, num_local)
+    y_pairs = y.index_select(0, row_of_pair).view(n, k, -1)  # [N, k, D] back in (token, slot) order
+    weighted = y_pairs.float() * topk_weights.float().view(n, k, 1)  # fp32, as the reference applies it
+    local = (row_of_pair < num_local).view(n, k, 1)  # [N, k, 1]
+    return torch.where(local, weighted, 0.0).sum(dim=1).to(y.dtype)  # [N, D]
 
 
 def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -113,33 +153,19 @@ def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
 
     Raises ValueError when the shapes break the contract or ``_grouped_mm`` cannot take the layout
     (``layout_problem``); ``ops.fused_moe`` checks first and takes the Triton kernel instead.
-
-    Example (E_local 2 at expert_start 2, k 2): topk_ids [[2, 0], [3, 2]] -> pair keys [0, 2, 1, 0]
-    (global 0 is another rank's: key E_local = 2), sorted pairs [0, 3, 2, 1], group ends offs [2, 3];
-    pair 1 lands in the trailing row 3, which neither GEMM touches, and its slot adds nothing.
     """
     _check_contract(x, w13, w2, topk_weights, topk_ids)
     problem = layout_problem(x, w13, w2)
     if problem is not None:
         raise ValueError(f"grouped_mm_moe: {problem}; ops.fused_moe takes the Triton kernel for such shapes")
     n, d = x.shape
-    e_local = w13.shape[0]
-    k = topk_ids.shape[1]
     if n == 0:
         return x.new_zeros(0, d)
-    flat = topk_ids.reshape(-1) - expert_start  # [P] local expert of each pair, P = N * k
-    local = (flat >= 0) & (flat < e_local)  # [P]
-    key = torch.where(local, flat, e_local)  # [P] other ranks' pairs after every local group
-    sorted_key, order = torch.sort(key, stable=True)  # [P], [P]: stable keeps token order inside a group
-    experts = torch.arange(e_local, device=x.device, dtype=sorted_key.dtype)  # [E]
-    offs = torch.searchsorted(sorted_key, experts, right=True, out_int32=True)  # [E] end row of each group
+    k = topk_ids.shape[1]
+    order, row_of_pair, offs = sort_pairs(topk_ids, w13.shape[0], expert_start)  # [P], [P], [E]
+    num_local = offs[-1:]  # [1] rows from here on are other ranks' pairs: never multiplied
     x_sorted = x.index_select(0, order // k)  # [P, D] row r = token of sorted pair r
     h = torch._grouped_mm(x_sorted, w13.transpose(-2, -1), offs=offs)  # [P, 2F]
-    act = silu_mul(h, offs[-1:])  # [P, F]
+    act = silu_mul(h, num_local)  # [P, F]
     y = torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)  # [P, D] rows in sorted order
-    # row_of_pair[p] = where pair p landed in the sorted order (the inverse permutation of ``order``)
-    row_of_pair = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=x.device))
-    y_pairs = y.index_select(0, row_of_pair).view(n, k, d)  # [N, k, D] back in (token, slot) order
-    weighted = y_pairs.float() * topk_weights.float().view(n, k, 1)  # [N, k, D] fp32, as the reference applies it
-    weighted = torch.where(local.view(n, k, 1), weighted, 0.0)  # other ranks' rows hold garbage, maybe NaN
-    return weighted.sum(dim=1).to(x.dtype)  # [N, D]: fp32 sum over the k slots, one rounding
+    return combine(y, row_of_pair, topk_weights, num_local)  # [N, D]
