@@ -19,6 +19,7 @@ import pytest
 KERNEL_MODULES = [
     "mixtral.kernels.triton.moe_configs",
     "mixtral.kernels.triton.moe_align",
+    "mixtral.kernels.triton.moe_sum",
     "mixtral.kernels.triton.fused_moe",
     "mixtral.kernels.triton.write_kv",
     "mixtral.kernels.triton.attention_tile",

@@ -13,6 +13,7 @@ from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton import fused_moe as fm
 from mixtral.kernels.triton import moe_align as ma
 from mixtral.kernels.triton import moe_configs as mc
+from mixtral.kernels.triton import moe_sum as msum
 from mixtral.model.args import preset
 from mixtral.model.moe import EXPERT_PATHS, MoE, moe_grouped
 
@@ -159,3 +160,20 @@ def test_committed_configs_are_valid() -> None:
         for cfg in table.values():
             sizes = [cfg.block_m, cfg.w13.block_n, cfg.w13.block_k, cfg.w2.block_n, cfg.w2.block_k]
             assert all(s >= 16 and s & (s - 1) == 0 for s in sizes), (path.name, cfg)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_moe_sum_skips_other_ranks_rows(splits: int) -> None:
+    """The epilogue sums each token's local pairs over the split-K slices in fp32 and never reads the rows of
+    another rank's pairs (left unwritten: NaN here)."""
+    gen = torch.Generator().manual_seed(3)
+    n, k, d, start, local = 5, 2, 40, 2, 3
+    ids = torch.randint(0, 8, (n, k), generator=gen)
+    partials = torch.randn(splits, n * k, d, generator=gen)
+    is_local = ((ids >= start) & (ids < start + local)).reshape(-1)  # [N*k]
+    partials[:, ~is_local] = float("nan")
+    out = msum.moe_sum(partials, ids, start, local, torch.float16)
+    want = torch.where(is_local[None, :, None], partials, 0.0).sum(0).view(n, k, d).sum(1)
+    assert is_local.any() and (~is_local).any()
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), want, rtol=1e-3, atol=1e-3)

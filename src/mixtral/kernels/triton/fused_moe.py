@@ -19,6 +19,7 @@ import triton.language as tl
 
 from mixtral.kernels.triton.moe_align import moe_align
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_config
+from mixtral.kernels.triton.moe_sum import moe_sum
 
 
 @triton.jit
@@ -185,7 +186,9 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, e_local, cfg.block_m, expert_start)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
     invoke_w13(x, w13, act, sorted_ids, expert_ids, num_post_pad, top_k, cfg.block_m, cfg.w13)
-    partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
+    # [S, N*k, D], not zeroed: rows of other ranks' pairs are never written, and moe_sum skips them by id.
+    partials = torch.empty(cfg.w2.split_k, n * top_k, d, dtype=x.dtype if cfg.w2.split_k == 1 else torch.float32,
+                           device=x.device)
     invoke_w2(act, w2, partials, weights, sorted_ids, expert_ids, num_post_pad, cfg.block_m, cfg.w2)
-    # Top-k (and split-K) reduction: [S, N, k, D] -> [N, D], accumulated in fp32, rounded once.
-    return partials.view(-1, n, top_k, d).sum(dim=(0, 2), dtype=torch.float32).to(x.dtype)
+    # Top-k (and split-K) reduction: [S, N*k, D] -> [N, D], accumulated in fp32, rounded once (one kernel).
+    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype)
