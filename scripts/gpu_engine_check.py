@@ -35,6 +35,9 @@ MID = ModelArgs(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=128, hid
                 max_seq_len=4096, tokenizer="v3")
 
 
+LAST_COUNTS: list[torch.Tensor] = []
+
+
 def requests(n: int, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(3, 300, (n,), generator=gen).tolist()
@@ -51,7 +54,8 @@ def build(args: ModelArgs, std: float) -> Transformer:
 def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_tokens: int, *, reference: bool,
                eager: bool, async_scheduling: bool = True, sampled: bool = False
                ) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens of every prompt, and the batch sizes the engine captured graphs for (freed afterwards)."""
+    """Greedy tokens of every prompt, and the batch sizes the engine captured graphs for (freed afterwards).
+    The engine's expert-utilization counts [L, E] are kept in ``LAST_COUNTS``."""
     if reference:
         os.environ["MIXTRAL_KERNELS"] = "reference"
     else:
@@ -72,6 +76,7 @@ def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_toke
                 outs[o.request_id] = list(o.outputs[0].token_ids)
     graphs = engine.model_runner.graphs
     sizes = sorted(graphs.graphs) if graphs is not None else []
+    LAST_COUNTS[:] = [engine.expert_counts()]
     del engine, graphs
     gc.collect()
     torch.cuda.empty_cache()
@@ -114,10 +119,13 @@ def main() -> int:
         prompts = requests(24, margs.vocab_size)
         t0 = time.time()
         ref, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=True, eager=True)
+        ref_counts = LAST_COUNTS[0]
         fast, sizes = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False)
         eager, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=True)
         sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
                              async_scheduling=False)
+        # Same tokens, same routing: the fused router's counts (graph padding rows masked) equal the reference's.
+        same_counts = bool(torch.equal(LAST_COUNTS[0], ref_counts))
         samp_async, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
                                    sampled=True)
         samp_sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
@@ -127,10 +135,11 @@ def main() -> int:
         same_sync = sum(a == b for a, b in zip(sync, fast, strict=True))
         same_sampled = sum(a == b for a, b in zip(samp_sync, samp_async, strict=True))
         r = {"fp32_equal_to_reference": same_ref, "fp32_graphs_equal_to_eager": same_eager,
-             "fp32_async_equal_to_sync": same_sync, "fp32_sampled_async_equal_to_sync": same_sampled,
+             "fp32_async_equal_to_sync": same_sync, "fp32_sync_expert_counts_equal": same_counts,
+             "fp32_sampled_async_equal_to_sync": same_sampled,
              "graphs_captured": sizes, "seconds": round(time.time() - t0, 1)}
         ok &= (same_ref == len(prompts) and same_eager == len(prompts) and same_sync == len(prompts)
-               and same_sampled == len(prompts) and bool(sizes))
+               and same_sampled == len(prompts) and same_counts and bool(sizes))
 
         ref16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=True, eager=True)
         fast16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=False, eager=False)

@@ -17,7 +17,7 @@ from mixtral.kernels.reference import (
     rope_qk_reference,
     route_topk,
 )
-from mixtral.kernels.triton import rmsnorm, rope, router
+from mixtral.kernels.triton import gate_router, rmsnorm, rope, router
 from mixtral.model.args import preset
 from mixtral.model.layers import rope_cos_sin
 from mixtral.model.mixtral import Transformer, init_random_weights
@@ -143,11 +143,43 @@ def test_route_topk_rejects_bad_k() -> None:
         router.route_topk_fused(torch.randn(3, 8), 9)
 
 
+@pytest.mark.parametrize(("n", "num_experts", "top_k", "dim", "dtype"), [
+    (1, 8, 2, 64, torch.float32), (19, 8, 2, 300, torch.float32), (40, 6, 2, 48, torch.float16),
+    (5, 16, 4, 256, torch.float32),
+])
+def test_gate_route_matches_linear_then_route(n: int, num_experts: int, top_k: int, dim: int,
+                                              dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(n + dim)
+    x = _randn(gen, n, dim, dtype=dtype)  # [N, D]
+    w = _randn(gen, num_experts, dim, dtype=dtype, scale=dim**-0.5 * 2)  # [E, D]
+    mask = (torch.arange(n) % 3 != 2).long()  # [N] every third row is padding
+    counts = torch.zeros(num_experts, dtype=torch.int64)
+    logits, weights, ids = gate_router.gate_route_fused(x, w, top_k, counts, mask)
+    ref_logits = torch.nn.functional.linear(x.float(), w.float()).to(dtype)  # [N, E]
+    torch.testing.assert_close(logits, ref_logits, **NORM_TOL[dtype])
+    ref_w, ref_ids = route_topk(logits, top_k)  # routing of the kernel's own logits: exact ids
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_w, rtol=1e-6, atol=1e-6)
+    want = torch.zeros(num_experts, dtype=torch.int64).index_add_(0, ids[mask.bool()].reshape(-1),
+                                                                 torch.ones(int(mask.sum()) * top_k, dtype=torch.int64))
+    assert torch.equal(counts, want) and counts.sum() == mask.sum() * top_k
+    # Without counts or mask: the same routing, nothing counted anywhere.
+    _, weights2, ids2 = gate_router.gate_route_fused(x, w, top_k)
+    assert torch.equal(ids2, ids) and torch.equal(weights2, weights)
+
+
+def test_gate_route_rejects_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="does not fit"):
+        gate_router.gate_route_fused(torch.randn(2, 8), torch.randn(4, 9), 2)
+    with pytest.raises(ValueError, match="counts must be"):
+        gate_router.gate_route_fused(torch.randn(2, 8), torch.randn(4, 8), 2, torch.zeros(4, dtype=torch.int32))
+
+
 # ---------------------------------------------------------------- dispatch and the model
 @pytest.fixture
 def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Make ops.py pick the Triton kernels for CPU tensors (run by the interpreter) and count their calls."""
-    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope_qk": 0, "route_topk_fused": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "rope_qk": 0, "route_topk_fused": 0, "gate_route_fused": 0}
     monkeypatch.setattr(ops, "use_triton", lambda t: True)
     def counting(fn: Callable[..., object], name: str) -> Callable[..., object]:
         def counted(*args: object) -> object:
@@ -156,7 +188,7 @@ def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return counted
 
     for module, name in ((rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"), (rope, "rope_qk"),
-                         (router, "route_topk_fused")):
+                         (router, "route_topk_fused"), (gate_router, "gate_route_fused")):
         monkeypatch.setattr(module, name, counting(getattr(module, name), name))
     return calls
 
@@ -179,7 +211,8 @@ def test_model_logits_with_fused_ops_match_reference(triton_on_cpu: dict[str, in
         fused = model(input_ids)  # [2, 9, V] through the Triton kernels
     # 3 layers: only the first attention norm is a plain rms_norm; every other norm (the ffn norms, the next
     # layers' attention norms, the final norm) takes the previous residual add with it.
-    assert triton_on_cpu == {"rms_norm": 1, "add_rms_norm": 6, "rope_qk": 3, "route_topk_fused": 3}
+    assert triton_on_cpu == {"rms_norm": 1, "add_rms_norm": 6, "rope_qk": 3, "route_topk_fused": 0,
+                             "gate_route_fused": 3}  # the router: gate GEMM + routing in one kernel
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ops, "use_triton", lambda t: False)
         with torch.inference_mode():

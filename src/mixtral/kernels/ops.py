@@ -143,6 +143,32 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return reference.rope_qk_reference(q, k, cos, sin)
 
 
+# Up to this many tokens the router (gate GEMM, routing, counts) is one fused Triton kernel: at decode sizes it
+# is pure latency, three launches in PyTorch. Beyond it cuBLAS's GEMM is the better gate.
+GATE_FUSED_MAX_TOKENS = 256
+
+
+def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, counts: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The MoE router: x [N, D], gate_weight [E, D] -> (logits [N, E] in x's dtype, weights [N, k] fp32,
+    ids [N, k] int64), and ``counts`` [E] int64 += each expert's choices (rows with ``mask`` [N] == 0 left out).
+
+    One Triton kernel on CUDA at decode sizes (kernels/triton/gate_router.py); else the Linear, ``route_topk``
+    and an ``index_add``."""
+    if (use_triton(x) and x.shape[0] <= GATE_FUSED_MAX_TOKENS and x.dtype == gate_weight.dtype
+            and gate_weight.shape[0] <= 64 and _no_autograd(x, gate_weight)):
+        from mixtral.kernels.triton.gate_router import gate_route_fused
+
+        return gate_route_fused(x, gate_weight, top_k, counts, mask)
+    from mixtral.model.context import count_choices
+
+    logits = torch.nn.functional.linear(x, gate_weight)  # [N, E]
+    weights, ids = route_topk(logits, top_k)
+    if counts is not None:
+        count_choices(counts, ids, mask)
+    return logits, weights, ids
+
+
 def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [N, E] -> (weights [N, k] fp32, ids [N, k] int64); see ``reference.route_topk``."""
     if use_triton(router_logits) and _no_autograd(router_logits):

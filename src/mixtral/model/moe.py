@@ -23,7 +23,7 @@ from mixtral.kernels import ops
 from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
 from mixtral.kernels.reference import moe_reference
 from mixtral.model.args import ModelArgs
-from mixtral.model.context import record_routing
+from mixtral.model.context import routing_counter
 
 # (x [N, D], w13, w2, topk_weights [N, k], topk_ids [N, k], expert_start) -> [N, D]
 ExpertsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
@@ -107,9 +107,9 @@ class MoE(nn.Module):
         """x [N, D] -> (out [N, D], router_logits [N, E] in model dtype, for the aux loss)."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        router_logits = self.gate(x)  # [N, E]
-        topk_weights, topk_ids = ops.route_topk(router_logits, self.top_k)  # [N, k] fp32, [N, k] int64
-        if ctx is not None:
-            record_routing(ctx, self.layer_idx, topk_ids)
+        # [N, E] logits, [N, k] fp32 weights, [N, k] int64 ids; the context's expert counts updated on the way
+        # (one kernel on CUDA at decode sizes: ops.gate_route).
+        counts, mask = routing_counter(ctx, self.layer_idx) if ctx is not None else (None, None)
+        router_logits, topk_weights, topk_ids = ops.gate_route(x, self.gate.weight, self.top_k, counts, mask)
         out = self.experts_fn(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
         return out, router_logits
