@@ -61,9 +61,10 @@ def test_long_prefill_matches_reference() -> None:
 
 @pytest.mark.parametrize(("ctx_lens", "block_size", "max_context_len"), [
     ([1, 16, 17, 31], 16, None),  # block boundaries, one partition (no split: short contexts)
-    ([300, 5], 16, None),  # split into 256-key partitions; the short sequence uses one
-    ([700, 64, 513], 4, None),  # three partitions, a context ending exactly on one
+    ([300, 5], 16, None),  # split into 64-key partitions; the short sequence uses one
+    ([700, 64, 513], 4, None),  # several partitions, a context ending exactly on one
     ([90, 30], 8, 1000),  # launch bound larger than the true lengths (as in a captured CUDA graph)
+    ([2200], 16, None),  # 35 partitions: the merge takes them in two chunks
 ])
 def test_decode_matches_reference(ctx_lens: list[int], block_size: int, max_context_len: int | None) -> None:
     _check([1] * len(ctx_lens), ctx_lens, 8, 2, 16, block_size, torch.float16, seed=len(ctx_lens),
@@ -101,10 +102,12 @@ def test_int64_metadata() -> None:
 
 def test_decode_partition_size() -> None:
     assert pa.decode_partition_size(64, 8, 4096, 132) is None  # 512 programs already fill the GPU
-    assert pa.decode_partition_size(1, 8, 200, 132) is None  # too short to split
-    size = pa.decode_partition_size(1, 8, 4096, 132)
-    assert size is not None and size % 64 == 0 and size >= 256
-    assert -(-4096 // size) * 8 <= 2 * 132 + 8 * 2  # about two waves of programs
+    assert pa.decode_partition_size(1, 8, 64, 132) is None  # one tile: nothing to split
+    assert pa.decode_partition_size(1, 8, 2048, 132) == 64  # 32 splits x 8 heads: about two waves
+    # A CUDA graph's bound is max_model_len: capped, so a short running context still splits 4 ways.
+    assert pa.decode_partition_size(1, 8, 32768, 132) == 128
+    size = pa.decode_partition_size(16, 8, 4096, 132)
+    assert size is not None and size % 64 == 0 and 128 < size <= 512
 
 
 def test_write_kv_matches_reference() -> None:

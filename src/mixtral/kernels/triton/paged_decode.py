@@ -6,6 +6,11 @@ normalised partial output and its log-sum-exp, and a second kernel merges the pa
 programs a single pass writes the output directly. The split is chosen from host ints only, so a CUDA graph
 captured for a batch size stays valid for every context up to its ``max_context_len``.
 
+That bound is the captured one (max_model_len), usually far above the running contexts, so the partition
+size is capped: at batch 1-4 a 512-token context is 4 partitions of 128 keys working in parallel rather than
+one program walking a quarter of 32K. Partitions past a sequence's context exit at once, and the merge walks
+the partitions in chunks, so thousands of them cost little.
+
 Called through ``paged_attention.paged_attention`` (max_query_len <= 1); see that module for the layout.
 """
 
@@ -20,7 +25,12 @@ import triton.language as tl
 from mixtral.kernels.triton.attention_tile import attend_tile
 
 DECODE_BLOCK_N = 64
-MIN_PARTITION = 256  # keys per decode split: smaller splits cost more in the reduction than they gain
+MIN_PARTITION = 64  # keys per decode split: one tile
+# Largest split at small batch (<= 4 sequences), where latency, not the merge's traffic, is what counts;
+# larger batches allow longer splits, which write fewer partial outputs.
+MAX_PARTITION_SMALL_BATCH = 128
+MAX_PARTITION = 512
+REDUCE_BLOCK_P = 32  # partitions merged per step of the reduction
 
 
 @triton.jit
@@ -55,6 +65,8 @@ def _decode_kernel(
                 mask=h_ok[:, None] & d_ok[None, :], other=0.0)  # [QG_PAD, BD]
     qpos = tl.zeros([QG_PAD], tl.int32) + (ctx - 1)
     lo = part * partition_size
+    if lo >= ctx:
+        return  # past this sequence's context: the merge never reads this partition
     hi = tl.minimum(lo + partition_size, ctx)
     if SLIDING:
         lo = tl.maximum(lo, tl.maximum(ctx - window, 0) // BLOCK_N * BLOCK_N)
@@ -82,7 +94,7 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, context_lens_ptr, qsl_ptr, out_ptr, partition_size,
     stride_pos, stride_poh, stride_pop, stride_pls, stride_plh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
     """Program (sequence s, head h): merge the partitions that cover s's context by their log-sum-exp."""
     s = tl.program_id(0)
@@ -92,18 +104,25 @@ def _decode_reduce_kernel(
         return
     ctx = tl.load(context_lens_ptr + s)
     n_parts = (ctx + partition_size - 1) // partition_size
-    p = tl.arange(0, P_PAD)
-    p_ok = p < n_parts
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
-    lse = tl.load(part_lse_ptr + s * stride_pls + h * stride_plh + p, mask=p_ok, other=float("-inf"))  # [P]
-    m = tl.max(lse, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m)  # [P]
-    po = tl.load(part_out_ptr + s * stride_pos + h * stride_poh + p[:, None] * stride_pop + d[None, :],
-                 mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # [P, BD]
-    total = tl.sum(w, 0)
-    o = tl.sum(po * w[:, None], 0) / tl.where(total > 0, total, 1.0)  # [BD]
+    # Online merge over chunks of P_BLOCK partitions: a running max m, the weight total and the weighted sum.
+    m = float("-inf")
+    total = 0.0
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for p0 in range(0, n_parts, P_BLOCK):
+        p = p0 + tl.arange(0, P_BLOCK)
+        p_ok = p < n_parts
+        lse = tl.load(part_lse_ptr + s * stride_pls + h * stride_plh + p, mask=p_ok, other=float("-inf"))  # [P]
+        m_new = tl.maximum(m, tl.max(lse, 0))  # finite from the first chunk on (partition 0 has keys)
+        scale = tl.exp2(m - m_new)
+        w = tl.exp2(lse - m_new)  # [P]
+        po = tl.load(part_out_ptr + s * stride_pos + h * stride_poh + p[:, None] * stride_pop + d[None, :],
+                     mask=p_ok[:, None] & d_ok[None, :], other=0.0)  # [P, BD]
+        acc = acc * scale + tl.sum(po * w[:, None], 0)
+        total = total * scale + tl.sum(w, 0)
+        m = m_new
+    o = acc / tl.where(total > 0, total, 1.0)  # [BD]
     tl.store(out_ptr + q_row.to(tl.int64) * stride_ot + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
              mask=d_ok)
 
@@ -121,18 +140,19 @@ def _num_sms(device: torch.device) -> int:
 def decode_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int, num_sms: int) -> int | None:
     """Keys per split for the decode kernel, or None for no split. Host ints only (graph-safe).
 
-    Split when (sequences x KV heads) programs cannot fill about two waves of the GPU, into partitions of at
-    least ``MIN_PARTITION`` keys. Example: batch 1, 8 KV heads, 4096-token context, 132 SMs -> 16 splits
-    of 256 keys.
+    Split when (sequences x KV heads) programs cannot fill about two waves of the GPU: into enough partitions
+    for two waves over ``max_context_len``, each a multiple of the 64-key tile, at most
+    ``MAX_PARTITION_SMALL_BATCH`` keys at batch <= 4 (``MAX_PARTITION`` above). Examples (132 SMs, 8 KV heads):
+    batch 1 over 2048 keys -> 64; batch 1 over 32K -> 128; batch 16 over 4096 -> 256.
     """
     programs = num_seqs * num_kv_heads
     target = 2 * num_sms
     if programs >= target or max_context_len <= MIN_PARTITION:
         return None
-    parts = min(triton.cdiv(target, programs), triton.cdiv(max_context_len, MIN_PARTITION))
-    if parts <= 1:
-        return None
-    return triton.cdiv(triton.cdiv(max_context_len, parts), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    parts = triton.cdiv(target, programs)
+    size = triton.cdiv(triton.cdiv(max_context_len, parts), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    cap = MAX_PARTITION_SMALL_BATCH if num_seqs <= 4 else MAX_PARTITION
+    return max(MIN_PARTITION, min(size, cap))
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -165,5 +185,5 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     _decode_reduce_kernel[(num_seqs, n_heads)](
         part_out, part_lse, context_lens, query_start_loc, out, part_size, **split_strides,
         stride_ot=out.stride(0), stride_oh=out.stride(1), HEAD_DIM=q.shape[2], BLOCK_D=block_d,
-        P_PAD=max(2, triton.next_power_of_2(num_parts)), num_warps=4,
+        P_BLOCK=min(REDUCE_BLOCK_P, max(2, triton.next_power_of_2(num_parts))), num_warps=4,
     )
