@@ -105,8 +105,8 @@ class Bench:
         w13 = torch.randn(NUM_EXPERTS, 2 * f, d, device=self.dev, generator=gen, dtype=self.dtype) * d**-0.5
         w2 = torch.randn(NUM_EXPERTS, d, f, device=self.dev, generator=gen, dtype=self.dtype) * f**-0.5
         self.check_expert_parallel(name, x_dim=d, w13=w13, w2=w2, m=tokens[min(2, len(tokens) - 1)])
-        if self.args.breakdown_m:
-            self.breakdown(name, d, f, w13, w2, self.args.breakdown_m)
+        for m in self.args.breakdown_m:
+            self.breakdown(name, d, f, w13, w2, m)
         for m in tokens:
             if time.monotonic() > self.deadline:
                 log(f"  time budget spent: skipping {name} M={m} and after")
@@ -180,9 +180,9 @@ class Bench:
             ("combine", lambda: gm.combine(y, row_of_pair, weights, offs[-1:]), 0.0),
             ("whole grouped_mm_moe", lambda: gm.grouped_mm_moe(x, w13, w2, weights, ids), 6.0 * d * f * m * TOP_K),
         ]
-        # Diagnostics for the design, not used by the path: the transposed products (weights as the M side:
-        # W [E, 2F, D] x xs^T [D, P] ragged in N -> h^T [2F, P]), and cuBLAS per expert with host offsets.
-        act_t = act.t().contiguous()  # [F, P]
+        # A diagnostic for the design, not used by the path: cuBLAS per expert with offsets copied to the host.
+        # (The transposed product W.x^T, ragged in N, is no option: _grouped_mm asserts on the device unless
+        # every group's row count is a multiple of 8, and a device assert ends the whole process.)
         ends = [0, *offs.tolist()]  # host copy, outside the timing
         h_loop = torch.empty_like(h)
         y_loop = torch.empty_like(y)
@@ -192,9 +192,14 @@ class Bench:
                 if ends[e + 1] > ends[e]:
                     torch.mm(a[ends[e]:ends[e + 1]], w[e].t(), out=out[ends[e]:ends[e + 1]])
 
+        def torch_sort_pairs() -> Any:  # the obvious version, for comparison with the counting sort
+            key = ids.reshape(-1)
+            sorted_key, order_ = torch.sort(key, stable=True)
+            return order_, torch.searchsorted(sorted_key, torch.arange(NUM_EXPERTS, device=key.device), right=True,
+                                              out_int32=True)
+
         steps += [
-            ("transposed w13 W.x^T", lambda: torch._grouped_mm(w13, xs.t(), offs=offs), 4.0 * d * f * m * TOP_K),
-            ("transposed w2 W.act^T", lambda: torch._grouped_mm(w2, act_t, offs=offs), 2.0 * d * f * m * TOP_K),
+            ("sort via torch.sort", torch_sort_pairs, 0.0),
             ("cublas loop w13", lambda: cublas_loop(xs, w13, h_loop), 4.0 * d * f * m * TOP_K),
             ("cublas loop w2", lambda: cublas_loop(act, w2, y_loop), 2.0 * d * f * m * TOP_K),
         ]
@@ -328,8 +333,11 @@ def main() -> int:
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench's timing window per variant, milliseconds")
     p.add_argument("--tol", type=float, default=1e-2, help="norm-relative error above which a variant is BAD")
     p.add_argument("--budget-s", type=float, default=230.0, help="stop starting new measurements after this")
-    p.add_argument("--breakdown-m", type=int, default=2048,
-                   help="time each step of grouped_mm_moe alone at this many tokens per model (0: skip)")
+    p.add_argument("--breakdown-m", default="2048",
+                   help="comma-separated token counts at which each step of grouped_mm_moe is timed alone "
+                   "(empty: none)")
+    p.add_argument("--sweep-count", type=int, default=None,
+                   help="run only the first N Triton sweep tiles (0: none; default all 12, or 4 with --quick)")
     p.add_argument("--json", default=None, help="write every row, the summary and the setup to this JSON file")
     p.add_argument("--commit", default="", help="commit id to record (the device copy may have no git history)")
     args = p.parse_args()
@@ -350,11 +358,14 @@ def main() -> int:
     log("  ".join(f"{k} {v}" for k, v in meta.items()))
     if args.tiny or dev.type == "cpu":
         models, tokens, sweep = TINY_MODELS, TINY_TOKENS, TINY_SWEEP
-        args.breakdown_m = min(args.breakdown_m, TINY_TOKENS[-1])
+        args.breakdown_m = str(TINY_TOKENS[-1]) if args.breakdown_m else ""
     else:
         models = {k: MODELS[k] for k in args.models.split(",")}
         tokens = [int(t) for t in args.tokens.split(",")]
         sweep = QUICK_SWEEP if args.quick else SWEEP
+    if args.sweep_count is not None:
+        sweep = sweep[:args.sweep_count]
+    args.breakdown_m = [int(m) for m in args.breakdown_m.split(",") if m]
     rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
     bench = Bench(args, rows, deadline=t0 + args.budget_s)

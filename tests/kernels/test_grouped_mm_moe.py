@@ -241,6 +241,19 @@ def test_sort_pairs_docstring_example() -> None:
     assert offs.tolist() == [2, 3] and offs.dtype == torch.int32
 
 
+def test_sort_pairs_matches_a_stable_sort() -> None:
+    """The counting sort equals torch's stable sort of the keys, with other ranks' pairs last."""
+    ids = torch.randint(0, 8, (300, 2), generator=torch.Generator().manual_seed(16))
+    order, row_of_pair, offs = gm.sort_pairs(ids, e_local=3, expert_start=2)
+    flat = ids.reshape(-1) - 2
+    key = torch.where((flat >= 0) & (flat < 3), flat, 3)
+    assert torch.equal(order, torch.sort(key, stable=True).indices)
+    assert torch.equal(row_of_pair[order], torch.arange(600))
+    assert offs.tolist() == torch.cumsum(torch.bincount(key, minlength=4), 0)[:3].tolist()
+    empty = gm.sort_pairs(torch.zeros(0, 2, dtype=torch.long), e_local=3)
+    assert empty[0].numel() == 0 and empty[2].tolist() == [0, 0, 0]
+
+
 @pytest.mark.parametrize(("expert_start", "e_local"), [(0, 8), (4, 4)])
 def test_with_triton_glue(glue: ModuleType, monkeypatch: pytest.MonkeyPatch, expert_start: int,
                           e_local: int) -> None:
