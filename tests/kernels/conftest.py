@@ -27,6 +27,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.paged_attention",
     "mixtral.kernels.triton.rmsnorm", "mixtral.kernels.triton.rope", "mixtral.kernels.triton.router",
     "mixtral.kernels.triton.gate_router",
+    "mixtral.kernels.triton.skinny_gemm",
 ]
 
 

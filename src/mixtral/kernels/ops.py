@@ -143,6 +143,17 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return reference.rope_qk_reference(q, k, cos, sin)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T -> [M, N]: the Triton weight-streaming kernel for decode-sized M on CUDA at
+    inference (kernels/triton/skinny_gemm.py), ``F.linear`` otherwise."""
+    if (use_triton(x) and x.dim() == 2 and x.shape[0] <= 16 and x.dtype == weight.dtype
+            and x.dtype in (torch.bfloat16, torch.float16) and _no_autograd(x, weight)):
+        from mixtral.kernels.triton.skinny_gemm import skinny_gemm
+
+        return skinny_gemm(x, weight)
+    return torch.nn.functional.linear(x, weight)
+
+
 # Up to this many tokens the router (gate GEMM, routing, counts) is one fused Triton kernel: at decode sizes it
 # is pure latency, three launches in PyTorch. Beyond it cuBLAS's GEMM is the better gate.
 GATE_FUSED_MAX_TOKENS = 256

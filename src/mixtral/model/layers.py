@@ -67,14 +67,16 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
                 ) -> torch.Tensor:
         n = x.shape[0]
-        qkv = self.wqkv(x)  # [N, (H + 2KV) * hd]
+        # ops.linear: a weight-streaming Triton kernel at decode sizes on CUDA (LoRA's parametrised weight
+        # included: .weight is W + delta while an adapter is attached).
+        qkv = ops.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         # [N, H, hd], [N, KV, hd]: one fused kernel for both on CUDA at inference (ops.rope_qk)
         q, k = ops.rope_qk(q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv_heads, self.head_dim),
                            cos, sin)
         v = v.view(n, self.n_kv_heads, self.head_dim)
         out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
-        return self.wo(out.reshape(n, self.q_size))
+        return ops.linear(out.reshape(n, self.q_size), self.wo.weight)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
