@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from mixtral.kernels import ops, reference
-from mixtral.kernels.triton import rmsnorm, rope, router
+from mixtral.kernels.triton import gate_router, rmsnorm, rope, router, skinny_gemm
 from mixtral.model.args import preset
 from mixtral.model.layers import rope_cos_sin
 from mixtral.model.mixtral import Transformer, init_random_weights
@@ -99,6 +99,10 @@ class Check:
                 self.check_norms(n, dtype)
                 self.check_rope(n, dtype)
                 self.check_router(n, dtype)
+                if n <= 256:
+                    self.check_gate_router(n, dtype)
+                if n <= skinny_gemm.MAX_ROWS and dtype != torch.float32:
+                    self.check_skinny(n, dtype)
 
     def check_norms(self, n: int, dtype: torch.dtype) -> None:
         x = self.randn(n, DIM, dtype=dtype, scale=3.0)  # [N, D]
@@ -146,6 +150,38 @@ class Check:
             dispatched = torch.equal(ops.route_topk(logits, TOP_K)[1], ids)
         self.record("route_topk", dtype, n, ids_ok and w_ok and dispatched, max_err=err, tie_rows=ties,
                     dispatch=dispatched)
+
+    def check_gate_router(self, n: int, dtype: torch.dtype) -> None:
+        """Gate GEMM + routing + counts in one kernel: logits within a rounding step of the Linear's, routing
+        exactly that of its own logits, counts exactly the masked choices."""
+        x = self.randn(n, DIM, dtype=dtype)  # [N, D]
+        gw = self.randn(N_EXPERTS, DIM, dtype=dtype, scale=DIM**-0.5)  # [E, D]
+        mask = (torch.arange(n, device=self.dev) % 5 != 4).long()  # every fifth row is padding
+        counts = torch.zeros(N_EXPERTS, dtype=torch.int64, device=self.dev)
+        logits, w, ids = gate_router.gate_route_fused(x, gw, TOP_K, counts, mask)
+        ok_logits, err, _ = self.within_step(logits, torch.nn.functional.linear(x.float(), gw.float()).to(dtype), dtype)
+        ref_w, ref_ids = reference.route_topk(logits, TOP_K)
+        probs = torch.softmax(logits.float(), dim=-1)
+        ids_ok = bool(((ids == ref_ids) | (probs.gather(1, ids) == probs.gather(1, ref_ids))).all())
+        w_ok = bool(((w - ref_w).abs() <= ROUTE_TOL * (1 + ref_w.abs())).all())
+        want = torch.zeros_like(counts).index_add_(0, ids[mask.bool()].reshape(-1),
+                                                   torch.ones_like(ids[mask.bool()].reshape(-1)))
+        counts_ok = torch.equal(counts, want)
+        self.record("gate_route", dtype, n, ok_logits and ids_ok and w_ok and counts_ok, max_err=err,
+                    counts_ok=counts_ok)
+
+    def check_skinny(self, n: int, dtype: torch.dtype) -> None:
+        """Decode-size GEMM against an fp32 product: relative Frobenius error of one rounding of the output."""
+        for rows, cols in ((6144, 4096), (4096, 4096)):
+            x = self.randn(n, cols, dtype=dtype)
+            w = self.randn(rows, cols, dtype=dtype, scale=cols**-0.5)
+            out = skinny_gemm.skinny_gemm(x, w)
+            ref = x.float() @ w.float().T
+            rel = ((out.float() - ref).norm() / ref.norm()).item()
+            with torch.inference_mode():
+                dispatched = torch.equal(ops.linear(x, w), out)
+            self.record(f"skinny {rows}x{cols}", dtype, n, rel < STEP[dtype] and dispatched, rel_err=rel,
+                        dispatch=dispatched)
 
     # ---------------------------------------------------------------- CUDA graphs
     def check_graphs(self) -> None:
