@@ -195,8 +195,9 @@ class Bench:
         def torch_sort_pairs() -> Any:  # the obvious version, for comparison with the counting sort
             key = ids.reshape(-1)
             sorted_key, order_ = torch.sort(key, stable=True)
-            return order_, torch.searchsorted(sorted_key, torch.arange(NUM_EXPERTS, device=key.device), right=True,
-                                              out_int32=True)
+            inverse = torch.empty_like(order_).scatter_(0, order_, torch.arange(key.numel(), device=key.device))
+            return order_, inverse, torch.searchsorted(sorted_key, torch.arange(NUM_EXPERTS, device=key.device),
+                                                       right=True, out_int32=True)
 
         steps += [
             ("sort via torch.sort", torch_sort_pairs, 0.0),

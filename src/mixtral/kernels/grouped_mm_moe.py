@@ -118,10 +118,12 @@ def sort_pairs(topk_ids: torch.Tensor, e_local: int, expert_start: int = 0
         return flat, flat, torch.zeros(e_local, dtype=torch.int32, device=flat.device)
     key = torch.where((flat >= 0) & (flat < e_local), flat, e_local)  # [P] other ranks' pairs sort last
     keys = torch.arange(e_local + 1, device=key.device)  # [E + 1]
-    seen = torch.cumsum(key[:, None] == keys[None, :], dim=0, dtype=torch.int32)  # [P, E + 1] running counts
-    counts = seen[-1]  # [E + 1] pairs per key
+    # Running counts along the pairs, scanned in the innermost dim: a scan along an outer dim of only
+    # E + 1 columns runs one thread per column on CUDA, serially over P (milliseconds at P = 16K).
+    seen = torch.cumsum(keys[:, None] == key[None, :], dim=1, dtype=torch.int32)  # [E + 1, P]
+    counts = seen[:, -1]  # [E + 1] pairs per key
     ends = torch.cumsum(counts, dim=0, dtype=torch.int32)  # [E + 1] end row of each group
-    rank = seen.gather(1, key[:, None]).squeeze(1) - 1  # [P] place of each pair inside its group
+    rank = seen.gather(0, key[None, :]).squeeze(0) - 1  # [P] place of each pair inside its group
     row_of_pair = ((ends - counts)[key] + rank).long()  # [P] group start + rank
     order = torch.empty_like(row_of_pair).scatter_(0, row_of_pair, torch.arange(key.numel(), device=key.device))
     return order, row_of_pair, ends[:e_local].contiguous()
