@@ -68,8 +68,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # From this many tokens on, fused_moe runs the experts as CUTLASS grouped GEMMs (kernels/grouped_mm_moe.py)
 # where that path is fast (sm90/sm100, bf16, aligned D and F); below it the Triton kernel, which reads only
-# the experts hit and wins at decode sizes. Set from scripts/gpu_moe_prefill.py on an H100.
-GROUPED_MM_MIN_TOKENS = 512
+# the experts hit and wins at decode sizes. On an H100 (scripts/gpu_moe_paths.py) the per-expert cuBLAS path
+# below beats it wherever it may run (eager steps), so this only matters while a CUDA graph is captured.
+GROUPED_MM_MIN_TOKENS = 4096
+# From this many tokens on, eager steps (prefill chunks) run the experts as one cuBLAS GEMM per expert
+# (kernels/expert_gemms_moe.py; one host sync per layer, so never inside a CUDA graph). H100, 8x7B shapes:
+# 1024 tokens Triton 462 TFLOP/s vs 421; 2048 tokens 482 vs 558; 4096 tokens 529 vs 620.
+EXPERT_GEMMS_MIN_TOKENS = 1536
 
 
 def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -92,9 +97,15 @@ def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """The experts of a MoE layer: x [N, D], w13 [E, 2F, D], w2 [E, D, F], topk_weights [N, k] fp32,
-    topk_ids [N, k] global ids -> [N, D]. On CUDA the CUTLASS grouped GEMMs at large token counts
-    (``use_grouped_mm``), else the Triton fused kernel; ``moe_reference`` elsewhere."""
+    topk_ids [N, k] global ids -> [N, D]. On CUDA: one cuBLAS GEMM per expert for prefill-sized eager steps,
+    the CUTLASS grouped GEMMs at large token counts inside a graph capture (``use_grouped_mm``), else the
+    Triton fused kernel; ``moe_reference`` elsewhere."""
     if use_triton(x):
+        if (x.shape[0] >= EXPERT_GEMMS_MIN_TOKENS and os.environ.get("MIXTRAL_MOE_GROUPED_MM", "") != "1"
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
+
+            return expert_gemms_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
         if use_grouped_mm(x, w13, w2):
             from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
 

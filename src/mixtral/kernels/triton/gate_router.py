@@ -3,11 +3,12 @@ utilization counts.
 
 At decode sizes the router is pure latency: ``x @ W_gate^T`` is a [N, 4096] x [4096, 8] product (cuBLAS runs
 it as a split-K GEMV plus a reduction), then softmax/top-k and the counts' ``index_add`` are two more
-launches. Here one program per BLOCK_N tokens computes the logits with ``tl.dot`` (fp32 accumulation,
-rounded once to the model dtype like the Linear's output), routes exactly as ``router.py`` (fp32 softmax
-over the rounded logits, top-k, renormalised; ties to the lowest expert) and adds each choice to the
-per-expert counts with an atomic add (integers: the order does not matter), weighted by the row mask that
-leaves CUDA-graph padding rows out. Grid from host ints only: capturable.
+launches. Here one program per token computes its logits with fp32 multiply-adds over wide tiles (a few
+loop trips; a 16-row ``tl.dot`` version walked D in 16 dependent steps and took 11 us on an H100), rounds
+them once to the model dtype like the Linear's output, routes exactly as ``router.py`` (fp32 softmax over
+the rounded logits, top-k, renormalised; ties to the lowest expert) and adds each choice to the per-expert
+counts with an atomic add (integers: the order does not matter), weighted by the row mask that leaves
+CUDA-graph padding rows out. Grid from host ints only: capturable.
 """
 
 from __future__ import annotations
@@ -16,60 +17,55 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_N = 16  # tokens per program (tl.dot needs >= 16 rows)
-BLOCK_D = 256
+BLOCK_D = 1024
 MAX_EXPERTS = 64
 
 
 @triton.jit
 def _gate_route_kernel(
     x_ptr, w_ptr, logits_ptr, tw_ptr, ti_ptr, counts_ptr, mask_ptr,
-    n_rows, n_experts, D, stride_x, stride_w, stride_l, stride_tw, stride_ti,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    n_experts, D, stride_x, stride_w, stride_l, stride_tw, stride_ti,
+    TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    row_ok = rows < n_rows
-    rows64 = rows.to(tl.int64)
+    """Program n: token n's E logits as fp32 multiply-adds over [E, BLOCK_D] tiles (no tensor cores: E is 8,
+    and an fp32 model must get fp32 products, not TF32), then its routing and counts."""
+    n = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)  # [BE]
     col_ok = cols < n_experts
-    acc = tl.zeros((BLOCK_N, BLOCK_E), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_D):
         kd = k0 + tl.arange(0, BLOCK_D)  # [BD]
         k_ok = kd < D
-        xt = tl.load(x_ptr + rows64[:, None] * stride_x + kd[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                     other=0.0)  # [BN, BD]
-        wt = tl.load(w_ptr + cols[None, :] * stride_w + kd[:, None], mask=col_ok[None, :] & k_ok[:, None],
-                     other=0.0)  # [BD, BE] = W_gate^T tile
-        acc = tl.dot(xt, wt, acc)
+        xv = tl.load(x_ptr + n * stride_x + kd, mask=k_ok, other=0.0).to(tl.float32)  # [BD]
+        wt = tl.load(w_ptr + cols[:, None] * stride_w + kd[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(tl.float32)  # [BE, BD]
+        acc += tl.sum(wt * xv[None, :], axis=1)
     logits = acc.to(logits_ptr.dtype.element_ty)  # the Linear's rounding
-    out_ok = row_ok[:, None] & col_ok[None, :]
-    tl.store(logits_ptr + rows64[:, None] * stride_l + cols[None, :], logits, mask=out_ok)
+    tl.store(logits_ptr + n * stride_l + cols, logits, mask=col_ok)
 
-    lf = tl.where(col_ok[None, :], logits.to(tl.float32), float("-inf"))  # [BN, BE]
-    row_max = tl.max(lf, axis=1)
-    e = tl.where(col_ok[None, :], tl.exp(lf - row_max[:, None]), 0.0)
-    probs = e / tl.sum(e, axis=1)[:, None]
-    probs = tl.where(col_ok[None, :], probs, -1.0)  # padding lanes never win
+    lf = tl.where(col_ok, logits.to(tl.float32), float("-inf"))  # [BE]
+    e = tl.where(col_ok, tl.exp(lf - tl.max(lf, 0)), 0.0)
+    probs = tl.where(col_ok, e / tl.sum(e, 0), -1.0)  # padding lanes never win
     if HAS_MASK:
-        inc = tl.load(mask_ptr + rows, mask=row_ok, other=0).to(tl.int64)  # [BN] 1 = count this row
+        inc = tl.load(mask_ptr + n).to(tl.int64)  # 1 = count this row (0: CUDA-graph padding)
     else:
-        inc = tl.where(row_ok, 1, 0).to(tl.int64)
-    kk = tl.arange(0, BLOCK_K)[None, :]  # [1, BK]
-    top_w = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    top_i = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.int32)
+        inc = 1
+    kk = tl.arange(0, BLOCK_K)  # [BK]
+    top_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+    top_i = tl.zeros([BLOCK_K], dtype=tl.int32)
     for j in tl.static_range(TOP_K):
-        best = tl.max(probs, axis=1)  # [BN]
-        best_i = tl.min(tl.where(probs == best[:, None], cols[None, :], BLOCK_E), axis=1)  # lowest among ties
-        top_w = tl.where(kk == j, best[:, None], top_w)
-        top_i = tl.where(kk == j, best_i[:, None], top_i)
-        probs = tl.where(cols[None, :] == best_i[:, None], -1.0, probs)
+        best = tl.max(probs, 0)
+        best_i = tl.min(tl.where(probs == best, cols, BLOCK_E), 0)  # lowest index among ties
+        top_w = tl.where(kk == j, best, top_w)
+        top_i = tl.where(kk == j, best_i, top_i)
+        probs = tl.where(cols == best_i, -1.0, probs)
         if HAS_COUNTS:
-            tl.atomic_add(counts_ptr + best_i, inc, mask=row_ok)
-    top_w = top_w / tl.sum(top_w, axis=1)[:, None]
-    k_ok = row_ok[:, None] & (kk < TOP_K)
-    tl.store(tw_ptr + rows64[:, None] * stride_tw + kk, top_w, mask=k_ok)
-    tl.store(ti_ptr + rows64[:, None] * stride_ti + kk, top_i.to(tl.int64), mask=k_ok)
+            tl.atomic_add(counts_ptr + best_i, inc)
+    top_w = top_w / tl.sum(top_w, 0)
+    k_ok = kk < TOP_K
+    tl.store(tw_ptr + n * stride_tw + kk, top_w, mask=k_ok)
+    tl.store(ti_ptr + n * stride_ti + kk, top_i.to(tl.int64), mask=k_ok)
 
 
 def gate_route_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, counts: torch.Tensor | None = None,
@@ -94,11 +90,11 @@ def gate_route_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, cou
     ids = torch.empty(n, top_k, dtype=torch.int64, device=x.device)
     if n == 0:
         return logits, weights, ids
-    _gate_route_kernel[(triton.cdiv(n, BLOCK_N),)](
+    _gate_route_kernel[(n,)](
         x, w, logits, weights, ids, counts if counts is not None else ids, mask if mask is not None else ids,
-        n, n_experts, d, x.stride(0), w.stride(0), logits.stride(0), weights.stride(0), ids.stride(0),
-        TOP_K=top_k, BLOCK_N=BLOCK_N, BLOCK_E=max(16, triton.next_power_of_2(n_experts)),
-        BLOCK_K=triton.next_power_of_2(top_k), BLOCK_D=BLOCK_D,
-        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=4, num_stages=3,
+        n_experts, d, x.stride(0), w.stride(0), logits.stride(0), weights.stride(0), ids.stride(0),
+        TOP_K=top_k, BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(top_k),
+        BLOCK_D=min(BLOCK_D, triton.next_power_of_2(d)),
+        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=8,
     )
     return logits, weights, ids

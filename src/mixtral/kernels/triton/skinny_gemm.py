@@ -18,7 +18,13 @@ MAX_ROWS = 16  # one tl.dot tile of rows; larger batches go to cuBLAS
 
 # (block_n, block_k, num_warps, num_stages)
 DEFAULT = (32, 256, 4, 4)
-CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {}
+# (N, K) -> tile, the lowest total over 1, 4, 8 and 16 rows (scripts/gpu_skinny_gemm.py, H100, bf16)
+CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
+    (6144, 4096): (32, 128, 4, 5),  # 8x7B wqkv
+    (4096, 4096): (32, 256, 4, 4),  # 8x7B wo
+    (8192, 6144): (32, 128, 4, 5),  # 8x22B wqkv
+    (6144, 6144): (32, 128, 4, 5),  # 8x22B wo
+}
 
 
 @triton.jit
