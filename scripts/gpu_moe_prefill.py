@@ -1,20 +1,26 @@
 #!/usr/bin/env python3
 """Prefill-sized MoE on the GPU: the Triton fused kernel (tuned and a sweep of larger tiles) against the
-CUTLASS grouped GEMMs of kernels/grouped_mm_moe.py, in TFLOP/s and % of the bf16 peak (issue #5).
+CUTLASS grouped GEMMs of kernels/grouped_mm_moe.py and the per-expert cuBLAS path, in TFLOP/s and % of the
+bf16 peak (issue #5).
 
 For Mixtral-8x7B (D 4096, F 14336) and 8x22B (D 6144, F 16384) expert shapes, 8 experts, top-2, bf16, and M
 tokens in {256 .. 8192} with uniform random routing (route_topk of random logits), it times:
   triton-tuned       ``fused_moe`` with the tuned config for the nearest M (configs/*.json);
   triton-sweep-i     ``fused_moe(config=MoEConfig(...))`` for a dozen larger tiles that fit shared memory;
   grouped_mm         ``grouped_mm_moe`` (sort, two ``torch._grouped_mm``, SiLU·mul, weighted top-k sum);
-  grouped_gemms_only just its two grouped GEMMs on pre-sorted inputs (the rest is glue: the difference);
+  expert_gemms       ``expert_gemms_moe`` (same glue, one cuBLAS GEMM per expert after one host sync);
+  grouped_gemms_only just the two grouped GEMMs on pre-sorted inputs (the rest is glue: the difference);
   dense_ceiling      two dense cuBLAS matmuls of the same FLOPs (one expert's weights; not MoE, no check).
 FLOPs per (token, expert) pair: 2*D*2F (w13) + 2*F*D (w2) = 6*D*F; time is the median of
 ``triton.testing.do_bench`` (the weights, GBs, dwarf the L2 anyway). Every MoE variant's output is compared
 with ``moe_reference`` on the same inputs (norm-relative and max-relative error), so a wrong-but-fast kernel
 shows as BAD. A variant that fails to compile or run prints its error and the run goes on.
-Last it prints a summary per model and the smallest M from which grouped_mm beats tuned Triton (the value
-for ``ops.GROUPED_MM_MIN_TOKENS``). About 3-4 minutes on an H100 (``--quick``: 4 sweep tiles, ~1.5 min).
+Before the timings, per model: expert-parallel halves of grouped_mm_moe against the reference, a CUDA-graph
+capture + replay of it, the ``ops.fused_moe`` threshold, and each step of grouped_mm_moe timed alone at
+``--breakdown-m`` tokens (with cuBLAS-per-expert GEMMs beside the grouped ones).
+Last it prints a summary per model and the smallest M from which grouped_mm (``ops.GROUPED_MM_MIN_TOKENS``)
+and expert_gemms (``ops.EXPERT_GEMMS_MIN_TOKENS``) beat tuned Triton. About 70 s on an H100 (``--quick``:
+4 sweep tiles; timings vary by +-7% between runs and machines, so compare within one run).
 
     PYTHONPATH=src python3 scripts/gpu_moe_prefill.py --json moe_prefill.json --commit $(git rev-parse --short HEAD)
     python scripts/gpu_moe_prefill.py --device cpu --tiny       # CPU smoke check of the plumbing only
@@ -285,6 +291,13 @@ class Bench:
                         lambda cfg=cfg: fm.fused_moe(x, w13, w2, weights, ids, config=cfg), True))
         out.append(("grouped_mm", "torch._grouped_mm x2 + Triton glue",
                     lambda: gm.grouped_mm_moe(x, w13, w2, weights, ids), True))
+        try:  # the eager prefill path: one cuBLAS GEMM per expert, the same glue, one host sync
+            from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
+
+            out.append(("expert_gemms", "cuBLAS per expert + Triton glue (host sync)",
+                        lambda: expert_gemms_moe(x, w13, w2, weights, ids), True))
+        except ImportError as exc:
+            log(f"  expert_gemms: not available ({exc})")
         # The two GEMMs alone, on inputs sorted once outside the timing: what the glue costs is the difference.
         order, _, offs = gm.sort_pairs(ids, NUM_EXPERTS)  # [P], [P], [E]
         xs = x[order // TOP_K]  # [P, D]
@@ -324,6 +337,16 @@ class Bench:
             self.torch.cuda.empty_cache()
 
 
+def crossover(table: list[dict[str, Any]], path: str) -> int | None:
+    """Smallest M from which ``path`` beats tuned Triton at that M and every larger one measured."""
+    threshold = None
+    for entry in reversed(table):
+        if entry.get(path) is None or entry["triton_tuned"] is None or entry[path] <= entry["triton_tuned"]:
+            break
+        threshold = entry["M"]
+    return threshold
+
+
 def summarize(rows: list[dict[str, Any]], peak: float) -> dict[str, Any]:
     """Per model and M: tuned Triton, best sweep tile, grouped_mm, GEMMs-only, ceiling; and the threshold."""
     summary: dict[str, Any] = {}
@@ -337,28 +360,24 @@ def summarize(rows: list[dict[str, Any]], peak: float) -> dict[str, Any]:
             get = lambda v, at=at: at[v]["tflops"] if v in at and at[v].get("ok", True) else None  # noqa: E731
             table.append({"M": m, "triton_tuned": get("triton-tuned"), "triton_best_sweep": best and best["tflops"],
                           "best_sweep_config": best and best["config"], "grouped_mm": get("grouped_mm"),
+                          "expert_gemms": get("expert_gemms"),
                           "grouped_gemms_only": get("grouped_gemms_only"), "dense_ceiling": get("dense_ceiling")})
-        # Smallest M from which grouped_mm beats tuned Triton at that M and every larger one measured.
-        threshold = None
-        for entry in reversed(table):
-            if entry["grouped_mm"] is None or entry["triton_tuned"] is None:
-                break
-            if entry["grouped_mm"] <= entry["triton_tuned"]:
-                break
-            threshold = entry["M"]
-        summary[model] = {"table": table, "grouped_mm_min_tokens": threshold}
+        thresholds = {path: crossover(table, path) for path in ("grouped_mm", "expert_gemms")}
+        summary[model] = {"table": table, "min_tokens": thresholds}
         log(f"\n== {model}: TFLOP/s (% of {peak:.0f})")
-        log(f"{'M':>6} {'triton-tuned':>14} {'best sweep':>14} {'grouped_mm':>14} {'gemms only':>14} "
-            f"{'dense ceil':>14}  best sweep tile")
+        log(f"{'M':>6} {'triton-tuned':>14} {'best sweep':>14} {'grouped_mm':>14} {'expert_gemms':>14} "
+            f"{'gemms only':>14} {'dense ceil':>14}  best sweep tile")
 
         def cell(v: float | None) -> str:
             return f"{v:7.1f} ({100 * v / peak:3.0f}%)" if v is not None else f"{'-':>14}"
 
         for e in table:
             log(f"{e['M']:>6} {cell(e['triton_tuned'])} {cell(e['triton_best_sweep'])} {cell(e['grouped_mm'])} "
-                f"{cell(e['grouped_gemms_only'])} {cell(e['dense_ceiling'])}  {e['best_sweep_config'] or ''}")
-        log(f"grouped_mm beats tuned Triton from M = {threshold} on (GROUPED_MM_MIN_TOKENS)" if threshold
-            else "grouped_mm does not beat tuned Triton at the largest M measured")
+                f"{cell(e['expert_gemms'])} {cell(e['grouped_gemms_only'])} {cell(e['dense_ceiling'])}  "
+                f"{e['best_sweep_config'] or ''}")
+        for path, threshold in thresholds.items():
+            log(f"{path} beats tuned Triton from M = {threshold} on" if threshold
+                else f"{path} does not beat tuned Triton at the largest M measured")
     return summary
 
 
