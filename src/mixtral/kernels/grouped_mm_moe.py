@@ -1,4 +1,4 @@
-"""MoE experts as two CUTLASS grouped GEMMs (``torch._grouped_mm``): the prefill path at large token counts.
+"""MoE experts as two CUTLASS grouped GEMMs (``torch._grouped_mm``): large token counts with no host sync.
 
 Same contract as ``reference.moe_reference`` and the Triton ``fused_moe``: x [N, D], w13 [E_local, 2F, D]
 (w1 rows then w3 rows), w2 [E_local, D, F], topk_weights [N, k] fp32, topk_ids [N, k] global expert ids;
