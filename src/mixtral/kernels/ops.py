@@ -175,10 +175,11 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, counts: t
     """The MoE router: x [N, D], gate_weight [E, D] -> (logits [N, E] in x's dtype, weights [N, k] fp32,
     ids [N, k] int64), and ``counts`` [E] int64 += each expert's choices (rows with ``mask`` [N] == 0 left out).
 
-    One Triton kernel on CUDA at decode sizes (kernels/triton/gate_router.py); else the Linear, ``route_topk``
-    and an ``index_add``."""
+    One Triton kernel on CUDA at decode sizes (kernels/triton/gate_router.py; ``MIXTRAL_FUSED_GATE=0`` turns it
+    off); else the Linear, ``route_topk`` and an ``index_add``."""
     if (use_triton(x) and x.shape[0] <= GATE_FUSED_MAX_TOKENS and x.dtype == gate_weight.dtype
-            and gate_weight.shape[0] <= 64 and _no_autograd(x, gate_weight)):
+            and gate_weight.shape[0] <= 64 and os.environ.get("MIXTRAL_FUSED_GATE", "1") != "0"
+            and _no_autograd(x, gate_weight)):
         from mixtral.kernels.triton.gate_router import gate_route_fused
 
         return gate_route_fused(x, gate_weight, top_k, counts, mask)
