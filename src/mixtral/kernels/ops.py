@@ -102,6 +102,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     Triton fused kernel; ``moe_reference`` elsewhere."""
     if use_triton(x):
         if (x.shape[0] >= EXPERT_GEMMS_MIN_TOKENS and os.environ.get("MIXTRAL_MOE_GROUPED_MM", "") != "1"
+                and os.environ.get("MIXTRAL_MOE_EXPERT_GEMMS", "1") != "0"
                 and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
             from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
 
