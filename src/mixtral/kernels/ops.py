@@ -68,13 +68,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 # From this many tokens on, fused_moe runs the experts as CUTLASS grouped GEMMs (kernels/grouped_mm_moe.py)
 # where that path is fast (sm90/sm100, bf16, aligned D and F); below it the Triton kernel, which reads only
-# the experts hit and wins at decode sizes. On an H100 (scripts/gpu_moe_paths.py) the per-expert cuBLAS path
-# below beats it wherever it may run (eager steps), so this only matters while a CUDA graph is captured.
-GROUPED_MM_MIN_TOKENS = 4096
-# From this many tokens on, eager steps (prefill chunks) run the experts as one cuBLAS GEMM per expert
-# (kernels/expert_gemms_moe.py; one host sync per layer, so never inside a CUDA graph). H100, 8x7B shapes:
-# 1024 tokens Triton 462 TFLOP/s vs 421; 2048 tokens 482 vs 558; 4096 tokens 529 vs 620.
-EXPERT_GEMMS_MIN_TOKENS = 1536
+# the experts hit and wins at decode sizes. Whole 2048-token prefill of 8x7B shapes (16 layers) on an H100,
+# through the engine: grouped 487 TFLOP/s, per-expert cuBLAS 478, Triton 453 (scripts/gpu_moe_paths.py has the
+# MoE alone, where cuBLAS per expert led: its host sync per layer costs that lead back inside a real step).
+GROUPED_MM_MIN_TOKENS = 2048
+# From this many tokens on, eager steps run the experts as one cuBLAS GEMM per expert
+# (kernels/expert_gemms_moe.py; one host sync per layer, so never inside a CUDA graph): at 8192 tokens it
+# beat the grouped GEMMs by ~8 points of peak on the MoE alone, and a step that large hides the sync.
+EXPERT_GEMMS_MIN_TOKENS = 8192
 
 
 def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
