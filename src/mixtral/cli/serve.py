@@ -52,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="KV cache budget in bytes (default: a fraction of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                    help="fraction of GPU memory the engine may use for weights, activations and KV (default: 0.9)")
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs for decode steps (debugging; slower at small batches)")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="wait for each step's tokens before launching the next (default on CUDA: launch the next "
+                        "decode step first, so host work overlaps the GPU)")
     p.add_argument("--max-queued-requests", type=int, default=None, metavar="N",
                    help="requests allowed to wait for their first token; more get 429 with Retry-After "
                         "(default: unlimited)")
@@ -91,6 +96,8 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
+        enforce_eager=getattr(args, "enforce_eager", False),
+        async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
     )
     if args.lora is None:
         return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
