@@ -119,6 +119,20 @@ def test_min_tokens_bans_eos_until_reached() -> None:
     assert sampler(logits, _rows([params], step=2)).token_ids == [2]
 
 
+def test_a_guide_allowing_only_eos_wins_over_min_tokens() -> None:
+    """min_tokens bans EOS, a finished grammar allows only EOS: the row samples EOS, not token 0 (what argmax
+    of an all -inf row returns); a row with other allowed tokens still has EOS banned."""
+    eos = 7
+    logits = _logits(2, seed=3)
+    bitmask = torch.zeros(2, 2, dtype=torch.int32)  # [R, W] 2 words cover V = 50
+    bitmask[0, 0] = 1 << eos  # row 0: only EOS
+    bitmask[1, 0] = (1 << eos) | (1 << 3)  # row 1: EOS or token 3
+    params = [SamplingParams(temperature=0.0, min_tokens=5), SamplingParams(temperature=0.0, min_tokens=5)]
+    out = Sampler(V, eos_id=eos)(logits, _rows(params), bitmask)
+    assert out.token_ids == [eos, 3]
+    assert math.isfinite(out.logprobs[0])
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"temperature": -0.1}, "temperature"),
     ({"top_p": 0.0}, "top_p"),

@@ -172,11 +172,17 @@ class Sampler:
 
         if t.penalties is not None:
             logits = self._apply_penalties(logits, t)
-        if t.banned is not None:
-            # A fill, not torch.tensor(..., device): that copy from the host would wait for the running step.
-            logits = logits.index_put(t.banned, torch.full((), float("-inf"), device=device))
         if bitmask is not None:
             logits = apply_bitmask(logits, bitmask.to(device, non_blocking=True))
+        if t.banned is not None:
+            # A fill, not torch.tensor(..., device): that copy from the host would wait for the running step.
+            banned = logits.index_put(t.banned, torch.full((), float("-inf"), device=device))
+            if bitmask is not None:
+                # A guide whose grammar is complete allows only EOS, which min_tokens bans: the row would have
+                # no token left (argmax of all -inf is token 0). The guide wins: such rows keep its choices.
+                dead = torch.isneginf(banned).all(dim=-1, keepdim=True)  # [R, 1]
+                banned = torch.where(dead, logits, banned)
+            logits = banned
 
         token_ids = logits.argmax(dim=-1)  # [R] greedy choice
         if not t.all_greedy:
