@@ -147,3 +147,27 @@ def test_prefix_cache_after_async_decode(make_engine: Callable[..., LLMEngine], 
     out = run_to_completion(engine)["follow"]
     assert out.num_cached_tokens == 28
     assert out.outputs[0].token_ids == first[20:26]
+
+
+def test_a_full_batch_with_a_queue_keeps_overlapping(make_engine: Callable[..., LLMEngine]) -> None:
+    """Requests waiting behind a full batch cannot be admitted anyway: steps are still launched ahead, and the
+    queued request is admitted as soon as a seat frees."""
+    prompts = random_prompts(3, 5, 12, seed=23)
+    reqs = [(p, SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True)) for p, m in zip(prompts, (12, 20, 8),
+                                                                                               strict=True)]
+    want, _, _ = _run(make_engine, False, reqs, max_num_seqs=2)
+    engine = make_engine(async_scheduling=True, max_num_seqs=2)
+    counts = _count_ahead(engine)
+    for i, (prompt, params) in enumerate(reqs):
+        engine.add_request(f"r{i}", prompt, params)
+    ahead_while_queued = 0
+    done = {}
+    while engine.has_unfinished_requests():
+        queued = bool(engine.scheduler.waiting)
+        before = counts["ahead"]
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.outputs[0].token_ids
+        ahead_while_queued += queued and counts["ahead"] > before
+    assert done == want
+    assert ahead_while_queued >= 5  # r2 waited ~11 steps behind r0 and r1

@@ -218,11 +218,13 @@ class LLMEngine:
         """Launch the decode step that follows ``current`` for its sequences, before ``current``'s samples are
         known on the host; None when that step would need them (or a new admission should come first).
 
-        Each sequence's input is the token ``current`` samples for it, read from the device. Sequences
+        A waiting request that has a seat goes first (the scheduler admits it); behind a full batch it waits
+        either way, so the overlap goes on. Each sequence's input is the token ``current`` samples for it, read
+        from the device. Sequences
         certain to finish at ``current`` (length limits) are left out; ones that stop on a token are not
         known yet and compute one extra token that ``_apply_step`` drops.
         """
-        if self.scheduler.waiting or current.launched.token_ids is None:
+        if self.scheduler.can_admit() or current.launched.token_ids is None:
             return None
         plan = current.plan
         if len(plan.rows) != len(plan.scheduled) or any(k is not None for _, k in current.targets):

@@ -78,6 +78,15 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """Whether the head of the waiting queue has a seat in the running batch (memory not considered): the
+        engine's async scheduling hands the next step to ``schedule`` only then, so a full batch with a queue
+        behind it keeps overlapping."""
+        if not self.waiting:
+            return False
+        seats = self.config.max_num_seqs - sum(1 + s.fork_count for s in self.running)
+        return 1 + self.waiting[0].fork_count <= seats
+
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Take ``seq`` out of the queues and free its blocks."""
         if seq.status == SequenceStatus.RUNNING:
