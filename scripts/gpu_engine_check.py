@@ -35,9 +35,6 @@ MID = ModelArgs(dim=1024, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=128, hid
                 max_seq_len=4096, tokenizer="v3")
 
 
-LAST_COUNTS: list[torch.Tensor] = []
-
-
 def requests(n: int, vocab: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(0)
     lens = torch.randint(3, 300, (n,), generator=gen).tolist()
@@ -53,9 +50,9 @@ def build(args: ModelArgs, std: float) -> Transformer:
 
 def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_tokens: int, *, reference: bool,
                eager: bool, async_scheduling: bool = True, sampled: bool = False
-               ) -> tuple[list[list[int]], list[int]]:
-    """Greedy tokens of every prompt, and the batch sizes the engine captured graphs for (freed afterwards).
-    The engine's expert-utilization counts [L, E] are kept in ``LAST_COUNTS``."""
+               ) -> tuple[list[list[int]], list[int], torch.Tensor]:
+    """Tokens of every prompt, the batch sizes the engine captured graphs for (freed afterwards), and the
+    engine's expert-utilization counts [L, E]."""
     if reference:
         os.environ["MIXTRAL_KERNELS"] = "reference"
     else:
@@ -76,12 +73,12 @@ def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_toke
                 outs[o.request_id] = list(o.outputs[0].token_ids)
     graphs = engine.model_runner.graphs
     sizes = sorted(graphs.graphs) if graphs is not None else []
-    LAST_COUNTS[:] = [engine.expert_counts()]
+    counts = engine.expert_counts()
     del engine, graphs
     gc.collect()
     torch.cuda.empty_cache()
     os.environ.pop("MIXTRAL_KERNELS", None)
-    return [outs[str(i)] for i in range(len(prompts))], sizes
+    return [outs[str(i)] for i in range(len(prompts))], sizes, counts
 
 
 def near_tie_ok(base: Transformer, prompts: list[list[int]], ref: list[list[int]], fast: list[list[int]],
@@ -118,17 +115,16 @@ def main() -> int:
         model = build(margs, std)
         prompts = requests(24, margs.vocab_size)
         t0 = time.time()
-        ref, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=True, eager=True)
-        ref_counts = LAST_COUNTS[0]
-        fast, sizes = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False)
-        eager, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=True)
-        sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+        ref, _, ref_counts = run_engine(model, "fp32", prompts, args.max_tokens, reference=True, eager=True)
+        fast, sizes, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False)
+        eager, _, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=True)
+        sync, _, sync_counts = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
                              async_scheduling=False)
         # Same tokens, same routing: the fused router's counts (graph padding rows masked) equal the reference's.
-        same_counts = bool(torch.equal(LAST_COUNTS[0], ref_counts))
-        samp_async, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+        same_counts = bool(torch.equal(sync_counts, ref_counts))
+        samp_async, _, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
                                    sampled=True)
-        samp_sync, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
+        samp_sync, _, _ = run_engine(model, "fp32", prompts, args.max_tokens, reference=False, eager=False,
                                   async_scheduling=False, sampled=True)
         same_ref = sum(a == b for a, b in zip(ref, fast, strict=True))
         same_eager = sum(a == b for a, b in zip(eager, fast, strict=True))
@@ -141,8 +137,8 @@ def main() -> int:
         ok &= (same_ref == len(prompts) and same_eager == len(prompts) and same_sync == len(prompts)
                and same_sampled == len(prompts) and same_counts and bool(sizes))
 
-        ref16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=True, eager=True)
-        fast16, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=False, eager=False)
+        ref16, _, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=True, eager=True)
+        fast16, _, _ = run_engine(model, "bf16", prompts, args.max_tokens, reference=False, eager=False)
         differ, ties = near_tie_ok(model, prompts, ref16, fast16, tol=0.15)
         r.update(bf16_equal=len(prompts) - differ, bf16_differ_at_near_tie=ties)
         results[name] = r

@@ -8,7 +8,15 @@ from __future__ import annotations
 import torch
 
 from mixtral.engine.cuda_graphs import batch_ladder
-from mixtral.model.context import record_routing
+from mixtral.kernels.reference import count_choices
+from mixtral.model.context import routing_counter
+
+
+def record_routing(ctx: object, layer: int, ids: torch.Tensor) -> None:
+    """Count ``ids`` [N, k] as the model's router fallback does: the context's row [E] and its row mask."""
+    counts, mask = routing_counter(ctx, layer)
+    assert counts is not None
+    count_choices(counts, ids, mask)
 
 
 def test_batch_ladder_covers_every_batch_size() -> None:

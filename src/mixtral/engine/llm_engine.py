@@ -278,7 +278,8 @@ class LLMEngine:
             self._apply_samples(plan, targets, result.sampled, touched)
         for s in plan.scheduled:
             if not s.seq.is_finished:
-                # Blocks completed by the token just appended (a step launched ahead computed their K/V).
+                # Publish blocks now full and computed; with a step launched ahead, their last token has just
+                # arrived (the block manager hashes known tokens only).
                 self.block_manager.cache_full_blocks(s.seq)
 
         outputs = []

@@ -130,10 +130,6 @@ class ModelRunner:
         return int(peak)
 
     # ----------------------------------------------------------------- one step
-    def execute(self, plan: StepPlan, bitmask_fn: Callable[[], torch.Tensor | None] | None = None) -> StepResult:
-        """Run the forward pass for ``plan.scheduled``, sample ``plan.rows`` and wait for the results."""
-        return self.launch(plan, bitmask_fn).result()
-
     @torch.inference_mode()
     def launch(self, plan: StepPlan, bitmask_fn: Callable[[], torch.Tensor | None] | None = None,
                input_ids: torch.Tensor | None = None, input_rows: list[int] | None = None) -> LaunchedStep:
@@ -215,7 +211,7 @@ class ModelRunner:
         """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view.
 
         The copy goes through a pinned staging buffer so it is truly asynchronous (a copy from pageable
-        memory would wait for the device); ``execute`` waits for the previous step's copies before writing
+        memory would wait for the device); ``launch`` waits for the previous step's copies before writing
         staging again.
         """
         if self.device.type == "cpu":

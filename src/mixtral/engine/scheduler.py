@@ -155,7 +155,7 @@ class Scheduler:
         self.num_preemptions += 1
 
     def update_after_step(self, out: SchedulerOutput) -> None:
-        """Mark the scheduled tokens as computed and publish newly full blocks to the prefix cache."""
+        """Mark the scheduled tokens as computed (the engine publishes full blocks once the step's tokens are
+        applied: ``LLMEngine._apply_step``)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens
-            self.block_manager.cache_full_blocks(s.seq)

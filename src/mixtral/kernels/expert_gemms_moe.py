@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from mixtral.kernels.grouped_mm_moe import _check_contract, combine, silu_mul, sort_pairs
+from mixtral.kernels.grouped_mm_moe import check_contract, combine, silu_mul, sort_pairs
 
 
 def expert_gemms_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """x [N, D] -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x)."""
-    _check_contract(x, w13, w2, topk_weights, topk_ids)
+    check_contract(x, w13, w2, topk_weights, topk_ids)
     n, d = x.shape
     if n == 0:
         return x.new_zeros(0, d)

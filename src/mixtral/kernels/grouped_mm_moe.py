@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _check_contract(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+def check_contract(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor) -> None:
     """ValueError naming the bad shape when the inputs do not fit the experts contract."""
     if x.dim() != 2 or w13.dim() != 3 or w2.dim() != 3:
@@ -157,7 +157,7 @@ def grouped_mm_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_we
     Raises ValueError when the shapes break the contract or ``_grouped_mm`` cannot take the layout
     (``layout_problem``); ``ops.fused_moe`` checks first and takes the Triton kernel instead.
     """
-    _check_contract(x, w13, w2, topk_weights, topk_ids)
+    check_contract(x, w13, w2, topk_weights, topk_ids)
     problem = layout_problem(x, w13, w2)
     if problem is not None:
         raise ValueError(f"grouped_mm_moe: {problem}; ops.fused_moe takes the Triton kernel for such shapes")

@@ -185,12 +185,10 @@ def gate_route(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, counts: t
         from mixtral.kernels.triton.gate_router import gate_route_fused
 
         return gate_route_fused(x, gate_weight, top_k, counts, mask)
-    from mixtral.model.context import count_choices
-
     logits = torch.nn.functional.linear(x, gate_weight)  # [N, E]
     weights, ids = route_topk(logits, top_k)
     if counts is not None:
-        count_choices(counts, ids, mask)
+        reference.count_choices(counts, ids, mask)
     return logits, weights, ids
 
 

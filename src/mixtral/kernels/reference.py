@@ -19,6 +19,16 @@ def route_topk(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, t
     return weights / weights.sum(dim=-1, keepdim=True), ids
 
 
+def count_choices(counts: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """counts [E] += how often each expert appears in topk_ids [N, k], rows with mask [N] == 0 left out (the
+    expert-utilisation counts; the fused router does the same with atomics)."""
+    if mask is None:
+        weights = torch.ones(topk_ids.numel(), dtype=counts.dtype, device=counts.device)  # [N*k]
+    else:
+        weights = mask.to(counts.dtype)[:, None].expand(topk_ids.shape).reshape(-1)  # [N*k]
+    counts.index_add_(0, topk_ids.reshape(-1), weights)
+
+
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim: normalise in fp32, cast back to x's dtype, then scale by weight (the order
     transformers and Mistral use). x [..., D], weight [D] -> [..., D] in promote(weight, x) dtype."""

@@ -35,23 +35,6 @@ def routing_counter(ctx: object, layer_idx: int) -> tuple[torch.Tensor | None, t
     return counts[layer_idx], getattr(ctx, "routing_mask", None)
 
 
-def record_routing(ctx: object, layer_idx: int, topk_ids: torch.Tensor) -> None:
-    """Add this layer's routing decisions (topk_ids [N, k]) to ``ctx.expert_counts`` [L, E] when the context
-    keeps one (``routing_counter`` says which rows count)."""
-    counts, mask = routing_counter(ctx, layer_idx)
-    if counts is not None:
-        count_choices(counts, topk_ids, mask)
-
-
-def count_choices(counts: torch.Tensor, topk_ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """counts [E] += how often each expert appears in topk_ids [N, k], rows with mask [N] == 0 left out."""
-    if mask is None:
-        weights = torch.ones(topk_ids.numel(), dtype=counts.dtype, device=counts.device)  # [N*k]
-    else:
-        weights = mask.to(counts.dtype)[:, None].expand(topk_ids.shape).reshape(-1)  # [N*k]
-    counts.index_add_(0, topk_ids.reshape(-1), weights)
-
-
 def _causal_mask(t_q: int, t_k: int, offset: int, window: int | None, device: torch.device) -> torch.Tensor:
     """Boolean [t_q, t_k] mask; query i (absolute position offset + i) sees keys j <= offset + i."""
     qpos = torch.arange(t_q, device=device)[:, None] + offset

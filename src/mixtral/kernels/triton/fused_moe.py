@@ -160,9 +160,9 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_partials: torch.Tensor, w
 
 
 def w2_partials(num_pairs: int, dim: int, cfg: GemmConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zeroed [split_k, N*k, D] output of the w2 GEMM: x's dtype unsplit, fp32 when split-K partial sums
-    are added afterwards. Zeroed because pairs of another expert-parallel rank are never written."""
-    return torch.zeros(cfg.split_k, num_pairs, dim, dtype=dtype if cfg.split_k == 1 else torch.float32,
+    """[split_k, N*k, D] output of the w2 GEMM: x's dtype unsplit, fp32 when split-K partial sums are added
+    afterwards. Not zeroed: rows of other ranks' pairs are never written, and ``moe_sum`` skips them by id."""
+    return torch.empty(cfg.split_k, num_pairs, dim, dtype=dtype if cfg.split_k == 1 else torch.float32,
                        device=device)
 
 
@@ -186,9 +186,7 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     sorted_ids, expert_ids, num_post_pad = moe_align(topk_ids, e_local, cfg.block_m, expert_start)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
     invoke_w13(x, w13, act, sorted_ids, expert_ids, num_post_pad, top_k, cfg.block_m, cfg.w13)
-    # [S, N*k, D], not zeroed: rows of other ranks' pairs are never written, and moe_sum skips them by id.
-    partials = torch.empty(cfg.w2.split_k, n * top_k, d, dtype=x.dtype if cfg.w2.split_k == 1 else torch.float32,
-                           device=x.device)
+    partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
     invoke_w2(act, w2, partials, weights, sorted_ids, expert_ids, num_post_pad, cfg.block_m, cfg.w2)
     # Top-k (and split-K) reduction: [S, N*k, D] -> [N, D], accumulated in fp32, rounded once (one kernel).
     return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype)
