@@ -1,5 +1,6 @@
-"""Prefill-sized MoE: the three large-M expert paths side by side (Triton fused, CUTLASS grouped, cuBLAS per
-expert), TFLOP/s and agreement with the reference. Needs a CUDA GPU.
+"""Prefill-sized MoE: the large-M expert paths side by side (sorted-row Triton GEMMs with and without TMA, the
+Triton decode kernel, CUTLASS grouped, cuBLAS per expert), TFLOP/s and agreement with the reference. Needs a
+CUDA GPU.
 
     PYTHONPATH=src python3 scripts/gpu_moe_paths.py --tokens 512,1024,2048,4096
 """
@@ -16,6 +17,7 @@ from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
 from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton.fused_moe import fused_moe
+from mixtral.kernels.triton.sorted_moe import sorted_moe
 
 
 def main() -> None:
@@ -30,7 +32,8 @@ def main() -> None:
     gen = torch.Generator(device=dev).manual_seed(0)
     w13 = torch.randn(e, 2 * f, d, device=dev, dtype=dt, generator=gen) * d**-0.5
     w2 = torch.randn(e, d, f, device=dev, dtype=dt, generator=gen) * f**-0.5
-    paths = {"triton": fused_moe, "grouped_mm": grouped_mm_moe, "expert_gemms": expert_gemms_moe}
+    paths = {"sorted": sorted_moe, "sorted_no_tma": lambda *a: sorted_moe(*a, use_tma=False), "triton": fused_moe,
+             "grouped_mm": grouped_mm_moe, "expert_gemms": expert_gemms_moe}
     rows = []
     for m in (int(t) for t in args.tokens.split(",")):
         x = torch.randn(m, d, device=dev, dtype=dt, generator=gen)

@@ -18,8 +18,8 @@ shows as BAD. A variant that fails to compile or run prints its error and the ru
 Before the timings, per model: expert-parallel halves of grouped_mm_moe against the reference, a CUDA-graph
 capture + replay of it, the ``ops.fused_moe`` threshold, and each step of grouped_mm_moe timed alone at
 ``--breakdown-m`` tokens (with cuBLAS-per-expert GEMMs beside the grouped ones).
-Last it prints a summary per model and the smallest M from which grouped_mm (``ops.GROUPED_MM_MIN_TOKENS``)
-and expert_gemms (``ops.EXPERT_GEMMS_MIN_TOKENS``) beat tuned Triton. About 70 s on an H100 (``--quick``:
+Last it prints a summary per model and the smallest M from which grouped_mm (compare ``ops.SORTED_MIN_TOKENS``)
+and expert_gemms beat tuned Triton. About 70 s on an H100 (``--quick``:
 4 sweep tiles; timings vary by +-7% between runs and machines, so compare within one run).
 
     PYTHONPATH=src python3 scripts/gpu_moe_prefill.py --json moe_prefill.json --commit $(git rev-parse --short HEAD)
@@ -166,7 +166,8 @@ class Bench:
 
     def check_graph_and_dispatch(self, name: str, x_dim: int, w13: Any, w2: Any) -> None:
         """grouped_mm_moe captured in a CUDA graph replays to the eager result on new routing (no host sync
-        inside), and ops.fused_moe picks it from GROUPED_MM_MIN_TOKENS tokens on (and not below)."""
+        inside), and ops.fused_moe's prefill path (sorted_moe) takes over from SORTED_MIN_TOKENS tokens on (and not
+        below)."""
         torch = self.torch
         from mixtral.kernels import ops
         from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
@@ -190,14 +191,14 @@ class Bench:
             graph.replay()
             eager = grouped_mm_moe(x, w13, w2, weights, ids)
             row["graph_max_abs_diff"] = float((out.float() - eager.float()).abs().max())
-            thr = ops.GROUPED_MM_MIN_TOKENS
+            thr = ops.SORTED_MIN_TOKENS
             xs = torch.zeros(thr, x_dim, device=self.dev, dtype=self.dtype)
-            row["dispatch_at_threshold"] = ops.use_grouped_mm(xs, w13, w2)
-            row["dispatch_below"] = ops.use_grouped_mm(xs[:thr - 1], w13, w2)
+            row["dispatch_at_threshold"] = ops.use_sorted(xs, w13, w2)
+            row["dispatch_below"] = ops.use_sorted(xs[:thr - 1], w13, w2)
             row["ok"] = (row["graph_max_abs_diff"] == 0.0 and row["dispatch_at_threshold"]
                          and not row["dispatch_below"])
             log(f"-- {name} CUDA graph replay vs eager max diff {row['graph_max_abs_diff']:.1e}; fused_moe takes "
-                f"grouped_mm at {thr} tokens: {row['dispatch_at_threshold']}, at {thr - 1}: {row['dispatch_below']} "
+                f"sorted_moe at {thr} tokens: {row['dispatch_at_threshold']}, at {thr - 1}: {row['dispatch_below']} "
                 + ("ok" if row["ok"] else "BAD"))
         except Exception as exc:  # report and go on to the timings
             row["error"] = f"{type(exc).__name__}: {exc}"[:300]

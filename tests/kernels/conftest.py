@@ -28,6 +28,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.rmsnorm", "mixtral.kernels.triton.rope", "mixtral.kernels.triton.router",
     "mixtral.kernels.triton.gate_router",
     "mixtral.kernels.triton.skinny_gemm",
+    "mixtral.kernels.triton.sorted_moe",
 ]
 
 

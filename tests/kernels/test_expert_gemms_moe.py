@@ -42,7 +42,8 @@ def test_fused_moe_takes_it_for_large_eager_batches(monkeypatch: pytest.MonkeyPa
     calls: list[int] = []
     original = egm.expert_gemms_moe
     monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(ops, "EXPERT_GEMMS_MIN_TOKENS", 40)
+    monkeypatch.setattr(ops, "GROUPED_MM_MIN_TOKENS", 40)
+    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "expert_gemms")
     monkeypatch.setattr(egm, "expert_gemms_moe", lambda x, *a: calls.append(x.shape[0]) or original(x, *a))
     x, w13, w2, weights, ids = _inputs(48, 32, 48, 8, seed=9)
     out = ops.fused_moe(x, w13, w2, weights, ids)

@@ -141,8 +141,9 @@ class _Recorder:
 
 @pytest.fixture
 def cuda_like_dispatch(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
-    """ops.fused_moe as on an sm90 GPU with CPU tensors: Triton 'available', the CUTLASS path 'fast', the
-    Triton kernel replaced by a recorder, and a threshold of 16 tokens so the shapes stay tiny."""
+    """ops.fused_moe as on an sm90 GPU with CPU tensors and the grouped GEMMs chosen for prefill
+    (MIXTRAL_MOE_PREFILL=grouped_mm): Triton 'available', the CUTLASS path 'fast', the Triton kernel replaced
+    by a recorder, and a threshold of 16 tokens so the shapes stay tiny."""
     from mixtral.kernels.triton import fused_moe as fm
 
     recorder = _Recorder()
@@ -150,7 +151,7 @@ def cuda_like_dispatch(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
     monkeypatch.setattr(gm, "device_problem", lambda x: None)
     monkeypatch.setattr(fm, "fused_moe", recorder)
     monkeypatch.setattr(ops, "GROUPED_MM_MIN_TOKENS", 16)
-    monkeypatch.delenv("MIXTRAL_MOE_GROUPED_MM", raising=False)
+    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "grouped_mm")
     return recorder
 
 
@@ -165,29 +166,23 @@ def test_dispatch_by_token_count(cuda_like_dispatch: _Recorder) -> None:
 
 def test_dispatch_env_override(cuda_like_dispatch: _Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
     x, w13, w2, weights, ids = _problem(20, 8, 32, 48, 2, seed=12)
-    monkeypatch.setenv("MIXTRAL_MOE_GROUPED_MM", "0")
+    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "triton")  # the decode kernel at every size
     ops.fused_moe(x, w13, w2, weights, ids)
     assert cuda_like_dispatch.calls == 1
-    monkeypatch.setenv("MIXTRAL_MOE_GROUPED_MM", "1")
-    ops.fused_moe(x[:3], w13, w2, weights[:3], ids[:3])  # forced on below the threshold
-    assert cuda_like_dispatch.calls == 1
-    monkeypatch.setenv("MIXTRAL_MOE_GROUPED_MM", "yes")
-    with pytest.raises(ValueError, match="MIXTRAL_MOE_GROUPED_MM='yes'"):
+    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "yes")
+    with pytest.raises(ValueError, match="MIXTRAL_MOE_PREFILL='yes'"):
         ops.fused_moe(x, w13, w2, weights, ids)
 
 
-def test_dispatch_falls_back_for_misaligned_shapes(cuda_like_dispatch: _Recorder,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """F = 36 in bf16 is refused by _grouped_mm's alignment: the Triton kernel runs, even when forced on."""
+def test_dispatch_falls_back_for_misaligned_shapes(cuda_like_dispatch: _Recorder) -> None:
+    """F = 36 in bf16 is refused by _grouped_mm's alignment: the Triton kernel runs."""
     x, w13, w2, weights, ids = _problem(40, 8, 32, 36, 2, seed=13, dtype=torch.bfloat16)
-    monkeypatch.setenv("MIXTRAL_MOE_GROUPED_MM", "1")
     ops.fused_moe(x, w13, w2, weights, ids)
     assert cuda_like_dispatch.calls == 1
 
 
-def test_dispatch_never_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dispatch_never_on_cpu() -> None:
     """Without the patches (real device check): a CPU bf16 tensor never takes the grouped path."""
-    monkeypatch.setenv("MIXTRAL_MOE_GROUPED_MM", "1")
     x, w13, w2, *_ = _problem(4, 8, 32, 48, 2, seed=14, dtype=torch.bfloat16)
     assert not ops.use_grouped_mm(x, w13, w2)
 

@@ -5,8 +5,8 @@ CUDA tensor with Triton importable the Triton kernel runs, anywhere else the ref
 without Triton). ``MIXTRAL_KERNELS=reference`` forces the reference everywhere (debugging a kernel).
 Callers (model/moe.py, engine/model_runner.py) import only this module.
 
-``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``; at large token
-counts on sm90+ it hands over to the CUTLASS grouped GEMMs of ``kernels/grouped_mm_moe.py``.
+``fused_moe`` is the experts path model/moe.py registers as ``EXPERT_PATHS["triton"]``; at prefill-sized
+token counts on sm90+ it hands over to the sorted-row TMA GEMMs of ``kernels/triton/sorted_moe.py``.
 
 The small ops around the big kernels (``rms_norm``, ``add_rms_norm``, ``rope_qk``, ``route_topk``) have
 Triton kernels without a backward: they run only where autograd records nothing (inference mode, no_grad,
@@ -66,30 +66,45 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                                sliding_window)
 
 
-# From this many tokens on, fused_moe runs the experts as CUTLASS grouped GEMMs (kernels/grouped_mm_moe.py)
-# where that path is fast (sm90/sm100, bf16, aligned D and F); below it the Triton kernel, which reads only
-# the experts hit and wins at decode sizes. Whole 2048-token prefill of 8x7B shapes (16 layers) on an H100,
-# through the engine: grouped 487 TFLOP/s, per-expert cuBLAS 478, Triton 453 (scripts/gpu_moe_paths.py has the
-# MoE alone, where cuBLAS per expert led: its host sync per layer costs that lead back inside a real step).
+# From this many tokens on, fused_moe runs the experts as the sorted-row Triton GEMMs with TMA loads
+# (kernels/triton/sorted_moe.py) on sm90+ in 2-byte dtypes; below it the decode kernel (fused_moe.py), which
+# reads only the experts hit. See kernels/triton/NOTES.md for the measurements behind the numbers.
+SORTED_MIN_TOKENS = 1024
+# The CUTLASS grouped GEMMs (kernels/grouped_mm_moe.py) and one cuBLAS GEMM per expert
+# (kernels/expert_gemms_moe.py; one host sync per layer, never inside a CUDA graph) were the prefill paths
+# before the sorted one; they stay selectable for comparison (MIXTRAL_MOE_PREFILL), from this many tokens.
 GROUPED_MM_MIN_TOKENS = 2048
-# From this many tokens on, eager steps run the experts as one cuBLAS GEMM per expert
-# (kernels/expert_gemms_moe.py; one host sync per layer, so never inside a CUDA graph): at 8192 tokens it
-# beat the grouped GEMMs by ~8 points of peak on the MoE alone, and a step that large hides the sync.
-EXPERT_GEMMS_MIN_TOKENS = 8192
+PREFILL_PATHS = ("sorted", "grouped_mm", "expert_gemms", "triton")
+
+
+def _prefill_choice() -> str:
+    """``MIXTRAL_MOE_PREFILL`` (sorted, grouped_mm, expert_gemms, triton; unset = sorted): the path for
+    prefill-sized token counts. ``triton`` keeps the decode kernel at every size."""
+    choice = os.environ.get("MIXTRAL_MOE_PREFILL", "") or "sorted"
+    if choice not in PREFILL_PATHS:
+        raise ValueError(f"MIXTRAL_MOE_PREFILL={choice!r}: use one of {', '.join(PREFILL_PATHS)} or leave it unset")
+    return choice
+
+
+@functools.lru_cache(maxsize=16)
+def _sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def use_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether ``fused_moe`` takes the sorted-row TMA path (the caller checked CUDA/Triton): from
+    ``SORTED_MIN_TOKENS`` tokens, 2-byte dtypes, sm90+ and shapes that fit the tuned tiles."""
+    if x.shape[0] < SORTED_MIN_TOKENS or x.element_size() != 2 or not _sm90(x.device):
+        return False
+    from mixtral.kernels.triton.moe_configs import get_sorted_config
+    from mixtral.kernels.triton.sorted_moe import layout_problem
+
+    cfg = get_sorted_config(w13.shape[0], w2.shape[2], x.shape[1], x.shape[0], x.dtype, x.device)
+    return layout_problem(x, w13, w2, cfg) is None
 
 
 def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether ``fused_moe`` takes the grouped-GEMM path for these operands (the caller checked CUDA/Triton).
-
-    ``MIXTRAL_MOE_GROUPED_MM=1`` takes it at any token count, ``=0`` never (benchmarking); unset, from
-    ``GROUPED_MM_MIN_TOKENS`` tokens on. Either way only where ``_grouped_mm`` has its CUTLASS fast path
-    and accepts the layout; otherwise the Triton kernel runs.
-    """
-    forced = os.environ.get("MIXTRAL_MOE_GROUPED_MM", "")
-    if forced not in ("", "0", "1"):
-        raise ValueError(f"MIXTRAL_MOE_GROUPED_MM={forced!r}: use 1 (always), 0 (never) or leave it unset")
-    if forced == "0" or (forced == "" and x.shape[0] < GROUPED_MM_MIN_TOKENS):
-        return False
+    """Whether ``_grouped_mm`` has its CUTLASS fast path for these operands and accepts the layout."""
     from mixtral.kernels import grouped_mm_moe
 
     return grouped_mm_moe.device_problem(x) is None and grouped_mm_moe.layout_problem(x, w13, w2) is None
@@ -98,24 +113,29 @@ def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """The experts of a MoE layer: x [N, D], w13 [E, 2F, D], w2 [E, D, F], topk_weights [N, k] fp32,
-    topk_ids [N, k] global ids -> [N, D]. On CUDA: one cuBLAS GEMM per expert for prefill-sized eager steps,
-    the CUTLASS grouped GEMMs at large token counts inside a graph capture (``use_grouped_mm``), else the
-    Triton fused kernel; ``moe_reference`` elsewhere."""
-    if use_triton(x):
-        if (x.shape[0] >= EXPERT_GEMMS_MIN_TOKENS and os.environ.get("MIXTRAL_MOE_GROUPED_MM", "") != "1"
-                and os.environ.get("MIXTRAL_MOE_EXPERT_GEMMS", "1") != "0"
-                and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
-            from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
+    topk_ids [N, k] global ids -> [N, D]. On CUDA: the sorted-row TMA GEMMs for prefill-sized token counts
+    (``use_sorted``; ``MIXTRAL_MOE_PREFILL`` picks another prefill path), else the Triton fused kernel;
+    ``moe_reference`` elsewhere."""
+    if not use_triton(x):
+        return reference.moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
+    choice = _prefill_choice()
+    n = x.shape[0]
+    if choice == "sorted" and use_sorted(x, w13, w2):
+        from mixtral.kernels.triton.sorted_moe import sorted_moe
 
-            return expert_gemms_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
-        if use_grouped_mm(x, w13, w2):
-            from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
+        return sorted_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+    if (choice == "expert_gemms" and n >= GROUPED_MM_MIN_TOKENS
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+        from mixtral.kernels.expert_gemms_moe import expert_gemms_moe
 
-            return grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
-        from mixtral.kernels.triton.fused_moe import fused_moe as fused_moe_triton
+        return expert_gemms_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+    if choice in ("grouped_mm", "sorted") and n >= GROUPED_MM_MIN_TOKENS and use_grouped_mm(x, w13, w2):
+        from mixtral.kernels.grouped_mm_moe import grouped_mm_moe
 
-        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start)
-    return reference.moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
+        return grouped_mm_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+    from mixtral.kernels.triton.fused_moe import fused_moe as fused_moe_triton
+
+    return fused_moe_triton(x, w13, w2, topk_weights, topk_ids, expert_start)
 
 
 def _no_autograd(*tensors: torch.Tensor) -> bool:

@@ -52,8 +52,9 @@ def device_key(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
-def config_path(num_experts: int, ffn_dim: int, dim: int, device_name: str) -> Path:
-    return CONFIG_DIR / f"E{num_experts}_F{ffn_dim}_D{dim}_{device_key(device_name)}.json"
+def config_path(num_experts: int, ffn_dim: int, dim: int, device_name: str, prefix: str = "") -> Path:
+    """``prefix`` "sorted_" names the prefill path's table (``sorted_moe.py``, tuned by ``tune_sorted_moe.py``)."""
+    return CONFIG_DIR / f"{prefix}E{num_experts}_F{ffn_dim}_D{dim}_{device_key(device_name)}.json"
 
 
 def default_config(num_tokens: int, dtype: torch.dtype) -> MoEConfig:
@@ -81,15 +82,34 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def _tuned(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype, device: torch.device,
+           prefix: str) -> MoEConfig | None:
+    """The tuned entry nearest ``num_tokens`` for this device and shape (another device's file when this one
+    has none), or None: 4-byte dtypes and untuned shapes."""
+    if torch.empty((), dtype=dtype).element_size() >= 4:
+        return None
+    table = load_configs(config_path(num_experts, ffn_dim, dim, _device_name(device), prefix))
+    if table is None:  # another GPU's tuning for this shape beats the untuned default
+        others = sorted(CONFIG_DIR.glob(f"{prefix}E{num_experts}_F{ffn_dim}_D{dim}_*.json"))
+        table = load_configs(others[0]) if others else None
+    if not table:
+        return None
+    return table[min(table, key=lambda m: (abs(m - num_tokens), m))]
+
+
 def get_config(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype,
                device: torch.device) -> MoEConfig:
     """Tuned config for the nearest batch size on this device and shape, else ``default_config``."""
-    if torch.empty((), dtype=dtype).element_size() < 4:
-        table = load_configs(config_path(num_experts, ffn_dim, dim, _device_name(device)))
-        if table is None:  # another GPU's tuning for this shape beats the untuned default
-            others = sorted(CONFIG_DIR.glob(f"E{num_experts}_F{ffn_dim}_D{dim}_*.json"))
-            table = load_configs(others[0]) if others else None
-        if table:
-            nearest = min(table, key=lambda m: (abs(m - num_tokens), m))
-            return table[nearest]
-    return default_config(num_tokens, dtype)
+    tuned = _tuned(num_experts, ffn_dim, dim, num_tokens, dtype, device, "")
+    return tuned or default_config(num_tokens, dtype)
+
+
+def get_sorted_config(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype,
+                      device: torch.device) -> MoEConfig:
+    """Tiles of the prefill path (``sorted_moe.py``): tuned for the nearest token count, else its default."""
+    tuned = _tuned(num_experts, ffn_dim, dim, num_tokens, dtype, device, "sorted_")
+    if tuned is not None:
+        return tuned
+    from mixtral.kernels.triton.sorted_moe import default_sorted_config
+
+    return default_sorted_config(dtype)

@@ -1,0 +1,239 @@
+"""Prefill MoE as two Triton grouped GEMMs over rows already gathered into expert order, with TMA loads.
+
+Same contract as ``reference.moe_reference`` and the other experts paths: x [N, D], w13 [E_local, 2F, D]
+(w1 rows then w3 rows), w2 [E_local, D, F], topk_weights [N, k] fp32, topk_ids [N, k] global ids; pairs
+whose expert lives on another expert-parallel rank add nothing.
+
+Why another path: the decode kernel (``fused_moe.py``) gathers x rows by pair id inside the GEMM, so its A
+operand cannot be a TMA load, and pads each expert to a block of rows; the CUTLASS grouped GEMM
+(``grouped_mm_moe.py``) has fixed tiles and writes w1 and w3 products separately. Here x is gathered once
+(``sort_pairs`` + ``index_select``, ~1% of the FLOP time at 2048 tokens) so that both operands of both
+GEMMs are contiguous 2-D tiles TMA can load, SiLU(gate) * up is applied to the fp32 accumulators before
+anything is written (one [P, F] store instead of a [P, 2F] store and a second pass), and the tiles come
+from a table tuned per device (``tune_sorted_moe.py``).
+
+Tiles: an expert's rows start anywhere (groups are not padded), so a program's ``BLOCK_M`` rows may run past
+its group into the next expert's rows; those are multiplied (TMA loads whole tiles) but never stored. The
+program order is expert-major, then output-column tile, then row tile: the few row tiles of one expert that
+share a weight tile run side by side, so each weight tile is read from HBM once and then from L2. The launch
+grid is an upper bound from host ints (every expert may add one partial tile), programs past the real tile
+count exit at once: no host sync.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from mixtral.kernels.grouped_mm_moe import check_contract, combine, sort_pairs
+from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
+
+
+@triton.jit
+def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr):
+    """pid -> (expert, first row, group end row, column tile); expert == E when pid is past the last tile.
+
+    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor."""
+    expert = pid * 0 + E
+    row0 = pid * 0
+    row_end = pid * 0
+    n_tile = pid * 0
+    start = pid * 0  # first row of expert e's group
+    seen = pid * 0  # programs owned by experts before e
+    for e in tl.static_range(E):
+        end = tl.load(offs_ptr + e)
+        m_tiles = tl.cdiv(end - start, BLOCK_M)
+        size = m_tiles * N_TILES
+        local = pid - seen
+        hit = (local >= 0) & (local < size)
+        m_safe = tl.maximum(m_tiles, 1)
+        expert = tl.where(hit, e, expert)
+        row0 = tl.where(hit, start + (local % m_safe) * BLOCK_M, row0)
+        n_tile = tl.where(hit, local // m_safe, n_tile)
+        row_end = tl.where(hit, end, row_end)
+        seen += size
+        start = end
+    return expert, row0, row_end, n_tile
+
+
+@triton.jit
+def _sorted_w13_kernel(
+    a, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
+    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile of expert e.
+
+    ``a`` is xs [P, D] and ``w`` the weights as [E * 2F, D] rows: TMA descriptors, or plain pointers with
+    their row strides when USE_TMA is off."""
+    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M)
+    if expert >= E:
+        return
+    n0 = n_tile * BLOCK_N
+    gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
+    up_row = gate_row + F  # the w3 rows follow the F rows of w1
+    rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.arange(0, BLOCK_N)  # [BN]
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        if USE_TMA:
+            x_t = a.load([row0, k0])  # [BM, BK]; rows past P read as zeros
+            wg = w.load([gate_row, k0])  # [BN, BK]
+            wu = w.load([up_row, k0])  # [BN, BK]
+        else:
+            x_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
+                          mask=(rows < P)[:, None], other=0.0)
+            wg = tl.load(w + (gate_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+            wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+        acc_g = tl.dot(x_t, wg.T, acc_g)
+        acc_u = tl.dot(x_t, wu.T, acc_u)
+    out = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
+    ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
+    tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+
+
+@triton.jit
+def _sorted_w2_kernel(
+    a, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
+    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+):
+    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M, BLOCK_N] tile of expert e; ``a`` is act [P, F], ``w``
+    the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
+    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M)
+    if expert >= E:
+        return
+    n0 = n_tile * BLOCK_N
+    w_row = expert * D + n0
+    rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
+    cols = tl.arange(0, BLOCK_N)  # [BN]
+    ks = tl.arange(0, BLOCK_K)  # [BK]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, F, BLOCK_K):
+        if USE_TMA:
+            a_t = a.load([row0, k0])  # [BM, BK]
+            w_t = w.load([w_row, k0])  # [BN, BK]
+        else:
+            a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
+                          mask=(rows < P)[:, None], other=0.0)
+            w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+        acc = tl.dot(a_t, w_t.T, acc)
+    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (n0 + cols)[None, :]
+    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+
+
+def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
+    """Why this path cannot take these operands with these tiles (None when it can).
+
+    Tiles never straddle an expert's weight rows or the reduction's end, so F and D must be multiples of
+    the column and reduction tiles; the weights are read as one [E * rows, K] matrix, so they must be
+    contiguous; TMA needs 16-byte aligned row strides."""
+    if not (x.dtype == w13.dtype == w2.dtype) or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"x, w13 and w2 must share one float dtype, got {x.dtype}, {w13.dtype}, {w2.dtype}"
+    d, f = x.shape[1], w2.shape[2]
+    for what, size, tile in (("F", f, cfg.w13.block_n), ("D", d, cfg.w13.block_k), ("D", d, cfg.w2.block_n),
+                             ("F", f, cfg.w2.block_k)):
+        if size % tile:
+            return f"{what}={size} is not a multiple of the tile {tile}"
+    if not (w13.is_contiguous() and w2.is_contiguous()):
+        return "w13 and w2 must be contiguous (they are read as [E * rows, K] matrices)"
+    if (d * x.element_size()) % 16 or (f * x.element_size()) % 16:
+        return f"D={d} and F={f} rows must be 16-byte aligned for TMA"
+    return None
+
+
+def default_sorted_config(dtype: torch.dtype) -> MoEConfig:
+    """Untuned tiles: 128 x 128 x 64, 8 warps (the usual Hopper bf16 GEMM tile); small ones for 4-byte
+    dtypes, whose tiles would not fit shared memory."""
+    if torch.empty((), dtype=dtype).element_size() >= 4:
+        return MoEConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(32, 32, 4, 2))
+    return MoEConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
+
+
+@functools.lru_cache(maxsize=16)
+def _has_tma(device: torch.device) -> bool:
+    """Host-built TMA descriptors need sm90+ on CUDA; Triton's CPU interpreter emulates them."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
+    if not use_tma:
+        return t
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, block)
+
+
+def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: torch.Tensor, block_m: int,
+               cfg: GemmConfig, use_tma: bool) -> None:
+    """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
+    p, d = xs.shape
+    e_local, two_f, _ = w13.shape
+    f = two_f // 2
+    w_rows = w13.view(e_local * two_f, d)  # [E * 2F, D]
+    n_tiles = f // cfg.block_n
+    grid = ((triton.cdiv(p, block_m) + e_local) * n_tiles,)  # every group may end in a partial row tile
+    _sorted_w13_kernel[grid](
+        _operand(xs, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+        act, offs, p, f, d, xs.stride(0), w_rows.stride(0), act.stride(0),
+        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, block_m: int,
+              cfg: GemmConfig, use_tma: bool) -> None:
+    """y [P, D] = act w2^T per row, each row against its group's expert."""
+    p, f = act.shape
+    e_local, d, _ = w2.shape
+    w_rows = w2.view(e_local * d, f)  # [E * D, F]
+    n_tiles = d // cfg.block_n
+    grid = ((triton.cdiv(p, block_m) + e_local) * n_tiles,)
+    _sorted_w2_kernel[grid](
+        _operand(act, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+        y, offs, p, f, d, act.stride(0), w_rows.stride(0), y.stride(0),
+        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+               topk_ids: torch.Tensor, expert_start: int = 0, config: MoEConfig | None = None,
+               use_tma: bool | None = None) -> torch.Tensor:
+    """x [N, D]; w13 [E_local, 2F, D]; w2 [E_local, D, F]; topk_weights [N, k] fp32; topk_ids [N, k] global ids
+    -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
+
+    ``config`` overrides the tuned tiles (the tuner uses it); ``use_tma`` None means TMA where the device has
+    it (sm90+, or the CPU interpreter). Raises ValueError naming the problem when the shapes break the
+    contract or do not fit the tiles (``layout_problem``).
+    """
+    check_contract(x, w13, w2, topk_weights, topk_ids)
+    n, d = x.shape
+    e_local, two_f, _ = w13.shape
+    f = two_f // 2
+    k = topk_ids.shape[1]
+    if config is None:
+        from mixtral.kernels.triton.moe_configs import get_sorted_config
+
+        config = get_sorted_config(e_local, f, d, n, x.dtype, x.device)
+    problem = layout_problem(x, w13, w2, config)
+    if problem is not None:
+        raise ValueError(f"sorted_moe: {problem}")
+    if n == 0:
+        return x.new_zeros(0, d)
+    use_tma = _has_tma(x.device) if use_tma is None else use_tma
+    order, row_of_pair, offs = sort_pairs(topk_ids, e_local, expert_start)  # [P], [P], [E]
+    num_local = offs[-1:]  # [1] rows from here on are other ranks' pairs: never multiplied
+    xs = x.index_select(0, order // k)  # [P, D] row r = token of sorted pair r
+    act = torch.empty(xs.shape[0], f, dtype=x.dtype, device=x.device)  # [P, F]
+    invoke_w13(xs, w13, act, offs, config.block_m, config.w13, use_tma)
+    y = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)  # [P, D] rows in sorted order
+    invoke_w2(act, w2, y, offs, config.block_m, config.w2, use_tma)
+    return combine(y, row_of_pair, topk_weights, num_local)  # [N, D]

@@ -1,0 +1,129 @@
+"""Tune the prefill MoE's tiles (``sorted_moe.py``) on this GPU; writes ``configs/sorted_E{E}_F{F}_D{D}_{device}.json``.
+
+    python -m mixtral.kernels.triton.tune_sorted_moe --model mixtral-8x7b
+
+For each token count M it sorts one uniform random routing, then for each ``block_m`` times every candidate
+tile of the w13 GEMM (SiLU·mul fused) and of the w2 GEMM on their own (``triton.testing.do_bench``, median),
+and keeps the ``block_m`` whose two best GEMMs sum lowest. Tiles that need more shared memory than a Hopper
+block has are not tried; one the compiler rejects is skipped. Prints each GEMM's TFLOP/s (6 * D * F FLOPs
+per (token, expert) pair for both) and, for the winner, the same tiles without TMA. Needs a CUDA GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import torch
+
+from mixtral.kernels.grouped_mm_moe import sort_pairs
+from mixtral.kernels.reference import route_topk
+from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path
+from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
+from mixtral.kernels.triton.tune_moe import _bench, write_configs
+from mixtral.model.args import PRESETS
+
+DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
+BLOCK_MS = (64, 128)
+# (block_n, block_k, num_warps, num_stages)
+W13_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2),
+             (256, 64, 8, 3), (64, 64, 8, 5)]
+W2_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
+            (64, 64, 4, 4), (128, 64, 4, 4)]
+SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
+
+
+def fits(block_m: int, tile: GemmConfig, weight_tiles: int, elem: int = 2) -> bool:
+    """Whether the pipelined A tile and weight tiles (w13 loads two) fit one block's shared memory."""
+    per_stage = elem * tile.block_k * (block_m + weight_tiles * tile.block_n)
+    return tile.num_stages * per_stage <= SMEM_BYTES
+
+
+def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
+               device: torch.device, deadline: float) -> tuple[dict[int, MoEConfig], dict[int, float]]:
+    """Best config and its time (us, both GEMMs) per token count; stops early past ``deadline``."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w13 = torch.randn(num_experts, 2 * ffn_dim, dim, device=device, generator=gen, dtype=dtype) * dim**-0.5
+    w2 = torch.randn(num_experts, dim, ffn_dim, device=device, generator=gen, dtype=dtype) * ffn_dim**-0.5
+    best: dict[int, MoEConfig] = {}
+    times: dict[int, float] = {}
+    for m in batches:
+        if time.monotonic() > deadline:
+            print(f"  time budget spent: stopping before M={m}")
+            break
+        x = torch.randn(m, dim, device=device, generator=gen, dtype=dtype)
+        _, ids = route_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+        order, _, offs = sort_pairs(ids, num_experts)
+        xs = x.index_select(0, order // top_k)  # [P, D]
+        act = torch.randn(xs.shape[0], ffn_dim, device=device, generator=gen, dtype=dtype)  # [P, F]
+        y = torch.empty(xs.shape[0], dim, device=device, dtype=dtype)  # [P, D]
+        flops13, flops2 = 4 * xs.shape[0] * dim * ffn_dim, 2 * xs.shape[0] * dim * ffn_dim
+        options: list[tuple[float, MoEConfig]] = []
+        for block_m in BLOCK_MS:
+            run13 = functools.partial(invoke_w13, xs, w13, act, offs, block_m)
+            run2 = functools.partial(invoke_w2, act, w2, y, offs, block_m)
+            t13 = [(_bench(functools.partial(run13, c, True)), c) for c in map(lambda t: GemmConfig(*t), W13_TILES)
+                   if fits(block_m, c, 2)]
+            t2 = [(_bench(functools.partial(run2, c, True)), c) for c in map(lambda t: GemmConfig(*t), W2_TILES)
+                  if fits(block_m, c, 1)]
+            a, c13 = min(t13, key=lambda t: t[0])
+            b, c2 = min(t2, key=lambda t: t[0])
+            print(f"  M={m:5d} block_m={block_m:3d}: w13 {a * 1e3:8.1f} us {flops13 / a / 1e9:5.0f} TFLOP/s {c13}"
+                  f"  w2 {b * 1e3:8.1f} us {flops2 / b / 1e9:5.0f} TFLOP/s {c2}")
+            options.append((a + b, MoEConfig(block_m, c13, c2)))
+        total, cfg = min(options, key=lambda o: o[0])
+        if total == float("inf"):
+            continue
+        best[m], times[m] = cfg, total * 1e3
+        no_tma = (_bench(functools.partial(invoke_w13, xs, w13, act, offs, cfg.block_m, cfg.w13, False))
+                  + _bench(functools.partial(invoke_w2, act, w2, y, offs, cfg.block_m, cfg.w2, False)))
+        print(f"  M={m:5d} best {total * 1e3:8.1f} us = {(flops13 + flops2) / total / 1e9:5.0f} TFLOP/s for the two "
+              f"GEMMs; same tiles without TMA {no_tma * 1e3:8.1f} us")
+    return best, times
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", action="append", default=None,
+                   help="preset whose MoE shape to tune (repeatable; default mixtral-8x7b and mixtral-8x22b)")
+    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)),
+                   help="comma-separated token counts M to tune")
+    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR, help="folder for the JSON files")
+    p.add_argument("--merge", action="store_true",
+                   help="keep the existing file's entries for token counts not tuned in this run")
+    p.add_argument("--time-budget", type=float, default=400.0,
+                   help="seconds for all shapes; past it the remaining token counts are left to the nearest M")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        p.error("tuning needs a CUDA GPU")
+    import triton
+
+    device = torch.device("cuda")
+    name = torch.cuda.get_device_name(device)
+    batches = [int(b) for b in args.batch_sizes.split(",") if b]
+    models = args.model or ["mixtral-8x7b", "mixtral-8x22b"]
+    start = time.monotonic()
+    for i, model in enumerate(models):
+        margs = PRESETS[model]
+        deadline = start + args.time_budget * (i + 1) / len(models)  # share the budget among the shapes
+        print(f"{name}: tuning the prefill MoE of {model} (E={margs.num_experts} F={margs.hidden_dim} D={margs.dim})")
+        best, times = tune_shape(margs.num_experts, margs.hidden_dim, margs.dim, margs.num_experts_per_tok,
+                                 batches, torch.bfloat16, device, deadline)
+        if not best:
+            print(f"  nothing tuned for {model}")
+            continue
+        out = args.out_dir / config_path(margs.num_experts, margs.hidden_dim, margs.dim, name, "sorted_").name
+        write_configs(out, best, times, {
+            "device": name, "model": model, "E": margs.num_experts, "F": margs.hidden_dim, "D": margs.dim,
+            "dtype": "bf16", "path": "sorted_moe", "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+        }, merge=args.merge)
+        print(f"  wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

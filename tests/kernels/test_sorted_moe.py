@@ -1,0 +1,121 @@
+"""The prefill MoE path (kernels/triton/sorted_moe.py) against ``moe_reference`` on CPU via Triton's interpreter:
+TMA descriptor loads and plain pointer loads, groups that end mid-tile, expert parallelism, its tile lookup,
+its refusals and ``ops.fused_moe``'s choice of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.kernels import ops
+from mixtral.kernels.reference import moe_reference, route_topk
+from mixtral.kernels.triton import moe_configs as mc
+from mixtral.kernels.triton import sorted_moe as sm
+
+SMALL = mc.MoEConfig(16, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2))
+
+
+def _problem(n: int, e: int, d: int, f: int, k: int, seed: int, dtype: torch.dtype = torch.float32,
+             num_global: int | None = None) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    w13 = (torch.randn(e, 2 * f, d, generator=gen) / d**0.5).to(dtype)  # [E, 2F, D]
+    w2 = (torch.randn(e, d, f, generator=gen) / f**0.5).to(dtype)  # [E, D, F]
+    weights, ids = route_topk(torch.randn(n, num_global or e, generator=gen), k)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize(("n", "e", "d", "f", "k", "seed"), [
+    (1, 8, 32, 64, 2, 0),  # one token: two groups of one row, each a mostly-empty tile
+    (37, 4, 64, 96, 2, 1),  # ragged: groups end mid-tile and tiles run into the next expert's rows
+    (70, 8, 64, 32, 3, 2),  # top-3, more row tiles than experts
+])
+def test_matches_reference(use_tma: bool, n: int, e: int, d: int, f: int, k: int, seed: int) -> None:
+    x, w13, w2, weights, ids = _problem(n, e, d, f, k, seed)
+    got = sm.sorted_moe(x, w13, w2, weights, ids, config=SMALL, use_tma=use_tma)
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_and_wide_tiles() -> None:
+    """fp16 operands with 64-wide column tiles and a 32-row block: one rounding of act and of y, as the
+    reference rounds them."""
+    x, w13, w2, weights, ids = _problem(45, 8, 64, 128, 2, seed=3, dtype=torch.float16)
+    cfg = mc.MoEConfig(32, mc.GemmConfig(64, 32, 4, 2), mc.GemmConfig(64, 32, 4, 2))
+    got = sm.sorted_moe(x, w13, w2, weights, ids, config=cfg).double()
+    ref = moe_reference(x.double(), w13.double(), w2.double(), weights, ids)
+    assert ((got - ref).norm() / ref.norm()).item() < 2e-3
+
+
+def test_expert_parallel_slices_sum_to_the_whole() -> None:
+    """Each rank's half adds only its experts' pairs; an expert nobody chose and an empty batch work."""
+    x, w13, w2, weights, ids = _problem(50, 8, 32, 64, 2, seed=4)
+    parts = [sm.sorted_moe(x, w13[s:s + 4], w2[s:s + 4], weights, ids, s, config=SMALL) for s in (0, 4)]
+    torch.testing.assert_close(parts[0] + parts[1], moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
+    only0 = torch.zeros_like(ids)
+    torch.testing.assert_close(sm.sorted_moe(x, w13, w2, weights, only0, config=SMALL),
+                               moe_reference(x, w13, w2, weights, only0), rtol=1e-4, atol=1e-5)
+    assert sm.sorted_moe(x[:0], w13, w2, weights[:0], ids[:0], config=SMALL).shape == (0, 32)
+
+
+def test_refuses_shapes_the_tiles_do_not_fit() -> None:
+    x, w13, w2, weights, ids = _problem(8, 4, 32, 48, 2, seed=5)  # F = 48 is not a multiple of 32
+    with pytest.raises(ValueError, match="F=48 is not a multiple of the tile 32"):
+        sm.sorted_moe(x, w13, w2, weights, ids, config=SMALL)
+    x, w13, w2, weights, ids = _problem(8, 4, 32, 64, 2, seed=5)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        sm.sorted_moe(x, w13.transpose(0, 1).contiguous().transpose(0, 1), w2, weights, ids, config=SMALL)
+    with pytest.raises(ValueError, match="x \\[N, D\\]"):
+        sm.sorted_moe(x[None], w13, w2, weights, ids, config=SMALL)
+
+
+def test_config_lookup_nearest_token_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sorted_ table is read for the nearest M; the decode kernel's table for the same shape is not."""
+    monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
+    mc.load_configs.cache_clear()
+    small = mc.MoEConfig(64, mc.GemmConfig(64, 64, 4, 4), mc.GemmConfig(128, 64, 8, 3))
+    large = mc.MoEConfig(128, mc.GemmConfig(128, 64, 8, 4), mc.GemmConfig(256, 64, 8, 3))
+    decode = mc.MoEConfig(16, mc.GemmConfig(32, 256, 4, 3), mc.GemmConfig(64, 256, 4, 3))
+    name = mc.config_path(8, 256, 128, "cpu", "sorted_").name
+    assert name == "sorted_E8_F256_D128_cpu.json"
+    (tmp_path / name).write_text(json.dumps({"configs": {"1024": small.to_dict(), "8192": large.to_dict()}}))
+    (tmp_path / mc.config_path(8, 256, 128, "cpu").name).write_text(json.dumps({"configs": {"1": decode.to_dict()}}))
+    cpu = torch.device("cpu")
+    assert mc.get_sorted_config(8, 256, 128, 2048, torch.bfloat16, cpu) == small
+    assert mc.get_sorted_config(8, 256, 128, 6000, torch.bfloat16, cpu) == large
+    assert mc.get_config(8, 256, 128, 2048, torch.bfloat16, cpu) == decode
+    # Another shape has no table: the default tiles; 4-byte dtypes never take tuned (bf16-sized) tiles.
+    assert mc.get_sorted_config(8, 512, 128, 2048, torch.bfloat16, cpu) == sm.default_sorted_config(torch.bfloat16)
+    assert mc.get_sorted_config(8, 256, 128, 2048, torch.float32, cpu) == sm.default_sorted_config(torch.float32)
+    mc.load_configs.cache_clear()
+
+
+def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ops.fused_moe as on an sm90 GPU with CPU tensors: the sorted path from SORTED_MIN_TOKENS, the decode
+    kernel below it or when MIXTRAL_MOE_PREFILL=triton; 4-byte dtypes stay off it."""
+    from mixtral.kernels.triton import fused_moe as fm
+
+    calls: list[str] = []
+    real_sorted = sm.sorted_moe
+    monkeypatch.setattr(ops, "use_triton", lambda t: True)
+    monkeypatch.setattr(ops, "_sm90", lambda device: True)
+    monkeypatch.setattr(ops, "SORTED_MIN_TOKENS", 32)
+    monkeypatch.setattr(sm, "sorted_moe", lambda *a: calls.append("sorted") or real_sorted(*a, config=SMALL))
+    monkeypatch.setattr(fm, "fused_moe", lambda *a: calls.append("triton") or moe_reference(*a))
+    monkeypatch.setattr(mc, "get_sorted_config", lambda *a: SMALL)
+    monkeypatch.delenv("MIXTRAL_MOE_PREFILL", raising=False)
+    x, w13, w2, weights, ids = _problem(40, 8, 32, 64, 2, seed=6, dtype=torch.float16)
+    out = ops.fused_moe(x, w13, w2, weights, ids)
+    ref = moe_reference(x.double(), w13.double(), w2.double(), weights, ids)
+    assert calls == ["sorted"] and ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
+    ops.fused_moe(x[:31], w13, w2, weights[:31], ids[:31])
+    assert calls[-1] == "triton"
+    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "triton")
+    ops.fused_moe(x, w13, w2, weights, ids)
+    assert calls[-1] == "triton"
+    monkeypatch.delenv("MIXTRAL_MOE_PREFILL")
+    assert not ops.use_sorted(x.float(), w13.float(), w2.float())
+    assert ops.use_sorted(x, w13, w2)
