@@ -20,12 +20,43 @@ from mixtral.kernels.triton.fused_moe import fused_moe
 from mixtral.kernels.triton.sorted_moe import sorted_moe
 
 
+def breakdown(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w: torch.Tensor, ids: torch.Tensor,
+              flops: int) -> dict[str, object]:
+    """Microseconds of each step of sorted_moe alone (tuned tiles), and of the whole."""
+    from mixtral.kernels.grouped_mm_moe import combine, sort_pairs
+    from mixtral.kernels.triton import sorted_moe as sm
+    from mixtral.kernels.triton.moe_configs import get_sorted_config
+
+    e, two_f, d = w13.shape
+    k = ids.shape[1]
+    cfg = get_sorted_config(e, two_f // 2, d, x.shape[0], x.dtype, x.device)
+    order, row_of_pair, offs = sort_pairs(ids, e)
+    xs = x.index_select(0, order // k)
+    act = torch.empty(xs.shape[0], two_f // 2, device=x.device, dtype=x.dtype)
+    y = torch.empty(xs.shape[0], d, device=x.device, dtype=x.dtype)
+    sm.invoke_w13(xs, w13, act, offs, cfg.block_m, cfg.w13, True)
+    steps = {
+        "sort_pairs": lambda: sort_pairs(ids, e),
+        "gather_x": lambda: x.index_select(0, order // k),
+        "w13": lambda: sm.invoke_w13(xs, w13, act, offs, cfg.block_m, cfg.w13, True),
+        "w2": lambda: sm.invoke_w2(act, w2, y, offs, cfg.block_m, cfg.w2, True),
+        "combine": lambda: combine(y, row_of_pair, w, offs[-1:]),
+        "whole": lambda: sm.sorted_moe(x, w13, w2, w, ids),
+    }
+    row: dict[str, object] = {"tokens": x.shape[0], "breakdown": "sorted", "config": cfg.to_dict()}
+    for name, fn in steps.items():
+        row[name] = round(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3, 1)
+    row["TFLOPs_gemms"] = flops / (row["w13"] + row["w2"]) / 1e6  # type: ignore[operator]
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", default="512,1024,2048,4096")
     ap.add_argument("--dim", type=int, default=4096)
     ap.add_argument("--ffn", type=int, default=14336)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--breakdown", action="store_true", help="also time each step of sorted_moe on its own")
     args = ap.parse_args()
     dev, dt, e, k = torch.device("cuda"), torch.bfloat16, 8, 2
     d, f = args.dim, args.ffn
@@ -52,6 +83,9 @@ def main() -> None:
                 row = {"tokens": m, "path": name, "error": f"{type(exc).__name__}: {exc}"}
             rows.append(row)
             print(row, flush=True)
+        if args.breakdown:
+            rows.append(breakdown(x, w13, w2, w, ids, flops))
+            print(rows[-1], flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
