@@ -44,6 +44,10 @@ def breakdown(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w: torch.Ten
         "whole": lambda: sm.sorted_moe(x, w13, w2, w, ids),
     }
     row: dict[str, object] = {"tokens": x.shape[0], "breakdown": "sorted", "config": cfg.to_dict()}
+    # Expert parallel: each half of the experts adds only its pairs; the halves sum to the whole.
+    ref = moe_reference(x, w13, w2, w, ids).float()
+    halves = sum(sm.sorted_moe(x, w13[s:s + e // 2], w2[s:s + e // 2], w, ids, s).float() for s in (0, e // 2))
+    row["ep_halves_rel_err"] = ((halves - ref).norm() / ref.norm()).item()
     for name, fn in steps.items():
         row[name] = round(triton.testing.do_bench(fn, warmup=10, rep=100, return_mode="median") * 1e3, 1)
     row["TFLOPs_gemms"] = flops / (row["w13"] + row["w2"]) / 1e6  # type: ignore[operator]

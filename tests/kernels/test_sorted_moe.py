@@ -119,3 +119,18 @@ def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("MIXTRAL_MOE_PREFILL")
     assert not ops.use_sorted(x.float(), w13.float(), w2.float())
     assert ops.use_sorted(x, w13, w2)
+
+
+@pytest.mark.parametrize(("n", "e_local", "k", "expert_start"), [
+    (1, 8, 2, 0), (37, 8, 2, 0), (1500, 8, 2, 0),  # 3000 pairs: three 1024-pair chunks carry their counts
+    (50, 4, 2, 4), (9, 2, 3, 2),  # expert parallel: other ranks' pairs sort last and leave offs alone
+])
+def test_triton_sort_pairs_equals_the_torch_sort(n: int, e_local: int, k: int, expert_start: int) -> None:
+    from mixtral.kernels.grouped_mm_moe import sort_pairs
+    from mixtral.kernels.triton.moe_align import sort_pairs as sort_pairs_triton
+
+    _, ids = route_topk(torch.randn(n, 8, generator=torch.Generator().manual_seed(n)), k)
+    want = sort_pairs(ids, e_local, expert_start)  # CPU: torch.sort, searchsorted, scatter
+    got = sort_pairs_triton(ids, e_local, expert_start)
+    for name, w, g in zip(("order", "row_of_pair", "offs"), want, got, strict=True):
+        assert g.dtype == torch.int32 and torch.equal(g.long(), w.long()), name

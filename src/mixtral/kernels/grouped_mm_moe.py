@@ -105,13 +105,18 @@ def sort_pairs(topk_ids: torch.Tensor, e_local: int, expert_start: int = 0
     ``order[r]`` is the pair (t * k + j) in sorted row r; ``row_of_pair`` is its inverse; ``offs[e]`` is the
     end row of local expert e's group, so ``offs[-1]`` counts the local pairs. Other ranks' pairs follow
     every local group; inside a group pairs keep their (token, slot) order (a stable sort). Device ops only
-    (a sort, a ``searchsorted``, a scatter): no host sync. Keys are int32: above 4096 keys the GPU sort is a
-    radix sort, with half the passes of int64. (A counting sort by cumsum of one-hot keys measured 2-3x
-    slower on an H100 at 2048-8192 tokens: scripts/gpu_moe_prefill.py.)
+    (a sort, a ``searchsorted``, a scatter): no host sync. Keys are int32 (half the radix passes of int64).
 
     Example (E_local 2 at expert_start 2): ids [[2, 0], [3, 2]] -> keys [0, 2, 1, 0] (global 0 is another
     rank's: key E_local), order [0, 3, 2, 1], row_of_pair [0, 3, 2, 1], offs [2, 3].
+
+    On CUDA one Triton program does the same as a counting sort (``moe_align.sort_pairs``, int32 outputs):
+    the sort, search and scatter below cost ~280 us at 2048 tokens on an H100 (``gpu_moe_paths --breakdown``).
     """
+    if _triton_glue(topk_ids):
+        from mixtral.kernels.triton.moe_align import sort_pairs as sort_pairs_triton
+
+        return sort_pairs_triton(topk_ids, e_local, expert_start)
     flat = topk_ids.reshape(-1) - expert_start  # [P] local expert of each pair
     key = torch.where((flat >= 0) & (flat < e_local), flat, e_local).to(torch.int32)  # [P] others sort last
     sorted_key, order = torch.sort(key, stable=True)  # [P], [P]

@@ -107,3 +107,62 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_sta
         BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk,
     )
     return sorted_ids, expert_ids, num_post_pad
+
+
+@triton.jit
+def _sort_pairs_kernel(
+    topk_ids_ptr, order_ptr, row_of_pair_ptr, offs_ptr, num_pairs, expert_start, num_experts,
+    E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+):
+    # Buckets 0..E_local-1 are the local experts; bucket E_local collects other ranks' pairs (sorted last).
+    buckets = tl.arange(0, E_PAD)  # [E_PAD]
+
+    # Pass 1: pairs per bucket.
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)  # [CHUNK]
+        valid = offs < num_pairs
+        ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0).to(tl.int32) - expert_start
+        key = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        onehot = ((key[:, None] == buckets[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, E_PAD]
+        counts += tl.sum(onehot, axis=0)
+    ends = tl.cumsum(counts, axis=0)  # [E_PAD] exclusive end row of each bucket
+    starts = ends - counts
+    tl.store(offs_ptr + buckets, ends, mask=buckets < num_experts)
+
+    # Pass 2: each pair goes to start[bucket] + (pairs of its bucket before it): a stable counting sort.
+    seen = tl.zeros([E_PAD], dtype=tl.int32)
+    for start in range(0, num_pairs, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < num_pairs
+        ids = tl.load(topk_ids_ptr + offs, mask=valid, other=0).to(tl.int32) - expert_start
+        key = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
+        onehot = ((key[:, None] == buckets[None, :]) & valid[:, None]).to(tl.int32)  # [CHUNK, E_PAD]
+        rank = tl.cumsum(onehot, axis=0) - onehot  # [CHUNK, E_PAD] earlier pairs of the same bucket in chunk
+        dest = tl.sum(onehot * ((starts + seen)[None, :] + rank), axis=1)  # [CHUNK]
+        tl.store(order_ptr + dest, offs, mask=valid)
+        tl.store(row_of_pair_ptr + offs, dest, mask=valid)
+        seen += tl.sum(onehot, axis=0)
+
+
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [N, k] global ids -> (order [P], row_of_pair [P], offs [E_local]) int32, P = N * k, unpadded:
+    the layout of ``grouped_mm_moe.sort_pairs`` (which documents it) from one Triton program, no padding.
+
+    Stable like that sort, so both give identical outputs; one launch instead of a sort, a search and a
+    scatter (those cost ~280 us at 2048 tokens on an H100, against a ~2.5 ms MoE).
+    """
+    if topk_ids.dim() != 2:
+        raise ValueError(f"topk_ids must be [N, k], got shape {tuple(topk_ids.shape)}")
+    ids = topk_ids.contiguous()
+    num_pairs = ids.numel()
+    order = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
+    row_of_pair = torch.empty(num_pairs, dtype=torch.int32, device=ids.device)
+    offs = torch.empty(num_experts, dtype=torch.int32, device=ids.device)
+    chunk = min(1024, triton.next_power_of_2(max(num_pairs, 16)))
+    _sort_pairs_kernel[(1,)](
+        ids, order, row_of_pair, offs, num_pairs, expert_start, num_experts,
+        E_PAD=triton.next_power_of_2(num_experts + 1), CHUNK=chunk,
+    )
+    return order, row_of_pair, offs
