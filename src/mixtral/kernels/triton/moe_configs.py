@@ -22,13 +22,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs."""
+    """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs;
+    ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop."""
 
     block_n: int
     block_k: int
     num_warps: int = 4
     num_stages: int = 3
     split_k: int = 1
+    warp_specialize: bool = False
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 def _sorted_w13_kernel(
     a, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile of expert e.
 
@@ -80,7 +80,7 @@ def _sorted_w13_kernel(
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
+    for k0 in tl.range(0, D, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             x_t = a.load([row0, k0])  # [BM, BK]; rows past P read as zeros
             wg = w.load([gate_row, k0])  # [BN, BK]
@@ -101,7 +101,7 @@ def _sorted_w13_kernel(
 def _sorted_w2_kernel(
     a, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
     """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M, BLOCK_N] tile of expert e; ``a`` is act [P, F], ``w``
     the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
@@ -114,7 +114,7 @@ def _sorted_w2_kernel(
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, F, BLOCK_K):
+    for k0 in tl.range(0, F, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             a_t = a.load([row0, k0])  # [BM, BK]
             w_t = w.load([w_row, k0])  # [BN, BK]
@@ -184,7 +184,7 @@ def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: tor
         _operand(xs, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         act, offs, p, f, d, xs.stride(0), w_rows.stride(0), act.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -200,7 +200,7 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.
         _operand(act, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         y, offs, p, f, d, act.stride(0), w_rows.stride(0), y.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 

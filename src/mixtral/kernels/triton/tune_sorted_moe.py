@@ -27,11 +27,13 @@ from mixtral.model.args import PRESETS
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
-# (block_n, block_k, num_warps, num_stages)
+# (block_n, block_k, num_warps, num_stages[, split_k, warp_specialize]); split-K is never used here
 W13_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2),
-             (256, 64, 8, 3), (64, 64, 8, 5)]
+             (256, 64, 8, 3), (64, 64, 8, 5), (128, 64, 8, 3, 1, True), (128, 64, 8, 4, 1, True),
+             (256, 64, 8, 3, 1, True)]
 W2_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
-            (64, 64, 4, 4), (128, 64, 4, 4)]
+            (64, 64, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3, 1, True), (256, 64, 8, 4, 1, True),
+            (128, 64, 8, 4, 1, True)]
 SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 
 
