@@ -1,0 +1,105 @@
+"""Where a 2048-token prefill's time goes on the GPU, and the prefill MoE paths compared in one process.
+
+Builds the engine as ``mixtral bench gpu`` does (random weights, ``--layers`` of the preset), then:
+1. times whole prefills (one prompt, max_tokens 1: one engine step plus the sampled token), alternating the
+   prefill paths named by ``--paths`` (``MIXTRAL_MOE_PREFILL`` is read per call) so that clock and power drift
+   hit every path alike; prints each run and each path's median in TFLOP/s and % of the bf16 datasheet peak;
+2. profiles one prefill with the first path: GPU time per kernel (summed over layers), the sum of all kernels
+   against the wall time (the difference is host time the GPU waited for).
+
+    PYTHONPATH=src python3 scripts/gpu_prefill_breakdown.py --layers 16 --paths sorted,grouped_mm --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from mixtral.bench import roofline
+from mixtral.engine.llm_engine import LLMEngine
+from mixtral.model.args import PRESETS
+from mixtral.sampling import SamplingParams
+
+
+def prefill_once(engine: LLMEngine, length: int, vocab: int, seed: int) -> float:
+    """Seconds of one fresh prompt's prefill (prefix caching is off, every prompt differs)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(100, vocab - 1, (length,), generator=gen).tolist()
+    engine.add_request(f"p{seed}", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
+    ap.add_argument("--layers", type=int, default=16, help="decoder layers kept (16 of 8x7B's 32 fit an H100)")
+    ap.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    ap.add_argument("--paths", default="sorted,grouped_mm", help="MIXTRAL_MOE_PREFILL values to alternate")
+    ap.add_argument("--rounds", type=int, default=5, help="timed prefills per path")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args()
+    name = f"{args.model}-{args.layers}l"
+    PRESETS[name] = PRESETS[args.model].replace(n_layers=args.layers)
+    engine = LLMEngine.from_config(name, device="cuda", dtype="bf16", max_model_len=args.length + 64,
+                                   max_num_seqs=8, max_num_batched_tokens=args.length,
+                                   enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    margs = engine.model_args
+    flops = roofline.prefill_flops(margs, args.length)
+    peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(torch.device("cuda"))
+    paths = [p for p in args.paths.split(",") if p]
+    times: dict[str, list[float]] = {p: [] for p in paths}
+    seed = 0
+    for p in paths:  # warm-up: compiles every path's kernels
+        os.environ["MIXTRAL_MOE_PREFILL"] = p
+        prefill_once(engine, args.length, margs.vocab_size, seed := seed + 1)
+    for r in range(args.rounds):
+        for p in paths if r % 2 == 0 else paths[::-1]:
+            os.environ["MIXTRAL_MOE_PREFILL"] = p
+            t = prefill_once(engine, args.length, margs.vocab_size, seed := seed + 1)
+            times[p].append(t)
+            print(f"round {r} {p:12s} {t * 1e3:7.2f} ms  {flops / t / 1e12:5.0f} TFLOP/s  {flops / t / peak:5.1%}",
+                  flush=True)
+    summary = {}
+    for p, ts in times.items():
+        med = statistics.median(ts)
+        summary[p] = {"median_ms": med * 1e3, "best_ms": min(ts) * 1e3, "TFLOPs_median": flops / med / 1e12,
+                      "fraction_of_peak_median": flops / med / peak, "fraction_of_peak_best": flops / min(ts) / peak}
+        print(f"{p:12s} median {med * 1e3:7.2f} ms = {flops / med / 1e12:5.0f} TFLOP/s ({flops / med / peak:.1%}), "
+              f"best {flops / min(ts) / peak:.1%}")
+
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ["MIXTRAL_MOE_PREFILL"] = paths[0]
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = prefill_once(engine, args.length, margs.vocab_size, seed + 1)
+    kernels: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            kernels.setdefault(ev.name, []).append(ev.device_time)  # us
+    total = sum(sum(v) for v in kernels.values())
+    rows = sorted(((sum(v), len(v), k) for k, v in kernels.items()), reverse=True)
+    print(f"\nprofiled prefill ({paths[0]}): wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
+          f"({total / 1e3 / (wall * 1e3):.1%} of wall)")
+    for us, count, k in rows[:25]:
+        print(f"{us / 1e3:8.3f} ms {us / total:6.1%} x{count:4d}  {k[:110]}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "model": name, "length": args.length,
+                       "flops": flops, "peak_TFLOPs": peak / 1e12, "summary": summary,
+                       "runs_ms": {p: [t * 1e3 for t in ts] for p, ts in times.items()},
+                       "profile_wall_ms": wall * 1e3, "profile_kernels_ms": total / 1e3,
+                       "kernels": [{"name": k, "ms": us / 1e3, "count": c} for us, c, k in rows[:40]]}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
