@@ -13,6 +13,7 @@ Builds the engine as ``mixtral bench gpu`` does (random weights, ``--layers`` of
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -83,15 +84,37 @@ def main() -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = prefill_once(engine, args.length, margs.vocab_size, seed + 1)
     kernels: dict[str, list[float]] = {}
+    spans: list[tuple[float, float, str]] = []  # (start us, end us, name) of every GPU activity
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             kernels.setdefault(ev.name, []).append(ev.device_time)  # us
+            spans.append((ev.time_range.start, ev.time_range.end, ev.name))
     total = sum(sum(v) for v in kernels.values())
     rows = sorted(((sum(v), len(v), k) for k, v in kernels.items()), reverse=True)
     print(f"\nprofiled prefill ({paths[0]}): wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
           f"({total / 1e3 / (wall * 1e3):.1%} of wall)")
     for us, count, k in rows[:25]:
         print(f"{us / 1e3:8.3f} ms {us / total:6.1%} x{count:4d}  {k[:110]}")
+    # Idle stretches of the GPU between its first and last kernel: where it waited for the host.
+    spans.sort()
+    gaps = [(b[0] - a[1], a[2], b[2]) for a, b in itertools.pairwise(spans) if b[0] > a[1]]
+    idle = sum(g for g, _, _ in gaps)
+    print(f"GPU busy span {(spans[-1][1] - spans[0][0]) / 1e3:.2f} ms, idle inside it {idle / 1e3:.2f} ms; "
+          f"largest gaps:")
+    for g, before, after in sorted(gaps, reverse=True)[:12]:
+        print(f"  {g:8.1f} us after {before[:50]} before {after[:50]}")
+
+    import cProfile
+    import io
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    prefill_once(engine, args.length, margs.vocab_size, seed + 2)
+    pr.disable()
+    out = io.StringIO()
+    pstats.Stats(pr, stream=out).sort_stats("tottime").print_stats(18)
+    print(out.getvalue()[-6000:])
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "model": name, "length": args.length,
