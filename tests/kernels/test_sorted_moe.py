@@ -134,3 +134,21 @@ def test_triton_sort_pairs_equals_the_torch_sort(n: int, e_local: int, k: int, e
     got = sort_pairs_triton(ids, e_local, expert_start)
     for name, w, g in zip(("order", "row_of_pair", "offs"), want, got, strict=True):
         assert g.dtype == torch.int32 and torch.equal(g.long(), w.long()), name
+
+
+def test_small_tiles_take_short_remainders() -> None:
+    """With 32-row tiles and small_m 16: a group of 40 rows is one 32-row tile and one 16-row tile (remainder
+    8), a group of 60 two 32-row tiles (remainder 28 > 16 stays a big tile), a group of 32 one tile, and an
+    empty group none; every row is computed exactly once either way."""
+    counts = [40, 60, 32, 0]
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(132)].view(66, 2)
+    x, w13, w2, weights, _ = _problem(66, 4, 32, 64, 2, seed=7)
+    ref = moe_reference(x, w13, w2, weights, ids)
+    for small_m in (0, 16):
+        cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2), small_m)
+        for use_tma in (True, False):
+            got = sm.sorted_moe(x, w13, w2, weights, ids, config=cfg, use_tma=use_tma)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    bad = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2), 32)
+    with pytest.raises(ValueError, match="small_m=32 must be a power of two from 16 to below block_m=32"):
+        sm.sorted_moe(x, w13, w2, weights, ids, config=bad)

@@ -35,18 +35,21 @@ class GemmConfig:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Rows per block (both GEMMs) and each GEMM's own tiles."""
+    """Rows per block (both GEMMs) and each GEMM's own tiles; ``small_m`` > 0 (prefill path only) gives each
+    expert's last partial block of at most that many rows a smaller tile of its own (``sorted_moe.py``)."""
 
     block_m: int
     w13: GemmConfig
     w2: GemmConfig
+    small_m: int = 0
 
     def to_dict(self) -> dict[str, object]:
-        return {"block_m": self.block_m, "w13": asdict(self.w13), "w2": asdict(self.w2)}
+        return {"block_m": self.block_m, "w13": asdict(self.w13), "w2": asdict(self.w2), "small_m": self.small_m}
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> MoEConfig:
-        return cls(int(d["block_m"]), GemmConfig(**d["w13"]), GemmConfig(**d["w2"]))  # type: ignore[arg-type]
+        return cls(int(d["block_m"]), GemmConfig(**d["w13"]), GemmConfig(**d["w2"]),  # type: ignore[arg-type]
+                   int(d.get("small_m", 0)))  # type: ignore[call-overload]
 
 
 def device_key(name: str) -> str:

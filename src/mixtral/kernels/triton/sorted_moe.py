@@ -33,10 +33,15 @@ from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 
 
 @triton.jit
-def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr):
+def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, ROLE: tl.constexpr,
+             BIG_M: tl.constexpr, SMALL_M: tl.constexpr):
     """pid -> (expert, first row, group end row, column tile); expert == E when pid is past the last tile.
 
-    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor."""
+    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor. ROLE 0: every
+    row of a group in BLOCK_M tiles. ROLE 1 (BLOCK_M == BIG_M): the same, except a last partial tile of
+    at most SMALL_M rows, which ROLE 2 (BLOCK_M == SMALL_M) takes in one small tile: a group of 530 rows
+    is four 128-row tiles and one 64-row tile instead of five 128-row tiles (a 128-row tile of 18 rows
+    costs as much as a full one)."""
     expert = pid * 0 + E
     row0 = pid * 0
     row_end = pid * 0
@@ -45,13 +50,23 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
     seen = pid * 0  # programs owned by experts before e
     for e in tl.static_range(E):
         end = tl.load(offs_ptr + e)
-        m_tiles = tl.cdiv(end - start, BLOCK_M)
+        count = end - start
+        if ROLE == 0:
+            m_tiles = tl.cdiv(count, BLOCK_M)
+            first = start
+        elif ROLE == 1:
+            m_tiles = count // BIG_M + ((count % BIG_M) > SMALL_M).to(tl.int32)
+            first = start
+        else:
+            rem = count % BIG_M
+            m_tiles = ((rem > 0) & (rem <= SMALL_M)).to(tl.int32)
+            first = start + count - rem
         size = m_tiles * N_TILES
         local = pid - seen
         hit = (local >= 0) & (local < size)
         m_safe = tl.maximum(m_tiles, 1)
         expert = tl.where(hit, e, expert)
-        row0 = tl.where(hit, start + (local % m_safe) * BLOCK_M, row0)
+        row0 = tl.where(hit, first + (local % m_safe) * BLOCK_M, row0)
         n_tile = tl.where(hit, local // m_safe, n_tile)
         row_end = tl.where(hit, end, row_end)
         seen += size
@@ -63,13 +78,14 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 def _sorted_w13_kernel(
     a, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ROLE: tl.constexpr,
+    BIG_M: tl.constexpr, SMALL_M: tl.constexpr,
 ):
     """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile of expert e.
 
     ``a`` is xs [P, D] and ``w`` the weights as [E * 2F, D] rows: TMA descriptors, or plain pointers with
     their row strides when USE_TMA is off."""
-    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M)
+    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, ROLE, BIG_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
@@ -101,11 +117,12 @@ def _sorted_w13_kernel(
 def _sorted_w2_kernel(
     a, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ROLE: tl.constexpr,
+    BIG_M: tl.constexpr, SMALL_M: tl.constexpr,
 ):
     """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M, BLOCK_N] tile of expert e; ``a`` is act [P, F], ``w``
     the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
-    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M)
+    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, ROLE, BIG_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
@@ -140,6 +157,8 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
                              ("F", f, cfg.w2.block_k)):
         if size % tile:
             return f"{what}={size} is not a multiple of the tile {tile}"
+    if cfg.small_m and (cfg.small_m >= cfg.block_m or cfg.small_m < 16 or cfg.small_m & (cfg.small_m - 1)):
+        return f"small_m={cfg.small_m} must be a power of two from 16 to below block_m={cfg.block_m}"
     if not (w13.is_contiguous() and w2.is_contiguous()):
         return "w13 and w2 must be contiguous (they are read as [E * rows, K] matrices)"
     if (d * x.element_size()) % 16 or (f * x.element_size()) % 16:
@@ -171,37 +190,42 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
     return TensorDescriptor.from_tensor(t, block)
 
 
+def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
+            f: int, d: int, n_tiles: int, e_local: int, block_m: int, small_m: int, cfg: GemmConfig,
+            use_tma: bool) -> None:
+    """One launch of ``block_m`` tiles over every row, or (``small_m`` > 0) one of ``block_m`` tiles that
+    leaves each group's last partial tile of at most ``small_m`` rows to a second launch of ``small_m``
+    tiles (at most one per expert and column tile). Grids are upper bounds from host ints."""
+    p = a.shape[0]
+    if small_m:
+        launches = [(1, block_m, triton.cdiv(p, block_m) + e_local), (2, small_m, e_local)]
+    else:
+        launches = [(0, block_m, triton.cdiv(p, block_m) + e_local)]  # every group may end in a partial tile
+    for role, rows, m_tiles in launches:
+        kernel[(m_tiles * n_tiles,)](
+            _operand(a, [rows, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+            out, offs, p, f, d, a.stride(0), w_rows.stride(0), out.stride(0),
+            E=e_local, N_TILES=n_tiles, BLOCK_M=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
+            WARP_SPECIALIZE=cfg.warp_specialize, ROLE=role, BIG_M=block_m, SMALL_M=small_m or block_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+
+
 def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: torch.Tensor, block_m: int,
-               cfg: GemmConfig, use_tma: bool) -> None:
+               cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
     """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
-    p, d = xs.shape
-    e_local, two_f, _ = w13.shape
+    e_local, two_f, d = w13.shape
     f = two_f // 2
-    w_rows = w13.view(e_local * two_f, d)  # [E * 2F, D]
-    n_tiles = f // cfg.block_n
-    grid = ((triton.cdiv(p, block_m) + e_local) * n_tiles,)  # every group may end in a partial row tile
-    _sorted_w13_kernel[grid](
-        _operand(xs, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
-        act, offs, p, f, d, xs.stride(0), w_rows.stride(0), act.stride(0),
-        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    _launch(_sorted_w13_kernel, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, e_local,
+            block_m, small_m, cfg, use_tma)
 
 
 def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, block_m: int,
-              cfg: GemmConfig, use_tma: bool) -> None:
+              cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
     """y [P, D] = act w2^T per row, each row against its group's expert."""
-    p, f = act.shape
-    e_local, d, _ = w2.shape
-    w_rows = w2.view(e_local * d, f)  # [E * D, F]
-    n_tiles = d // cfg.block_n
-    grid = ((triton.cdiv(p, block_m) + e_local) * n_tiles,)
-    _sorted_w2_kernel[grid](
-        _operand(act, [block_m, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
-        y, offs, p, f, d, act.stride(0), w_rows.stride(0), y.stride(0),
-        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    e_local, d, f = w2.shape
+    _launch(_sorted_w2_kernel, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, e_local, block_m,
+            small_m, cfg, use_tma)
 
 
 def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -233,7 +257,7 @@ def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     num_local = offs[-1:]  # [1] rows from here on are other ranks' pairs: never multiplied
     xs = x.index_select(0, order // k)  # [P, D] row r = token of sorted pair r
     act = torch.empty(xs.shape[0], f, dtype=x.dtype, device=x.device)  # [P, F]
-    invoke_w13(xs, w13, act, offs, config.block_m, config.w13, use_tma)
+    invoke_w13(xs, w13, act, offs, config.block_m, config.w13, use_tma, config.small_m)
     y = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)  # [P, D] rows in sorted order
-    invoke_w2(act, w2, y, offs, config.block_m, config.w2, use_tma)
+    invoke_w2(act, w2, y, offs, config.block_m, config.w2, use_tma, config.small_m)
     return combine(y, row_of_pair, topk_weights, num_local)  # [N, D]

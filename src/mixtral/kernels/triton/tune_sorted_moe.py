@@ -4,7 +4,8 @@
 
 For each token count M it sorts one uniform random routing, then for each ``block_m`` times every candidate
 tile of the w13 GEMM (SiLU·mul fused) and of the w2 GEMM on their own (``triton.testing.do_bench``, median),
-and keeps the ``block_m`` whose two best GEMMs sum lowest. Tiles that need more shared memory than a Hopper
+and keeps the ``block_m`` whose two best GEMMs sum lowest; then tries giving each expert's short last
+block a tile of its own (``small_m`` 32 or 64 rows). Tiles that need more shared memory than a Hopper
 block has are not tried; one the compiler rejects is skipped. Prints each GEMM's TFLOP/s (6 * D * F FLOPs
 per (token, expert) pair for both) and, for the winner, the same tiles without TMA. Needs a CUDA GPU.
 """
@@ -78,9 +79,16 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
         total, cfg = min(options, key=lambda o: o[0])
         if total == float("inf"):
             continue
+        for small_m in (s for s in (32, 64) if s < cfg.block_m):  # each group's short last tile on its own
+            alt = MoEConfig(cfg.block_m, cfg.w13, cfg.w2, small_m)
+            t = (_bench(functools.partial(invoke_w13, xs, w13, act, offs, alt.block_m, alt.w13, True, small_m))
+                 + _bench(functools.partial(invoke_w2, act, w2, y, offs, alt.block_m, alt.w2, True, small_m)))
+            print(f"  M={m:5d} small_m={small_m}: {t * 1e3:8.1f} us (against {total * 1e3:8.1f})")
+            if t < total:
+                total, cfg = t, alt
         best[m], times[m] = cfg, total * 1e3
-        no_tma = (_bench(functools.partial(invoke_w13, xs, w13, act, offs, cfg.block_m, cfg.w13, False))
-                  + _bench(functools.partial(invoke_w2, act, w2, y, offs, cfg.block_m, cfg.w2, False)))
+        no_tma = (_bench(functools.partial(invoke_w13, xs, w13, act, offs, cfg.block_m, cfg.w13, False, cfg.small_m))
+                  + _bench(functools.partial(invoke_w2, act, w2, y, offs, cfg.block_m, cfg.w2, False, cfg.small_m)))
         print(f"  M={m:5d} best {total * 1e3:8.1f} us = {(flops13 + flops2) / total / 1e9:5.0f} TFLOP/s for the two "
               f"GEMMs; same tiles without TMA {no_tma * 1e3:8.1f} us")
     return best, times
