@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mixtral.kernels import ops
 from mixtral.kernels.triton.paged_attention import paged_attention
 
 
@@ -48,6 +49,8 @@ def measure(n: int, h: int, kv: int, hd: int, bs: int) -> list[dict[str, object]
         "sdpa_flash": lambda: sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": lambda: sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa_efficient": lambda: sdpa(SDPBackend.EFFICIENT_ATTENTION),
+        # What the engine runs for a step of fresh prompts (cuDNN first, written back to [N, H, hd]).
+        "ops_dense": lambda: ops.dense_prefill_attention(q, k, v, [n]),
     }
     rows: list[dict[str, object]] = []
     for name, fn in variants.items():
@@ -60,6 +63,24 @@ def measure(n: int, h: int, kv: int, hd: int, bs: int) -> list[dict[str, object]
             row = {"tokens": n, "variant": name, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         rows.append(row)
         print(row, flush=True)
+    # Two fresh prompts in one step: the dense path against the paged kernel on the same cache.
+    lens = [n // 2 + n // 8, n - n // 2 - n // 8]
+    qsl2 = torch.tensor([0, lens[0], n], device=dev, dtype=torch.int32)
+    nb0 = triton.cdiv(lens[0], bs)
+    tables2 = torch.zeros(2, nb, device=dev, dtype=torch.int32)
+    k2, v2 = k_cache.new_zeros(2 * nb * bs, kv, hd), v_cache.new_zeros(2 * nb * bs, kv, hd)
+    k2[:lens[0]], v2[:lens[0]] = k[:lens[0]], v[:lens[0]]
+    k2[nb0 * bs:nb0 * bs + lens[1]], v2[nb0 * bs:nb0 * bs + lens[1]] = k[lens[0]:], v[lens[0]:]
+    tables2[0, :nb0] = torch.arange(nb0, device=dev)
+    tables2[1, :nb] = torch.arange(nb0, nb0 + nb, device=dev)
+    paged = paged_attention(q, k2.view(-1, bs, kv, hd), v2.view(-1, bs, kv, hd), tables2,
+                            torch.tensor(lens, device=dev, dtype=torch.int32), qsl2, max_query_len=max(lens),
+                            max_context_len=max(lens))
+    dense = ops.dense_prefill_attention(q, k, v, lens)
+    row = {"tokens": n, "variant": "two_prompts_dense_vs_paged", "lens": lens,
+           "max_diff": None if dense is None else (dense.float() - paged.float()).abs().max().item()}
+    rows.append(row)
+    print(row, flush=True)
     return rows
 
 

@@ -22,7 +22,8 @@ class PagedAttentionContext:
     def __init__(self, *, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                  max_context_len: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                 sliding_window: int | None = None, expert_counts: torch.Tensor | None = None) -> None:
+                 sliding_window: int | None = None, expert_counts: torch.Tensor | None = None,
+                 fresh_prompt_lens: list[int] | None = None) -> None:
         self.positions = positions  # [N] int64
         self.slot_mapping = slot_mapping  # [N] int64, -1 = do not store (padding)
         self.block_tables = block_tables  # [S, max_blocks] int32
@@ -34,11 +35,18 @@ class PagedAttentionContext:
         self.kv_caches = kv_caches  # per layer (k_cache, v_cache), each [num_blocks, block_size, KV, hd]
         self.sliding_window = sliding_window
         self.expert_counts = expert_counts  # [L, E] int64 or None
+        # Host ints, set when no sequence of the step has tokens cached before this step's: each attends over
+        # its new tokens only, which a dense causal kernel can do without the block tables.
+        self.fresh_prompt_lens = fresh_prompt_lens
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, hd], k/v [N, KV, hd] -> [N, H, hd]."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        if self.fresh_prompt_lens is not None:
+            out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window)
+            if out is not None:
+                return out
         return ops.paged_attention(
             q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start_loc,
             max_query_len=self.max_query_len, max_context_len=self.max_context_len,

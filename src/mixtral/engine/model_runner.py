@@ -204,6 +204,8 @@ class ModelRunner:
             kv_caches=self.kv_caches,
             sliding_window=self.args.sliding_window,
             expert_counts=self.expert_counts_buf,
+            fresh_prompt_lens=([s.num_new_tokens for s in scheduled]
+                               if all(s.start == 0 for s in scheduled) else None),
         )
         return ctx, input_ids, [q - 1 for q in qsl[1:]]
 
