@@ -103,6 +103,32 @@ def main() -> None:
           f"largest gaps:")
     for g, before, after in sorted(gaps, reverse=True)[:12]:
         print(f"  {g:8.1f} us after {before[:50]} before {after[:50]}")
+    # Where in the step the GPU waited: idle time per tenth of the busy span (the first tenth holds layer 0).
+    t0, span = spans[0][0], spans[-1][1] - spans[0][0]
+    tenths = [0.0] * 10
+    for a, b in itertools.pairwise(spans):
+        if b[0] > a[1]:
+            tenths[min(9, int((a[1] - t0) / span * 10))] += b[0] - a[1]
+    print("idle us per tenth of the span: " + " ".join(f"{t:.0f}" for t in tenths))
+
+    # Host syncs inside a prefill: PyTorch warns at each synchronizing call while the debug mode is on.
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            prefill_once(engine, args.length, margs.vocab_size, seed + 3)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{w.filename}:{w.lineno}"
+            syncs[where] = syncs.get(where, 0) + 1
+    print(f"synchronizing calls in one prefill: {sum(syncs.values())}")
+    for where, count in sorted(syncs.items(), key=lambda kv: -kv[1])[:12]:
+        print(f"  x{count:4d} {where}")
 
     import cProfile
     import io
