@@ -18,6 +18,7 @@ import json
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 
@@ -110,6 +111,28 @@ def main() -> None:
         if b[0] > a[1]:
             tenths[min(9, int((a[1] - t0) / span * 10))] += b[0] - a[1]
     print("idle us per tenth of the span: " + " ".join(f"{t:.0f}" for t in tenths))
+
+    # Host time to launch the forward pass (no sync inside it) against the step's wall time: when the
+    # launches take nearly as long as the kernels, the GPU waits for the host.
+    runner = engine.model_runner
+    host: dict[str, float] = {}
+
+    def clocked(name: str, fn: Any) -> Any:
+        def wrapper(*a: Any, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                host[name] = host.get(name, 0.0) + time.perf_counter() - t
+        return wrapper
+
+    saved = runner._prepare, runner.model.forward_tokens
+    runner._prepare = clocked("prepare", runner._prepare)
+    runner.model.forward_tokens = clocked("forward launch", runner.model.forward_tokens)
+    wall2 = prefill_once(engine, args.length, margs.vocab_size, seed + 4)
+    runner._prepare, runner.model.forward_tokens = saved
+    print(f"host: prepare {host['prepare'] * 1e3:.2f} ms, forward launch {host['forward launch'] * 1e3:.2f} ms, "
+          f"wall {wall2 * 1e3:.2f} ms")
 
     # Host syncs inside a prefill: PyTorch warns at each synchronizing call while the debug mode is on.
     import warnings
