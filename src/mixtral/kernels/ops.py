@@ -67,10 +67,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 # From this many new tokens in every sequence, a step of fresh prompts (nothing cached before them) takes its
-# attention from PyTorch's SDPA with cuDNN first: on an H100 at 2048 tokens, 32/8 heads, head_dim 128, cuDNN
-# ran 85 us (405 TFLOP/s) against the paged Triton kernel's 154 and FlashAttention-2's 163; at 512 tokens the
-# Triton kernel led, 26 us against 48 (scripts/gpu_prefill_attention.py).
-DENSE_PREFILL_MIN_TOKENS = 1024
+# attention from PyTorch's SDPA with cuDNN first. The kernel alone is faster from ~1024 tokens (H100, 32/8
+# heads, head_dim 128: 85 us against the paged Triton kernel's 154 at 2048 tokens, 0.94 ms against 1.67 at
+# 8192; Triton led at 512, scripts/gpu_prefill_attention.py), but each call also costs ~1 ms of host time,
+# which a lone 2048-token prefill cannot hide (its whole forward pass launched in 34 ms instead of 17, and
+# the step got slower; scripts/gpu_prefill_breakdown.py). Longer prompts give the GPU enough work per layer.
+DENSE_PREFILL_MIN_TOKENS = 4096
 
 
 def dense_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],

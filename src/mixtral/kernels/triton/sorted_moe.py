@@ -13,7 +13,8 @@ anything is written (one [P, F] store instead of a [P, 2F] store and a second pa
 from a table tuned per device (``tune_sorted_moe.py``).
 
 Tiles: an expert's rows start anywhere (groups are not padded), so a program's ``BLOCK_M`` rows may run past
-its group into the next expert's rows; those are multiplied (TMA loads whole tiles) but never stored. The
+its group into the next expert's rows; those are multiplied (TMA loads whole tiles) but never stored. A
+group's last block of at most ``small_m`` rows (config) is multiplied as a ``small_m``-row tile instead. The
 program order is expert-major, then output-column tile, then row tile: the few row tiles of one expert that
 share a weight tile run side by side, so each weight tile is read from HBM once and then from L2. The launch
 grid is an upper bound from host ints (every expert may add one partial tile), programs past the real tile
@@ -33,72 +34,55 @@ from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 
 
 @triton.jit
-def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, ROLE: tl.constexpr,
-             BIG_M: tl.constexpr, SMALL_M: tl.constexpr):
-    """pid -> (expert, first row, group end row, column tile); expert == E when pid is past the last tile.
+def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr):
+    """pid -> (expert, first row, group end row, column tile, small); expert == E past the last tile.
 
-    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor. ROLE 0: every
-    row of a group in BLOCK_M tiles. ROLE 1 (BLOCK_M == BIG_M): the same, except a last partial tile of
-    at most SMALL_M rows, which ROLE 2 (BLOCK_M == SMALL_M) takes in one small tile: a group of 530 rows
-    is four 128-row tiles and one 64-row tile instead of five 128-row tiles (a 128-row tile of 18 rows
-    costs as much as a full one)."""
+    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor. Each group's rows
+    are cut into BLOCK_M tiles; ``small`` marks a last partial tile of at most SMALL_M rows (SMALL_M <
+    BLOCK_M), which the kernels multiply as a SMALL_M-row tile: a group of 530 rows costs four 128-row
+    tiles and one 64-row tile instead of five 128-row tiles. It stays in the same launch, next to the big
+    tiles that read the same weight tile, so the weights are still read from HBM once."""
     expert = pid * 0 + E
     row0 = pid * 0
     row_end = pid * 0
     n_tile = pid * 0
+    small = pid * 0
     start = pid * 0  # first row of expert e's group
     seen = pid * 0  # programs owned by experts before e
     for e in tl.static_range(E):
         end = tl.load(offs_ptr + e)
         count = end - start
-        if ROLE == 0:
-            m_tiles = tl.cdiv(count, BLOCK_M)
-            first = start
-        elif ROLE == 1:
-            m_tiles = count // BIG_M + ((count % BIG_M) > SMALL_M).to(tl.int32)
-            first = start
-        else:
-            rem = count % BIG_M
-            m_tiles = ((rem > 0) & (rem <= SMALL_M)).to(tl.int32)
-            first = start + count - rem
+        m_tiles = tl.cdiv(count, BLOCK_M)
+        rem = count % BLOCK_M
         size = m_tiles * N_TILES
         local = pid - seen
         hit = (local >= 0) & (local < size)
         m_safe = tl.maximum(m_tiles, 1)
+        m_idx = local % m_safe
         expert = tl.where(hit, e, expert)
-        row0 = tl.where(hit, first + (local % m_safe) * BLOCK_M, row0)
+        row0 = tl.where(hit, start + m_idx * BLOCK_M, row0)
         n_tile = tl.where(hit, local // m_safe, n_tile)
         row_end = tl.where(hit, end, row_end)
+        is_small = (m_idx == m_tiles - 1) & (rem > 0) & (rem <= SMALL_M)
+        small = tl.where(hit, is_small.to(tl.int32), small)
         seen += size
         start = end
-    return expert, row0, row_end, n_tile
+    return expert, row0, row_end, n_tile, small
 
 
 @triton.jit
-def _sorted_w13_kernel(
-    a, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
-    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ROLE: tl.constexpr,
-    BIG_M: tl.constexpr, SMALL_M: tl.constexpr,
-):
-    """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile of expert e.
-
-    ``a`` is xs [P, D] and ``w`` the weights as [E * 2F, D] rows: TMA descriptors, or plain pointers with
-    their row strides when USE_TMA is off."""
-    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, ROLE, BIG_M, SMALL_M)
-    if expert >= E:
-        return
-    n0 = n_tile * BLOCK_N
-    gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
-    up_row = gate_row + F  # the w3 rows follow the F rows of w1
-    rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
+def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
+              WARP_SPECIALIZE: tl.constexpr):
+    """act[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = silu(gate) * up, summed over D in fp32."""
+    rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, D, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
-            x_t = a.load([row0, k0])  # [BM, BK]; rows past P read as zeros
+            x_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
             wg = w.load([gate_row, k0])  # [BN, BK]
             wu = w.load([up_row, k0])  # [BN, BK]
         else:
@@ -114,26 +98,39 @@ def _sorted_w13_kernel(
 
 
 @triton.jit
-def _sorted_w2_kernel(
-    a, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
-    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, ROLE: tl.constexpr,
-    BIG_M: tl.constexpr, SMALL_M: tl.constexpr,
+def _sorted_w13_kernel(
+    a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
+    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M, BLOCK_N] tile of expert e; ``a`` is act [P, F], ``w``
-    the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
-    expert, row0, row_end, n_tile = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, ROLE, BIG_M, SMALL_M)
+    """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M or SMALL_M, BLOCK_N] tile of
+    expert e. ``a`` / ``a_small`` are xs [P, D] with BLOCK_M / SMALL_M-row blocks and ``w`` the weights as
+    [E * 2F, D] rows: TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
-    w_row = expert * D + n0
-    rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
+    gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
+    up_row = gate_row + F  # the w3 rows follow the F rows of w1
+    if SMALL_M < BLOCK_M and small != 0:
+        _w13_tile(a_small, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
+                  SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+    else:
+        _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
+                  BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+
+
+@triton.jit
+def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, ROWS: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """y[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = act . w2^T, summed over F in fp32."""
+    rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     for k0 in tl.range(0, F, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
-            a_t = a.load([row0, k0])  # [BM, BK]
+            a_t = a.load([row0, k0])  # [ROWS, BK]
             w_t = w.load([w_row, k0])  # [BN, BK]
         else:
             a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
@@ -142,6 +139,27 @@ def _sorted_w2_kernel(
         acc = tl.dot(a_t, w_t.T, acc)
     ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (n0 + cols)[None, :]
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+
+
+@triton.jit
+def _sorted_w2_kernel(
+    a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
+    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e; ``a`` / ``a_small``
+    are act [P, F], ``w`` the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
+    if expert >= E:
+        return
+    n0 = n_tile * BLOCK_N
+    w_row = expert * D + n0
+    if SMALL_M < BLOCK_M and small != 0:
+        _w2_tile(a_small, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, SMALL_M,
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+    else:
+        _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, BLOCK_M,
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -193,22 +211,18 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
 def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
             f: int, d: int, n_tiles: int, e_local: int, block_m: int, small_m: int, cfg: GemmConfig,
             use_tma: bool) -> None:
-    """One launch of ``block_m`` tiles over every row, or (``small_m`` > 0) one of ``block_m`` tiles that
-    leaves each group's last partial tile of at most ``small_m`` rows to a second launch of ``small_m``
-    tiles (at most one per expert and column tile). Grids are upper bounds from host ints."""
-    p = a.shape[0]
-    if small_m:
-        launches = [(1, block_m, triton.cdiv(p, block_m) + e_local), (2, small_m, e_local)]
-    else:
-        launches = [(0, block_m, triton.cdiv(p, block_m) + e_local)]  # every group may end in a partial tile
-    for role, rows, m_tiles in launches:
-        kernel[(m_tiles * n_tiles,)](
-            _operand(a, [rows, cfg.block_k], use_tma), _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
-            out, offs, p, f, d, a.stride(0), w_rows.stride(0), out.stride(0),
-            E=e_local, N_TILES=n_tiles, BLOCK_M=rows, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_TMA=use_tma,
-            WARP_SPECIALIZE=cfg.warp_specialize, ROLE=role, BIG_M=block_m, SMALL_M=small_m or block_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
+    """One launch over every row in ``block_m`` tiles, each group's short last block (at most ``small_m``
+    rows, when ``small_m`` > 0) in a ``small_m`` tile. The grid is an upper bound from host ints: every
+    group may end in a partial tile."""
+    small = small_m or block_m
+    grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
+    kernel[grid](
+        _operand(a, [block_m, cfg.block_k], use_tma), _operand(a, [small, cfg.block_k], use_tma),
+        _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+        out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
+        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
 
 
 def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: torch.Tensor, block_m: int,
