@@ -21,7 +21,8 @@ def test_vectorized_build_equals_the_lists(seed: int, block_size: int, num_seqs:
     for _ in range(num_seqs):
         total = rng.randint(1, 300)
         start = rng.randint(0, total - 1)  # tokens already cached (a prefix hit or earlier chunks)
-        n = rng.randint(1, total - start)
+        # Decode tokens and long prompt chunks mixed in one step: both halves of the vectorized build.
+        n = 1 if rng.random() < 0.4 else rng.randint(1, total - start)
         table = rng.sample(range(2000), -(-total // block_size))
         seq = SimpleNamespace(block_table=table, token_ids=[rng.randint(0, 99) for _ in range(total)])
         scheduled.append(SimpleNamespace(seq=seq, start=start, num_new_tokens=n))

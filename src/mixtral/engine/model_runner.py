@@ -229,22 +229,35 @@ class ModelRunner:
     @staticmethod
     def _step_tokens_vectorized(scheduled: list[ScheduledSequence], want_ids: bool, bs: int
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The same as ``_step_tokens`` with tensor ops per sequence: a 2048-token prompt's per-token Python
-        loop cost ~1-2 ms of host time while the GPU waited for the step's first kernels."""
-        ids: list[torch.Tensor] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
+        """The same as ``_step_tokens``, with tensor ops for each sequence of at least ``_VECTOR_MIN_TOKENS``
+        new tokens: a 2048-token prompt's per-token Python loop cost ~1-2 ms of host time while the GPU
+        waited for the step's first kernels. Runs of shorter sequences (the decode tokens of a mixed step)
+        keep the lists: tensor ops per one-token sequence cost more than the loop."""
+        parts: tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]] = ([], [], [])
+        short: list[ScheduledSequence] = []
+
+        def flush() -> None:
+            if short:
+                for part, t in zip(parts, ModelRunner._step_tokens(short, want_ids, bs), strict=True):
+                    part.append(t)
+                short.clear()
+
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
-            if want_ids:
-                ids.append(torch.tensor(seq.token_ids[start:start + n], dtype=torch.int64))
-            pos = torch.arange(start, start + n, dtype=torch.int64)  # [n]
+            if n < _VECTOR_MIN_TOKENS:
+                short.append(s)
+                continue
+            flush()
             first = start // bs
+            pos = torch.arange(start, start + n, dtype=torch.int64)  # [n]
             table = torch.tensor(seq.block_table[first:(start + n - 1) // bs + 1], dtype=torch.int64)  # blocks hit
-            positions.append(pos)
-            slots.append(table[pos // bs - first] * bs + pos % bs)
-        empty = torch.zeros(0, dtype=torch.int64)
-        return (torch.cat(ids) if ids else empty, torch.cat(positions), torch.cat(slots))
+            ids = seq.token_ids[start:start + n] if want_ids else []
+            parts[0].append(torch.tensor(ids, dtype=torch.int64))
+            parts[1].append(pos)
+            parts[2].append(table[pos // bs - first] * bs + pos % bs)
+        flush()
+        ids_t, positions, slots = (torch.cat(p) for p in parts)
+        return ids_t, positions, slots
 
     def _put(self, name: str, host: torch.Tensor) -> torch.Tensor:
         """Copy a host tensor into the persistent device buffer ``name`` (grown as needed); return the view.
