@@ -88,7 +88,7 @@ def test_engine_passes_fresh_prompt_lengths_only(make_engine: Callable[..., LLME
     layers = engine.model_args.n_layers
     assert seen == [[20, 13]] * layers  # the one prefill step; decode steps offered nothing
     seen.clear()
-    engine.add_request("c", prompt + [7, 8], greedy)  # 20 tokens' blocks are cached: not fresh
+    engine.add_request("c", [*prompt, 7, 8], greedy)  # 20 tokens' blocks are cached: not fresh
     while engine.has_unfinished_requests():
         engine.step()
     assert seen == []
