@@ -114,18 +114,24 @@ def write_configs(path: Path, best: dict[int, MoEConfig], times: dict[int, float
     path.write_text(json.dumps(data, indent=1) + "\n")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+TuneShape = Callable[[int, int, int, int, list[int], torch.dtype, torch.device, float],
+                     tuple[dict[int, MoEConfig], dict[int, float]]]
+
+
+def run_tuner(argv: list[str] | None, doc: str, default_batches: list[int], tune: TuneShape, prefix: str = "",
+              what: str = "") -> int:
+    """The command line shared by this tuner and ``tune_sorted_moe``: per preset shape, ``tune`` the token
+    counts within the time budget and write ``configs/{prefix}E{E}_F{F}_D{D}_{device}.json``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", default=None,
                    help="preset whose MoE shape to tune (repeatable; default mixtral-8x7b and mixtral-8x22b)")
-    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)),
+    p.add_argument("--batch-sizes", default=",".join(map(str, default_batches)),
                    help="comma-separated token counts M to tune")
     p.add_argument("--out-dir", type=Path, default=CONFIG_DIR, help="folder for the JSON files")
     p.add_argument("--merge", action="store_true",
-                   help="keep the existing file's entries for batch sizes not tuned in this run")
+                   help="keep the existing file's entries for token counts not tuned in this run")
     p.add_argument("--time-budget", type=float, default=400.0,
-                   help="seconds for all shapes; past it the remaining batch sizes are left to the nearest M")
+                   help="seconds for all shapes; past it the remaining token counts are left to the nearest M")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         p.error("tuning needs a CUDA GPU")
@@ -138,23 +144,25 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     for i, model in enumerate(models):
         margs = PRESETS[model]
-        # Share the remaining budget among the shapes still to tune.
-        deadline = start + args.time_budget * (i + 1) / len(models)
-        print(f"{name}: tuning {model} (E={margs.num_experts} F={margs.hidden_dim} D={margs.dim})")
-        best, times = tune_shape(margs.num_experts, margs.hidden_dim, margs.dim, margs.num_experts_per_tok,
-                                 batches, torch.bfloat16, device, deadline)
+        deadline = start + args.time_budget * (i + 1) / len(models)  # share the budget among the shapes
+        print(f"{name}: tuning {what}{model} (E={margs.num_experts} F={margs.hidden_dim} D={margs.dim})")
+        best, times = tune(margs.num_experts, margs.hidden_dim, margs.dim, margs.num_experts_per_tok, batches,
+                           torch.bfloat16, device, deadline)
         if not best:
             print(f"  nothing tuned for {model}")
             continue
-        path = config_path(margs.num_experts, margs.hidden_dim, margs.dim, name)
-        out = args.out_dir / path.name
+        out = args.out_dir / config_path(margs.num_experts, margs.hidden_dim, margs.dim, name, prefix).name
         write_configs(out, best, times, {
             "device": name, "model": model, "E": margs.num_experts, "F": margs.hidden_dim, "D": margs.dim,
-            "dtype": "bf16", "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d"),
+            "dtype": "bf16", "path": "sorted_moe" if prefix else "fused_moe", "torch": torch.__version__,
+            "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"),
         }, merge=args.merge)
         print(f"  wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_tuner(argv, __doc__ or "", DEFAULT_BATCHES, tune_shape)
 
 
 if __name__ == "__main__":

@@ -12,19 +12,16 @@ per (token, expert) pair for both) and, for the winner, the same tiles without T
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
-from pathlib import Path
 
 import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
 from mixtral.kernels.reference import route_topk
-from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path
+from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import _bench, write_configs
-from mixtral.model.args import PRESETS
+from mixtral.kernels.triton.tune_moe import _bench, run_tuner
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
@@ -95,44 +92,7 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", action="append", default=None,
-                   help="preset whose MoE shape to tune (repeatable; default mixtral-8x7b and mixtral-8x22b)")
-    p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCHES)),
-                   help="comma-separated token counts M to tune")
-    p.add_argument("--out-dir", type=Path, default=CONFIG_DIR, help="folder for the JSON files")
-    p.add_argument("--merge", action="store_true",
-                   help="keep the existing file's entries for token counts not tuned in this run")
-    p.add_argument("--time-budget", type=float, default=400.0,
-                   help="seconds for all shapes; past it the remaining token counts are left to the nearest M")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        p.error("tuning needs a CUDA GPU")
-    import triton
-
-    device = torch.device("cuda")
-    name = torch.cuda.get_device_name(device)
-    batches = [int(b) for b in args.batch_sizes.split(",") if b]
-    models = args.model or ["mixtral-8x7b", "mixtral-8x22b"]
-    start = time.monotonic()
-    for i, model in enumerate(models):
-        margs = PRESETS[model]
-        deadline = start + args.time_budget * (i + 1) / len(models)  # share the budget among the shapes
-        print(f"{name}: tuning the prefill MoE of {model} (E={margs.num_experts} F={margs.hidden_dim} D={margs.dim})")
-        best, times = tune_shape(margs.num_experts, margs.hidden_dim, margs.dim, margs.num_experts_per_tok,
-                                 batches, torch.bfloat16, device, deadline)
-        if not best:
-            print(f"  nothing tuned for {model}")
-            continue
-        out = args.out_dir / config_path(margs.num_experts, margs.hidden_dim, margs.dim, name, "sorted_").name
-        write_configs(out, best, times, {
-            "device": name, "model": model, "E": margs.num_experts, "F": margs.hidden_dim, "D": margs.dim,
-            "dtype": "bf16", "path": "sorted_moe", "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%d"),
-        }, merge=args.merge)
-        print(f"  wrote {out}")
-    return 0
+    return run_tuner(argv, __doc__ or "", DEFAULT_BATCHES, tune_shape, prefix="sorted_", what="the prefill MoE of ")
 
 
 if __name__ == "__main__":
