@@ -193,8 +193,8 @@ class Bench:
             row["graph_max_abs_diff"] = float((out.float() - eager.float()).abs().max())
             thr = ops.SORTED_MIN_TOKENS
             xs = torch.zeros(thr, x_dim, device=self.dev, dtype=self.dtype)
-            row["dispatch_at_threshold"] = ops.use_sorted(xs, w13, w2)
-            row["dispatch_below"] = ops.use_sorted(xs[:thr - 1], w13, w2)
+            row["dispatch_at_threshold"] = ops.sorted_config(xs, w13, w2) is not None
+            row["dispatch_below"] = ops.sorted_config(xs[:thr - 1], w13, w2) is not None
             row["ok"] = (row["graph_max_abs_diff"] == 0.0 and row["dispatch_at_threshold"]
                          and not row["dispatch_below"])
             log(f"-- {name} CUDA graph replay vs eager max diff {row['graph_max_abs_diff']:.1e}; fused_moe takes "

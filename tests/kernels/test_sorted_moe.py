@@ -75,7 +75,7 @@ def test_refuses_shapes_the_tiles_do_not_fit() -> None:
 def test_config_lookup_nearest_token_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sorted_ table is read for the nearest M; the decode kernel's table for the same shape is not."""
     monkeypatch.setattr(mc, "CONFIG_DIR", tmp_path)
-    mc.load_configs.cache_clear()
+    mc.clear_config_cache()
     small = mc.MoEConfig(64, mc.GemmConfig(64, 64, 4, 4), mc.GemmConfig(128, 64, 8, 3))
     large = mc.MoEConfig(128, mc.GemmConfig(128, 64, 8, 4), mc.GemmConfig(256, 64, 8, 3))
     decode = mc.MoEConfig(16, mc.GemmConfig(32, 256, 4, 3), mc.GemmConfig(64, 256, 4, 3))
@@ -90,7 +90,7 @@ def test_config_lookup_nearest_token_count(tmp_path: Path, monkeypatch: pytest.M
     # Another shape has no table: the default tiles; 4-byte dtypes never take tuned (bf16-sized) tiles.
     assert mc.get_sorted_config(8, 512, 128, 2048, torch.bfloat16, cpu) == sm.default_sorted_config(torch.bfloat16)
     assert mc.get_sorted_config(8, 256, 128, 2048, torch.float32, cpu) == sm.default_sorted_config(torch.float32)
-    mc.load_configs.cache_clear()
+    mc.clear_config_cache()
 
 
 def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,7 +103,7 @@ def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(ops, "use_triton", lambda t: True)
     monkeypatch.setattr(ops, "_sm90", lambda device: True)
     monkeypatch.setattr(ops, "SORTED_MIN_TOKENS", 32)
-    monkeypatch.setattr(sm, "sorted_moe", lambda *a: calls.append("sorted") or real_sorted(*a, config=SMALL))
+    monkeypatch.setattr(sm, "sorted_moe", lambda *a, config: calls.append("sorted") or real_sorted(*a, config=config))
     monkeypatch.setattr(fm, "fused_moe", lambda *a: calls.append("triton") or moe_reference(*a))
     monkeypatch.setattr(mc, "get_sorted_config", lambda *a: SMALL)
     monkeypatch.delenv("MIXTRAL_MOE_PREFILL", raising=False)
@@ -117,8 +117,8 @@ def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) 
     ops.fused_moe(x, w13, w2, weights, ids)
     assert calls[-1] == "triton"
     monkeypatch.delenv("MIXTRAL_MOE_PREFILL")
-    assert not ops.use_sorted(x.float(), w13.float(), w2.float())
-    assert ops.use_sorted(x, w13, w2)
+    assert ops.sorted_config(x.float(), w13.float(), w2.float()) is None
+    assert ops.sorted_config(x, w13, w2) == SMALL
 
 
 @pytest.mark.parametrize(("n", "e_local", "k", "expert_start"), [

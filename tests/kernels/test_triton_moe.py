@@ -136,7 +136,7 @@ def test_config_lookup_nearest_batch(tmp_path: Path, monkeypatch: pytest.MonkeyP
              "64": mc.MoEConfig(32, mc.GemmConfig(64, 64, 4, 3), mc.GemmConfig(128, 64, 8, 4)).to_dict()}
     path = mc.config_path(8, 128, 64, "cpu")
     path.write_text(json.dumps({"configs": table}))
-    mc.load_configs.cache_clear()
+    mc.clear_config_cache()
     try:
         get = lambda n, dt=torch.float16: mc.get_config(8, 128, 64, n, dt, torch.device("cpu"))  # noqa: E731
         assert get(1) == FP16_SMALL and get(20) == FP16_SMALL
@@ -144,10 +144,10 @@ def test_config_lookup_nearest_batch(tmp_path: Path, monkeypatch: pytest.MonkeyP
         assert get(1, torch.float32) == mc.default_config(1, torch.float32)  # 4-byte dtypes: never the file
         assert mc.get_config(8, 256, 64, 1, torch.float16, torch.device("cpu")) == mc.default_config(1, torch.float16)
         path.rename(mc.config_path(8, 128, 64, "Other GPU"))  # no file for this device: borrow the shape's
-        mc.load_configs.cache_clear()
+        mc.clear_config_cache()
         assert get(1) == FP16_SMALL
     finally:
-        mc.load_configs.cache_clear()
+        mc.clear_config_cache()
 
 
 def test_committed_configs_are_valid() -> None:

@@ -18,10 +18,14 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from mixtral.kernels import reference
+
+if TYPE_CHECKING:
+    from mixtral.kernels.triton.moe_configs import MoEConfig
 
 
 @functools.lru_cache(maxsize=1)
@@ -126,16 +130,17 @@ def _sm90(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def use_sorted(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
-    """Whether ``fused_moe`` takes the sorted-row TMA path (the caller checked CUDA/Triton): from
-    ``SORTED_MIN_TOKENS`` tokens, 2-byte dtypes, sm90+ and shapes that fit the tuned tiles."""
+def sorted_config(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> MoEConfig | None:
+    """The tiles ``fused_moe`` runs the sorted-row TMA path with, or None where it does not take it (the
+    caller checked CUDA/Triton): from ``SORTED_MIN_TOKENS`` tokens, 2-byte dtypes, sm90+ and shapes that fit
+    the tuned tiles. Looked up once per call and handed to ``sorted_moe``."""
     if x.shape[0] < SORTED_MIN_TOKENS or x.element_size() != 2 or not _sm90(x.device):
-        return False
+        return None
     from mixtral.kernels.triton.moe_configs import get_sorted_config
     from mixtral.kernels.triton.sorted_moe import layout_problem
 
     cfg = get_sorted_config(w13.shape[0], w2.shape[2], x.shape[1], x.shape[0], x.dtype, x.device)
-    return layout_problem(x, w13, w2, cfg) is None
+    return cfg if layout_problem(x, w13, w2, cfg) is None else None
 
 
 def use_grouped_mm(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> bool:
@@ -149,16 +154,17 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
               topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
     """The experts of a MoE layer: x [N, D], w13 [E, 2F, D], w2 [E, D, F], topk_weights [N, k] fp32,
     topk_ids [N, k] global ids -> [N, D]. On CUDA: the sorted-row TMA GEMMs for prefill-sized token counts
-    (``use_sorted``; ``MIXTRAL_MOE_PREFILL`` picks another prefill path), else the Triton fused kernel;
+    (``sorted_config``; ``MIXTRAL_MOE_PREFILL`` picks another prefill path), else the Triton fused kernel;
     ``moe_reference`` elsewhere."""
     if not use_triton(x):
         return reference.moe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
     choice = _prefill_choice()
     n = x.shape[0]
-    if choice == "sorted" and use_sorted(x, w13, w2):
+    cfg = sorted_config(x, w13, w2) if choice == "sorted" else None
+    if cfg is not None:
         from mixtral.kernels.triton.sorted_moe import sorted_moe
 
-        return sorted_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+        return sorted_moe(x, w13, w2, topk_weights, topk_ids, expert_start, config=cfg)
     if (choice == "expert_gemms" and n >= GROUPED_MM_MIN_TOKENS
             and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
         from mixtral.kernels.expert_gemms_moe import expert_gemms_moe

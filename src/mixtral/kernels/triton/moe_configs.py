@@ -82,22 +82,34 @@ def load_configs(path: Path) -> dict[int, MoEConfig] | None:
     return {int(m): MoEConfig.from_dict(c) for m, c in data["configs"].items()}
 
 
+def clear_config_cache() -> None:
+    """Forget the tables read so far (after the tuner writes a file, or a test points CONFIG_DIR elsewhere)."""
+    load_configs.cache_clear()
+    _table.cache_clear()
+
+
 @functools.lru_cache(maxsize=16)
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
-def _tuned(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype, device: torch.device,
-           prefix: str) -> MoEConfig | None:
-    """The tuned entry nearest ``num_tokens`` for this device and shape (another device's file when this one
-    has none), or None: 4-byte dtypes and untuned shapes."""
-    if torch.empty((), dtype=dtype).element_size() >= 4:
-        return None
+@functools.lru_cache(maxsize=64)
+def _table(num_experts: int, ffn_dim: int, dim: int, device: torch.device, prefix: str) -> dict[int, MoEConfig] | None:
+    """This device's tuned table for the shape, else another device's (Hopper tiles carry over), else None.
+    Cached: every MoE layer of every step looks it up."""
     table = load_configs(config_path(num_experts, ffn_dim, dim, _device_name(device), prefix))
     if table is None:  # another GPU's tuning for this shape beats the untuned default
         others = sorted(CONFIG_DIR.glob(f"{prefix}E{num_experts}_F{ffn_dim}_D{dim}_*.json"))
         table = load_configs(others[0]) if others else None
-    if not table:
+    return table or None
+
+
+def _tuned(num_experts: int, ffn_dim: int, dim: int, num_tokens: int, dtype: torch.dtype, device: torch.device,
+           prefix: str) -> MoEConfig | None:
+    """The tuned entry nearest ``num_tokens`` for this device and shape, or None: 4-byte dtypes (the tiles
+    were tuned for 2-byte ones and would not fit shared memory) and untuned shapes."""
+    table = _table(num_experts, ffn_dim, dim, device, prefix) if dtype.itemsize < 4 else None
+    if table is None:
         return None
     return table[min(table, key=lambda m: (abs(m - num_tokens), m))]
 

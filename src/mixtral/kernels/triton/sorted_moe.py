@@ -216,9 +216,10 @@ def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, o
     group may end in a partial tile."""
     small = small_m or block_m
     grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
+    a_big = _operand(a, [block_m, cfg.block_k], use_tma)
+    a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
     kernel[grid](
-        _operand(a, [block_m, cfg.block_k], use_tma), _operand(a, [small, cfg.block_k], use_tma),
-        _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+        a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,

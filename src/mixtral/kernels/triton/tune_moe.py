@@ -25,7 +25,14 @@ import torch
 from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, w2_partials
 from mixtral.kernels.triton.moe_align import moe_align
-from mixtral.kernels.triton.moe_configs import CONFIG_DIR, GemmConfig, MoEConfig, config_path, load_configs
+from mixtral.kernels.triton.moe_configs import (
+    CONFIG_DIR,
+    GemmConfig,
+    MoEConfig,
+    clear_config_cache,
+    config_path,
+    load_configs,
+)
 from mixtral.model.args import PRESETS
 
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
@@ -65,12 +72,19 @@ def _bench(fn: Callable[[], None]) -> float:
         return float("inf")
 
 
+def random_experts(num_experts: int, ffn_dim: int, dim: int, dtype: torch.dtype, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13 [E, 2F, D] and w2 [E, D, F] with unit-variance outputs, on ``gen``'s device (the tuners' weights)."""
+    w13 = torch.randn(num_experts, 2 * ffn_dim, dim, device=gen.device, generator=gen, dtype=dtype) * dim**-0.5
+    w2 = torch.randn(num_experts, dim, ffn_dim, device=gen.device, generator=gen, dtype=dtype) * ffn_dim**-0.5
+    return w13, w2
+
+
 def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
                device: torch.device, deadline: float) -> tuple[dict[int, MoEConfig], dict[int, float]]:
     """Best config and its time (us) per batch size; stops early (keeping what it has) past ``deadline``."""
     gen = torch.Generator(device=device).manual_seed(0)
-    w13 = (torch.randn(num_experts, 2 * ffn_dim, dim, device=device, generator=gen, dtype=dtype) * dim**-0.5)
-    w2 = (torch.randn(num_experts, dim, ffn_dim, device=device, generator=gen, dtype=dtype) * ffn_dim**-0.5)
+    w13, w2 = random_experts(num_experts, ffn_dim, dim, dtype, gen)
     best: dict[int, MoEConfig] = {}
     times: dict[int, float] = {}
     for m in batches:
@@ -102,16 +116,18 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
 
 def write_configs(path: Path, best: dict[int, MoEConfig], times: dict[int, float], meta: dict[str, Any],
                   merge: bool = False) -> None:
-    """Write the table; with ``merge`` the file's entries for other batch sizes are kept."""
+    """Write the table; with ``merge`` the file's entries for other batch sizes, and its other keys (notes
+    such as which entries were borrowed), are kept."""
+    old: dict[str, Any] = {}
     if merge and path.is_file():
         old = json.loads(path.read_text())
         best = {**{int(m): c for m, c in (load_configs(path) or {}).items()}, **best}
         times = {**{int(m): t for m, t in old.get("time_us", {}).items()}, **times}
-        load_configs.cache_clear()
-    data = {**meta, "configs": {str(m): c.to_dict() for m, c in sorted(best.items())},
+    data = {**old, **meta, "configs": {str(m): c.to_dict() for m, c in sorted(best.items())},
             "time_us": {str(m): round(t, 1) for m, t in sorted(times.items())}}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1) + "\n")
+    clear_config_cache()  # the next lookup reads the new file
 
 
 TuneShape = Callable[[int, int, int, int, list[int], torch.dtype, torch.device, float],

@@ -21,7 +21,7 @@ from mixtral.kernels.grouped_mm_moe import sort_pairs
 from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import _bench, run_tuner
+from mixtral.kernels.triton.tune_moe import _bench, random_experts, run_tuner
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
@@ -45,8 +45,7 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
                device: torch.device, deadline: float) -> tuple[dict[int, MoEConfig], dict[int, float]]:
     """Best config and its time (us, both GEMMs) per token count; stops early past ``deadline``."""
     gen = torch.Generator(device=device).manual_seed(0)
-    w13 = torch.randn(num_experts, 2 * ffn_dim, dim, device=device, generator=gen, dtype=dtype) * dim**-0.5
-    w2 = torch.randn(num_experts, dim, ffn_dim, device=device, generator=gen, dtype=dtype) * ffn_dim**-0.5
+    w13, w2 = random_experts(num_experts, ffn_dim, dim, dtype, gen)
     best: dict[int, MoEConfig] = {}
     times: dict[int, float] = {}
     for m in batches:
