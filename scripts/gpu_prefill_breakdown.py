@@ -41,12 +41,31 @@ def prefill_once(engine: LLMEngine, length: int, vocab: int, seed: int) -> float
     return time.perf_counter() - t0
 
 
+def greedy_tokens(engine: LLMEngine, prompt: list[int], n: int, request_id: str) -> list[int]:
+    """The first n greedy tokens after ``prompt``."""
+    engine.add_request(request_id, prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    out: list[int] = []
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            out = list(o.outputs[0].token_ids)
+    return out
+
+
+def select(engine: LLMEngine, graph: object, variant: str) -> None:
+    """``graph``: the prefill CUDA graph (captured on the sorted path); any other name: eager steps on that
+    MIXTRAL_MOE_PREFILL path."""
+    engine.model_runner.prefill_graph = graph if variant == "graph" else None  # type: ignore[assignment]
+    os.environ["MIXTRAL_MOE_PREFILL"] = "sorted" if variant == "graph" else variant
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
     ap.add_argument("--layers", type=int, default=16, help="decoder layers kept (16 of 8x7B's 32 fit an H100)")
     ap.add_argument("--length", type=int, default=2048, help="prompt tokens")
-    ap.add_argument("--paths", default="sorted,grouped_mm", help="MIXTRAL_MOE_PREFILL values to alternate")
+    ap.add_argument("--paths", default="graph,sorted,grouped_mm",
+                    help="variants to alternate: 'graph' (the prefill CUDA graph) or MIXTRAL_MOE_PREFILL values "
+                         "(eager steps)")
     ap.add_argument("--rounds", type=int, default=5, help="timed prefills per path")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
@@ -59,14 +78,28 @@ def main() -> None:
     flops = roofline.prefill_flops(margs, args.length)
     peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(torch.device("cuda"))
     paths = [p for p in args.paths.split(",") if p]
+    graph = engine.model_runner.prefill_graph
+    print(f"prefill graph captured: {graph is not None}")
     times: dict[str, list[float]] = {p: [] for p in paths}
     seed = 0
     for p in paths:  # warm-up: compiles every path's kernels
-        os.environ["MIXTRAL_MOE_PREFILL"] = p
+        select(engine, graph, p)
         prefill_once(engine, args.length, margs.vocab_size, seed := seed + 1)
+    if graph is not None:  # the graph must give the eager sorted path's tokens, bit for bit
+        gen = torch.Generator().manual_seed(123)
+        agree = 0
+        for i in range(3):
+            prompt = torch.randint(100, margs.vocab_size - 1, (args.length,), generator=gen).tolist()
+            got = {}
+            for v in ("graph", "sorted"):
+                select(engine, graph, v)
+                got[v] = greedy_tokens(engine, prompt, 6, f"g{i}-{v}")
+            agree += got["graph"] == got["sorted"]
+            print(f"prompt {i}: graph {got['graph']} eager {got['sorted']}")
+        print(f"prefill graph == eager on {agree}/3 prompts")
     for r in range(args.rounds):
         for p in paths if r % 2 == 0 else paths[::-1]:
-            os.environ["MIXTRAL_MOE_PREFILL"] = p
+            select(engine, graph, p)
             t = prefill_once(engine, args.length, margs.vocab_size, seed := seed + 1)
             times[p].append(t)
             print(f"round {r} {p:12s} {t * 1e3:7.2f} ms  {flops / t / 1e12:5.0f} TFLOP/s  {flops / t / peak:5.1%}",
@@ -81,7 +114,7 @@ def main() -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    os.environ["MIXTRAL_MOE_PREFILL"] = paths[0]
+    select(engine, graph, paths[0])
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = prefill_once(engine, args.length, margs.vocab_size, seed + 1)
     kernels: dict[str, list[float]] = {}
@@ -131,7 +164,8 @@ def main() -> None:
     runner.model.forward_tokens = clocked("forward launch", runner.model.forward_tokens)
     wall2 = prefill_once(engine, args.length, margs.vocab_size, seed + 4)
     runner._prepare, runner.model.forward_tokens = saved
-    print(f"host: prepare {host['prepare'] * 1e3:.2f} ms, forward launch {host['forward launch'] * 1e3:.2f} ms, "
+    print(f"host: prepare {host.get('prepare', 0) * 1e3:.2f} ms, "
+          f"forward launch {host.get('forward launch', 0) * 1e3:.2f} ms (0 when the graph ran), "
           f"wall {wall2 * 1e3:.2f} ms")
 
     # Host syncs inside a prefill: PyTorch warns at each synchronizing call while the debug mode is on.

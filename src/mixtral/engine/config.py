@@ -27,7 +27,10 @@ class EngineConfig:
     - ``kv_cache_bytes``: explicit KV budget in bytes (the CPU's way; also overrides the GPU fraction).
     - ``num_kv_blocks``: explicit number of KV blocks (tests use it to force preemption).
     - ``enable_prefix_caching``: reuse full KV blocks of equal prefixes.
-    - ``enforce_eager``: never capture CUDA graphs (reserved for the GPU decode path).
+    - ``enforce_eager``: never capture CUDA graphs (decode steps, and the prefill graph below).
+    - ``prefill_cuda_graph``: on CUDA, also capture one graph for a single sequence's chunk of exactly
+      ``max_num_batched_tokens`` new tokens (a lone long prompt's full chunks); it holds a second activation
+      peak of memory, which the KV budget leaves room for. False skips it.
     - ``async_scheduling``: launch the next decode step before the current step's tokens reach the host, so
       the host's scheduling and output work overlaps the GPU (vLLM's "async scheduling"). None = on for
       CUDA, off elsewhere (where the host computes the model itself and nothing overlaps).
@@ -43,6 +46,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    prefill_cuda_graph: bool = True
     async_scheduling: bool | None = None
     seed: int = 0
     device: torch.device | None = None

@@ -1,4 +1,5 @@
-"""CUDA graphs for pure decode steps: the whole forward pass replayed as one launch.
+"""CUDA graphs for pure decode steps, and for one sequence's full prefill chunk: the whole forward pass
+replayed as one launch.
 
 At batch 1 a Mixtral decode step is a few hundred small kernels; launching them from Python costs more
 than the GPU needs to run them. ``DecodeGraphs`` captures ``model.forward_tokens`` once for each batch size
@@ -112,3 +113,71 @@ class DecodeGraphs:
             self.routing_mask[n:b].fill_(0)
         self.graphs[b].replay()
         return self.outputs[b][:n]
+
+
+class PrefillGraph:
+    """One sequence's chunk of exactly ``num_tokens`` new tokens (``max_num_batched_tokens``: the size of a
+    lone long prompt's every full chunk) captured as one graph.
+
+    An eager prefill step launches ~20 kernels a layer from Python; on an H100 with 8x7B layers the host
+    took ~2 ms a layer against ~2.9 ms of GPU time, so the GPU sat idle for the first layer or two of every
+    such step (scripts/gpu_prefill_breakdown.py). Replayed, the launches cost nothing. Steps of several
+    sequences, or of another size, run eagerly. Attention goes through the paged kernel (the chunk may come
+    after cached tokens); it reads the true context length on the device and sizes its grid from
+    ``max_model_len``.
+    """
+
+    def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
+                 max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None) -> None:
+        self.model = model
+        self.num_tokens = num_tokens
+        dev = model.device
+        self.input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)  # [N]
+        self.positions = torch.arange(num_tokens, dtype=torch.int64, device=dev)  # [N]
+        self.slot_mapping = torch.full((num_tokens,), -1, dtype=torch.int64, device=dev)  # [N] -1: not stored
+        self.block_tables = torch.zeros(1, max_blocks_per_seq, dtype=torch.int32, device=dev)  # [1, W]
+        self.context_lens = torch.full((1,), num_tokens, dtype=torch.int32, device=dev)  # [1]
+        self.ctx = PagedAttentionContext(
+            positions=self.positions, slot_mapping=self.slot_mapping, block_tables=self.block_tables,
+            context_lens=self.context_lens,
+            query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
+            max_query_len=num_tokens, max_context_len=max_model_len, kv_caches=kv_caches,
+            sliding_window=model.args.sliding_window, expert_counts=expert_counts,
+        )
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: torch.Tensor | None = None  # hidden [N, D] written by the graph
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Warm up (Triton compiles outside the capture; nothing is stored: every slot is -1), then capture."""
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.model.forward_tokens(self.input_ids, self.ctx)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, stream=stream):
+                self.output = self.model.forward_tokens(self.input_ids, self.ctx)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        torch.cuda.synchronize(self.model.device)
+
+    @property
+    def pool(self) -> object:
+        """The graph's memory pool: the decode graphs are captured into it (never replayed at the same time)."""
+        assert self.graph is not None, "capture() first"
+        return self.graph.pool()
+
+    def fits(self, num_seqs: int, num_tokens: int) -> bool:
+        return self.graph is not None and num_seqs == 1 and num_tokens == self.num_tokens
+
+    def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
+            block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
+        """The step's inputs (one sequence, ``num_tokens`` new tokens) -> hidden [N, D] (the graph's output)."""
+        assert self.graph is not None and self.output is not None, "capture() first"
+        self.input_ids.copy_(input_ids)
+        self.positions.copy_(positions)
+        self.slot_mapping.copy_(slot_mapping)
+        self.block_tables[:, : block_tables.shape[1]].copy_(block_tables)
+        self.context_lens.copy_(context_lens)
+        self.graph.replay()
+        return self.output

@@ -24,7 +24,7 @@ import torch
 from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
-from mixtral.engine.cuda_graphs import DecodeGraphs, batch_ladder
+from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
 from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels import ops
@@ -93,6 +93,7 @@ class ModelRunner:
         self._inputs_copied: torch.cuda.Event | None = None
         self.block_tables = BlockTables(self.max_blocks_per_seq, self.device)
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graph: PrefillGraph | None = None
         if self.device.type == "cuda" and ops.use_triton(self.expert_counts_buf):
             # The fused Triton MoE: no host sync per layer (the PyTorch paths need one), so graphs can capture it.
             model.set_moe_path("triton")
@@ -109,7 +110,19 @@ class ModelRunner:
         if not self.config.enforce_eager and self._graph_safe():
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs, self.max_blocks_per_seq,
                                        self.config.max_model_len, self.expert_counts_buf)
+            if self._wants_prefill_graph():
+                self.prefill_graph = PrefillGraph(self.model, self.kv_caches, self.config.max_num_batched_tokens,
+                                                  self.max_blocks_per_seq, self.config.max_model_len,
+                                                  self.expert_counts_buf)
+                self.prefill_graph.capture()
+                self.graphs.pool = self.prefill_graph.pool  # never replayed together: one pool for both
             self.graphs.capture(batch_ladder(self.config.max_num_seqs))
+
+    def _wants_prefill_graph(self) -> bool:
+        """Whether ``allocate_kv_cache`` will capture the prefill graph (so the KV budget must leave room)."""
+        c = self.config
+        return (c.prefill_cuda_graph and not c.enforce_eager and c.max_model_len is not None
+                and c.max_num_batched_tokens <= c.max_model_len and self._graph_safe())
 
     def _graph_safe(self) -> bool:
         """CUDA graphs need a CUDA device and kernels without host syncs: Triton attention and the fused MoE."""
@@ -131,7 +144,8 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - base
         del hidden
-        return int(peak)
+        # The prefill graph keeps its own copy of this peak for good; eager steps still need theirs.
+        return int(peak) * (2 if self._wants_prefill_graph() else 1)
 
     # ----------------------------------------------------------------- one step
     @torch.inference_mode()
@@ -163,6 +177,10 @@ class ModelRunner:
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
             hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)  # [N, D]
+        elif self.prefill_graph is not None and self.prefill_graph.fits(len(plan.scheduled), ids.shape[0]):
+            # One sequence's full chunk: the captured forward instead of ~20 launches a layer from Python.
+            hidden = self.prefill_graph.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
+                                            ctx.context_lens)  # [N, D]
         else:
             hidden = self.model.forward_tokens(ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
