@@ -16,7 +16,7 @@ import argparse
 import functools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,20 @@ def random_experts(num_experts: int, ffn_dim: int, dim: int, dtype: torch.dtype,
     return w13, w2
 
 
+def tuning_inputs(num_experts: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
+                  gen: torch.Generator, deadline: float
+                  ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Per token count M: (M, x [M, D], routing weights [M, k], ids [M, k]) from uniform random routing, until
+    ``deadline`` (time.monotonic) passes."""
+    for m in batches:
+        if time.monotonic() > deadline:
+            print(f"  time budget spent: stopping before M={m}")
+            return
+        x = torch.randn(m, dim, device=gen.device, generator=gen, dtype=dtype)
+        weights, ids = route_topk(torch.randn(m, num_experts, device=gen.device, generator=gen), top_k)
+        yield m, x, weights, ids
+
+
 def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
                device: torch.device, deadline: float) -> tuple[dict[int, MoEConfig], dict[int, float]]:
     """Best config and its time (us) per batch size; stops early (keeping what it has) past ``deadline``."""
@@ -88,12 +102,7 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
     w13, w2 = random_experts(num_experts, ffn_dim, dim, dtype, gen)
     best: dict[int, MoEConfig] = {}
     times: dict[int, float] = {}
-    for m in batches:
-        if time.monotonic() > deadline:
-            print(f"  time budget spent: stopping before M={m}")
-            break
-        x = torch.randn(m, dim, device=device, generator=gen, dtype=dtype)
-        weights, ids = route_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+    for m, x, weights, ids in tuning_inputs(num_experts, dim, top_k, batches, dtype, gen, deadline):
         flat_w = weights.reshape(-1).contiguous()
         act = torch.empty(m * top_k, ffn_dim, device=device, dtype=dtype)
         options: list[tuple[float, MoEConfig]] = []

@@ -13,15 +13,13 @@ per (token, expert) pair for both) and, for the winner, the same tiles without T
 from __future__ import annotations
 
 import functools
-import time
 
 import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
-from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import _bench, random_experts, run_tuner
+from mixtral.kernels.triton.tune_moe import _bench, random_experts, run_tuner, tuning_inputs
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
@@ -48,12 +46,7 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
     w13, w2 = random_experts(num_experts, ffn_dim, dim, dtype, gen)
     best: dict[int, MoEConfig] = {}
     times: dict[int, float] = {}
-    for m in batches:
-        if time.monotonic() > deadline:
-            print(f"  time budget spent: stopping before M={m}")
-            break
-        x = torch.randn(m, dim, device=device, generator=gen, dtype=dtype)
-        _, ids = route_topk(torch.randn(m, num_experts, device=device, generator=gen), top_k)
+    for m, x, _, ids in tuning_inputs(num_experts, dim, top_k, batches, dtype, gen, deadline):
         order, _, offs = sort_pairs(ids, num_experts)
         xs = x.index_select(0, order // top_k)  # [P, D]
         act = torch.randn(xs.shape[0], ffn_dim, device=device, generator=gen, dtype=dtype)  # [P, F]
