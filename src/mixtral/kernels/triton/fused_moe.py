@@ -20,6 +20,7 @@ import triton.language as tl
 from mixtral.kernels.triton.moe_align import moe_align
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_config
 from mixtral.kernels.triton.moe_sum import moe_sum
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
@@ -28,9 +29,10 @@ def _w13_silu_kernel(
     num_pairs, F, D,
     stride_xm, stride_we, stride_wn, stride_am,
     TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[pair, n] = silu(x[token] . w1[e, n]) * (x[token] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M >= tl.load(num_post_pad_ptr):
@@ -75,10 +77,11 @@ def _w2_weighted_kernel(
     act_ptr, w2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
     num_pairs, D, F, k_per_split,
     stride_am, stride_we, stride_wn, stride_os, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[split, pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) over this split's slice of F, for one
     [BLOCK_M, BLOCK_N] tile. Splitting F (split-K) gives small batches enough programs to fill the GPU."""
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -137,7 +140,7 @@ def invoke_w13(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, sorted_ids
         act.shape[0], f, d,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=d % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x),
     )
 
 
@@ -155,7 +158,7 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_partials: torch.Tensor, w
         act.shape[0], d, f, k_per_split,
         act.stride(0), w2.stride(0), w2.stride(1), out_partials.stride(0), out_partials.stride(1),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=f % cfg.block_k == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(act),
     )
 
 

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 # Wide enough that Mixtral's D = 4096 is one trip (all loads in flight at once; with 1024-wide tiles the four
 # dependent trips made the kernel 8.7 us on an H100, the gate GEMV + top-k + index_add it replaces ~9 us).
 BLOCK_D = 4096
@@ -28,10 +30,11 @@ def _gate_route_kernel(
     x_ptr, w_ptr, logits_ptr, tw_ptr, ti_ptr, counts_ptr, mask_ptr,
     n_experts, D, stride_x, stride_w, stride_l, stride_tw, stride_ti,
     TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_COUNTS: tl.constexpr, HAS_MASK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program n: token n's E logits as fp32 multiply-adds over [E, BLOCK_D] tiles (no tensor cores: E is 8,
     and an fp32 model must get fp32 products, not TF32), then its routing and counts."""
+    pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)  # [BE]
     col_ok = cols < n_experts
@@ -97,6 +100,6 @@ def gate_route_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, cou
         n_experts, d, x.stride(0), w.stride(0), logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_D=min(BLOCK_D, triton.next_power_of_2(d)),
-        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=16 if d >= 2048 else 4,
+        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=16 if d >= 2048 else 4, **pdl_args(x),
     )
     return logits, weights, ids

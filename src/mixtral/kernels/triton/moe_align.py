@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 _MAX_CHUNK = 512  # pairs (or rows, or blocks) handled per loop step of the single align program
 
 
@@ -36,8 +38,9 @@ def max_padded_rows(num_pairs: int, num_experts: int, block_m: int) -> int:
 def _moe_align_kernel(
     topk_ids_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr,
     num_pairs, expert_start, num_experts, max_padded, max_blocks,
-    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     experts = tl.arange(0, E_PAD)  # [E_PAD]
     expert_ok = experts < num_experts
 
@@ -104,7 +107,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_sta
     _moe_align_kernel[(1,)](
         ids, sorted_ids, expert_ids, num_post_pad,
         num_pairs, expert_start, num_experts, rows, rows // block_m,
-        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk,
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk, **pdl_args(ids),
     )
     return sorted_ids, expert_ids, num_post_pad
 
@@ -120,8 +123,9 @@ def _bucket_keys(topk_ids_ptr, offs, valid, expert_start, num_experts, buckets):
 
 @triton.jit
 def _chunk_counts_kernel(topk_ids_ptr, counts_ptr, num_pairs, expert_start, num_experts,
-                         E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                         E_PAD: tl.constexpr, CHUNK: tl.constexpr, PDL: tl.constexpr):
     """counts[c, b] = pairs of chunk c in bucket b."""
+    pdl_enter(PDL)
     c = tl.program_id(0)
     buckets = tl.arange(0, E_PAD)  # [E_PAD]
     offs = c * CHUNK + tl.arange(0, CHUNK)  # [CHUNK]
@@ -132,9 +136,10 @@ def _chunk_counts_kernel(topk_ids_ptr, counts_ptr, num_pairs, expert_start, num_
 @triton.jit
 def _chunk_scatter_kernel(topk_ids_ptr, counts_ptr, order_ptr, row_of_pair_ptr, offs_ptr, num_pairs, expert_start,
                           num_experts, num_chunks, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
-                          CHUNKS_PAD: tl.constexpr):
+                          CHUNKS_PAD: tl.constexpr, PDL: tl.constexpr):
     """Each pair of chunk c goes to start[bucket] + (its bucket's pairs in chunks before c) + (in c before it):
     a stable counting sort. Program 0 also writes the local groups' end rows."""
+    pdl_enter(PDL)
     c = tl.program_id(0)
     buckets = tl.arange(0, E_PAD)  # [E_PAD]
     chunks = tl.arange(0, CHUNKS_PAD)  # [CHUNKS_PAD]
@@ -180,9 +185,10 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0
     num_chunks = triton.cdiv(num_pairs, chunk)
     e_pad = triton.next_power_of_2(num_experts + 1)
     counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=ids.device)  # [C, E_PAD]
-    _chunk_counts_kernel[(num_chunks,)](ids, counts, num_pairs, expert_start, num_experts, E_PAD=e_pad, CHUNK=chunk)
+    _chunk_counts_kernel[(num_chunks,)](ids, counts, num_pairs, expert_start, num_experts, E_PAD=e_pad, CHUNK=chunk,
+                                        **pdl_args(ids))
     _chunk_scatter_kernel[(num_chunks,)](
         ids, counts, order, row_of_pair, offs, num_pairs, expert_start, num_experts, num_chunks,
-        E_PAD=e_pad, CHUNK=chunk, CHUNKS_PAD=triton.next_power_of_2(num_chunks),
+        E_PAD=e_pad, CHUNK=chunk, CHUNKS_PAD=triton.next_power_of_2(num_chunks), **pdl_args(ids),
     )
     return order, row_of_pair, offs

@@ -17,10 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 
 @triton.jit
-def _silu_mul_kernel(h_ptr, out_ptr, num_rows_ptr, F, stride_h, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(h_ptr, out_ptr, num_rows_ptr, F, stride_h, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[row, c] = silu(h[row, c]) * h[row, F + c] for one row and BLOCK columns."""
+    pdl_enter(PDL)
     row = tl.program_id(0)
     if row >= tl.load(num_rows_ptr):
         return
@@ -53,15 +56,16 @@ def silu_mul(h: torch.Tensor, num_rows: torch.Tensor | None = None, block: int =
         raise ValueError(f"silu_mul: num_rows must hold one element, got shape {tuple(num_rows.shape)}")
     block = min(block, triton.next_power_of_2(f))
     _silu_mul_kernel[(rows, triton.cdiv(f, block))](
-        h, out, num_rows, f, h.stride(0), out.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1,
+        h, out, num_rows, f, h.stride(0), out.stride(0), BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl_args(h),
     )
     return out
 
 
 @triton.jit
 def _weighted_topk_sum_kernel(y_ptr, row_of_pair_ptr, weights_ptr, out_ptr, num_local_ptr, D, stride_y, stride_o,
-                              TOP_K: tl.constexpr, BLOCK: tl.constexpr):
+                              TOP_K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """out[t, c] = sum_j weights[t, j] * y[row_of_pair[t, j], c] over the pairs whose row < num_local."""
+    pdl_enter(PDL)
     token = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     num_local = tl.load(num_local_ptr)
@@ -97,6 +101,6 @@ def weighted_topk_sum(y: torch.Tensor, row_of_pair: torch.Tensor, topk_weights: 
     block = min(block, triton.next_power_of_2(d))
     _weighted_topk_sum_kernel[(n, triton.cdiv(d, block))](
         y, row_of_pair.contiguous(), topk_weights.float().contiguous(), out, num_local, d, y.stride(0),
-        out.stride(0), TOP_K=k, BLOCK=block, num_warps=4 if block >= 512 else 1,
+        out.stride(0), TOP_K=k, BLOCK=block, num_warps=4 if block >= 512 else 1, **pdl_args(y),
     )
     return out

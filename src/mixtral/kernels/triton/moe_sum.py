@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 BLOCK_D = 1024
 
 
@@ -20,8 +22,9 @@ BLOCK_D = 1024
 def _moe_sum_kernel(
     partials_ptr, ids_ptr, out_ptr,
     D, expert_lo, expert_hi, stride_ps, stride_pp, stride_in, stride_on,
-    SPLITS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLITS: tl.constexpr, TOP_K: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD]
     d_ok = offs < D
@@ -52,6 +55,6 @@ def moe_sum(partials: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, n
         partials, ids, out,
         d, expert_start, expert_start + num_local, partials.stride(0), partials.stride(1), ids.stride(0),
         out.stride(0),
-        SPLITS=splits, TOP_K=k, BLOCK_D=BLOCK_D, num_warps=4,
+        SPLITS=splits, TOP_K=k, BLOCK_D=BLOCK_D, num_warps=4, **pdl_args(partials),
     )
     return out

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from mixtral.kernels.triton.attention_tile import attend_tile
 from mixtral.kernels.triton.paged_decode import decode_partition_size, paged_decode
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 _LOG2E = 1.4426950408889634
 
@@ -37,9 +38,10 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bts,
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (sequence s, row tile, KV head g): rows token*QG + head of s's new tokens, causal."""
+    pdl_enter(PDL)
     s = tl.program_id(0)
     tile = tl.program_id(1)
     g = tl.program_id(2)
@@ -132,7 +134,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window, **common,
         QG=qg, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages,
+        PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages, **pdl_args(q),
     )
     return out
 

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from mixtral.kernels.triton.attention_tile import attend_tile
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 DECODE_BLOCK_N = 64
 MIN_PARTITION = 64  # keys per decode split: one tile
@@ -42,13 +43,14 @@ def _decode_kernel(
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bts,
     stride_pos, stride_poh, stride_pop, stride_pls, stride_plh,
     QG: tl.constexpr, QG_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE: tl.constexpr, SLIDING: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (sequence s, KV head g, partition p): one new token, the group's QG heads, keys of partition p.
 
     With SPLIT the partial output (normalised) and its log2-sum-exp go to part_out/part_lse for
     ``_decode_reduce_kernel``; without it partition 0 spans the whole context and writes the output.
     """
+    pdl_enter(PDL)
     s = tl.program_id(0)
     g = tl.program_id(1)
     part = tl.program_id(2)
@@ -94,9 +96,10 @@ def _decode_kernel(
 def _decode_reduce_kernel(
     part_out_ptr, part_lse_ptr, context_lens_ptr, qsl_ptr, out_ptr, partition_size,
     stride_pos, stride_poh, stride_pop, stride_pls, stride_plh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P_BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, P_BLOCK: tl.constexpr, PDL: tl.constexpr,
 ):
     """Program (sequence s, head h): merge the partitions that cover s's context by their log-sum-exp."""
+    pdl_enter(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     q_row = tl.load(qsl_ptr + s)
@@ -170,7 +173,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         _decode_kernel[(num_seqs, num_kv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, dummy, dummy,
             qk_scale, window, 1 << 30, **common,
-            stride_pos=0, stride_poh=0, stride_pop=0, stride_pls=0, stride_plh=0, SPLIT=False, **meta,
+            stride_pos=0, stride_poh=0, stride_pop=0, stride_pls=0, stride_plh=0, SPLIT=False, **meta, **pdl_args(q),
         )
         return
     num_parts = triton.cdiv(max_context_len, part_size)
@@ -180,10 +183,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          stride_pop=part_out.stride(2), stride_pls=part_lse.stride(0), stride_plh=part_lse.stride(1))
     _decode_kernel[(num_seqs, num_kv, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, part_out, part_lse,
-        qk_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta,
+        qk_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta, **pdl_args(q),
     )
     _decode_reduce_kernel[(num_seqs, n_heads)](
         part_out, part_lse, context_lens, query_start_loc, out, part_size, **split_strides,
         stride_ot=out.stride(0), stride_oh=out.stride(1), HEAD_DIM=q.shape[2], BLOCK_D=block_d,
-        P_BLOCK=min(REDUCE_BLOCK_P, max(2, triton.next_power_of_2(num_parts))), num_warps=4,
+        P_BLOCK=min(REDUCE_BLOCK_P, max(2, triton.next_power_of_2(num_parts))), num_warps=4, **pdl_args(part_out),
     )

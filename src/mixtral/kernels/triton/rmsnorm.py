@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 MAX_DIM = 16384  # one row per program, in registers
 
 
@@ -24,8 +26,9 @@ def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     stride_x, stride_r, stride_o, stride_s,
     dim, eps,
-    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)  # [BD]
     mask = offs < dim
@@ -77,7 +80,7 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
         dim, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
-        num_warps=min(max(block_d // 512, 1), 16),
+        num_warps=min(max(block_d // 512, 1), 16), **pdl_args(x2),
     )
     return out, summed
 

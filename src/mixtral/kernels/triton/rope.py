@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 
 @triton.jit
 def _rotate_heads(x_ptr, o_ptr, stride_xn, stride_xh, stride_on, stride_oh, tok, n_heads, half,
@@ -42,8 +44,9 @@ def _rope_qk_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_cn, stride_sn,
     stride_qon, stride_qoh, stride_kon, stride_koh,
     n_q_heads, n_k_heads, half,
-    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_HALF)[None, :]  # [1, BHALF]
     dm = d < half
@@ -89,6 +92,6 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q.shape[1], k.shape[1], half,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
         num_warps=4 if block_hq * block_half >= 1024 else 1,
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl_args(q),
     )
     return q_out, k_out

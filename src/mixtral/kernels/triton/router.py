@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 BLOCK_N = 16  # tokens per program
 MAX_EXPERTS = 1024
 
@@ -24,8 +26,9 @@ MAX_EXPERTS = 1024
 def _route_topk_kernel(
     logits_ptr, w_ptr, ids_ptr,
     n_rows, n_experts, stride_l, stride_w, stride_i,
-    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     cols = tl.arange(0, BLOCK_E)[None, :]  # [1, BE]
     row_ok = rows[:, None] < n_rows  # [BN, 1]
@@ -72,6 +75,6 @@ def route_topk_fused(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Ten
         logits, weights, ids,
         n, n_experts, logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, BLOCK_N=BLOCK_N, BLOCK_E=triton.next_power_of_2(n_experts),
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=2,
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=2, **pdl_args(logits),
     )
     return weights, ids

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
+
 MAX_ROWS = 16  # one tl.dot tile of rows; larger batches go to cuBLAS
 
 # (block_n, block_k, num_warps, num_stages)
@@ -30,8 +32,9 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_enter(PDL)
     offs_m = tl.arange(0, BLOCK_M)  # [BM]
     m_ok = offs_m < M
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -72,6 +75,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, i
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages,
+        num_warps=warps, num_stages=stages, **pdl_args(x),
     )
     return out

@@ -31,6 +31,7 @@ import triton.language as tl
 
 from mixtral.kernels.grouped_mm_moe import check_contract, combine, sort_pairs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
@@ -101,11 +102,12 @@ def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_a
 def _sorted_w13_kernel(
     a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M or SMALL_M, BLOCK_N] tile of
     expert e. ``a`` / ``a_small`` are xs [P, D] with BLOCK_M / SMALL_M-row blocks and ``w`` the weights as
     [E * 2F, D] rows: TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
+    pdl_enter(PDL)
     expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
@@ -145,10 +147,11 @@ def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, 
 def _sorted_w2_kernel(
     a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e; ``a`` / ``a_small``
     are act [P, F], ``w`` the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
+    pdl_enter(PDL)
     expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
@@ -223,6 +226,7 @@ def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, o
         out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(a),
     )
 
 
