@@ -311,7 +311,7 @@ class Parts:
 
     def moe_breakdown(self) -> None:
         """8x7B at batch 1 and 8: each piece of fused_moe on its own, three routings, and w2 tile variants."""
-        from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, w2_partials
+        from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, layout_pairs, w2_partials
         from mixtral.kernels.triton.moe_align import moe_align
         from mixtral.kernels.triton.moe_configs import GemmConfig
 
@@ -325,20 +325,20 @@ class Parts:
                 weights, ids = route_topk(self.randn(n, 8), 2)
                 hit = int(torch.unique(ids).numel())
                 cfg = get_config(8, f, d, n, torch.bfloat16, self.dev)
-                sid, eid, npp = moe_align(ids, 8, cfg.block_m)
+                lay = layout_pairs(ids, 8, cfg.block_m)  # direct (no align launch) at batch 1
                 act = torch.empty(n * 2, f, device=self.dev, dtype=torch.bfloat16)
                 flat_w = weights.reshape(-1).contiguous()
                 t = {
                     "full": self.graph_time_ms(functools.partial(fused_moe, x, w13, w2, weights, ids)),
                     "align": self.graph_time_ms(functools.partial(moe_align, ids, 8, cfg.block_m)),
-                    "w13": self.graph_time_ms(functools.partial(invoke_w13, x, w13, act, sid, eid, npp, 2,
+                    "w13": self.graph_time_ms(functools.partial(invoke_w13, x, w13, act, lay, 2,
                                                                 cfg.block_m, cfg.w13)),
                 }
                 for c2 in [cfg.w2, GemmConfig(64, 256, 4, 3, 1), GemmConfig(32, 256, 4, 3, 2),
                            GemmConfig(64, 128, 4, 4, 4)]:
                     out = w2_partials(n * 2, d, c2, torch.bfloat16, self.dev)
                     t[f"w2 {c2.block_n}x{c2.block_k} s{c2.num_stages} k{c2.split_k}"] = self.graph_time_ms(
-                        functools.partial(invoke_w2, act, w2, out, flat_w, sid, eid, npp, cfg.block_m, c2))
+                        functools.partial(invoke_w2, act, w2, out, flat_w, lay, cfg.block_m, c2))
                 parts = "  ".join(f"{k} {v * 1e3:.1f}" for k, v in t.items())
                 self.log(f"  8x7b batch {n} trial {trial}: {hit} experts ({hit * expert_mb:.0f} MB) us: {parts}")
                 self.res.setdefault("moe_breakdown", []).append({"batch": n, "experts_hit": hit,

@@ -2,11 +2,17 @@
 projections, in GB/s of weight read. Needs a CUDA GPU; prints the best tile per (N, K) for ``CONFIGS``.
 
     PYTHONPATH=src python3 scripts/gpu_skinny_gemm.py --json skinny.json
+    PYTHONPATH=src python3 scripts/gpu_skinny_gemm.py --graph --json skinny_graph.json
+
+``--graph`` times what the decode step sees instead of one launch at a time: a CUDA graph of 32 layers of
+(norm, wqkv, norm, wo) at batch 1, each layer its own weights (no L2 reuse), with PDL as the engine runs it;
+one projection's tile varies while the other keeps its default, with and without the first-tile prefetch.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -21,11 +27,89 @@ TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (64
          (16, 256, 4, 6), (16, 512, 4, 4), (16, 1024, 4, 2), (16, 128, 4, 8), (32, 512, 4, 2), (16, 512, 8, 3)]
 
 
+def _graph_ms(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[reps // 2]
+
+
+def _chain(x: torch.Tensor, w_qkv: list[torch.Tensor], w_o: list[torch.Tensor], norm_d: torch.Tensor,
+           norm_q: torch.Tensor, t_qkv: tuple[int, int, int, int], t_o: tuple[int, int, int, int],
+           prefetch: bool) -> None:
+    from mixtral.kernels.triton.rmsnorm import rms_norm
+
+    h, d = x, x.shape[1]
+    for lq, lo in zip(w_qkv, w_o, strict=True):
+        y = skinny_gemm(rms_norm(h, norm_d, 1e-5), lq, t_qkv, prefetch)  # [M, qkv rows]
+        h = skinny_gemm(rms_norm(y, norm_q, 1e-5)[:, :d], lo, t_o, prefetch)  # [M, D]
+
+
+def graph_sweep(rows: int, layers: int) -> dict[str, object]:
+    """us per layer of the (norm, wqkv, norm, wo) chain per tile of each projection, in a CUDA graph."""
+    from mixtral.kernels.triton.skinny_gemm import CONFIGS, DEFAULT
+
+    dev = torch.device("cuda")
+    out: dict[str, object] = {}
+    for model, (qkv, wo) in {"8x7b": ((6144, 4096), (4096, 4096)), "8x22b": ((8192, 6144), (6144, 6144))}.items():
+        d = qkv[1]
+        w_qkv = [torch.randn(qkv, device=dev, dtype=torch.bfloat16) * d**-0.5 for _ in range(layers)]
+        w_o = [torch.randn(wo, device=dev, dtype=torch.bfloat16) * d**-0.5 for _ in range(layers)]
+        norm_d = torch.ones(d, device=dev, dtype=torch.bfloat16)
+        norm_q = torch.ones(qkv[0], device=dev, dtype=torch.bfloat16)
+        x = torch.randn(rows, d, device=dev, dtype=torch.bfloat16)
+        bytes_layer = (qkv[0] * qkv[1] + wo[0] * wo[1]) * 2
+        base = {"qkv": CONFIGS.get(qkv, DEFAULT), "o": CONFIGS.get(wo, DEFAULT)}
+
+        for which in ("qkv", "o"):
+            for t in TILES:
+                for prefetch in (False, True):
+                    tiles = dict(base, **{which: t})
+                    try:
+                        ms = _graph_ms(functools.partial(_chain, x, w_qkv, w_o, norm_d, norm_q, tiles["qkv"],
+                                                         tiles["o"], prefetch))
+                    except Exception as exc:  # a tile that does not fit
+                        print(f"{model} {which} {t} prefetch {prefetch}: {type(exc).__name__}: {str(exc)[:80]}")
+                        continue
+                    us = ms * 1e3 / layers
+                    key = f"{model} {which} {t} prefetch={int(prefetch)}"
+                    out[key] = us
+                    print(f"graph {key:40s} {us:7.2f} us a layer ({bytes_layer / us / 1e3:6.0f} GB/s over both)",
+                          flush=True)
+        for which in ("qkv", "o"):
+            mine = {k: v for k, v in out.items() if k.startswith(f"{model} {which} ")}
+            pick = min(mine, key=mine.get)  # type: ignore[arg-type]
+            print(f"== graph {model} {which}: best {pick} {mine[pick]:.2f} us a layer")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", default="1,4,8,16")
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--rows", default="1,4,8,16", help="batch sizes of the one-launch sweep")
+    ap.add_argument("--graph", action="store_true", help="time 32-layer CUDA-graph chains at batch 1 instead")
+    ap.add_argument("--layers", type=int, default=32, help="layers in each --graph chain")
+    ap.add_argument("--json", default=None, help="write every timing here")
     args = ap.parse_args()
+    if args.graph:
+        res = graph_sweep(1, args.layers)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"device": torch.cuda.get_device_name(), "graph_us_per_layer": res}, fh, indent=1)
+        return
     dev = torch.device("cuda")
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []

@@ -102,6 +102,46 @@ def test_small_batch_reads_only_selected_experts() -> None:
     assert _rel_err(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize(("ids", "e_local", "expert_start", "split_k"), [
+    ([[5, 2]], 8, 0, 1),  # batch 1: two experts, two pair blocks
+    ([[5, 2], [2, 7]], 8, 0, 2),  # expert 2 shared: pair 1's block takes pairs 1 and 2, pair 2's exits
+    ([[1, 1], [1, 3], [3, 1]], 8, 0, 1),  # top-k picks equal ids (not Mixtral, but the kernel must not care)
+    ([[0, 6], [5, 4], [6, 0], [4, 5]], 4, 4, 3),  # expert parallel: only 4..7 local, split-K over 3
+])
+def test_direct_layout_matches_aligned_and_reference(ids: list[list[int]], e_local: int, expert_start: int,
+                                                     split_k: int) -> None:
+    """The align-free layout of decode batches gives the aligned layout's output (same tiles; rows sit at other
+    positions of the block, which the interpreter's matmul may sum in another order) and reads only the local
+    experts that were hit (the others are NaN)."""
+    gen = torch.Generator().manual_seed(len(ids))
+    topk_ids = torch.tensor(ids)
+    n, k = topk_ids.shape
+    x = torch.randn(n, 32, generator=gen)
+    w13, w2 = _weights(e_local, 48, 32, torch.float32, gen)
+    weights = torch.rand(n, k, generator=gen)
+    hit = {e - expert_start for e in topk_ids.flatten().tolist() if 0 <= e - expert_start < e_local}
+    ref = moe_reference(x.double(), w13.double(), w2.double(), weights.double(), topk_ids, expert_start)
+    for e in set(range(e_local)) - hit:
+        w13[e] = float("nan")
+        w2[e] = float("nan")
+    cfg = mc.MoEConfig(16, mc.GemmConfig(32, 32), mc.GemmConfig(32, 16, split_k=split_k))
+    assert fm.layout_pairs(topk_ids, e_local, 16, expert_start).direct == (n * k <= e_local)
+    direct = fm.fused_moe(x, w13, w2, weights, topk_ids, expert_start, config=cfg, direct=True)
+    aligned = fm.fused_moe(x, w13, w2, weights, topk_ids, expert_start, config=cfg, direct=False)
+    assert torch.isfinite(direct).all()
+    torch.testing.assert_close(direct, aligned, rtol=1e-6, atol=1e-7)
+    assert _rel_err(direct, ref) < 1e-5
+
+
+def test_direct_layout_limits() -> None:
+    ids = torch.zeros(5, 2, dtype=torch.int64)
+    assert fm.direct_fits(8, 8, 16) and not fm.direct_fits(10, 8, 16) and not fm.direct_fits(8, 8, 4)
+    assert not fm.direct_fits(0, 8, 16)
+    assert not fm.layout_pairs(ids, 8, 16).direct  # 10 pairs > 8 experts: the align layout
+    with pytest.raises(ValueError, match="block_m=8"):
+        fm.layout_pairs(ids, 8, 8, direct=True)
+
+
 def test_fused_moe_rejects_bad_shapes() -> None:
     x = torch.randn(3, 32)
     w13, w2 = _weights(8, 16, 32, torch.float32, torch.Generator().manual_seed(0))

@@ -34,12 +34,19 @@ def _gate_route_kernel(
 ):
     """Program n: token n's E logits as fp32 multiply-adds over [E, BLOCK_D] tiles (no tensor cores: E is 8,
     and an fp32 model must get fp32 products, not TF32), then its routing and counts."""
-    pdl_enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)  # [BE]
     col_ok = cols < n_experts
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_D):
+    # The first (for Mixtral the only) weight tile is a constant: read it before waiting for the previous
+    # kernel (PDL), so its ~64 KB arrive while the norm that produces x still runs.
+    kd = tl.arange(0, BLOCK_D)  # [BD]
+    k_ok = kd < D
+    wt = tl.load(w_ptr + cols[:, None] * stride_w + kd[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                 other=0.0)  # [BE, BD]
+    pdl_enter(PDL)
+    xv = tl.load(x_ptr + n * stride_x + kd, mask=k_ok, other=0.0).to(tl.float32)  # [BD]
+    acc = tl.sum(wt.to(tl.float32) * xv[None, :], axis=1)  # [BE]
+    for k0 in range(BLOCK_D, D, BLOCK_D):
         kd = k0 + tl.arange(0, BLOCK_D)  # [BD]
         k_ok = kd < D
         xv = tl.load(x_ptr + n * stride_x + kd, mask=k_ok, other=0.0).to(tl.float32)  # [BD]

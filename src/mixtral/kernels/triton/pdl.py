@@ -7,11 +7,13 @@ until the predecessor has completed and its writes are visible. Measured on an H
 a chain of one-program kernels 1.21 -> 1.01 us a kernel, a layer-shaped chain of 7 small kernels and 4 GEMVs
 11.5 -> 5.4 us a layer of overhead over the GEMVs alone.
 
-The rule that keeps it correct: every kernel launched with PDL calls ``pdl_enter`` before it reads or writes
-any memory, and so before any early exit. A kernel therefore finishes only after its predecessor finished,
-so completion stays transitive down the stream (a kernel two launches later may read what this one wrote),
-and no kernel writes memory that the still-running previous kernel reads. Kernels that PyTorch launches
-(no PDL attribute) keep the ordinary full-completion ordering on both sides.
+The rule that keeps it correct: every kernel launched with PDL calls ``pdl_enter`` before it writes any
+memory or reads anything but constant model weights, and before any early exit. (Reading a weight tile
+first is the point for the router and the skinny GEMM: those bytes arrive while the previous kernel runs.)
+A kernel therefore finishes only after its predecessor finished, so completion stays transitive down the
+stream (a kernel two launches later may read what this one wrote), and no kernel writes memory that the
+still-running previous kernel reads. Kernels that PyTorch launches (no PDL attribute) keep the ordinary
+full-completion ordering on both sides.
 
 Off on CPUs and the Triton interpreter (which has no ``griddepcontrol``), below sm90, and with
 ``MIXTRAL_PDL=0``.

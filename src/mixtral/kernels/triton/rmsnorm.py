@@ -28,10 +28,11 @@ def _rms_norm_kernel(
     dim, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
 ):
-    pdl_enter(PDL)
-    row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_D)  # [BD]
     mask = offs < dim
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)  # a constant weight: read before the PDL wait
+    pdl_enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)  # [BD] in x's dtype
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
@@ -41,7 +42,6 @@ def _rms_norm_kernel(
     xf = x.to(tl.float32)
     mean_sq = tl.sum(xf * xf, axis=0) / dim
     y = (xf * tl.rsqrt(mean_sq + eps)).to(x_ptr.dtype.element_ty)  # normalised, rounded to x's dtype
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     out = (w.to(tl.float32) * y.to(tl.float32)).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
 

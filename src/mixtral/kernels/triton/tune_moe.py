@@ -23,8 +23,7 @@ from typing import Any
 import torch
 
 from mixtral.kernels.reference import route_topk
-from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, w2_partials
-from mixtral.kernels.triton.moe_align import moe_align
+from mixtral.kernels.triton.fused_moe import invoke_w2, invoke_w13, layout_pairs, w2_partials
 from mixtral.kernels.triton.moe_configs import (
     CONFIG_DIR,
     GemmConfig,
@@ -107,13 +106,13 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
         act = torch.empty(m * top_k, ffn_dim, device=device, dtype=dtype)
         options: list[tuple[float, MoEConfig]] = []
         for block_m, tiles13, tiles2 in candidates(m):
-            sorted_ids, expert_ids, post_pad = moe_align(ids, num_experts, block_m)
-            run13 = functools.partial(invoke_w13, x, w13, act, sorted_ids, expert_ids, post_pad, top_k, block_m)
+            layout = layout_pairs(ids, num_experts, block_m)  # the engine's layout for this batch
+            run13 = functools.partial(invoke_w13, x, w13, act, layout, top_k, block_m)
             a, c13 = min(((_bench(functools.partial(run13, cfg=c)), c) for c in tiles13), key=lambda t: t[0])
             timed2 = []
             for c in tiles2:
                 out = w2_partials(m * top_k, dim, c, dtype, device)  # [split_k, N*k, D]
-                run2 = functools.partial(invoke_w2, act, w2, out, flat_w, sorted_ids, expert_ids, post_pad, block_m, c)
+                run2 = functools.partial(invoke_w2, act, w2, out, flat_w, layout, block_m, c)
                 timed2.append((_bench(run2), c))
             b, c2 = min(timed2, key=lambda t: t[0])
             print(f"  M={m:5d} block_m={block_m:3d}: w13 {a * 1e3:9.1f} us {c13}  w2 {b * 1e3:9.1f} us {c2}")
