@@ -6,7 +6,7 @@ projections, in GB/s of weight read. Needs a CUDA GPU; prints the best tile per 
 
 ``--graph`` times what the decode step sees instead of one launch at a time: a CUDA graph of 32 layers of
 (norm, wqkv, norm, wo) at batch 1, each layer its own weights (no L2 reuse), with PDL as the engine runs it;
-one projection's tile varies while the other keeps its default, with and without the first-tile prefetch.
+one projection's tile varies while the other keeps its default.
 """
 
 from __future__ import annotations
@@ -49,14 +49,13 @@ def _graph_ms(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
 
 
 def _chain(x: torch.Tensor, w_qkv: list[torch.Tensor], w_o: list[torch.Tensor], norm_d: torch.Tensor,
-           norm_q: torch.Tensor, t_qkv: tuple[int, int, int, int], t_o: tuple[int, int, int, int],
-           prefetch: bool) -> None:
+           norm_q: torch.Tensor, t_qkv: tuple[int, int, int, int], t_o: tuple[int, int, int, int]) -> None:
     from mixtral.kernels.triton.rmsnorm import rms_norm
 
     h, d = x, x.shape[1]
     for lq, lo in zip(w_qkv, w_o, strict=True):
-        y = skinny_gemm(rms_norm(h, norm_d, 1e-5), lq, t_qkv, prefetch)  # [M, qkv rows]
-        h = skinny_gemm(rms_norm(y, norm_q, 1e-5)[:, :d], lo, t_o, prefetch)  # [M, D]
+        y = skinny_gemm(rms_norm(h, norm_d, 1e-5), lq, t_qkv)  # [M, qkv rows]
+        h = skinny_gemm(rms_norm(y, norm_q, 1e-5)[:, :d], lo, t_o)  # [M, D]
 
 
 def graph_sweep(rows: int, layers: int) -> dict[str, object]:
@@ -77,19 +76,16 @@ def graph_sweep(rows: int, layers: int) -> dict[str, object]:
 
         for which in ("qkv", "o"):
             for t in TILES:
-                for prefetch in (False, True):
-                    tiles = dict(base, **{which: t})
-                    try:
-                        ms = _graph_ms(functools.partial(_chain, x, w_qkv, w_o, norm_d, norm_q, tiles["qkv"],
-                                                         tiles["o"], prefetch))
-                    except Exception as exc:  # a tile that does not fit
-                        print(f"{model} {which} {t} prefetch {prefetch}: {type(exc).__name__}: {str(exc)[:80]}")
-                        continue
-                    us = ms * 1e3 / layers
-                    key = f"{model} {which} {t} prefetch={int(prefetch)}"
-                    out[key] = us
-                    print(f"graph {key:40s} {us:7.2f} us a layer ({bytes_layer / us / 1e3:6.0f} GB/s over both)",
-                          flush=True)
+                tiles = dict(base, **{which: t})
+                try:
+                    ms = _graph_ms(functools.partial(_chain, x, w_qkv, w_o, norm_d, norm_q, tiles["qkv"], tiles["o"]))
+                except Exception as exc:  # a tile that does not fit
+                    print(f"{model} {which} {t}: {type(exc).__name__}: {str(exc)[:80]}")
+                    continue
+                us = ms * 1e3 / layers
+                key = f"{model} {which} {t}"
+                out[key] = us
+                print(f"graph {key:32s} {us:7.2f} us a layer ({bytes_layer / us / 1e3:6.0f} GB/s)", flush=True)
         for which in ("qkv", "o"):
             mine = {k: v for k, v in out.items() if k.startswith(f"{model} {which} ")}
             pick = min(mine, key=mine.get)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 KERNEL_MODULES = [
+    "mixtral.kernels.triton.pdl",  # first: the kernels below call its pdl_enter
     "mixtral.kernels.triton.moe_configs",
     "mixtral.kernels.triton.moe_align",
     "mixtral.kernels.triton.moe_sum",

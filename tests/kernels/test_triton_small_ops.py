@@ -16,6 +16,7 @@ from mixtral.kernels.reference import (
     rms_norm_reference,
     rope_qk_reference,
     route_topk,
+    write_kv_reference,
 )
 from mixtral.kernels.triton import gate_router, rmsnorm, rope, router
 from mixtral.model.args import preset
@@ -99,6 +100,28 @@ def test_rope_qk_matches_reference_exactly(n: int, n_heads: int, n_kv: int, head
     q_ref, k_ref = rope_qk_reference(q, k, cos, sin)
     assert q_out.dtype == dtype and q_out.shape == (n, n_heads, head_dim) and k_out.shape == (n, n_kv, head_dim)
     assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_qk_with_cache_store_equals_rope_then_write_kv(dtype: torch.dtype) -> None:
+    """The fused decode-step variant: same q/k as ``rope_qk``, and the caches hold exactly what the reference
+    rope + ``write_kv`` store, padding slots (-1) left alone, other slots untouched."""
+    gen = torch.Generator().manual_seed(5)
+    n, heads, kv, hd, blocks, page = 6, 8, 2, 16, 5, 4
+    qkv = _randn(gen, n, (heads + 2 * kv) * hd, dtype=dtype)
+    q, k, v = qkv.split([heads * hd, kv * hd, kv * hd], dim=-1)
+    q, k, v = q.view(n, heads, hd), k.view(n, kv, hd), v.view(n, kv, hd)  # strided views, as in the model
+    cos, sin = rope_cos_sin(torch.randint(0, 3000, (n,), generator=gen), hd, 1e6, dtype)
+    slots = torch.tensor([17, 3, -1, 8, 19, 0])
+    k_cache, v_cache = _randn(gen, blocks, page, kv, hd, dtype=dtype), _randn(gen, blocks, page, kv, hd, dtype=dtype)
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    q_ref, k_ref = rope_qk_reference(q, k, cos, sin)
+    write_kv_reference(k_ref, v, k_want, v_want, slots)
+    q_out, k_out = rope.rope_qk(q, k, cos, sin, cache=(v, k_cache, v_cache, slots))
+    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        rope.rope_qk(q, k, cos, sin, cache=(v, k_cache, v_cache, slots[:3]))
 
 
 def test_rope_qk_uses_both_halves_of_cos_sin() -> None:

@@ -40,9 +40,22 @@ class PagedAttentionContext:
         self.fresh_prompt_lens = fresh_prompt_lens
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, H, hd], k/v [N, KV, hd] -> [N, H, hd]."""
+        """q [N, H, hd], k/v [N, KV, hd] (k already rotated) -> [N, H, hd]."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        return self._attend_stored(layer_idx, q, k, v)
+
+    def rope_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                    sin: torch.Tensor) -> torch.Tensor:
+        """``attend`` for q/k before RoPE: the rotation and the K/V store are one kernel on CUDA
+        (``ops.rope_qk_store``), then the same attention. The model calls this where a context offers it."""
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        q, k = ops.rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
+        return self._attend_stored(layer_idx, q, k, v)
+
+    def _attend_stored(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Attention once this step's K/V are in the cache."""
+        k_cache, v_cache = self.kv_caches[layer_idx]
         if self.fresh_prompt_lens is not None:
             out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window)
             if out is not None:

@@ -217,6 +217,21 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return reference.rope_qk_reference(q, k, cos, sin)
 
 
+def rope_qk_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rope_qk`` then ``write_kv`` of the rotated k and v at ``slot_mapping`` (-1 skips): one Triton kernel on
+    CUDA when ``rope_qk``'s kernel applies and the cache has k's dtype, the two steps otherwise."""
+    if (use_triton(q) and len({q.dtype, k.dtype, v.dtype, cos.dtype, sin.dtype, k_cache.dtype}) == 1
+            and _no_autograd(q, k, v, cos, sin)):
+        from mixtral.kernels.triton.rope import rope_qk as rope_qk_triton
+
+        return rope_qk_triton(q, k, cos, sin, cache=(v, k_cache, v_cache, slot_mapping))
+    q, k = rope_qk(q, k, cos, sin)
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ weight [N, K]^T -> [M, N]: the Triton weight-streaming kernel for decode-sized M on CUDA at
     inference (kernels/triton/skinny_gemm.py), ``F.linear`` otherwise."""

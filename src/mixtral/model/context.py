@@ -21,7 +21,10 @@ class AttentionContext(Protocol):
     positions: torch.Tensor  # [N] int64, position of each token in its sequence
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [N, H, hd], k/v [N, KV, hd] for the new tokens -> attention output [N, H, hd]."""
+        """q [N, H, hd], k/v [N, KV, hd] for the new tokens (q and k rotated) -> attention output [N, H, hd].
+
+        A context may also offer ``rope_attend(layer_idx, q, k, v, cos, sin)`` taking q/k before RoPE; the model
+        then calls that instead (the engine's paged context fuses RoPE with its K/V store)."""
         ...
 
 

@@ -71,11 +71,16 @@ class Attention(nn.Module):
         # included: .weight is W + delta while an adapter is attached).
         qkv = ops.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        # [N, H, hd], [N, KV, hd]: one fused kernel for both on CUDA at inference (ops.rope_qk)
-        q, k = ops.rope_qk(q.view(n, self.n_heads, self.head_dim), k.view(n, self.n_kv_heads, self.head_dim),
-                           cos, sin)
+        q = q.view(n, self.n_heads, self.head_dim)  # [N, H, hd]
+        k = k.view(n, self.n_kv_heads, self.head_dim)  # [N, KV, hd]
         v = v.view(n, self.n_kv_heads, self.head_dim)
-        out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
+        rope_attend = getattr(ctx, "rope_attend", None)
+        if rope_attend is not None:  # the engine's paged context: RoPE and the K/V store are one kernel
+            out = rope_attend(self.layer_idx, q, k, v, cos, sin)  # [N, H, hd]
+        else:
+            # one fused kernel for q and k on CUDA at inference (ops.rope_qk)
+            q, k = ops.rope_qk(q, k, cos, sin)
+            out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
         return ops.linear(out.reshape(n, self.q_size), self.wo.weight)
 
 

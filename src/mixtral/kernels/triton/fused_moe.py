@@ -45,11 +45,14 @@ def _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_id
         first = tl.sum(((ids == mine) & (offs < pid_m)).to(tl.int32), axis=0) == 0
         local = mine - expert_start
         e = tl.where(first & (local >= 0) & (local < n_local), local, -1).to(tl.int64)
-        return e, offs, in_range & (ids == mine)
-    offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
-    pair = tl.load(sorted_ids_ptr + offs)  # [BM] sentinel num_pairs on padding rows
-    e = tl.where(pid_m * BLOCK_M < tl.load(num_post_pad_ptr), tl.load(expert_ids_ptr + pid_m), -1).to(tl.int64)
-    return e, pair, pair < num_pairs
+        pair = offs
+        row_ok = in_range & (ids == mine)
+    else:
+        offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+        pair = tl.load(sorted_ids_ptr + offs).to(tl.int32)  # [BM] sentinel num_pairs on padding rows
+        e = tl.where(pid_m * BLOCK_M < tl.load(num_post_pad_ptr), tl.load(expert_ids_ptr + pid_m), -1).to(tl.int64)
+        row_ok = pair < num_pairs
+    return e, pair, row_ok
 
 
 @triton.jit

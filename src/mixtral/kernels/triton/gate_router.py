@@ -41,11 +41,11 @@ def _gate_route_kernel(
     # kernel (PDL), so its ~64 KB arrive while the norm that produces x still runs.
     kd = tl.arange(0, BLOCK_D)  # [BD]
     k_ok = kd < D
-    wt = tl.load(w_ptr + cols[:, None] * stride_w + kd[None, :], mask=col_ok[:, None] & k_ok[None, :],
-                 other=0.0)  # [BE, BD]
+    w_first = tl.load(w_ptr + cols[:, None] * stride_w + kd[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                      other=0.0)  # [BE, BD]
     pdl_enter(PDL)
-    xv = tl.load(x_ptr + n * stride_x + kd, mask=k_ok, other=0.0).to(tl.float32)  # [BD]
-    acc = tl.sum(wt.to(tl.float32) * xv[None, :], axis=1)  # [BE]
+    x_first = tl.load(x_ptr + n * stride_x + kd, mask=k_ok, other=0.0).to(tl.float32)  # [BD]
+    acc = tl.sum(w_first.to(tl.float32) * x_first[None, :], axis=1)  # [BE]
     for k0 in range(BLOCK_D, D, BLOCK_D):
         kd = k0 + tl.arange(0, BLOCK_D)  # [BD]
         k_ok = kd < D

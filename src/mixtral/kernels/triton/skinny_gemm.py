@@ -14,12 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mixtral.kernels.triton.pdl import pdl_args, pdl_enter, pdl_on
+from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 MAX_ROWS = 16  # one tl.dot tile of rows; larger batches go to cuBLAS
-# With PDL, read the first weight tile before waiting for the previous kernel (scripts/gpu_skinny_gemm.py
-# --graph compares both).
-PREFETCH_FIRST_TILE = True
 
 # (block_n, block_k, num_warps, num_stages)
 DEFAULT = (32, 256, 4, 4)
@@ -35,27 +32,20 @@ CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
 @triton.jit
 def _skinny_gemm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
+    # Reading the first weight tile before the PDL wait (multiplied after the loop) was measured and lost
+    # ~1.5 us a layer on an H200 (scripts/gpu_skinny_gemm.py --graph at 9591830), so the weights wait too.
+    pdl_enter(PDL)
     offs_m = tl.arange(0, BLOCK_M)  # [BM]
     m_ok = offs_m < M
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     n_ok = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
-    a_first = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    b_first = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] = W^T tile
-    k_lo = 0
-    if PREFETCH:
-        # The weight is a constant: with PDL its first K tile is read before the wait (it arrives while the
-        # previous kernel finishes) and multiplied last, after the pipelined loop over the other tiles.
-        b0 = tl.load(b_first, mask=n_ok[None, :] & (offs_k < K)[:, None], other=0.0)
-        k_lo = BLOCK_K
-    pdl_enter(PDL)
-    a_ptrs = a_first + k_lo
-    b_ptrs = b_first + k_lo
+    a_ptrs = x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    b_ptrs = w_ptr + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] = W^T tile
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, K, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(a_ptrs, mask=m_ok[:, None], other=0.0)
             b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
@@ -66,18 +56,13 @@ def _skinny_gemm_kernel(
         acc = tl.dot(a, b, acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
-    if PREFETCH:
-        a0 = tl.load(a_first, mask=m_ok[:, None] & (offs_k < K)[None, :], other=0.0)
-        acc = tl.dot(a0, b0, acc)
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
-                prefetch: bool | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 16), weight [N, K] -> x @ weight^T [M, N] in x's dtype (fp32 accumulation).
-
-    ``config`` overrides the tile, ``prefetch`` the first-tile read before the PDL wait (default: with PDL)."""
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None
+                ) -> torch.Tensor:
+    """x [M, K] (M <= 16), weight [N, K] -> x @ weight^T [M, N] in x's dtype (fp32 accumulation)."""
     m, k = x.shape
     n, k_w = weight.shape
     if k_w != k or m > MAX_ROWS:
@@ -92,7 +77,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, i
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PREFETCH=PREFETCH_FIRST_TILE and pdl_on(x) if prefetch is None else prefetch,
         num_warps=warps, num_stages=stages, **pdl_args(x),
     )
     return out

@@ -1,0 +1,50 @@
+"""Every Triton kernel the engine launches compiles for Hopper (sm90, down to ptxas) with PDL on, on this CPU.
+
+The other kernel tests run through the interpreter, which executes a kernel's Python and accepts code the
+compiler rejects; two such bugs (a loop-carried tensor changing dtype, branches returning different int
+widths) reached the GPU before this test existed. It runs ``python -m mixtral.kernels.triton.compile_check``
+in a subprocess, because this test process imported the kernels in interpreter mode (conftest).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    out = tmp_path_factory.mktemp("sm90") / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(out.parent / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.compile_check", "--arch", "90",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert out.exists(), f"compile_check wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+
+
+def test_every_kernel_compiles_for_sm90(compiled: dict[str, dict[str, object]]) -> None:
+    failed = {name: c["error"] for name, c in compiled.items() if "error" in c}
+    assert not failed, failed
+    assert len(compiled) >= 20
+
+
+def test_every_kernel_waits_for_its_predecessor(compiled: dict[str, dict[str, object]]) -> None:
+    """PDL's rule (kernels/triton/pdl.py): each kernel launched with it runs ``griddepcontrol.wait``."""
+    kernels = [k for c in compiled.values() for k in c["kernels"]]  # type: ignore[attr-defined]
+    assert kernels
+    assert all(k["pdl_wait"] for k in kernels), [k["name"] for k in kernels if not k["pdl_wait"]]
+
+
+def test_decode_moe_skips_the_align_launch(compiled: dict[str, dict[str, object]]) -> None:
+    def names(case: str) -> list[str]:
+        return [k["name"] for k in compiled[case]["kernels"]]  # type: ignore[attr-defined]
+
+    assert names("fused_moe batch 1 (direct)") == ["_w13_silu_kernel", "_w2_weighted_kernel", "_moe_sum_kernel"]
+    assert names("fused_moe batch 8 (aligned)")[0] == "_moe_align_kernel"
