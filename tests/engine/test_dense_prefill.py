@@ -4,12 +4,15 @@ reference, where it declines, and which engine steps hand it their prompt length
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import torch
 
+from mixtral.engine.cuda_graphs import PrefillGraph
 from mixtral.engine.llm_engine import LLMEngine
+from mixtral.engine.model_runner import ModelRunner
 from mixtral.kernels import ops
 from mixtral.kernels.reference import paged_attention_reference
 from mixtral.sampling import SamplingParams
@@ -92,3 +95,35 @@ def test_engine_passes_fresh_prompt_lengths_only(make_engine: Callable[..., LLME
     while engine.has_unfinished_requests():
         engine.step()
     assert seen == []
+
+
+def test_min_tokens_overrides_the_eager_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill graph passes a lower bound (its host cost is paid at capture); eager calls keep 4096."""
+    monkeypatch.setattr(ops, "use_triton", lambda t: True)
+    q, k, v, *_ = _ragged([12, 10])
+    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is None  # below DENSE_PREFILL_MIN_TOKENS
+    assert ops.dense_prefill_attention(q, k, v, [12, 10], min_tokens=10) is not None
+    assert ops.dense_prefill_attention(q, k, v, [12, 10], min_tokens=11) is None
+
+
+def _graph(num_tokens: int, fresh: bool) -> PrefillGraph:
+    """A PrefillGraph as its capture leaves it, without a GPU: only what ``fits`` reads."""
+    g = PrefillGraph.__new__(PrefillGraph)
+    g.graph, g.num_tokens, g.fresh = object(), num_tokens, fresh  # type: ignore[assignment]
+    return g
+
+
+def test_prefill_graph_choice() -> None:
+    """A prompt's first full chunk replays the dense-attention graph, a later full chunk the paged one, other
+    steps run eagerly; without the dense graph a first chunk takes the paged one."""
+    paged, fresh = _graph(8, False), _graph(8, True)
+    runner = SimpleNamespace(prefill_graph=paged, fresh_prefill_graph=fresh)
+    one, two = SimpleNamespace(scheduled=[0]), SimpleNamespace(scheduled=[0, 1])
+    first, later = SimpleNamespace(fresh_prompt_lens=[8]), SimpleNamespace(fresh_prompt_lens=None)
+    choose = ModelRunner._prefill_graph_for
+    assert choose(runner, one, 8, first) is fresh  # type: ignore[arg-type]
+    assert choose(runner, one, 8, later) is paged  # type: ignore[arg-type]
+    assert choose(runner, one, 7, first) is None  # type: ignore[arg-type]
+    assert choose(runner, two, 8, SimpleNamespace(fresh_prompt_lens=[4, 4])) is None  # type: ignore[arg-type]
+    runner.fresh_prefill_graph = None
+    assert choose(runner, one, 8, first) is paged  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ class PagedAttentionContext:
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
                  max_context_len: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
                  sliding_window: int | None = None, expert_counts: torch.Tensor | None = None,
-                 fresh_prompt_lens: list[int] | None = None) -> None:
+                 fresh_prompt_lens: list[int] | None = None, dense_min_tokens: int | None = None) -> None:
         self.positions = positions  # [N] int64
         self.slot_mapping = slot_mapping  # [N] int64, -1 = do not store (padding)
         self.block_tables = block_tables  # [S, max_blocks] int32
@@ -38,6 +38,8 @@ class PagedAttentionContext:
         # Host ints, set when no sequence of the step has tokens cached before this step's: each attends over
         # its new tokens only, which a dense causal kernel can do without the block tables.
         self.fresh_prompt_lens = fresh_prompt_lens
+        # Shortest prompt the dense path takes (None: ops.DENSE_PREFILL_MIN_TOKENS; a prefill graph passes less).
+        self.dense_min_tokens = dense_min_tokens
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, hd], k/v [N, KV, hd] (k already rotated) -> [N, H, hd]."""
@@ -57,7 +59,8 @@ class PagedAttentionContext:
         """Attention once this step's K/V are in the cache."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         if self.fresh_prompt_lens is not None:
-            out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window)
+            out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window,
+                                              self.dense_min_tokens)
             if out is not None:
                 return out
         return ops.paged_attention(

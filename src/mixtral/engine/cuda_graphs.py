@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from mixtral.engine.attention import PagedAttentionContext
+from mixtral.kernels import ops
 from mixtral.model.mixtral import Transformer
 
 
@@ -125,10 +126,15 @@ class PrefillGraph:
     sequences, or of another size, run eagerly. Attention goes through the paged kernel (the chunk may come
     after cached tokens); it reads the true context length on the device and sizes its grid from
     ``max_model_len``.
+
+    ``fresh``: a second graph for a prompt's first chunk (nothing cached before it), whose attention takes the
+    dense cuDNN path (``ops.dense_prefill_attention``) from ``ops.GRAPH_DENSE_PREFILL_MIN_TOKENS``: about half
+    the paged kernel's time at 2048 tokens on an H100, with its ~1 ms of host work paid once at capture.
     """
 
     def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
-                 max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None) -> None:
+                 max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None,
+                 fresh: bool = False) -> None:
         self.model = model
         self.num_tokens = num_tokens
         dev = model.device
@@ -143,20 +149,24 @@ class PrefillGraph:
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
             max_query_len=num_tokens, max_context_len=max_model_len, kv_caches=kv_caches,
             sliding_window=model.args.sliding_window, expert_counts=expert_counts,
+            fresh_prompt_lens=[num_tokens] if fresh else None,
+            dense_min_tokens=ops.GRAPH_DENSE_PREFILL_MIN_TOKENS if fresh else None,
         )
+        self.fresh = fresh
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: torch.Tensor | None = None  # hidden [N, D] written by the graph
 
     @torch.inference_mode()
-    def capture(self) -> None:
-        """Warm up (Triton compiles outside the capture; nothing is stored: every slot is -1), then capture."""
+    def capture(self, pool: object = None) -> None:
+        """Warm up (Triton compiles outside the capture; nothing is stored: every slot is -1), then capture
+        (into ``pool``, another graph's memory pool, when given: the two never replay at once)."""
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.model.forward_tokens(self.input_ids, self.ctx)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, stream=stream):
+            with torch.cuda.graph(self.graph, pool=pool, stream=stream):
                 self.output = self.model.forward_tokens(self.input_ids, self.ctx)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         torch.cuda.synchronize(self.model.device)
@@ -167,8 +177,11 @@ class PrefillGraph:
         assert self.graph is not None, "capture() first"
         return self.graph.pool()
 
-    def fits(self, num_seqs: int, num_tokens: int) -> bool:
-        return self.graph is not None and num_seqs == 1 and num_tokens == self.num_tokens
+    def fits(self, num_seqs: int, num_tokens: int, fresh: bool = False) -> bool:
+        """Whether a step of ``num_seqs`` sequences and ``num_tokens`` new tokens (``fresh``: none cached before
+        them) can replay this graph."""
+        return (self.graph is not None and num_seqs == 1 and num_tokens == self.num_tokens
+                and (fresh or not self.fresh))
 
     def run(self, input_ids: torch.Tensor, positions: torch.Tensor, slot_mapping: torch.Tensor,
             block_tables: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:

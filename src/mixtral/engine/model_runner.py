@@ -94,6 +94,7 @@ class ModelRunner:
         self.block_tables = BlockTables(self.max_blocks_per_seq, self.device)
         self.graphs: DecodeGraphs | None = None
         self.prefill_graph: PrefillGraph | None = None
+        self.fresh_prefill_graph: PrefillGraph | None = None  # a prompt's first chunk, dense attention
         if self.device.type == "cuda" and ops.use_triton(self.expert_counts_buf):
             # The fused Triton MoE: no host sync per layer (the PyTorch paths need one), so graphs can capture it.
             model.set_moe_path("triton")
@@ -115,7 +116,12 @@ class ModelRunner:
                                                   self.max_blocks_per_seq, self.config.max_model_len,
                                                   self.expert_counts_buf)
                 self.prefill_graph.capture()
-                self.graphs.pool = self.prefill_graph.pool  # never replayed together: one pool for both
+                if self._wants_fresh_prefill_graph():
+                    self.fresh_prefill_graph = PrefillGraph(
+                        self.model, self.kv_caches, self.config.max_num_batched_tokens, self.max_blocks_per_seq,
+                        self.config.max_model_len, self.expert_counts_buf, fresh=True)
+                    self.fresh_prefill_graph.capture(pool=self.prefill_graph.pool)
+                self.graphs.pool = self.prefill_graph.pool  # never replayed together: one pool for all
             self.graphs.capture(batch_ladder(self.config.max_num_seqs))
 
     def _wants_prefill_graph(self) -> bool:
@@ -123,6 +129,12 @@ class ModelRunner:
         c = self.config
         return (c.prefill_cuda_graph and not c.enforce_eager and c.max_model_len is not None
                 and c.max_num_batched_tokens <= c.max_model_len and self._graph_safe())
+
+    def _wants_fresh_prefill_graph(self) -> bool:
+        """A second prefill graph for prompts' first chunks pays off where its attention takes the dense path."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        return (self.config.max_num_batched_tokens >= ops.GRAPH_DENSE_PREFILL_MIN_TOKENS
+                and ops.dense_prefill_supported(probe, self.args.sliding_window))
 
     def _graph_safe(self) -> bool:
         """CUDA graphs need a CUDA device and kernels without host syncs: Triton attention and the fused MoE."""
@@ -177,10 +189,10 @@ class ModelRunner:
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
             hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)  # [N, D]
-        elif self.prefill_graph is not None and self.prefill_graph.fits(len(plan.scheduled), ids.shape[0]):
+        elif (prefill_graph := self._prefill_graph_for(plan, ids.shape[0], ctx)) is not None:
             # One sequence's full chunk: the captured forward instead of ~20 launches a layer from Python.
-            hidden = self.prefill_graph.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
-                                            ctx.context_lens)  # [N, D]
+            hidden = prefill_graph.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
+                                       ctx.context_lens)  # [N, D]
         else:
             hidden = self.model.forward_tokens(ids, ctx)  # [N, D]
         bitmask = bitmask_fn() if bitmask_fn is not None else None
@@ -191,6 +203,16 @@ class ModelRunner:
             sampled = self.sampler.sample(logits, plan.rows, bitmask, sampling)
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
         return LaunchedStep(sampled, prompt_lp)
+
+    def _prefill_graph_for(self, plan: StepPlan, num_tokens: int, ctx: PagedAttentionContext
+                           ) -> PrefillGraph | None:
+        """The captured prefill graph this step can replay: the dense-attention one for a prompt's first
+        chunk, the paged one for any full chunk, or None (run eagerly)."""
+        fresh = ctx.fresh_prompt_lens is not None
+        for graph in (self.fresh_prefill_graph, self.prefill_graph):
+            if graph is not None and graph.fits(len(plan.scheduled), num_tokens, fresh):
+                return graph
+        return None
 
     def _prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
                  ) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:

@@ -77,18 +77,28 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 # which a lone 2048-token prefill cannot hide (its whole forward pass launched in 34 ms instead of 17, and
 # the step got slower; scripts/gpu_prefill_breakdown.py). Longer prompts give the GPU enough work per layer.
 DENSE_PREFILL_MIN_TOKENS = 4096
+# Inside a CUDA graph (engine/cuda_graphs.PrefillGraph) the host cost is paid once at capture, so the dense path
+# takes over where its kernel wins: from ~1024 tokens.
+GRAPH_DENSE_PREFILL_MIN_TOKENS = 1024
+
+
+def dense_prefill_supported(q: torch.Tensor, sliding_window: int | None) -> bool:
+    """Whether ``dense_prefill_attention`` can serve q's device and dtype at all (lengths aside): CUDA with the
+    fast kernels, bf16/fp16, no sliding window, ``MIXTRAL_DENSE_PREFILL`` not '0'."""
+    return (use_triton(q) and sliding_window is None and q.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("MIXTRAL_DENSE_PREFILL", "1") != "0")
 
 
 def dense_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens: list[int],
-                            sliding_window: int | None = None) -> torch.Tensor | None:
+                            sliding_window: int | None = None, min_tokens: int | None = None) -> torch.Tensor | None:
     """Causal attention of fresh prompts over their own new tokens only: q [N, H, hd], k/v [N, KV, hd], the
     sequences back to back with ``seq_lens`` (host ints) new tokens each -> [N, H, hd]; or None where the
-    paged kernel should run instead (CPU, fp32, a sliding window, a prompt shorter than
-    ``DENSE_PREFILL_MIN_TOKENS``, autograd, or ``MIXTRAL_DENSE_PREFILL=0``). GQA without repeated K/V
-    (``enable_gqa``); the caller has already stored K/V in the paged cache for later steps."""
-    if (not use_triton(q) or sliding_window is not None or q.dtype not in (torch.bfloat16, torch.float16)
-            or not seq_lens or min(seq_lens) < DENSE_PREFILL_MIN_TOKENS or sum(seq_lens) != q.shape[0]
-            or os.environ.get("MIXTRAL_DENSE_PREFILL", "1") == "0" or not _no_autograd(q, k, v)):
+    paged kernel should run instead (``dense_prefill_supported`` says no, a prompt shorter than ``min_tokens``
+    (default ``DENSE_PREFILL_MIN_TOKENS``), or autograd). GQA without repeated K/V (``enable_gqa``); the
+    caller has already stored K/V in the paged cache for later steps."""
+    min_tokens = DENSE_PREFILL_MIN_TOKENS if min_tokens is None else min_tokens
+    if (not dense_prefill_supported(q, sliding_window) or not seq_lens or min(seq_lens) < min_tokens
+            or sum(seq_lens) != q.shape[0] or not _no_autograd(q, k, v)):
         return None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
