@@ -8,7 +8,8 @@ calls the host wrappers at Mixtral-8x7B shapes, so each kernel variant that the 
 launch goes through the whole compiler down to ptxas. Outputs are never computed, so nothing may read them;
 tensors are left uninitialised (their pages are never touched).
 
-    python -m mixtral.kernels.triton.compile_check --arch 90 [--json out.json]
+    python -m mixtral.kernels.triton.compile_check --arch 90 [--json out.json]   # Hopper, PDL on
+    python -m mixtral.kernels.triton.compile_check --arch 80                     # A100: no PDL, no TMA
 
 Run it with ``TRITON_INTERPRET`` unset: an interpreted kernel is never compiled.
 """
@@ -58,8 +59,8 @@ class _StandInDriver:
 
 @contextmanager
 def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
-    """Inside: launches compile for ``arch`` and return without running, PDL on; yields the list of
-    (kernel name, CompiledKernel) compiled so far."""
+    """Inside: launches compile for ``arch`` and return without running, PDL on where the engine would turn it
+    on (sm90+); yields the list of (kernel name, CompiledKernel) compiled so far."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("compile_check needs TRITON_INTERPRET unset: interpreted kernels are never compiled")
     from triton.runtime import driver
@@ -79,7 +80,7 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
     previous = getattr(driver, "_active", None)  # None until first use (and no driver exists without a GPU)
     driver.set_active(_StandInDriver(arch))
     JITFunction.run = run  # type: ignore[method-assign]
-    pdl.pdl_on = lambda t: True  # type: ignore[assignment]
+    pdl.pdl_on = lambda t: arch >= 90  # type: ignore[assignment]
     try:
         yield compiled
     finally:
@@ -88,8 +89,9 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
         driver._active = previous
 
 
-def _cases() -> dict[str, Callable[[], object]]:
-    """One call per kernel variant the engine launches, at 8x7B shapes in bf16."""
+def _cases(arch: int) -> dict[str, Callable[[], object]]:
+    """One call per kernel variant the engine launches on ``arch``, at 8x7B shapes in bf16 (TMA loads only
+    on sm90+, where ``ops`` sends prefill MoE to ``sorted_moe``)."""
     from mixtral.kernels.triton import (
         fused_moe,
         gate_router,
@@ -157,8 +159,8 @@ def _cases() -> dict[str, Callable[[], object]]:
         "fused_moe batch 256": lambda: moe(256),
         "moe_align": lambda: moe_align.moe_align(routing(64)[1], e, 16),
         "sort_pairs": lambda: moe_align.sort_pairs(routing(2048)[1], e),
-        "sorted_moe 2048 (TMA)": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
-                                                               use_tma=True),
+        "sorted_moe 2048": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
+                                                         use_tma=arch >= 90),
         "silu_mul": lambda: moe_glue.silu_mul(empty(64, 2 * f)),
         "weighted_topk_sum": lambda: moe_glue.weighted_topk_sum(empty(128, d), torch.arange(128, dtype=torch.int32),
                                                                 torch.full((64, 2), 0.5), torch.tensor([128])),
@@ -168,10 +170,10 @@ def _cases() -> dict[str, Callable[[], object]]:
 
 def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, object]]:
     """Compile every case for ``arch``: per case its kernels, whether each waits on its predecessor
-    (``griddepcontrol.wait`` in the PTX) and the error, if one failed."""
+    (``griddepcontrol.wait`` in the PTX: expected on sm90+ only) and the error, if one failed."""
     results: list[dict[str, object]] = []
     with compile_only(arch) as compiled:
-        for name, call in _cases().items():
+        for name, call in _cases(arch).items():
             if only and name not in only:
                 continue
             start, t0 = len(compiled), time.time()

@@ -1,4 +1,5 @@
-"""Every Triton kernel the engine launches compiles for Hopper (sm90, down to ptxas) with PDL on, on this CPU.
+"""Every Triton kernel the engine launches compiles for Hopper (sm90, down to ptxas) with PDL on, and for the
+A100 (sm80) without it, on this CPU.
 
 The other kernel tests run through the interpreter, which executes a kernel's Python and accepts code the
 compiler rejects; two such bugs (a loop-carried tensor changing dtype, branches returning different int
@@ -17,16 +18,19 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
-    out = tmp_path_factory.mktemp("sm90") / "compile.json"
+def _compile(arch: int, out: Path) -> dict[str, dict[str, object]]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(out.parent / "cache"), TRITON_DEFAULT_FP_FUSION="1",
                PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.compile_check", "--arch", "90",
+    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.compile_check", "--arch", str(arch),
                            "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert out.exists(), f"compile_check wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    return _compile(90, tmp_path_factory.mktemp("sm90") / "compile.json")
 
 
 def test_every_kernel_compiles_for_sm90(compiled: dict[str, dict[str, object]]) -> None:
@@ -48,3 +52,11 @@ def test_decode_moe_skips_the_align_launch(compiled: dict[str, dict[str, object]
 
     assert names("fused_moe batch 1 (direct)") == ["_w13_silu_kernel", "_w2_weighted_kernel", "_moe_sum_kernel"]
     assert names("fused_moe batch 8 (aligned)")[0] == "_moe_align_kernel"
+
+
+def test_every_kernel_compiles_for_sm80_without_pdl(tmp_path: Path) -> None:
+    """An A100 gets no griddepcontrol (it has none) and the sorted prefill MoE with pointer loads."""
+    cases = _compile(80, tmp_path / "compile.json")
+    assert not {name: c["error"] for name, c in cases.items() if "error" in c}
+    kernels = [k for c in cases.values() for k in c["kernels"]]  # type: ignore[attr-defined]
+    assert kernels and not any(k["pdl_wait"] for k in kernels)
