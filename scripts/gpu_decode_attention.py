@@ -17,29 +17,9 @@ from collections.abc import Callable
 
 import torch
 
+from mixtral.bench.cuda_timing import graph_ms
 from mixtral.kernels import ops
 from mixtral.kernels.triton import paged_decode
-
-
-def graph_ms(fn: Callable[[], object], reps: int = 30) -> float:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
 
 
 def _capped(original: Callable[..., int | None], cap: int, s: int, h: int, m: int, sms: int) -> int:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from mixtral.bench.cuda_timing import capture, graph_ms
 from mixtral.kernels.reference import moe_reference, paged_attention_reference, route_topk, write_kv_reference
 from mixtral.kernels.triton.fused_moe import fused_moe
 from mixtral.kernels.triton.moe_configs import get_config
@@ -43,27 +44,8 @@ class Parts:
     def graph_time_ms(self, fn: Callable[[], object], reps: int = 7, per_rep: int = 10) -> float:
         """ms of one call of fn, as a CUDA graph replayed back to back (median over ``reps`` groups of
         ``per_rep`` replays, so the host's submission latency stays hidden as it is inside a model's graph)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(per_rep):
-                graph.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / per_rep)
-        return statistics.median(times)
+        fn()  # a second warm-up call beside the one ``capture`` makes
+        return graph_ms(fn, reps, per_rep)
 
     # ---------------------------------------------------------------- bandwidth
     def copy_bandwidth(self) -> None:
@@ -212,14 +194,7 @@ class Parts:
         q, kc, vc, bt, cl, qsl = self.paged_batch([1] * n, [700] * n, 32, 8, 128, 16, torch.bfloat16)
         run = lambda: (fused_moe(x, w13, w2, weights, ids),  # noqa: E731
                        paged_attention(q, kc, vc, bt, cl, qsl, max_query_len=1, max_context_len=2048))
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = run()
+        graph, static_out = capture(run)
         x.copy_(self.randn(n, d, dtype=torch.bfloat16))
         w_new, id_new = route_topk(self.randn(n, 8), 2)
         weights.copy_(w_new)

@@ -18,6 +18,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from mixtral.bench.cuda_timing import graph_ms
+
 
 @triton.jit
 def _vec_kernel(x_ptr, y_ptr, D: tl.constexpr, PDL: tl.constexpr):
@@ -57,29 +59,6 @@ def _gemv_kernel(x_ptr, w_ptr, y_ptr, D: tl.constexpr, BN: tl.constexpr, BK: tl.
         x = tl.load(x_ptr + k + offs_k).to(tl.float32)
         acc += tl.sum(w * x[None, :], 1)
     tl.store(y_ptr + offs_n, acc.to(y_ptr.dtype.element_ty))
-
-
-def graph_ms(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def main() -> None:

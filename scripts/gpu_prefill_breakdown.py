@@ -29,6 +29,16 @@ from mixtral.model.args import PRESETS
 from mixtral.sampling import SamplingParams
 
 
+def prefill_engine(model: str, layers: int, length: int) -> LLMEngine:
+    """The engine as ``mixtral bench gpu`` builds it (random weights, ``layers`` of the preset), one prompt of
+    ``length`` tokens a chunk: its prefill graphs are captured for exactly that prompt."""
+    name = f"{model}-{layers}l"
+    PRESETS[name] = PRESETS[model].replace(n_layers=layers)
+    return LLMEngine.from_config(name, device="cuda", dtype="bf16", max_model_len=length + 64, max_num_seqs=8,
+                                 max_num_batched_tokens=length, enable_prefix_caching=False,
+                                 gpu_memory_utilization=0.9)
+
+
 def prefill_once(engine: LLMEngine, length: int, vocab: int, seed: int) -> float:
     """Seconds of one fresh prompt's prefill (prefix caching is off, every prompt differs)."""
     gen = torch.Generator().manual_seed(seed)
@@ -79,11 +89,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed prefills per path")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
-    name = f"{args.model}-{args.layers}l"
-    PRESETS[name] = PRESETS[args.model].replace(n_layers=args.layers)
-    engine = LLMEngine.from_config(name, device="cuda", dtype="bf16", max_model_len=args.length + 64,
-                                   max_num_seqs=8, max_num_batched_tokens=args.length,
-                                   enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    engine = prefill_engine(args.model, args.layers, args.length)
     margs = engine.model_args
     flops = roofline.prefill_flops(margs, args.length)
     peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(torch.device("cuda"))
@@ -228,7 +234,8 @@ def main() -> None:
     print(out.getvalue()[-6000:])
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": torch.cuda.get_device_name(), "model": name, "length": args.length,
+            json.dump({"device": torch.cuda.get_device_name(), "model": f"{args.model}-{args.layers}l",
+                       "length": args.length,
                        "flops": flops, "peak_TFLOPs": peak / 1e12, "summary": summary,
                        "runs_ms": {p: [t * 1e3 for t in ts] for p, ts in times.items()},
                        "profile_wall_ms": wall * 1e3, "profile_kernels_ms": total / 1e3,

@@ -14,15 +14,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+from gpu_prefill_breakdown import prefill_engine, prefill_once  # scripts/ is sys.path[0] when run as a file
 
 from mixtral.bench import roofline
 from mixtral.engine.cuda_graphs import PrefillGraph
-from mixtral.engine.llm_engine import LLMEngine
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import layout_problem
-from mixtral.model.args import PRESETS
-from mixtral.sampling import SamplingParams
 
 
 def candidates(tuned: MoEConfig) -> dict[str, MoEConfig]:
@@ -48,21 +46,6 @@ def sorted_config(cfg: MoEConfig) -> Iterator[None]:
         moe_configs.get_sorted_config = original  # type: ignore[assignment]
 
 
-def prefill_once(engine: LLMEngine, length: int, vocab: int, seed: int) -> float:
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(100, vocab - 1, (length,), generator=gen).tolist()
-    engine.add_request(f"p{seed}", prompt, SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True))
-    torch.cuda.synchronize()
-    t0 = torch.cuda.Event(enable_timing=True)
-    t1 = torch.cuda.Event(enable_timing=True)
-    t0.record()
-    while engine.has_unfinished_requests():
-        engine.step()
-    t1.record()
-    t1.synchronize()
-    return t0.elapsed_time(t1) / 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
@@ -71,11 +54,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed prefills per candidate")
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
-    name = f"{args.model}-{args.layers}l"
-    PRESETS[name] = PRESETS[args.model].replace(n_layers=args.layers)
-    engine = LLMEngine.from_config(name, device="cuda", dtype="bf16", max_model_len=args.length + 64,
-                                   max_num_seqs=8, max_num_batched_tokens=args.length,
-                                   enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    engine = prefill_engine(args.model, args.layers, args.length)
     runner = engine.model_runner
     margs = engine.model_args
     assert runner.prefill_graph is not None, "needs the prefill graphs (CUDA, graphs on)"

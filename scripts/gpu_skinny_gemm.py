@@ -18,6 +18,7 @@ import json
 import torch
 import triton
 
+from mixtral.bench.cuda_timing import graph_ms
 from mixtral.kernels.triton.skinny_gemm import skinny_gemm
 
 SHAPES = {"8x7b wqkv": (6144, 4096), "8x7b wo": (4096, 4096), "8x22b wqkv": (8192, 6144), "8x22b wo": (6144, 6144)}
@@ -25,27 +26,6 @@ TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (32, 128, 4, 5), (64, 128, 4, 4), (64
          (16, 512, 4, 3), (64, 128, 8, 4), (128, 64, 4, 4), (128, 128, 8, 3),
          # narrow tiles: more programs than SMs on the 4096- and 6144-row projections (H200 batch 1)
          (16, 256, 4, 6), (16, 512, 4, 4), (16, 1024, 4, 2), (16, 128, 4, 8), (32, 512, 4, 2), (16, 512, 8, 3)]
-
-
-def _graph_ms(fn, reps: int = 20) -> float:  # type: ignore[no-untyped-def]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[reps // 2]
 
 
 def _chain(x: torch.Tensor, w_qkv: list[torch.Tensor], w_o: list[torch.Tensor], norm_d: torch.Tensor,
@@ -78,7 +58,7 @@ def graph_sweep(rows: int, layers: int) -> dict[str, object]:
             for t in TILES:
                 tiles = dict(base, **{which: t})
                 try:
-                    ms = _graph_ms(functools.partial(_chain, x, w_qkv, w_o, norm_d, norm_q, tiles["qkv"], tiles["o"]))
+                    ms = graph_ms(functools.partial(_chain, x, w_qkv, w_o, norm_d, norm_q, tiles["qkv"], tiles["o"]))
                 except Exception as exc:  # a tile that does not fit
                     print(f"{model} {which} {t}: {type(exc).__name__}: {str(exc)[:80]}")
                     continue

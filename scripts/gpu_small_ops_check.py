@@ -31,7 +31,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -39,6 +38,7 @@ from typing import Any
 
 import torch
 
+from mixtral.bench.cuda_timing import capture, events_ms, graph_ms
 from mixtral.kernels import ops, reference
 from mixtral.kernels.triton import gate_router, rmsnorm, rope, router, skinny_gemm
 from mixtral.model.args import preset
@@ -197,14 +197,7 @@ class Check:
             tw, ti = router.route_topk_fused(logits, TOP_K)
             return rmsnorm.rms_norm(x, w, EPS), normed, summed, qr, kr, tw, ti
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            outs = step()
+        graph, outs = capture(step)
         for t in (x, res, q, k, logits):  # new contents in the captured buffers (q/k refill their qkv rows)
             t.copy_(torch.randn(t.shape, device=self.dev, generator=self.gen).to(dtype))
         graph.replay()
@@ -252,29 +245,9 @@ class Check:
     # ---------------------------------------------------------------- timing
     def time_ms(self, fn: Callable[[], object], graph: bool, reps: int = 15, per_rep: int = 20) -> float:
         """ms of one call: median over ``reps`` groups of ``per_rep`` calls (graph replays or eager calls)."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        run: Callable[[], object] = fn
-        if graph:
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                fn()
-            run = g.replay
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            for _ in range(per_rep):
-                run()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) / per_rep)
-        return statistics.median(times)
+        for _ in range(3):  # warm-up: compiles, fills the allocator's cache
+            fn()
+        return graph_ms(fn, reps, per_rep) if graph else events_ms(fn, reps, per_rep)
 
     def time_ops(self) -> None:
         for n in (1, 8, 64, 256, 512):
