@@ -160,7 +160,8 @@ def main() -> None:
     total = sum(sum(v) for v in kernels.values())
     rows = sorted(((sum(v), len(v), k) for k, v in kernels.items()), reverse=True)
     print(f"\nprofiled prefill ({paths[0]}): wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
-          f"({total / 1e3 / (wall * 1e3):.1%} of wall)")
+          f"({total / 1e3 / (wall * 1e3):.1%} of wall; with PDL a kernel's time includes its wait for the one "
+          f"before, so the times overlap: MIXTRAL_PDL=0 gives additive ones)")
     for us, count, k in rows[:25]:
         print(f"{us / 1e3:8.3f} ms {us / total:6.1%} x{count:4d}  {k[:110]}")
     # Idle stretches of the GPU between its first and last kernel: where it waited for the host.

@@ -27,7 +27,14 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+try:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # Triton before 3.3 has no griddepcontrol: kernels launch the ordinary way
+    gdc_launch_dependents = gdc_wait = None
+    HAS_GDC = False
 
 
 @functools.lru_cache(maxsize=16)
@@ -37,16 +44,19 @@ def _device_supports(index: int) -> bool:
 
 def pdl_on(t: torch.Tensor) -> bool:
     """Whether kernels on ``t``'s device launch with PDL: a CUDA tensor on sm90+, compiled (not interpreted)
-    Triton, and ``MIXTRAL_PDL`` not '0'."""
-    if not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1" or os.environ.get("MIXTRAL_PDL", "1") == "0":
+    Triton 3.3 or later, and ``MIXTRAL_PDL`` not '0'."""
+    if (not HAS_GDC or not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
+            or os.environ.get("MIXTRAL_PDL", "1") == "0"):
         return False
     return _device_supports(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
 def pdl_args(t: torch.Tensor) -> dict[str, bool]:
-    """Launch keywords for a kernel taking a ``PDL`` constexpr: ``kernel[grid](..., **pdl_args(x))``."""
-    on = pdl_on(t)
-    return {"PDL": on, "launch_pdl": on}
+    """Launch keywords for a kernel taking a ``PDL`` constexpr: ``kernel[grid](..., **pdl_args(x))``. The
+    ``launch_pdl`` option is passed only when on, so a Triton that predates it never sees it."""
+    if pdl_on(t):
+        return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
 
 
 @triton.jit
