@@ -28,36 +28,35 @@ def _float(text: str) -> float:
     return value
 
 
+def _require(value: float, ok: bool, rule: str, text: str) -> float:
+    """``value`` when ``ok``, else the argparse error naming the rule and what was given."""
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer >= 1 (counts, lengths, sizes)."""
     value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
-    return value
+    return int(_require(value, value >= 1, "a whole number >= 1", text))
 
 
 def positive_float(text: str) -> float:
     """A finite number > 0 (rates)."""
     value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
-    return value
+    return _require(value, value > 0, "> 0", text)
 
 
 def non_negative_float(text: str) -> float:
     """A finite number >= 0 (temperatures)."""
     value = _float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return value
+    return _require(value, value >= 0, ">= 0", text)
 
 
 def fraction(text: str) -> float:
     """A share in (0, 1] (GPU memory utilization)."""
     value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
+    return _require(value, 0 < value <= 1, "in (0, 1]", text)
 
 
 def positive_int_list(text: str) -> str:

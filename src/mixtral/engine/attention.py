@@ -45,7 +45,7 @@ class PagedAttentionContext:
         """q [N, H, hd], k/v [N, KV, hd] (k already rotated) -> [N, H, hd]."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
-        return self._attend_stored(layer_idx, q, k, v)
+        return self._attend_stored(q, k, v, k_cache, v_cache)
 
     def rope_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> torch.Tensor:
@@ -53,11 +53,11 @@ class PagedAttentionContext:
         (``ops.rope_qk_store``), then the same attention. The model calls this where a context offers it."""
         k_cache, v_cache = self.kv_caches[layer_idx]
         q, k = ops.rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
-        return self._attend_stored(layer_idx, q, k, v)
+        return self._attend_stored(q, k, v, k_cache, v_cache)
 
-    def _attend_stored(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Attention once this step's K/V are in the cache."""
-        k_cache, v_cache = self.kv_caches[layer_idx]
+    def _attend_stored(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                       v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention once this step's K/V are in the layer's caches."""
         if self.fresh_prompt_lens is not None:
             out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window,
                                               self.dense_min_tokens)
