@@ -23,8 +23,12 @@ from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import layout_problem
 
 
-def candidates(tuned: MoEConfig) -> dict[str, MoEConfig]:
-    """The tuned 2048-token entry and variants of it the tuner ranked close."""
+def candidates(tuned: MoEConfig, extra: str | None = None) -> dict[str, MoEConfig]:
+    """The tuned 2048-token entry and variants of it the tuner ranked close; or the tuned entry and the
+    configs in the JSON file ``extra`` ({label: MoEConfig dict}, as ``gpu_persistent_moe.py --emit`` writes)."""
+    if extra:
+        with open(extra) as fh:
+            return {"tuned": tuned} | {label: MoEConfig.from_dict(c) for label, c in json.load(fh).items()}
     w13, w2 = tuned.w13, tuned.w2
     return {
         "tuned": tuned,
@@ -53,6 +57,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=2048, help="prompt tokens (one chunk)")
     ap.add_argument("--rounds", type=int, default=5, help="timed prefills per candidate")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--candidates", default=None, help="JSON {label: MoEConfig dict} to compare with the tuned entry")
     args = ap.parse_args()
     engine = prefill_engine(args.model, args.layers, args.length)
     runner = engine.model_runner
@@ -66,7 +71,7 @@ def main() -> None:
     graphs: dict[str, PrefillGraph] = {}
     ff = runner.model.layers[0].feed_forward
     probe = torch.empty(1, margs.dim, dtype=torch.bfloat16, device=dev)
-    for label, cfg in candidates(tuned).items():
+    for label, cfg in candidates(tuned, args.candidates).items():
         problem = layout_problem(probe, ff.w13, ff.w2, cfg)
         if problem is not None:  # sorted_moe would not take it: the graph would time another path
             print(f"{label}: skipped, {problem}")
@@ -96,7 +101,7 @@ def main() -> None:
     summary = {}
     for label, ts in times.items():
         med = statistics.median(ts)
-        summary[label] = {"config": candidates(tuned)[label].to_dict(), "median_ms": med * 1e3,
+        summary[label] = {"config": candidates(tuned, args.candidates)[label].to_dict(), "median_ms": med * 1e3,
                           "fraction_of_peak_median": flops / med / peak,
                           "fraction_of_peak_best": flops / min(ts) / peak}
         print(f"{label:22s} median {med * 1e3:7.2f} ms {flops / med / peak:6.1%} best {flops / min(ts) / peak:6.1%}")

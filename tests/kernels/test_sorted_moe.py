@@ -152,3 +152,39 @@ def test_small_tiles_take_short_remainders() -> None:
     bad = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2), 32)
     with pytest.raises(ValueError, match="small_m=32 must be a power of two from 16 to below block_m=32"):
         sm.sorted_moe(x, w13, w2, weights, ids, config=bad)
+
+
+PERSISTENT = mc.GemmConfig(32, 32, 4, 2, persistent=True)
+
+
+@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize(("counts", "e_local", "expert_start"), [
+    ([40, 60, 32, 0], 4, 0),  # ragged groups, an exact tile, an empty expert last
+    ([0, 5, 0, 0, 90, 1], 6, 0),  # empty experts first and between (they own no tiles); E not a power of 2
+    ([17, 0, 33, 70], 2, 2),  # expert parallel: rank 1's two experts, the others' pairs never multiplied
+])
+def test_persistent_gemms_walk_every_tile_once(flatten: bool, counts: list[int], e_local: int,
+                                               expert_start: int) -> None:
+    """The persistent kernels (a few programs under the interpreter walking all tiles) give the reference's
+    result for both GEMMs, alone or beside a non-persistent one, with groups of every shape: a tile computed
+    twice or skipped would show in the sum."""
+    pairs = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
+    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=8)
+    local = slice(expert_start, expert_start + e_local)
+    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    ref = moe_reference(x, w13, w2, weights, ids, expert_start)
+    plain = mc.GemmConfig(32, 32, 4, 2)
+    tiles = mc.GemmConfig(32, 32, 4, 2, persistent=True, flatten=flatten)
+    for w13_cfg, w2_cfg in ((tiles, tiles), (tiles, plain), (plain, tiles)):
+        cfg = mc.MoEConfig(32, w13_cfg, w2_cfg, 16)  # small_m applies to the non-persistent GEMM only
+        got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_persistent_needs_tma_else_takes_the_plain_kernel() -> None:
+    """Without TMA (sm80) a persistent config runs the non-persistent pointer-load kernel: same result."""
+    x, w13, w2, weights, ids = _problem(37, 4, 64, 96, 2, seed=9)
+    cfg = mc.MoEConfig(16, PERSISTENT, PERSISTENT)
+    torch.testing.assert_close(sm.sorted_moe(x, w13, w2, weights, ids, config=cfg, use_tma=False),
+                               moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)

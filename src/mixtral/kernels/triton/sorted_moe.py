@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mixtral.kernels.grouped_mm_moe import check_contract, combine, sort_pairs
+from mixtral.kernels.triton import persistent_moe
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
@@ -235,6 +236,10 @@ def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: tor
     """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
     e_local, two_f, d = w13.shape
     f = two_f // 2
+    if cfg.persistent and use_tma:
+        persistent_moe.launch(True, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, d,
+                              e_local, block_m, cfg)
+        return
     _launch(_sorted_w13_kernel, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, e_local,
             block_m, small_m, cfg, use_tma)
 
@@ -243,6 +248,10 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.
               cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
     """y [P, D] = act w2^T per row, each row against its group's expert."""
     e_local, d, f = w2.shape
+    if cfg.persistent and use_tma:
+        persistent_moe.launch(False, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, f, e_local,
+                              block_m, cfg)
+        return
     _launch(_sorted_w2_kernel, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, e_local, block_m,
             small_m, cfg, use_tma)
 
