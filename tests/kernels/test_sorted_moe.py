@@ -157,17 +157,18 @@ def test_small_tiles_take_short_remainders() -> None:
 PERSISTENT = mc.GemmConfig(32, 32, 4, 2, persistent=True)
 
 
-@pytest.mark.parametrize("flatten", [False, True])
+@pytest.mark.parametrize(("small_m", "programs"), [(0, 1), (16, 3)])
 @pytest.mark.parametrize(("counts", "e_local", "expert_start"), [
     ([40, 60, 32, 0], 4, 0),  # ragged groups, an exact tile, an empty expert last
     ([0, 5, 0, 0, 90, 1], 6, 0),  # empty experts first and between (they own no tiles); E not a power of 2
     ([17, 0, 33, 70], 2, 2),  # expert parallel: rank 1's two experts, the others' pairs never multiplied
 ])
-def test_persistent_gemms_walk_every_tile_once(flatten: bool, counts: list[int], e_local: int,
-                                               expert_start: int) -> None:
-    """The persistent kernels (a few programs under the interpreter walking all tiles) give the reference's
-    result for both GEMMs, alone or beside a non-persistent one, with groups of every shape: a tile computed
-    twice or skipped would show in the sum."""
+def test_persistent_gemms_walk_every_tile_once(small_m: int, programs: int, counts: list[int], e_local: int,
+                                               expert_start: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The persistent kernels (one or three programs walking 5-20 tiles each) give the reference's result for
+    both GEMMs, alone or beside a non-persistent one, with groups of every shape and with or without the
+    short last tiles: a tile computed twice or skipped would show in the sum."""
+    monkeypatch.setattr(sm, "num_sms", lambda device: programs)
     pairs = sum(counts)
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
     x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=8)
@@ -175,9 +176,8 @@ def test_persistent_gemms_walk_every_tile_once(flatten: bool, counts: list[int],
     w13, w2 = w13[local].contiguous(), w2[local].contiguous()
     ref = moe_reference(x, w13, w2, weights, ids, expert_start)
     plain = mc.GemmConfig(32, 32, 4, 2)
-    tiles = mc.GemmConfig(32, 32, 4, 2, persistent=True, flatten=flatten)
-    for w13_cfg, w2_cfg in ((tiles, tiles), (tiles, plain), (plain, tiles)):
-        cfg = mc.MoEConfig(32, w13_cfg, w2_cfg, 16)  # small_m applies to the non-persistent GEMM only
+    for w13_cfg, w2_cfg in ((PERSISTENT, PERSISTENT), (PERSISTENT, plain), (plain, PERSISTENT)):
+        cfg = mc.MoEConfig(32, w13_cfg, w2_cfg, small_m)
         got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg)
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 

@@ -135,11 +135,8 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         weights, ids = routing(n)
         return fused_moe.fused_moe(empty(n, d), w13, w2, weights, ids, config=config, direct=direct)
 
-    def persistent(flatten: bool) -> moe_configs.MoEConfig:
-        tile = moe_configs.GemmConfig(128, 64, 8, 4, persistent=True, flatten=flatten)
-        return moe_configs.MoEConfig(128, tile, moe_configs.GemmConfig(256, 64, 8, 3, persistent=True,
-                                                                       flatten=flatten))
-
+    persistent = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 4, 1, True, persistent=True),
+                                       moe_configs.GemmConfig(256, 64, 8, 4, persistent=True), 64)
     split_k = moe_configs.MoEConfig(16, moe_configs.GemmConfig(32, 512), moe_configs.GemmConfig(64, 256, split_k=2))
     return {
         "rms_norm": lambda: rmsnorm.rms_norm(empty(1, d), empty(d), 1e-5),
@@ -167,9 +164,7 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         "sorted_moe 2048": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
                                                          use_tma=arch >= 90),
         "sorted_moe 2048 persistent": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
-                                                                    config=persistent(False), use_tma=arch >= 90),
-        "sorted_moe 2048 persistent flattened": lambda: sorted_moe.sorted_moe(
-            empty(2048, d), w13, w2, *routing(2048), config=persistent(True), use_tma=arch >= 90),
+                                                                    config=persistent, use_tma=arch >= 90),
         "silu_mul": lambda: moe_glue.silu_mul(empty(64, 2 * f)),
         "weighted_topk_sum": lambda: moe_glue.weighted_topk_sum(empty(128, d), torch.arange(128, dtype=torch.int32),
                                                                 torch.full((64, 2), 0.5), torch.tensor([128])),
