@@ -1,4 +1,4 @@
-"""Persistent prefill-MoE GEMMs (``sorted_moe.py``, ``GemmConfig.persistent``) against the tuned tiles, under
+"""Persistent prefill-MoE GEMMs (``persistent_moe.py``, ``GemmConfig.persistent``) against the tuned tiles, under
 sustained load: each candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
 rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
@@ -6,7 +6,8 @@ output against the tuned kernel's first (rows unwritten would stay NaN).
     PYTHONPATH=src python3 scripts/gpu_persistent_moe.py --tokens 2048,1024,4096 --json out.json \
         --emit cands.json --emit-table table.json
 
-Both GEMMs share ``block_m`` and ``small_m``: per (block_m, small_m) the best w13 and w2 make a combination.
+Both GEMMs share ``block_m`` and ``small_m`` (which a persistent GEMM ignores): every compatible w13 + w2 pair
+is a combination.
 ``--emit`` writes the first token count's three best as ``gpu_prefill_tiles.py --candidates`` input,
 ``--emit-table`` the best per token count.
 """
@@ -17,7 +18,7 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -29,32 +30,34 @@ from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
 from mixtral.kernels.triton.tune_moe import random_experts
 
-Candidates = dict[str, tuple[int, int, GemmConfig]]  # label -> (block_m, small_m, tile)
+Candidates = dict[str, tuple[int, int | None, GemmConfig]]  # label -> (block_m, small_m, tile)
 
 
-def _variants(tuned: MoEConfig, tile: GemmConfig, big: GemmConfig) -> Candidates:
-    """The tuned tile, it persistent (with warp specialisation on and off), and the 128-row persistent tile
-    ``big`` with and without the short-tile remainder."""
-    bm, sm = tuned.block_m, tuned.small_m
-    out: Candidates = {
-        "tuned": (bm, sm, tile),
-        "P tuned": (bm, sm, replace(tile, persistent=True)),
-        "P tuned, ws flipped": (bm, sm, replace(tile, persistent=True, warp_specialize=not tile.warp_specialize)),
-        "P bm128 sm64": (128, 64, big),
-        "P bm128 sm64 ws": (128, 64, replace(big, warp_specialize=True)),
-        "P bm128 sm64 s3": (128, 64, replace(big, num_stages=3)),
-        "P bm128 no small": (128, 0, big),
-    }
-    unique: Candidates = {}
-    for label, cand in out.items():  # the tuned tile may already be one of the others
-        if cand not in unique.values():
-            unique[label] = cand
-    return unique
+def _p(bn: int, stages: int, ws: bool = False) -> GemmConfig:
+    return GemmConfig(bn, 64, 8, stages, 1, ws, persistent=True)
 
 
 def candidates(tuned: MoEConfig) -> tuple[Candidates, Candidates]:
-    return (_variants(tuned, tuned.w13, GemmConfig(128, 64, 8, 4, persistent=True)),
-            _variants(tuned, tuned.w2, GemmConfig(256, 64, 8, 4, persistent=True)))
+    """(w13, w2) candidates: the tuned tiles and persistent ones. A persistent GEMM has no short last tiles, so
+    its small_m is None: it combines with the other GEMM's at any small_m."""
+    w13: Candidates = {
+        "tuned": (tuned.block_m, tuned.small_m, tuned.w13),
+        "P bm128 128 s4": (128, None, _p(128, 4)),
+        "P bm128 128 s4 ws": (128, None, _p(128, 4, True)),
+        "P bm128 128 s3": (128, None, _p(128, 3)),
+        "P bm64 256 s3": (64, None, _p(256, 3)),
+        "P bm64 256 s3 ws": (64, None, _p(256, 3, True)),
+    }
+    w2: Candidates = {
+        "tuned": (tuned.block_m, tuned.small_m, tuned.w2),
+        "bm128 256 s4 sm64": (128, 64, GemmConfig(256, 64, 8, 4)),
+        "bm128 256 s4": (128, 0, GemmConfig(256, 64, 8, 4)),
+        "P bm128 256 s4": (128, None, _p(256, 4)),
+        "P bm128 256 s4 ws": (128, None, _p(256, 4, True)),
+        "P bm128 256 s3": (128, None, _p(256, 3)),
+        "P bm64 256 s4": (64, None, _p(256, 4)),
+    }
+    return w13, w2
 
 
 def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmConfig, torch.Tensor], None],
@@ -64,6 +67,7 @@ def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmCon
     outs: dict[str, torch.Tensor] = {}
     graphs = {}
     for label, (bm, small, cfg) in cands.items():
+        small = small or 0  # a persistent GEMM ignores it
         out = torch.full((rows, out_cols), float("nan"), device=dev, dtype=torch.bfloat16)
         try:
             run_one(bm, small, cfg, out)
@@ -94,7 +98,7 @@ def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmCon
         bm, small, cfg = cands[label]
         report[label] = {"block_m": bm, "small_m": small, "config": asdict(cfg), "median_ms": med,
                          "best_ms": min(ts), "TFLOPs": flops / med / 1e9, "rel_err_vs_tuned": err}
-        print(f"{gemm} {label:22s} bm {bm:3d} sm {small:2d} {med * 1e3:8.1f} us {flops / med / 1e9:6.0f} TFLOP/s "
+        print(f"{gemm} {label:22s} bm {bm:3d} sm {small} {med * 1e3:8.1f} us {flops / med / 1e9:6.0f} TFLOP/s "
               f"(best {min(ts) * 1e3:7.1f}) err {err:.1e}", flush=True)
     return report
 
@@ -103,19 +107,20 @@ Report = dict[str, dict[str, object]]
 
 
 def best_combos(r13: Report, r2: Report) -> list[tuple[float, str, MoEConfig]]:
-    """Every (block_m, small_m) both GEMMs were timed at: its best w13 + best w2 (error-free), fastest first."""
-    combos = []
+    """Every error-free w13 + w2 pair that can share one MoEConfig (same block_m; small_m equal, or None on a
+    persistent side), fastest first."""
     ok = lambda r: r["rel_err_vs_tuned"] == r["rel_err_vs_tuned"] and r["rel_err_vs_tuned"] < 1e-2  # noqa: E731
-    keys = {(r["block_m"], r["small_m"]) for r in r13.values()} & {(r["block_m"], r["small_m"]) for r in r2.values()}
-    for key in keys:
-        b13 = min((kv for kv in r13.items() if (kv[1]["block_m"], kv[1]["small_m"]) == key and ok(kv[1])),
-                  key=lambda kv: kv[1]["median_ms"], default=None)
-        b2 = min((kv for kv in r2.items() if (kv[1]["block_m"], kv[1]["small_m"]) == key and ok(kv[1])),
-                 key=lambda kv: kv[1]["median_ms"], default=None)
-        if b13 and b2:
-            cfg = MoEConfig(int(key[0]), GemmConfig(**b13[1]["config"]), GemmConfig(**b2[1]["config"]), int(key[1]))
-            combos.append((float(b13[1]["median_ms"]) + float(b2[1]["median_ms"]),
-                           f"w13 {b13[0]} + w2 {b2[0]}", cfg))
+    combos = []
+    for l13, a in r13.items():
+        for l2, b in r2.items():
+            if not (ok(a) and ok(b)) or a["block_m"] != b["block_m"]:
+                continue
+            smalls = {s for s in (a["small_m"], b["small_m"]) if s is not None}
+            if len(smalls) > 1:
+                continue
+            cfg = MoEConfig(int(a["block_m"]), GemmConfig(**a["config"]), GemmConfig(**b["config"]),  # type: ignore[arg-type, call-overload]
+                            int(smalls.pop()) if smalls else 0)  # type: ignore[call-overload]
+            combos.append((float(a["median_ms"]) + float(b["median_ms"]), f"w13 {l13} + w2 {l2}", cfg))  # type: ignore[arg-type]
     return sorted(combos, key=lambda c: c[0])
 
 
@@ -157,7 +162,7 @@ def main() -> None:
         r2 = time_gemm("w2", c2, run2, d, p, 2 * p * d * f, args.rounds, args.per_graph)
         combos = best_combos(r13, r2)
         tuned_ms = float(r13["tuned"]["median_ms"]) + float(r2["tuned"]["median_ms"])
-        for ms, label, cfg in combos:
+        for ms, label, cfg in combos[:6]:
             print(f"{tokens} combo {ms * 1e3:8.1f} us ({tuned_ms / ms - 1:+.1%} on tuned) {label}: {cfg}")
         results[str(tokens)] = {"w13": r13, "w2": r2, "tuned_ms": tuned_ms,
                                 "combos": [{"ms": ms, "label": label, "config": cfg.to_dict()}

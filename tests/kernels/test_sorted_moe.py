@@ -13,6 +13,7 @@ import torch
 from mixtral.kernels import ops
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton import moe_configs as mc
+from mixtral.kernels.triton import persistent_moe
 from mixtral.kernels.triton import sorted_moe as sm
 
 SMALL = mc.MoEConfig(16, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2))
@@ -167,8 +168,9 @@ def test_persistent_gemms_walk_every_tile_once(small_m: int, programs: int, coun
                                                expert_start: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The persistent kernels (one or three programs walking 5-20 tiles each) give the reference's result for
     both GEMMs, alone or beside a non-persistent one, with groups of every shape and with or without the
-    short last tiles: a tile computed twice or skipped would show in the sum."""
-    monkeypatch.setattr(sm, "num_sms", lambda device: programs)
+    short last tiles (which only the non-persistent kernel splits off): a tile computed twice or skipped
+    would show in the sum."""
+    monkeypatch.setattr(persistent_moe, "num_sms", lambda device: programs)
     pairs = sum(counts)
     ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
     x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=8)

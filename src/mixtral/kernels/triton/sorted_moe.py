@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mixtral.kernels.grouped_mm_moe import check_contract, combine, sort_pairs
+from mixtral.kernels.triton import persistent_moe
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
@@ -72,18 +73,6 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _num_tiles(offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tiles of this routing (``_tile_of``'s numbering), from the group ends on the device: no host sync."""
-    total = tl.load(offs_ptr) * 0
-    start = total
-    for e in tl.static_range(E):
-        end = tl.load(offs_ptr + e)
-        total += tl.cdiv(end - start, BLOCK_M) * N_TILES
-        start = end
-    return total
-
-
-@triton.jit
 def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
               WARP_SPECIALIZE: tl.constexpr):
@@ -111,42 +100,27 @@ def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_a
 
 
 @triton.jit
-def _w13_program(tile, a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
-                 E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """Tile ``tile`` of the w13 GEMM (nothing past the last tile)."""
-    expert, row0, row_end, n_tile, small = _tile_of(tile, offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
-    if expert < E:
-        n0 = n_tile * BLOCK_N
-        gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
-        up_row = gate_row + F  # the w3 rows follow the F rows of w1
-        if SMALL_M < BLOCK_M and small != 0:
-            _w13_tile(a_small, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr,
-                      stride_om, SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-        else:
-            _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-                      BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-
-
-@triton.jit
 def _sorted_w13_kernel(
     a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M or SMALL_M, BLOCK_N] tile of
-    expert e, or (PERSISTENT) for tiles pid, pid + grid, ... ``a`` / ``a_small`` are xs [P, D] with BLOCK_M /
-    SMALL_M-row blocks and ``w`` the weights as [E * 2F, D] rows: TMA descriptors, or plain pointers with
-    their row strides when USE_TMA is off."""
+    expert e. ``a`` / ``a_small`` are xs [P, D] with BLOCK_M / SMALL_M-row blocks and ``w`` the weights as
+    [E * 2F, D] rows: TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
     pdl_enter(PDL)
-    if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), _num_tiles(offs_ptr, N_TILES, E, BLOCK_M), tl.num_programs(0)):
-            _w13_program(tile, a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om, E,
-                         N_TILES, BLOCK_M, SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
+    if expert >= E:
+        return
+    n0 = n_tile * BLOCK_N
+    gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
+    up_row = gate_row + F  # the w3 rows follow the F rows of w1
+    if SMALL_M < BLOCK_M and small != 0:
+        _w13_tile(a_small, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
+                  SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
     else:
-        _w13_program(tl.program_id(0), a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
-                     E, N_TILES, BLOCK_M, SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+        _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
+                  BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
 
 
 @triton.jit
@@ -171,40 +145,25 @@ def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, 
 
 
 @triton.jit
-def _w2_program(tile, a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
-                E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """Tile ``tile`` of the w2 GEMM (nothing past the last tile)."""
-    expert, row0, row_end, n_tile, small = _tile_of(tile, offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
-    if expert < E:
-        n0 = n_tile * BLOCK_N
-        w_row = expert * D + n0
-        if SMALL_M < BLOCK_M and small != 0:
-            _w2_tile(a_small, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, SMALL_M,
-                     BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-        else:
-            _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, BLOCK_M,
-                     BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-
-
-@triton.jit
 def _sorted_w2_kernel(
     a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PERSISTENT: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
-    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e, or (PERSISTENT) for
-    tiles pid, pid + grid, ...; ``a`` / ``a_small`` are act [P, F], ``w`` the weights as [E * D, F] rows (TMA
-    descriptors, or pointers when USE_TMA is off)."""
+    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e; ``a`` / ``a_small``
+    are act [P, F], ``w`` the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
     pdl_enter(PDL)
-    if PERSISTENT:
-        for tile in tl.range(tl.program_id(0), _num_tiles(offs_ptr, N_TILES, E, BLOCK_M), tl.num_programs(0)):
-            _w2_program(tile, a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym, E, N_TILES,
-                        BLOCK_M, SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
+    if expert >= E:
+        return
+    n0 = n_tile * BLOCK_N
+    w_row = expert * D + n0
+    if SMALL_M < BLOCK_M and small != 0:
+        _w2_tile(a_small, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, SMALL_M,
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
     else:
-        _w2_program(tl.program_id(0), a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym, E,
-                    N_TILES, BLOCK_M, SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+        _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, BLOCK_M,
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -238,15 +197,6 @@ def default_sorted_config(dtype: torch.dtype) -> MoEConfig:
 
 
 @functools.lru_cache(maxsize=16)
-def num_sms(device: torch.device) -> int:
-    """Programs of a persistent launch: the SM count on CUDA, a handful under the CPU interpreter (so tests
-    see programs walking several tiles)."""
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-@functools.lru_cache(maxsize=16)
 def _has_tma(device: torch.device) -> bool:
     """Host-built TMA descriptors need sm90+ on CUDA; Triton's CPU interpreter emulates them."""
     if device.type != "cuda":
@@ -270,17 +220,14 @@ def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, o
     group may end in a partial tile."""
     small = small_m or block_m
     grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
-    persistent = cfg.persistent and use_tma
-    if persistent:  # one program per SM (or fewer, for few tiles): the kernel walks the tiles itself
-        grid = (min(grid[0], num_sms(a.device)),)
     a_big = _operand(a, [block_m, cfg.block_k], use_tma)
     a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
     kernel[grid](
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, PERSISTENT=persistent, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(a),
+        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(a),
     )
 
 
@@ -289,6 +236,10 @@ def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: tor
     """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
     e_local, two_f, d = w13.shape
     f = two_f // 2
+    if cfg.persistent and use_tma:
+        persistent_moe.launch(True, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, d,
+                              e_local, block_m, cfg)
+        return
     _launch(_sorted_w13_kernel, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, e_local,
             block_m, small_m, cfg, use_tma)
 
@@ -297,6 +248,10 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.
               cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
     """y [P, D] = act w2^T per row, each row against its group's expert."""
     e_local, d, f = w2.shape
+    if cfg.persistent and use_tma:
+        persistent_moe.launch(False, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, f, e_local,
+                              block_m, cfg)
+        return
     _launch(_sorted_w2_kernel, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, e_local, block_m,
             small_m, cfg, use_tma)
 
