@@ -88,6 +88,7 @@ def main() -> None:
                          "'paged_graph' (without the fresh-prompt one) or MIXTRAL_MOE_PREFILL values (eager steps)")
     ap.add_argument("--rounds", type=int, default=5, help="timed prefills per path")
     ap.add_argument("--json", default=None, help="write the figures here")
+    ap.add_argument("--trace", default=None, help="write a Chrome trace (host and GPU) of one prefill here")
     args = ap.parse_args()
     engine = prefill_engine(args.model, args.layers, args.length)
     margs = engine.model_args
@@ -149,6 +150,10 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     select(engine, graphs, paths[0])
+    if args.trace:  # host calls beside the kernels: where the GPU waits for Python at a step's start and end
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as traced:
+            prefill_once(engine, args.length, margs.vocab_size, seed + 5)
+        traced.export_chrome_trace(args.trace)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         wall = prefill_once(engine, args.length, margs.vocab_size, seed + 1)
     kernels: dict[str, list[float]] = {}

@@ -1,0 +1,100 @@
+"""What a bf16 GEMM sustains on this GPU under its power cap: cuBLAS and the prefill MoE's w13 GEMM, in short
+bursts after an idle second and after seconds of continuous load, beside the board power and SM clock.
+
+The prefill figure of ``mixtral bench gpu`` is ~100 ms of back-to-back GEMMs; on an H200 the board sits at its
+700 W cap there and the SM clock drops from 1980 MHz. This script separates what a kernel could do per clock
+from what the cap allows any kernel.
+
+    PYTHONPATH=src python3 scripts/gpu_power_ceiling.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+
+import torch
+
+from mixtral.bench.cuda_timing import capture
+from mixtral.kernels.grouped_mm_moe import sort_pairs
+from mixtral.kernels.reference import route_topk
+from mixtral.kernels.triton import moe_configs
+from mixtral.kernels.triton.sorted_moe import invoke_w13
+from mixtral.kernels.triton.tune_moe import random_experts
+
+
+def smi() -> dict[str, float]:
+    """Board power (W) and SM clock (MHz) now, from nvidia-smi."""
+    out = subprocess.run(["nvidia-smi", "--query-gpu=power.draw,clocks.sm", "--format=csv,noheader,nounits"],
+                         capture_output=True, text=True, check=True).stdout.split(",")
+    return {"power_W": float(out[0]), "sm_MHz": float(out[1])}
+
+
+def replay_ms(graph: torch.cuda.CUDAGraph, per_graph: int) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / per_graph
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens (the GEMMs' rows: 2x pairs)")
+    ap.add_argument("--seconds", type=float, default=4.0, help="continuous load before the sustained figure")
+    ap.add_argument("--json", default=None, help="write the figures here")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    e, f, d, k = 8, 14336, 4096, 2
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w13, _ = random_experts(e, f, d, torch.bfloat16, gen)
+    x = torch.randn(args.tokens, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    _, ids = route_topk(torch.randn(args.tokens, e, device=dev, generator=gen), k)
+    order, _, offs = sort_pairs(ids, e)
+    xs = x.index_select(0, order // k)  # [P, D]
+    p = xs.shape[0]
+    act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)
+    cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)
+    dense_b = torch.randn(2 * f, d, device=dev, generator=gen, dtype=torch.bfloat16) * d**-0.5  # [2F, D]
+    dense_out = torch.empty(p, 2 * f, device=dev, dtype=torch.bfloat16)
+    flops = 4 * p * d * f  # both: [P, D] x [D, 2F]
+    per_graph = 10
+    runs = {
+        "cublas dense [P, D] x [D, 2F]": lambda: torch.mm(xs, dense_b.T, out=dense_out),
+        "w13 grouped (tuned sorted_moe)": lambda: invoke_w13(xs, w13, act, offs, cfg.block_m, cfg.w13, True,
+                                                             cfg.small_m),
+    }
+    report: dict[str, dict[str, object]] = {}
+    for name, fn in runs.items():
+        graph, _ = capture(lambda fn=fn: [fn() for _ in range(per_graph)])
+        torch.cuda.synchronize()
+        time.sleep(1.5)  # idle: clocks back up, board cool
+        burst = replay_ms(graph, per_graph)
+        after_burst = smi()
+        t0 = time.time()
+        while time.time() - t0 < args.seconds:  # continuous load until the power cap holds the clock down
+            graph.replay()
+            torch.cuda.synchronize()  # keeps the queue short: the loop ends when the load does
+        during: list[dict[str, float]] = []
+        sustained = []
+        for _ in range(8):
+            graph.replay()  # keep the board loaded while nvidia-smi samples
+            sustained.append(replay_ms(graph, per_graph))
+            during.append(smi())
+        med = sorted(sustained)[len(sustained) // 2]
+        report[name] = {"burst_ms": burst, "burst_TFLOPs": flops / burst / 1e9, "sustained_ms": med,
+                        "sustained_TFLOPs": flops / med / 1e9, "after_burst": after_burst, "sustained_smi": during}
+        power = sorted(s["power_W"] for s in during)[len(during) // 2]
+        clock = sorted(s["sm_MHz"] for s in during)[len(during) // 2]
+        print(f"{name:34s} burst {flops / burst / 1e9:5.0f} TFLOP/s, sustained {flops / med / 1e9:5.0f} TFLOP/s "
+              f"at {power:.0f} W, {clock:.0f} MHz", flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "tokens": args.tokens, "results": report}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
