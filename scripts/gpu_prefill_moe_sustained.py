@@ -1,9 +1,10 @@
-"""Persistent prefill-MoE GEMMs (``persistent_moe.py``, ``GemmConfig.persistent``) against the tuned tiles, under
-sustained load: each candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
+"""Prefill-MoE GEMM tiles against the tuned ones under sustained load (``--set persistent``: the persistent
+kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles and the MMA's A operand from registers): each
+candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
 rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
 
-    PYTHONPATH=src python3 scripts/gpu_persistent_moe.py --tokens 2048,1024,4096 --json out.json \
+    PYTHONPATH=src python3 scripts/gpu_prefill_moe_sustained.py --set tiles --tokens 2048,1024,4096 --json out.json \
         --emit cands.json --emit-table table.json
 
 Both GEMMs share ``block_m`` and ``small_m`` (which a persistent GEMM ignores): every compatible w13 + w2 pair
@@ -18,7 +19,7 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -37,9 +38,20 @@ def _p(bn: int, stages: int, ws: bool = False) -> GemmConfig:
     return GemmConfig(bn, 64, 8, stages, 1, ws, persistent=True)
 
 
-def candidates(tuned: MoEConfig) -> tuple[Candidates, Candidates]:
-    """(w13, w2) candidates: the tuned tiles and persistent ones. A persistent GEMM has no short last tiles, so
-    its small_m is None: it combines with the other GEMM's at any small_m."""
+def candidates(tuned: MoEConfig, which: str) -> tuple[Candidates, Candidates]:
+    """(w13, w2) candidates: the tuned tiles and persistent ones, or other tile shapes. A persistent GEMM has no
+    short last tiles, so its small_m is None: it combines with the other GEMM's at any small_m."""
+    if which == "tiles":
+        return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13),
+                 "tuned, A in regs": (tuned.block_m, tuned.small_m, replace(tuned.w13, a_regs=True)),
+                 "bm256 64 s4": (256, 128, GemmConfig(64, 64, 8, 4)),
+                 "bm256 64 s4, A in regs": (256, 128, GemmConfig(64, 64, 8, 4, a_regs=True)),
+                 "P bm128 128 s4 ws": (128, None, _p(128, 4, True))},
+                {"tuned": (tuned.block_m, tuned.small_m, tuned.w2),
+                 "tuned, A in regs": (tuned.block_m, tuned.small_m, replace(tuned.w2, a_regs=True)),
+                 "bm256 128 s4": (256, 128, GemmConfig(128, 64, 8, 4)),
+                 "bm256 128 s4, A in regs": (256, 128, GemmConfig(128, 64, 8, 4, a_regs=True)),
+                 "P bm64 256 s4": (64, None, _p(256, 4))})
     w13: Candidates = {
         "tuned": (tuned.block_m, tuned.small_m, tuned.w13),
         "P bm128 128 s4": (128, None, _p(128, 4)),
@@ -60,9 +72,23 @@ def candidates(tuned: MoEConfig) -> tuple[Candidates, Candidates]:
     return w13, w2
 
 
+def computed_rows(counts: list[int], block_m: int, small_m: int | None) -> int:
+    """Rows the tiles multiply, padding included: whole ``block_m`` tiles, a group's short last block of at most
+    ``small_m`` rows as a ``small_m`` tile (None: a persistent GEMM, no short tiles)."""
+    total = 0
+    for c in counts:
+        rest = c % block_m
+        last = 0 if rest == 0 else (small_m if small_m and rest <= small_m else block_m)
+        total += c - rest + last
+    return total
+
+
 def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmConfig, torch.Tensor], None],
-              out_cols: int, rows: int, flops: float, rounds: int, per_graph: int) -> dict[str, dict[str, object]]:
-    """Per candidate: median and best ms a launch, TFLOP/s and the relative error against "tuned"."""
+              out_cols: int, counts: list[int], flops: float, rounds: int, per_graph: int
+              ) -> dict[str, dict[str, object]]:
+    """Per candidate: median and best ms a launch, TFLOP/s of the useful rows and of the rows the tiles
+    multiply (padding included), and the relative error against "tuned"."""
+    rows = sum(counts)
     dev = torch.device("cuda")
     outs: dict[str, torch.Tensor] = {}
     graphs = {}
@@ -96,10 +122,13 @@ def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmCon
         err = ((o.float() - ref).norm() / ref.norm()).item() if not o.isnan().any() else float("nan")
         med = statistics.median(ts)
         bm, small, cfg = cands[label]
+        padded = computed_rows(counts, bm, small) / rows
         report[label] = {"block_m": bm, "small_m": small, "config": asdict(cfg), "median_ms": med,
-                         "best_ms": min(ts), "TFLOPs": flops / med / 1e9, "rel_err_vs_tuned": err}
-        print(f"{gemm} {label:22s} bm {bm:3d} sm {small} {med * 1e3:8.1f} us {flops / med / 1e9:6.0f} TFLOP/s "
-              f"(best {min(ts) * 1e3:7.1f}) err {err:.1e}", flush=True)
+                         "best_ms": min(ts), "TFLOPs": flops / med / 1e9, "computed_rows_ratio": padded,
+                         "TFLOPs_computed": flops * padded / med / 1e9, "rel_err_vs_tuned": err}
+        print(f"{gemm} {label:24s} bm {bm:3d} sm {small} {med * 1e3:8.1f} us {flops / med / 1e9:6.0f} TFLOP/s, "
+              f"{flops * padded / med / 1e9:4.0f} computed ({padded - 1:.1%} padding; best {min(ts) * 1e3:7.1f} us) "
+              f"err {err:.1e}", flush=True)
     return report
 
 
@@ -126,6 +155,7 @@ def best_combos(r13: Report, r2: Report) -> list[tuple[float, str, MoEConfig]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent"], help="which candidates")
     ap.add_argument("--tokens", default="2048", help="comma-separated prefill token counts (pairs = 2x)")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timing rounds")
     ap.add_argument("--per-graph", type=int, default=10, help="launches captured back to back per candidate")
@@ -148,7 +178,7 @@ def main() -> None:
         p = xs.shape[0]
         act_in = torch.randn(p, f, device=dev, generator=gen, dtype=torch.bfloat16) * 0.1  # w2's input [P, F]
         tuned = moe_configs.get_sorted_config(e, f, d, tokens, torch.bfloat16, dev)
-        c13, c2 = candidates(tuned)
+        c13, c2 = candidates(tuned, args.set)
         print(f"--- {tokens} tokens, tuned {tuned}", flush=True)
         def run13(bm: int, sm: int, c: GemmConfig, o: torch.Tensor, xs: torch.Tensor = xs,
                   offs: torch.Tensor = offs) -> None:
@@ -158,8 +188,9 @@ def main() -> None:
                  offs: torch.Tensor = offs) -> None:
             invoke_w2(act, w2, o, offs, bm, c, True, sm)
 
-        r13 = time_gemm("w13", c13, run13, f, p, 4 * p * d * f, args.rounds, args.per_graph)
-        r2 = time_gemm("w2", c2, run2, d, p, 2 * p * d * f, args.rounds, args.per_graph)
+        counts = torch.diff(offs, prepend=offs.new_zeros(1)).tolist()  # rows per expert
+        r13 = time_gemm("w13", c13, run13, f, counts, 4 * p * d * f, args.rounds, args.per_graph)
+        r2 = time_gemm("w2", c2, run2, d, counts, 2 * p * d * f, args.rounds, args.per_graph)
         combos = best_combos(r13, r2)
         tuned_ms = float(r13["tuned"]["median_ms"]) + float(r2["tuned"]["median_ms"])
         for ms, label, cfg in combos[:6]:
