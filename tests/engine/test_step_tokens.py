@@ -1,5 +1,6 @@
 """The step's token, position and KV-slot tensors: the per-sequence tensor build (steps with a long prompt)
-equals the Python-list build (decode steps) on random ragged batches, chunks mid-prompt included."""
+equals the Python-list build (decode steps) on random ragged batches, chunks mid-prompt included, and chunks
+that run past the prompt's cached tensor into generated tokens (a preempted sequence recomputing)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mixtral.engine.model_runner import ModelRunner
+from mixtral.engine.sequence import Sequence
+from mixtral.sampling import SamplingParams
 
 
 @settings(max_examples=60, deadline=None)
@@ -24,7 +27,11 @@ def test_vectorized_build_equals_the_lists(seed: int, block_size: int, num_seqs:
         # Decode tokens and long prompt chunks mixed in one step: both halves of the vectorized build.
         n = 1 if rng.random() < 0.4 else rng.randint(1, total - start)
         table = rng.sample(range(2000), -(-total // block_size))
-        seq = SimpleNamespace(block_table=table, token_ids=[rng.randint(0, 99) for _ in range(total)])
+        prompt = rng.randint(1, total)  # tokens past it were generated
+        seq = Sequence("r", 0, [rng.randint(0, 99) for _ in range(total)], prompt, SamplingParams(), 0.0)
+        seq.block_table = table
+        if rng.random() < 0.7:  # as the engine admits it; a bare sequence falls back to the list
+            seq.prompt_tensor = torch.tensor(seq.token_ids[:prompt], dtype=torch.int64)
         scheduled.append(SimpleNamespace(seq=seq, start=start, num_new_tokens=n))
     for want_ids in (True, False):
         lists = ModelRunner._step_tokens(scheduled, want_ids, block_size)

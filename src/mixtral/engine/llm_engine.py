@@ -136,6 +136,7 @@ class LLMEngine:
         seeds = [self._sample_seed(params.seed, i) for i in range(params.n)]
         first = Sequence(request_id, 0, list(prompt_ids), len(prompt_ids), samples[0], now, seed=seeds[0])
         first.fork_count = params.n - 1
+        first.prompt_tensor = torch.tensor(first.token_ids, dtype=torch.int64)  # [P], sliced by each prefill chunk
         if params.prompt_logprobs is not None:
             first.prompt_logprobs = [None]
         group = SequenceGroup(request_id, prompt_text, prompt_ids, params, RequestMetrics(now), [first],
@@ -393,6 +394,7 @@ class LLMEngine:
         child = Sequence(parent.request_id, k + 1, parent.token_ids[:parent.num_prompt_tokens],
                          parent.num_prompt_tokens, group.pending_samples[k], parent.arrival_time,
                          seed=group.pending_seeds[k])
+        child.prompt_tensor = parent.prompt_tensor  # read-only, shared
         self.block_manager.fork(parent, child)
         self.output_processor.start(child, group)
         group.seqs.append(child)

@@ -4,7 +4,7 @@ A request (``SequenceGroup``) starts as one ``Sequence`` holding its prompt. Wit
 prefilled once; when its first tokens are sampled the group forks into n sequences that share the
 prompt's full KV blocks (see ``BlockManager.fork``). Each Sequence tracks how many of its tokens already
 have K/V in the cache (``num_computed_tokens``): the scheduler feeds it the rest, a chunk at a time.
-No tensors live here.
+The only tensor here is the prompt's CPU copy (``prompt_tensor``), which the model runner slices.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+
+import torch
 
 from mixtral.engine.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
 from mixtral.guide import TokenGuide
@@ -73,6 +75,16 @@ class Sequence:
     # Per prompt token: {token_id: logprob} (None for the first token); filled while the prompt is computed.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     detokenizer: object | None = None  # mixtral.engine.detokenize.Detokenizer, set by the engine
+    # The prompt as an int64 CPU tensor, built once at admission: a 2048-token prefill chunk then slices it
+    # instead of converting 2048 Python ints while the GPU waits for the step (~80 us).
+    prompt_tensor: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def new_token_ids(self, start: int, n: int) -> torch.Tensor:
+        """Token ids start .. start + n - 1 as an int64 CPU tensor (a view of ``prompt_tensor`` inside the
+        prompt)."""
+        if self.prompt_tensor is not None and start + n <= self.num_prompt_tokens:
+            return self.prompt_tensor[start:start + n]
+        return torch.tensor(self.token_ids[start:start + n], dtype=torch.int64)
 
     @property
     def guide(self) -> TokenGuide | None:
