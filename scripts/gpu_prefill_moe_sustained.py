@@ -1,5 +1,5 @@
 """Prefill-MoE GEMM tiles against the tuned ones under sustained load (``--set persistent``: the persistent
-kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles and the MMA's A operand from registers): each
+kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles): each
 candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
 rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
@@ -19,7 +19,7 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -43,14 +43,10 @@ def candidates(tuned: MoEConfig, which: str) -> tuple[Candidates, Candidates]:
     short last tiles, so its small_m is None: it combines with the other GEMM's at any small_m."""
     if which == "tiles":
         return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13),
-                 "tuned, A in regs": (tuned.block_m, tuned.small_m, replace(tuned.w13, a_regs=True)),
                  "bm256 64 s4": (256, 128, GemmConfig(64, 64, 8, 4)),
-                 "bm256 64 s4, A in regs": (256, 128, GemmConfig(64, 64, 8, 4, a_regs=True)),
                  "P bm128 128 s4 ws": (128, None, _p(128, 4, True))},
                 {"tuned": (tuned.block_m, tuned.small_m, tuned.w2),
-                 "tuned, A in regs": (tuned.block_m, tuned.small_m, replace(tuned.w2, a_regs=True)),
                  "bm256 128 s4": (256, 128, GemmConfig(128, 64, 8, 4)),
-                 "bm256 128 s4, A in regs": (256, 128, GemmConfig(128, 64, 8, 4, a_regs=True)),
                  "P bm64 256 s4": (64, None, _p(256, 4))})
     w13: Candidates = {
         "tuned": (tuned.block_m, tuned.small_m, tuned.w13),

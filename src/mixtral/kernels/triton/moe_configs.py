@@ -24,8 +24,8 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 class GemmConfig:
     """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs;
     ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop;
-    ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles; ``a_regs``
-    (prefill path, non-persistent) feeds the MMA its A operand from registers instead of shared memory."""
+    ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles
+    (``persistent_moe.py``)."""
 
     block_n: int
     block_k: int
@@ -34,7 +34,6 @@ class GemmConfig:
     split_k: int = 1
     warp_specialize: bool = False
     persistent: bool = False
-    a_regs: bool = False
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ group's last block of at most ``small_m`` rows (config) is multiplied as a ``sma
 program order is expert-major, then output-column tile, then row tile: the few row tiles of one expert that
 share a weight tile run side by side, so each weight tile is read from HBM once and then from L2. The launch
 grid is an upper bound from host ints (every expert may add one partial tile), programs past the real tile
-count exit at once: no host sync.
+count exit at once: no host sync. A GEMM whose config says ``persistent`` runs ``persistent_moe.py``'s kernel
+instead (one program per SM walking the same tiles, without the short last tiles).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 @triton.jit
 def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-              WARP_SPECIALIZE: tl.constexpr, A_REGS: tl.constexpr):
+              WARP_SPECIALIZE: tl.constexpr):
     """act[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = silu(gate) * up, summed over D in fp32."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
@@ -92,8 +93,6 @@ def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_a
                           mask=(rows < P)[:, None], other=0.0)
             wg = tl.load(w + (gate_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
             wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-        if A_REGS:  # an op on the tile makes Triton feed the MMA its A operand from registers, read once
-            x_t = x_t + 0.0
         acc_g = tl.dot(x_t, wg.T, acc_g)
         acc_u = tl.dot(x_t, wu.T, acc_u)
     out = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
@@ -105,8 +104,7 @@ def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_a
 def _sorted_w13_kernel(
     a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, A_REGS: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M or SMALL_M, BLOCK_N] tile of
     expert e. ``a`` / ``a_small`` are xs [P, D] with BLOCK_M / SMALL_M-row blocks and ``w`` the weights as
@@ -120,16 +118,15 @@ def _sorted_w13_kernel(
     up_row = gate_row + F  # the w3 rows follow the F rows of w1
     if SMALL_M < BLOCK_M and small != 0:
         _w13_tile(a_small, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-                  SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE, A_REGS)
+                  SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
     else:
         _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-                  BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE, A_REGS)
+                  BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
 
 
 @triton.jit
 def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, ROWS: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-             A_REGS: tl.constexpr):
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """y[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = act . w2^T, summed over F in fp32."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
@@ -143,8 +140,6 @@ def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, 
             a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
                           mask=(rows < P)[:, None], other=0.0)
             w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-        if A_REGS:
-            a_t = a_t + 0.0
         acc = tl.dot(a_t, w_t.T, acc)
     ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (n0 + cols)[None, :]
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
@@ -154,8 +149,7 @@ def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, 
 def _sorted_w2_kernel(
     a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, A_REGS: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e; ``a`` / ``a_small``
     are act [P, F], ``w`` the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
@@ -167,10 +161,10 @@ def _sorted_w2_kernel(
     w_row = expert * D + n0
     if SMALL_M < BLOCK_M and small != 0:
         _w2_tile(a_small, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, SMALL_M,
-                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE, A_REGS)
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
     else:
         _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, BLOCK_M,
-                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE, A_REGS)
+                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -233,8 +227,8 @@ def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, o
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
         E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, A_REGS=cfg.a_regs, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **pdl_args(a),
+        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **pdl_args(a),
     )
 
 
