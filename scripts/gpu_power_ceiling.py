@@ -18,11 +18,10 @@ import time
 import torch
 
 from mixtral.bench.cuda_timing import capture
-from mixtral.kernels.grouped_mm_moe import sort_pairs
-from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.sorted_moe import invoke_w13
 from mixtral.kernels.triton.tune_moe import random_experts
+from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
 
 
 def smi() -> dict[str, float]:
@@ -51,10 +50,7 @@ def main() -> None:
     e, f, d, k = 8, 14336, 4096, 2
     gen = torch.Generator(device=dev).manual_seed(0)
     w13, _ = random_experts(e, f, d, torch.bfloat16, gen)
-    x = torch.randn(args.tokens, d, device=dev, generator=gen, dtype=torch.bfloat16)
-    _, ids = route_topk(torch.randn(args.tokens, e, device=dev, generator=gen), k)
-    order, _, offs = sort_pairs(ids, e)
-    xs = x.index_select(0, order // k)  # [P, D]
+    xs, offs = sorted_inputs(args.tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
     p = xs.shape[0]
     act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)
     cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)

@@ -24,12 +24,11 @@ from dataclasses import asdict
 import torch
 
 from mixtral.bench.cuda_timing import capture
-from mixtral.kernels.grouped_mm_moe import sort_pairs
-from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
 from mixtral.kernels.triton.tune_moe import random_experts
+from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
 
 Candidates = dict[str, tuple[int, int | None, GemmConfig]]  # label -> (block_m, small_m, tile)
 
@@ -167,10 +166,7 @@ def main() -> None:
     results: dict[str, object] = {}
     table: dict[str, object] = {}
     for i, tokens in enumerate(int(t) for t in args.tokens.split(",")):
-        x = torch.randn(tokens, d, device=dev, generator=gen, dtype=torch.bfloat16)
-        _, ids = route_topk(torch.randn(tokens, e, device=dev, generator=gen), k)
-        order, _, offs = sort_pairs(ids, e)
-        xs = x.index_select(0, order // k)  # [P, D]
+        xs, offs = sorted_inputs(tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
         p = xs.shape[0]
         act_in = torch.randn(p, f, device=dev, generator=gen, dtype=torch.bfloat16) * 0.1  # w2's input [P, F]
         tuned = moe_configs.get_sorted_config(e, f, d, tokens, torch.bfloat16, dev)

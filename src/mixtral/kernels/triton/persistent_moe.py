@@ -60,54 +60,37 @@ def _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _persistent_w13_kernel(
-    a, w, act_ptr, offs_ptr, F, stride_om, grid,
+def _persistent_kernel(
+    a, w, out_ptr, offs_ptr, W_ROWS, UP_OFFSET, stride_om, grid,
     E: tl.constexpr, E_P2: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, GATED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]); ``a`` xs [P, D] and ``w`` [E * 2F, D] are TMA
-    descriptors with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] blocks; ``offs_ptr`` [E] group ends."""
+    """out[r, n] = a[r] . w[e, n] for each row r of expert e's group, or with GATED (w13)
+    silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]), the w3 row UP_OFFSET rows after the w1 row. ``a`` [P, K] and
+    ``w`` [E * W_ROWS, K] are TMA descriptors with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] blocks;
+    ``offs_ptr`` [E] group ends."""
     pdl_enter(PDL)
     idx, starts, ends, m_tiles, first, total = _groups(offs_ptr, E, E_P2, BLOCK_M, N_TILES)
     cols = tl.arange(0, BLOCK_N)  # [BN]
     for tile in tl.range(tl.program_id(0), total, grid, warp_specialize=WARP_SPECIALIZE):
         expert, row0, row_end, n_tile = _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M)
         n0 = n_tile * BLOCK_N
-        gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
-        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(K_TILES):
-            x_t = a.load([row0, kt * BLOCK_K])  # [BM, BK]; rows past P read as zeros
-            acc_g = tl.dot(x_t, w.load([gate_row, kt * BLOCK_K]).T, acc_g)
-            acc_u = tl.dot(x_t, w.load([gate_row + F, kt * BLOCK_K]).T, acc_u)  # w3 rows follow w1's F rows
-        out = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
-        rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-        ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
-        tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
-
-
-@triton.jit
-def _persistent_w2_kernel(
-    a, w, y_ptr, offs_ptr, D, stride_ym, grid,
-    E: tl.constexpr, E_P2: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
-):
-    """y[r, n] = act[r] . w2[e, n]; ``a`` act [P, F] and ``w`` [E * D, F] are TMA descriptors."""
-    pdl_enter(PDL)
-    idx, starts, ends, m_tiles, first, total = _groups(offs_ptr, E, E_P2, BLOCK_M, N_TILES)
-    cols = tl.arange(0, BLOCK_N)  # [BN]
-    for tile in tl.range(tl.program_id(0), total, grid, warp_specialize=WARP_SPECIALIZE):
-        expert, row0, row_end, n_tile = _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M)
-        n0 = n_tile * BLOCK_N
-        w_row = expert * D + n0
+        w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for kt in range(K_TILES):
-            acc = tl.dot(a.load([row0, kt * BLOCK_K]), w.load([w_row, kt * BLOCK_K]).T, acc)
+        if GATED:
+            acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for kt in range(K_TILES):
+                x_t = a.load([row0, kt * BLOCK_K])  # [BM, BK]; rows past P read as zeros
+                acc = tl.dot(x_t, w.load([w_row, kt * BLOCK_K]).T, acc)
+                acc_u = tl.dot(x_t, w.load([w_row + UP_OFFSET, kt * BLOCK_K]).T, acc_u)
+            acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
+        else:
+            for kt in range(K_TILES):
+                acc = tl.dot(a.load([row0, kt * BLOCK_K]), w.load([w_row, kt * BLOCK_K]).T, acc)
         rows = row0 + tl.arange(0, BLOCK_M)  # [BM]
-        ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (n0 + cols)[None, :]
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+        ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
+        tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
 
 
 @functools.lru_cache(maxsize=16)
@@ -126,12 +109,11 @@ def launch(w13_gemm: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Ten
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     grid = min(num_sms(a.device), (triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles)
-    kernel = _persistent_w13_kernel if w13_gemm else _persistent_w2_kernel
-    kernel[(grid,)](
+    _persistent_kernel[(grid,)](
         TensorDescriptor.from_tensor(a, [block_m, cfg.block_k]),
         TensorDescriptor.from_tensor(w_rows, [cfg.block_n, cfg.block_k]),
-        out, offs, f if w13_gemm else d, out.stride(0), grid,
+        out, offs, 2 * f if w13_gemm else d, f, out.stride(0), grid,
         E=e_local, E_P2=triton.next_power_of_2(e_local), N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, K_TILES=k // cfg.block_k,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        BLOCK_K=cfg.block_k, K_TILES=k // cfg.block_k, GATED=w13_gemm, WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )

@@ -17,6 +17,7 @@ import functools
 import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
+from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
 from mixtral.kernels.triton.tune_moe import _bench, random_experts, run_tuner, tuning_inputs
@@ -34,6 +35,16 @@ W2_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), 
             (64, 64, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3, 1, True), (256, 64, 8, 4, 1, True),
             (128, 64, 8, 4, 1, True), (256, 64, 8, 4, 1, False, True)]
 SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
+
+
+def sorted_inputs(tokens: int, num_experts: int, dim: int, top_k: int, dtype: torch.dtype, gen: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill's MoE input in expert order from uniform random routing, on ``gen``'s device: xs [P, D] (P =
+    tokens * top_k rows, row r the token of sorted pair r) and the group ends offs [E] (the GPU scripts' input)."""
+    x = torch.randn(tokens, dim, device=gen.device, generator=gen, dtype=dtype)
+    _, ids = route_topk(torch.randn(tokens, num_experts, device=gen.device, generator=gen), top_k)
+    order, _, offs = sort_pairs(ids, num_experts)
+    return x.index_select(0, order // top_k), offs
 
 
 def fits(block_m: int, tile: GemmConfig, weight_tiles: int, elem: int = 2) -> bool:
