@@ -54,9 +54,28 @@ def test_decode_moe_skips_the_align_launch(compiled: dict[str, dict[str, object]
     assert names("fused_moe batch 8 (aligned)")[0] == "_moe_align_kernel"
 
 
+def _moe_kernels(case: dict[str, object]) -> list[str]:
+    return [k["name"] for k in case["kernels"]]  # type: ignore[attr-defined, index]
+
+
+def test_h200_prefill_tiles_build_the_kernels_their_configs_name(compiled: dict[str, dict[str, object]]) -> None:
+    """Each entry of the H200 prefill table is built, and a GEMM whose tiles say ``persistent`` runs the
+    persistent kernel (one program per SM) on sm90."""
+    from mixtral.kernels.triton import moe_configs
+
+    table = moe_configs.load_configs(moe_configs.config_path(8, 14336, 4096, "NVIDIA H200", "sorted_"))
+    assert table and any(c.w13.persistent or c.w2.persistent for c in table.values())
+    for m, cfg in table.items():
+        want = ["_persistent_kernel" if cfg.w13.persistent else "_sorted_w13_kernel",
+                "_persistent_kernel" if cfg.w2.persistent else "_sorted_w2_kernel"]
+        assert _moe_kernels(compiled[f"sorted_moe {m} (H200 tiles)"]) == want, m
+
+
 def test_every_kernel_compiles_for_sm80_without_pdl(tmp_path: Path) -> None:
-    """An A100 gets no griddepcontrol (it has none) and the sorted prefill MoE with pointer loads."""
+    """An A100 gets no griddepcontrol (it has none) and the sorted prefill MoE with pointer loads, also where
+    a borrowed Hopper table asks for persistent (TMA) tiles."""
     cases = _compile(80, tmp_path / "compile.json")
     assert not {name: c["error"] for name, c in cases.items() if "error" in c}
     kernels = [k for c in cases.values() for k in c["kernels"]]  # type: ignore[attr-defined]
     assert kernels and not any(k["pdl_wait"] for k in kernels)
+    assert "_persistent_kernel" not in {k["name"] for k in kernels}  # type: ignore[index]
