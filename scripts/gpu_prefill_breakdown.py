@@ -78,22 +78,35 @@ def select(engine: LLMEngine, graphs: tuple[object, object], variant: str) -> No
     os.environ["MIXTRAL_MOE_PREFILL"] = "sorted" if variant in ("graph", "paged_graph") else variant
 
 
+def prefill_args(ap: argparse.ArgumentParser, layers: int, rounds_of: str) -> None:
+    """The flags the prefill scripts share: model, layers, prompt length, rounds, JSON output."""
+    ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
+    ap.add_argument("--layers", type=int, default=layers,
+                    help="decoder layers kept (16 of 8x7B's 32 fit an H100, all 32 an H200)")
+    ap.add_argument("--length", type=int, default=2048, help="prompt tokens (one chunk)")
+    ap.add_argument("--rounds", type=int, default=5, help=f"timed prefills per {rounds_of}")
+    ap.add_argument("--json", default=None, help="write the figures here")
+
+
+def prefill_setup(args: argparse.Namespace) -> tuple[LLMEngine, float, float]:
+    """(the engine of ``prefill_engine``, FLOPs of one prefill of ``args.length`` tokens, the device's bf16
+    peak FLOP/s: the datasheet's, else measured)."""
+    engine = prefill_engine(args.model, args.layers, args.length)
+    flops = roofline.prefill_flops(engine.model_args, args.length)
+    peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(torch.device("cuda"))
+    return engine, flops, peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
-    ap.add_argument("--layers", type=int, default=16, help="decoder layers kept (16 of 8x7B's 32 fit an H100)")
-    ap.add_argument("--length", type=int, default=2048, help="prompt tokens")
+    prefill_args(ap, layers=16, rounds_of="path")
     ap.add_argument("--paths", default="graph,paged_graph,sorted",
                     help="variants to alternate: 'graph' (the prefill CUDA graphs as the engine picks them), "
                          "'paged_graph' (without the fresh-prompt one) or MIXTRAL_MOE_PREFILL values (eager steps)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed prefills per path")
-    ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (host and GPU) of one prefill here")
     args = ap.parse_args()
-    engine = prefill_engine(args.model, args.layers, args.length)
+    engine, flops, peak = prefill_setup(args)
     margs = engine.model_args
-    flops = roofline.prefill_flops(margs, args.length)
-    peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(torch.device("cuda"))
     paths = [p for p in args.paths.split(",") if p]
     runner = engine.model_runner
     graphs = (runner.prefill_graph, runner.fresh_prefill_graph)

@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
-from gpu_prefill_breakdown import prefill_engine, prefill_once  # scripts/ is sys.path[0] when run as a file
+from gpu_prefill_breakdown import (  # scripts/ is sys.path[0] when run as a file
+    prefill_args,
+    prefill_once,
+    prefill_setup,
+)
 
-from mixtral.bench import roofline
 from mixtral.engine.cuda_graphs import PrefillGraph
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
@@ -52,22 +55,16 @@ def sorted_config(cfg: MoEConfig) -> Iterator[None]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mixtral-8x7b", help="preset (random weights)")
-    ap.add_argument("--layers", type=int, default=32, help="decoder layers kept")
-    ap.add_argument("--length", type=int, default=2048, help="prompt tokens (one chunk)")
-    ap.add_argument("--rounds", type=int, default=5, help="timed prefills per candidate")
-    ap.add_argument("--json", default=None, help="write the figures here")
+    prefill_args(ap, layers=32, rounds_of="candidate")
     ap.add_argument("--candidates", default=None, help="JSON {label: MoEConfig dict} to compare with the tuned entry")
     args = ap.parse_args()
-    engine = prefill_engine(args.model, args.layers, args.length)
+    engine, flops, peak = prefill_setup(args)
     runner = engine.model_runner
     margs = engine.model_args
     assert runner.prefill_graph is not None, "needs the prefill graphs (CUDA, graphs on)"
     dev = torch.device("cuda")
     tuned = moe_configs.get_sorted_config(margs.num_experts, margs.hidden_dim, margs.dim, args.length,
                                           torch.bfloat16, dev)
-    flops = roofline.prefill_flops(margs, args.length)
-    peak = roofline.datasheet_peak(torch.cuda.get_device_name()) or roofline.measure_matmul_flops(dev)
     graphs: dict[str, PrefillGraph] = {}
     ff = runner.model.layers[0].feed_forward
     probe = torch.empty(1, margs.dim, dtype=torch.bfloat16, device=dev)

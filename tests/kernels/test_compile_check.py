@@ -66,8 +66,7 @@ def test_h200_prefill_tiles_build_the_kernels_their_configs_name(compiled: dict[
     table = moe_configs.load_configs(moe_configs.config_path(8, 14336, 4096, "NVIDIA H200", "sorted_"))
     assert table and any(c.w13.persistent or c.w2.persistent for c in table.values())
     for m, cfg in table.items():
-        want = ["_persistent_kernel" if cfg.w13.persistent else "_sorted_w13_kernel",
-                "_persistent_kernel" if cfg.w2.persistent else "_sorted_w2_kernel"]
+        want = ["_persistent_kernel" if g.persistent else "_sorted_kernel" for g in (cfg.w13, cfg.w2)]
         assert _moe_kernels(compiled[f"sorted_moe {m} (H200 tiles)"]) == want, m
 
 

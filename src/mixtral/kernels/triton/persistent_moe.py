@@ -101,19 +101,19 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def launch(w13_gemm: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
-           f: int, d: int, n_tiles: int, k: int, e_local: int, block_m: int, cfg: GemmConfig) -> None:
-    """One persistent launch of the w13 (``w13_gemm``) or w2 GEMM over ``a`` [P, k] in ``block_m`` tiles.
-    The grid is the SM count, or the tile count's upper bound (every group may end in a partial tile) when
-    that is smaller."""
+def launch(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
+           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, cfg: GemmConfig) -> None:
+    """One persistent launch over ``a`` [P, K] in ``block_m`` tiles against ``w_rows`` [E * rows_per_expert, K]
+    (w13 with ``gated``: w3's rows ``up_offset`` after w1's). The grid is the SM count, or the tile count's
+    upper bound (every group may end in a partial tile) when that is smaller."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     grid = min(num_sms(a.device), (triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles)
     _persistent_kernel[(grid,)](
         TensorDescriptor.from_tensor(a, [block_m, cfg.block_k]),
         TensorDescriptor.from_tensor(w_rows, [cfg.block_n, cfg.block_k]),
-        out, offs, 2 * f if w13_gemm else d, f, out.stride(0), grid,
+        out, offs, rows_per_expert, up_offset, out.stride(0), grid,
         E=e_local, E_P2=triton.next_power_of_2(e_local), N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, K_TILES=k // cfg.block_k, GATED=w13_gemm, WARP_SPECIALIZE=cfg.warp_specialize,
+        BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GATED=gated, WARP_SPECIALIZE=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )

@@ -74,97 +74,60 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr,
-              WARP_SPECIALIZE: tl.constexpr):
-    """act[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = silu(gate) * up, summed over D in fp32."""
-    rows = row0 + tl.arange(0, ROWS)  # [ROWS]
-    cols = tl.arange(0, BLOCK_N)  # [BN]
-    ks = tl.arange(0, BLOCK_K)  # [BK]
-    acc_g = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, D, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
-        if USE_TMA:
-            x_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
-            wg = w.load([gate_row, k0])  # [BN, BK]
-            wu = w.load([up_row, k0])  # [BN, BK]
-        else:
-            x_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
-                          mask=(rows < P)[:, None], other=0.0)
-            wg = tl.load(w + (gate_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-            wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-        acc_g = tl.dot(x_t, wg.T, acc_g)
-        acc_u = tl.dot(x_t, wu.T, acc_u)
-    out = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
-    ptrs = act_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
-    tl.store(ptrs, out.to(act_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
-
-
-@triton.jit
-def _sorted_w13_kernel(
-    a, a_small, w, act_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_om,
-    E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
-):
-    """act[r, n] = silu(xs[r] . w1[e, n]) * (xs[r] . w3[e, n]) for one [BLOCK_M or SMALL_M, BLOCK_N] tile of
-    expert e. ``a`` / ``a_small`` are xs [P, D] with BLOCK_M / SMALL_M-row blocks and ``w`` the weights as
-    [E * 2F, D] rows: TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
-    pdl_enter(PDL)
-    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
-    if expert >= E:
-        return
-    n0 = n_tile * BLOCK_N
-    gate_row = expert * 2 * F + n0  # first w1 row of this column tile in the [E * 2F, D] view
-    up_row = gate_row + F  # the w3 rows follow the F rows of w1
-    if SMALL_M < BLOCK_M and small != 0:
-        _w13_tile(a_small, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-                  SMALL_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-    else:
-        _w13_tile(a, w, act_ptr, row0, row_end, gate_row, up_row, n0, P, D, stride_am, stride_wr, stride_om,
-                  BLOCK_M, BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
-
-
-@triton.jit
-def _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, ROWS: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
-    """y[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = act . w2^T, summed over F in fp32."""
+def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stride_wr, stride_om,
+          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+          USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+    """out[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = a . w^T summed over K in fp32, from weight
+    rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for k0 in tl.range(0, F, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # the up projection (GATED only)
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
-            a_t = a.load([row0, k0])  # [ROWS, BK]
+            a_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
             w_t = w.load([w_row, k0])  # [BN, BK]
+            if GATED:
+                wu = w.load([up_row, k0])  # [BN, BK]
         else:
             a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
                           mask=(rows < P)[:, None], other=0.0)
             w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+            if GATED:
+                wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
         acc = tl.dot(a_t, w_t.T, acc)
-    ptrs = y_ptr + rows[:, None].to(tl.int64) * stride_ym + (n0 + cols)[None, :]
-    tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+        if GATED:
+            acc_u = tl.dot(a_t, wu.T, acc_u)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
 
 
 @triton.jit
-def _sorted_w2_kernel(
-    a, a_small, w, y_ptr, offs_ptr, P, F, D, stride_am, stride_wr, stride_ym,
+def _sorted_kernel(
+    a, a_small, w, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """y[r, n] = act[r] . w2[e, n] for one [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e; ``a`` / ``a_small``
-    are act [P, F], ``w`` the weights as [E * D, F] rows (TMA descriptors, or pointers when USE_TMA is off)."""
+    """One [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e: out[r, n] = a[r] . w[e, n] (w2), or with GATED
+    (w13) silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]). ``a`` / ``a_small`` are the rows [P, K] with BLOCK_M /
+    SMALL_M-row blocks and ``w`` the weights as [E * W_ROWS, K] rows (w13: w1's F rows, then w3's from
+    UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
     pdl_enter(PDL)
     expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
-    w_row = expert * D + n0
+    w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
     if SMALL_M < BLOCK_M and small != 0:
-        _w2_tile(a_small, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, SMALL_M,
-                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+        _tile(a_small, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr,
+              stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
     else:
-        _w2_tile(a, w, y_ptr, row0, row_end, w_row, n0, P, F, stride_am, stride_wr, stride_ym, BLOCK_M,
-                 BLOCK_N, BLOCK_K, USE_TMA, WARP_SPECIALIZE)
+        _tile(a, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr, stride_om,
+              BLOCK_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -213,22 +176,27 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
     return TensorDescriptor.from_tensor(t, block)
 
 
-def _launch(kernel: triton.JITFunction, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
-            f: int, d: int, n_tiles: int, e_local: int, block_m: int, small_m: int, cfg: GemmConfig,
-            use_tma: bool) -> None:
-    """One launch over every row in ``block_m`` tiles, each group's short last block (at most ``small_m``
-    rows, when ``small_m`` > 0) in a ``small_m`` tile. The grid is an upper bound from host ints: every
-    group may end in a partial tile."""
+def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
+          rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, small_m: int,
+          cfg: GemmConfig, use_tma: bool) -> None:
+    """One launch of either GEMM over every row of ``a`` [P, K] against ``w_rows`` [E * rows_per_expert, K]:
+    the persistent kernel when the config asks for it (TMA only), else one program per ``block_m`` tile with
+    each group's short last block (at most ``small_m`` rows, when ``small_m`` > 0) in a ``small_m`` tile.
+    The grid is an upper bound from host ints: every group may end in a partial tile."""
+    if cfg.persistent and use_tma:
+        persistent_moe.launch(gated, a, w_rows, out, offs, rows_per_expert, up_offset, n_tiles, e_local, block_m,
+                              cfg)
+        return
     small = small_m or block_m
     grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
     a_big = _operand(a, [block_m, cfg.block_k], use_tma)
     a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
-    kernel[grid](
+    _sorted_kernel[grid](
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
-        out, offs, a.shape[0], f, d, a.stride(0), w_rows.stride(0), out.stride(0),
-        E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        **pdl_args(a),
+        out, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
+        out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GATED=gated, USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )
 
 
@@ -237,24 +205,16 @@ def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: tor
     """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
     e_local, two_f, d = w13.shape
     f = two_f // 2
-    if cfg.persistent and use_tma:
-        persistent_moe.launch(True, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, d,
-                              e_local, block_m, cfg)
-        return
-    _launch(_sorted_w13_kernel, xs, w13.view(e_local * two_f, d), act, offs, f, d, f // cfg.block_n, e_local,
-            block_m, small_m, cfg, use_tma)
+    _gemm(True, xs, w13.view(e_local * two_f, d), act, offs, two_f, f, f // cfg.block_n, e_local, block_m, small_m,
+          cfg, use_tma)
 
 
 def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, block_m: int,
               cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
     """y [P, D] = act w2^T per row, each row against its group's expert."""
     e_local, d, f = w2.shape
-    if cfg.persistent and use_tma:
-        persistent_moe.launch(False, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, f, e_local,
-                              block_m, cfg)
-        return
-    _launch(_sorted_w2_kernel, act, w2.view(e_local * d, f), y, offs, f, d, d // cfg.block_n, e_local, block_m,
-            small_m, cfg, use_tma)
+    _gemm(False, act, w2.view(e_local * d, f), y, offs, d, 0, d // cfg.block_n, e_local, block_m, small_m, cfg,
+          use_tma)
 
 
 def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,

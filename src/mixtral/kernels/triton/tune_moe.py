@@ -89,9 +89,16 @@ def tuning_inputs(num_experts: int, dim: int, top_k: int, batches: list[int], dt
         if time.monotonic() > deadline:
             print(f"  time budget spent: stopping before M={m}")
             return
-        x = torch.randn(m, dim, device=gen.device, generator=gen, dtype=dtype)
-        weights, ids = route_topk(torch.randn(m, num_experts, device=gen.device, generator=gen), top_k)
-        yield m, x, weights, ids
+        yield m, *random_routing(m, num_experts, dim, top_k, dtype, gen)
+
+
+def random_routing(tokens: int, num_experts: int, dim: int, top_k: int, dtype: torch.dtype, gen: torch.Generator
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [tokens, D] and a uniform random routing of it: weights [tokens, k] fp32, ids [tokens, k], on
+    ``gen``'s device."""
+    x = torch.randn(tokens, dim, device=gen.device, generator=gen, dtype=dtype)
+    weights, ids = route_topk(torch.randn(tokens, num_experts, device=gen.device, generator=gen), top_k)
+    return x, weights, ids
 
 
 def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,

@@ -17,10 +17,9 @@ import functools
 import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
-from mixtral.kernels.reference import route_topk
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import _bench, random_experts, run_tuner, tuning_inputs
+from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
@@ -41,10 +40,14 @@ def sorted_inputs(tokens: int, num_experts: int, dim: int, top_k: int, dtype: to
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """A prefill's MoE input in expert order from uniform random routing, on ``gen``'s device: xs [P, D] (P =
     tokens * top_k rows, row r the token of sorted pair r) and the group ends offs [E] (the GPU scripts' input)."""
-    x = torch.randn(tokens, dim, device=gen.device, generator=gen, dtype=dtype)
-    _, ids = route_topk(torch.randn(tokens, num_experts, device=gen.device, generator=gen), top_k)
+    x, _, ids = random_routing(tokens, num_experts, dim, top_k, dtype, gen)
+    return sorted_rows(x, ids, num_experts)
+
+
+def sorted_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [N, D] gathered into expert order for routing ``ids`` [N, k]: xs [N * k, D] and the group ends [E]."""
     order, _, offs = sort_pairs(ids, num_experts)
-    return x.index_select(0, order // top_k), offs
+    return x.index_select(0, order // ids.shape[1]), offs
 
 
 def fits(block_m: int, tile: GemmConfig, weight_tiles: int, elem: int = 2) -> bool:
@@ -61,8 +64,7 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
     best: dict[int, MoEConfig] = {}
     times: dict[int, float] = {}
     for m, x, _, ids in tuning_inputs(num_experts, dim, top_k, batches, dtype, gen, deadline):
-        order, _, offs = sort_pairs(ids, num_experts)
-        xs = x.index_select(0, order // top_k)  # [P, D]
+        xs, offs = sorted_rows(x, ids, num_experts)  # [P, D], [E]
         act = torch.randn(xs.shape[0], ffn_dim, device=device, generator=gen, dtype=dtype)  # [P, F]
         y = torch.empty(xs.shape[0], dim, device=device, dtype=dtype)  # [P, D]
         flops13, flops2 = 4 * xs.shape[0] * dim * ffn_dim, 2 * xs.shape[0] * dim * ffn_dim
