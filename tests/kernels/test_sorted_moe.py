@@ -190,3 +190,44 @@ def test_persistent_needs_tma_else_takes_the_plain_kernel() -> None:
     cfg = mc.MoEConfig(16, PERSISTENT, PERSISTENT)
     torch.testing.assert_close(sm.sorted_moe(x, w13, w2, weights, ids, config=cfg, use_tma=False),
                                moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize(("split", "tail", "small_m"), [(2, 3, 0), (4, 5, 16), (2, 64, 16)])
+@pytest.mark.parametrize(("counts", "e_local", "expert_start"), [
+    ([40, 60, 32, 0], 4, 0),  # ragged groups, an exact tile, an empty expert last
+    ([17, 0, 33, 70], 2, 2),  # expert parallel: rank 1's two experts, the others' pairs never multiplied
+])
+def test_split_tail_pieces_add_up(use_tma: bool, split: int, tail: int, small_m: int, counts: list[int],
+                                  e_local: int, expert_start: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last ``tail`` tiles of each GEMM (all of them when there are fewer: tail 64) cut into 2 or 4
+    reduction pieces give the reference's result, big and short tiles alike, and leave every arrival count
+    at zero for the next launch: a piece lost, counted twice or summed into the wrong tile would show."""
+    monkeypatch.setattr(persistent_moe, "num_sms", lambda device: tail)
+    monkeypatch.setattr(sm, "_WORKSPACE", {})
+    pairs = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
+    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 64, 128, 2, seed=10)
+    local = slice(expert_start, expert_start + e_local)
+    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    ref = moe_reference(x, w13, w2, weights, ids, expert_start)
+    cut = mc.GemmConfig(32, 16, 4, 2, split_tail=split)
+    plain = mc.GemmConfig(32, 16, 4, 2)
+    for w13_cfg, w2_cfg in ((cut, cut), (cut, plain), (plain, cut)):
+        for _ in range(2):  # the second launch starts from the counts the first left behind
+            got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start,
+                                config=mc.MoEConfig(32, w13_cfg, w2_cfg, small_m), use_tma=use_tma)
+            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    _, arrivals = sm._WORKSPACE[torch.device("cpu")]
+    assert arrivals.numel() == tail and not arrivals.any()
+
+
+def test_split_tail_refusals() -> None:
+    """A split that does not divide the reduction steps, or one asked of a persistent tile, is refused by name."""
+    x, w13, w2, weights, ids = _problem(20, 4, 64, 96, 2, seed=11)
+    uneven = mc.MoEConfig(16, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2, split_tail=2))
+    with pytest.raises(ValueError, match=r"w2: split_tail=2 needs .* 96 // 32 = 3 steps"):
+        sm.sorted_moe(x, w13, w2, weights, ids, config=uneven)
+    both = mc.MoEConfig(16, mc.GemmConfig(32, 32, 4, 2, persistent=True, split_tail=2), mc.GemmConfig(32, 32, 4, 2))
+    with pytest.raises(ValueError, match="w13: split_tail=2 needs a non-persistent tile"):
+        sm.sorted_moe(x, w13, w2, weights, ids, config=both)
