@@ -140,9 +140,6 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
     # first table on disk, so they are named here to be built too.
     h200 = moe_configs.load_configs(moe_configs.config_path(e, f, d, "NVIDIA H200", "sorted_")) or {}
     split_k = moe_configs.MoEConfig(16, moe_configs.GemmConfig(32, 512), moe_configs.GemmConfig(64, 256, split_k=2))
-    # The last tiles cut into reduction pieces (w13 warp-specialized, w2 with the short last tiles).
-    split_tail = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 4, warp_specialize=True, split_tail=2),
-                                       moe_configs.GemmConfig(256, 64, 8, 4, split_tail=4), 64)
     return {
         "rms_norm": lambda: rmsnorm.rms_norm(empty(1, d), empty(d), 1e-5),
         "add_rms_norm": lambda: rmsnorm.add_rms_norm(empty(8, d), empty(8, d), empty(d), 1e-5),
@@ -168,8 +165,6 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         "sort_pairs": lambda: moe_align.sort_pairs(routing(2048)[1], e),
         "sorted_moe 2048": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
                                                          use_tma=arch >= 90),
-        "sorted_moe 2048 (split tail)": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
-                                                                     config=split_tail, use_tma=arch >= 90),
         **{f"sorted_moe {m} (H200 tiles)": functools.partial(
             lambda m, cfg: sorted_moe.sorted_moe(empty(m, d), w13, w2, *routing(m), config=cfg, use_tma=arch >= 90),
             m, cfg) for m, cfg in h200.items()},

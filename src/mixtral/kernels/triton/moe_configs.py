@@ -25,8 +25,7 @@ class GemmConfig:
     """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs;
     ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop;
     ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles
-    (``persistent_moe.py``); ``split_tail`` > 1 (prefill path, non-persistent) cuts each of the launch's last
-    SM-count tiles into that many reduction pieces (``sorted_moe.py``)."""
+    (``persistent_moe.py``)."""
 
     block_n: int
     block_k: int
@@ -35,7 +34,6 @@ class GemmConfig:
     split_k: int = 1
     warp_specialize: bool = False
     persistent: bool = False
-    split_tail: int = 1
 
 
 @dataclass(frozen=True)

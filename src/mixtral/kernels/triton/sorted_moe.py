@@ -74,86 +74,17 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _tile_count(offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Tiles of the launch for the group ends at ``offs_ptr`` (every group cut into BLOCK_M-row blocks)."""
-    total = 0
-    start = 0
-    for e in tl.static_range(E):
-        end = tl.load(offs_ptr + e)
-        total += tl.cdiv(end - start, BLOCK_M) * N_TILES
-        start = end
-    return total
-
-
-@triton.jit
-def _split_tail(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr,
-                TAIL: tl.constexpr):
-    """pid -> (tile, piece, slot). The launch's last TAIL tiles (all of them when fewer) are cut into SPLIT
-    reduction pieces, one program each, launched last: the final wave is then pieces 1/SPLIT as long, and
-    the SMs go idle over a shorter stretch. Whole tiles have piece -1; a piece's tile is its slot's
-    (slot = tile - first split tile)."""
-    start = tl.maximum(_tile_count(offs_ptr, N_TILES, E, BLOCK_M) - TAIL, 0)
-    q = pid - start
-    split = q >= 0
-    slot = tl.where(split, q // SPLIT, 0)
-    return tl.where(split, start + slot, pid), tl.where(split, q % SPLIT, -1), slot
-
-
-@triton.jit
-def _store_tile(acc, acc_u, out_ptr, rows, row_end, n0, stride_om, BLOCK_N: tl.constexpr, GATED: tl.constexpr):
-    """out[rows < row_end, n0 : n0 + BLOCK_N] = acc, or with GATED silu(acc) * acc_u, rounded once."""
-    if GATED:
-        acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums
-    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + tl.arange(0, BLOCK_N))[None, :]
-    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
-
-
-@triton.jit
-def _split_store(acc, acc_u, out_ptr, ws_ptr, count_ptr, rows, row_end, n0, piece, slot, stride_om,
-                 ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GATED: tl.constexpr,
-                 SPLIT: tl.constexpr):
-    """Store a whole tile (piece < 0), or a piece's fp32 sums into its workspace slot; the tile's last piece to
-    arrive adds the SPLIT sums in piece order (the same bits whichever piece came last), zeroes the slot's
-    count for the next launch and stores the tile."""
-    if piece >= 0:
-        PIECE: tl.constexpr = BLOCK_M * BLOCK_N * (1 + GATED)  # workspace floats of one piece
-        # Workspace: [TAIL, SPLIT, 1 or 2 (gate, up), BLOCK_M, BLOCK_N] fp32; a ROWS-row tile uses its first rows.
-        cell = tl.arange(0, ROWS)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]  # [ROWS, BN]
-        part = ws_ptr + slot.to(tl.int64) * (SPLIT * PIECE)
-        tl.store(part + piece * PIECE + cell, acc)
-        if GATED:
-            tl.store(part + piece * PIECE + BLOCK_M * BLOCK_N + cell, acc_u)
-        tl.debug_barrier()  # every thread's sums are stored before the count says so
-        if tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-            for i in tl.static_range(SPLIT):
-                # .cg: from L2, where the other SMs' stores are, never from this SM's L1
-                acc += tl.load(part + i * PIECE + cell, cache_modifier=".cg")
-                if GATED:
-                    acc_u += tl.load(part + i * PIECE + BLOCK_M * BLOCK_N + cell, cache_modifier=".cg")
-            tl.atomic_xchg(count_ptr + slot, 0, sem="relaxed", scope="gpu")
-            _store_tile(acc, acc_u, out_ptr, rows, row_end, n0, stride_om, BLOCK_N, GATED)
-    else:
-        _store_tile(acc, acc_u, out_ptr, rows, row_end, n0, stride_om, BLOCK_N, GATED)
-
-
-@triton.jit
-def _tile(a, w, out_ptr, ws_ptr, count_ptr, row0, row_end, w_row, up_row, n0, k_lo, k_hi, piece, slot, P,
-          stride_am, stride_wr, stride_om, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-          BLOCK_K: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-          SPLIT: tl.constexpr):
+def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stride_wr, stride_om,
+          ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
+          USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """out[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = a . w^T summed over K in fp32, from weight
-    rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row.
-
-    This program sums the reduction columns [k_lo, k_hi); with SPLIT > 1 a piece of a split tile
-    (piece >= 0) goes through ``_split_store``."""
+    rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # the up projection (GATED only)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             a_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
             w_t = w.load([w_row, k0])  # [BN, BK]
@@ -168,49 +99,35 @@ def _tile(a, w, out_ptr, ws_ptr, count_ptr, row0, row_end, w_row, up_row, n0, k_
         acc = tl.dot(a_t, w_t.T, acc)
         if GATED:
             acc_u = tl.dot(a_t, wu.T, acc_u)
-    if SPLIT > 1:
-        _split_store(acc, acc_u, out_ptr, ws_ptr, count_ptr, rows, row_end, n0, piece, slot, stride_om, ROWS,
-                     BLOCK_M, BLOCK_N, GATED, SPLIT)
-    else:
-        _store_tile(acc, acc_u, out_ptr, rows, row_end, n0, stride_om, BLOCK_N, GATED)
+    if GATED:
+        acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
+    ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
 
 
 @triton.jit
 def _sorted_kernel(
-    a, a_small, w, out_ptr, offs_ptr, ws_ptr, count_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
+    a, a_small, w, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    SPLIT: tl.constexpr, TAIL: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """One [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e: out[r, n] = a[r] . w[e, n] (w2), or with GATED
     (w13) silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]). ``a`` / ``a_small`` are the rows [P, K] with BLOCK_M /
     SMALL_M-row blocks and ``w`` the weights as [E * W_ROWS, K] rows (w13: w1's F rows, then w3's from
-    UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off. With
-    SPLIT > 1 the last TAIL tiles take SPLIT programs each (``_split_tail``), summing through ``ws_ptr``."""
+    UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
     pdl_enter(PDL)
-    tile = tl.program_id(0)
-    piece = tile * 0 - 1
-    slot = tile * 0
-    k_lo = tile * 0
-    k_hi = tile * 0 + K
-    if SPLIT > 1:
-        tile, piece, slot = _split_tail(tile, offs_ptr, N_TILES, E, BLOCK_M, SPLIT, TAIL)
-        span = K // SPLIT  # a multiple of BLOCK_K (layout_problem)
-        k_lo = tl.where(piece >= 0, piece * span, 0)
-        k_hi = tl.where(piece >= 0, k_lo + span, K)
-    expert, row0, row_end, n_tile, small = _tile_of(tile, offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
     w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
     if SMALL_M < BLOCK_M and small != 0:
-        _tile(a_small, w, out_ptr, ws_ptr, count_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, k_lo, k_hi, piece,
-              slot, P, stride_am, stride_wr, stride_om, SMALL_M, BLOCK_M, BLOCK_N, BLOCK_K, GATED, USE_TMA,
-              WARP_SPECIALIZE, SPLIT)
+        _tile(a_small, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr,
+              stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
     else:
-        _tile(a, w, out_ptr, ws_ptr, count_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, k_lo, k_hi, piece,
-              slot, P, stride_am, stride_wr, stride_om, BLOCK_M, BLOCK_M, BLOCK_N, BLOCK_K, GATED, USE_TMA,
-              WARP_SPECIALIZE, SPLIT)
+        _tile(a, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr, stride_om,
+              BLOCK_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -226,10 +143,6 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
                              ("F", f, cfg.w2.block_k)):
         if size % tile:
             return f"{what}={size} is not a multiple of the tile {tile}"
-    for what, g, k in (("w13", cfg.w13, d), ("w2", cfg.w2, f)):
-        if g.split_tail > 1 and (g.persistent or (k // g.block_k) % g.split_tail):
-            return (f"{what}: split_tail={g.split_tail} needs a non-persistent tile and a reduction of "
-                    f"{k} // {g.block_k} = {k // g.block_k} steps that it divides")
     if cfg.small_m and (cfg.small_m >= cfg.block_m or cfg.small_m < 16 or cfg.small_m & (cfg.small_m - 1)):
         return f"small_m={cfg.small_m} must be a power of two from 16 to below block_m={cfg.block_m}"
     if not (w13.is_contiguous() and w2.is_contiguous()):
@@ -263,55 +176,27 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
     return TensorDescriptor.from_tensor(t, block)
 
 
-_WORKSPACE: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def split_workspace(device: torch.device, floats: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split tiles' fp32 sums (at least ``floats``) and arrival counts (at least ``slots``, zero between
-    launches: each tile's last piece resets its count). One per device, kept for good and grown on demand:
-    launches on one stream never overlap (a PDL launch waits for the previous kernel before it reads or
-    writes anything), so the w13 and w2 launches of every layer share it. Growing it inside a CUDA graph
-    capture would hand the graph memory that eager launches also use, so that raises: the engine's warm-up
-    runs before every capture."""
-    ws, counts = _WORKSPACE.get(device, (None, None))
-    if ws is None or counts is None or ws.numel() < floats or counts.numel() < slots:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"sorted_moe: the split-tail workspace ({floats} floats, {slots} counts) must be "
-                               "allocated before a CUDA graph capture; run the same launch once outside it")
-        floats = max(floats, ws.numel() if ws is not None else 0)
-        slots = max(slots, counts.numel() if counts is not None else 0)
-        ws = torch.empty(floats, dtype=torch.float32, device=device)
-        counts = torch.zeros(slots, dtype=torch.int32, device=device)
-        _WORKSPACE[device] = (ws, counts)
-    return ws, counts
-
-
 def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, small_m: int,
           cfg: GemmConfig, use_tma: bool) -> None:
     """One launch of either GEMM over every row of ``a`` [P, K] against ``w_rows`` [E * rows_per_expert, K]:
     the persistent kernel when the config asks for it (TMA only), else one program per ``block_m`` tile with
     each group's short last block (at most ``small_m`` rows, when ``small_m`` > 0) in a ``small_m`` tile.
-    The grid is an upper bound from host ints: every group may end in a partial tile; with ``split_tail`` it
-    adds the extra pieces of the last SM-count tiles."""
+    The grid is an upper bound from host ints: every group may end in a partial tile."""
     if cfg.persistent and use_tma:
         persistent_moe.launch(gated, a, w_rows, out, offs, rows_per_expert, up_offset, n_tiles, e_local, block_m,
                               cfg)
         return
     small = small_m or block_m
-    split = cfg.split_tail
-    tail = persistent_moe.num_sms(a.device) if split > 1 else 1
-    ws, counts = (split_workspace(a.device, tail * split * block_m * cfg.block_n * (2 if gated else 1), tail)
-                  if split > 1 else (out, offs))  # unused without a split
-    grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles + tail * (split - 1),)
+    grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
     a_big = _operand(a, [block_m, cfg.block_k], use_tma)
     a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
     _sorted_kernel[grid](
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
-        out, offs, ws, counts, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
+        out, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
         out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GATED=gated, USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize, SPLIT=split,
-        TAIL=tail, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        BLOCK_K=cfg.block_k, GATED=gated, USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )
 
 
