@@ -1,0 +1,50 @@
+"""The prefill MoE GEMMs' and cuBLAS's HBM traffic, for ``ncu``: one launch of each at a prefill's shapes.
+
+    ncu --clock-control none --metrics dram__bytes_read.sum,dram__bytes_write.sum,gpu__time_duration.sum \\
+        python3 scripts/gpu_moe_dram.py --tokens 2048
+
+Each expert's weights must come from HBM at least once (w13 1.88 GB, w2 0.94 GB for 8x7B): DRAM bytes read
+well above that mean weight tiles fell out of L2 between the row tiles that share them. The dense cuBLAS
+GEMMs (x [P, D] . w1^T of one expert, [P, F] . w2^T) are the yardstick.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from mixtral.kernels.triton import moe_configs
+from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
+from mixtral.kernels.triton.tune_moe import random_experts
+from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens (pairs = 2x)")
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    e, f, d, k = 8, 14336, 4096, 2
+    gen = torch.Generator(device=dev).manual_seed(0)
+    w13, w2 = random_experts(e, f, d, torch.bfloat16, gen)
+    xs, offs = sorted_inputs(args.tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
+    p = xs.shape[0]
+    cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)
+    act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)  # [P, F]
+    y = torch.empty(p, d, device=dev, dtype=torch.bfloat16)  # [P, D]
+    persistent = moe_configs.GemmConfig(cfg.w13.block_n, cfg.w13.block_k, 8, 4, persistent=True)
+    for _ in range(2):  # compile first; ncu then sees the second launch of each too
+        invoke_w13(xs, w13, act, offs, cfg.block_m, cfg.w13, True, cfg.small_m)
+        invoke_w2(act, w2, y, offs, cfg.block_m, cfg.w2, True, cfg.small_m)
+        invoke_w13(xs, w13, act, offs, cfg.block_m, persistent, True, 0)  # the persistent kernel, same tiles
+        torch.matmul(xs, w13.view(e * 2 * f, d)[: 2 * f].T)  # dense [P, 2F]: one expert's w1 and w3 for all rows
+        torch.matmul(act, w2[0].T)  # dense [P, D]
+    torch.cuda.synchronize()
+    print(f"tokens {args.tokens}, rows {p}, config {cfg}; minimum weight bytes: w13 {w13.numel() * 2 / 1e9:.2f} "
+          f"GB, w2 {w2.numel() * 2 / 1e9:.2f} GB; dense w13 {2 * f * d * 2 / 1e9:.3f} GB, "
+          f"dense w2 {d * f * 2 / 1e9:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()
