@@ -1,6 +1,5 @@
 """Prefill-MoE GEMM tiles against the tuned ones under sustained load (``--set persistent``: the persistent
-kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles; ``--set group``: the tuned tiles walking
-an expert's column tiles in groups of 1-8, ``GemmConfig.group_n``): each
+kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles): each
 candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
 rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
@@ -20,7 +19,7 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 
@@ -39,14 +38,8 @@ def _p(bn: int, stages: int, ws: bool = False) -> GemmConfig:
 
 
 def candidates(tuned: MoEConfig, which: str) -> tuple[Candidates, Candidates]:
-    """(w13, w2) candidates: the tuned tiles and persistent ones, column-tile groups, or other tile shapes. A
-    persistent GEMM has no short last tiles, so its small_m is None: it combines with the other GEMM's at any
-    small_m."""
-    if which == "group":
-        return tuple({"tuned": (tuned.block_m, None if g.persistent else tuned.small_m, g)}  # type: ignore[return-value]
-                     | {f"group {n}": (tuned.block_m, None if g.persistent else tuned.small_m, replace(g, group_n=n))
-                        for n in (1, 2, 4, 8)}
-                     for g in (tuned.w13, tuned.w2))
+    """(w13, w2) candidates: the tuned tiles and persistent ones, or other tile shapes. A persistent GEMM has no
+    short last tiles, so its small_m is None: it combines with the other GEMM's at any small_m."""
     if which == "tiles":
         return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13),
                  "bm256 64 s4": (256, 128, GemmConfig(64, 64, 8, 4)),
@@ -157,7 +150,7 @@ def best_combos(r13: Report, r2: Report) -> list[tuple[float, str, MoEConfig]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent", "group"], help="which candidates")
+    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent"], help="which candidates")
     ap.add_argument("--tokens", default="2048", help="comma-separated prefill token counts (pairs = 2x)")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timing rounds")
     ap.add_argument("--per-graph", type=int, default=10, help="launches captured back to back per candidate")

@@ -190,24 +190,3 @@ def test_persistent_needs_tma_else_takes_the_plain_kernel() -> None:
     cfg = mc.MoEConfig(16, PERSISTENT, PERSISTENT)
     torch.testing.assert_close(sm.sorted_moe(x, w13, w2, weights, ids, config=cfg, use_tma=False),
                                moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("group_n", [1, 2])
-@pytest.mark.parametrize("persistent", [False, True])
-def test_column_groups_cover_every_tile_once(group_n: int, persistent: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Walking an expert's column tiles in groups (``group_n``; w13 has 4 column tiles here, w2 2) changes only
-    the order: with ragged groups, an empty expert and short last tiles, both kernels still give the reference."""
-    monkeypatch.setattr(persistent_moe, "num_sms", lambda device: 3)
-    counts = [40, 0, 70, 22]
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(sum(counts))].view(-1, 2)
-    x, w13, w2, weights, _ = _problem(sum(counts) // 2, len(counts), 64, 128, 2, seed=12)
-    tile = mc.GemmConfig(32, 32, 4, 2, persistent=persistent, group_n=group_n)
-    got = sm.sorted_moe(x, w13, w2, weights, ids, config=mc.MoEConfig(32, tile, tile, 0 if persistent else 16))
-    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
-
-
-def test_column_groups_must_divide_the_column_tiles() -> None:
-    x, w13, w2, weights, ids = _problem(20, 4, 64, 96, 2, seed=13)
-    cfg = mc.MoEConfig(16, mc.GemmConfig(32, 32, 4, 2, group_n=2), mc.GemmConfig(32, 32, 4, 2))
-    with pytest.raises(ValueError, match=r"w13: group_n=2 must divide its 96 // 32 = 3 column tiles"):
-        sm.sorted_moe(x, w13, w2, weights, ids, config=cfg)

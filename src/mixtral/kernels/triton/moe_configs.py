@@ -25,8 +25,7 @@ class GemmConfig:
     """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs;
     ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop;
     ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles
-    (``persistent_moe.py``); ``group_n`` > 0 (prefill path) walks an expert's column tiles in groups of that
-    many, all row tiles of a group before the next (``persistent_moe.tile_order``; 0: one group)."""
+    (``persistent_moe.py``)."""
 
     block_n: int
     block_k: int
@@ -35,7 +34,6 @@ class GemmConfig:
     split_k: int = 1
     warp_specialize: bool = False
     persistent: bool = False
-    group_n: int = 0
 
 
 @dataclass(frozen=True)

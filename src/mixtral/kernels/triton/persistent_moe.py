@@ -34,18 +34,6 @@ from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
-def tile_order(local, m_tiles, GROUP_N: tl.constexpr):
-    """One expert's tile ``local`` (of m_tiles * N_TILES) -> (row tile, column tile). Column tiles go in groups
-    of GROUP_N; inside a group the row tile runs fastest. So the row tiles sharing a weight tile are
-    neighbours, and a row tile's token rows are read again within GROUP_N * m_tiles tiles (with GROUP_N =
-    N_TILES, every column tile of the expert: the expert's whole span)."""
-    per_group = m_tiles * GROUP_N
-    group = local // per_group
-    rest = local - group * per_group
-    return rest % m_tiles, group * GROUP_N + rest // m_tiles
-
-
-@triton.jit
 def _groups(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr, N_TILES: tl.constexpr):
     """Per expert lane (E_P2 lanes, those past E empty): first row, end row, row tiles, first tile id; and the
     total tile count."""
@@ -59,24 +47,24 @@ def _groups(offs_ptr, E: tl.constexpr, E_P2: tl.constexpr, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr):
-    """tile id -> (expert, first row, group end row, column tile); order: expert, then ``tile_order``.
+def _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M: tl.constexpr):
+    """tile id -> (expert, first row, group end row, column tile); order: expert, column tile, row tile.
     The expert is the last one with tiles whose first tile id is <= tile (empty experts own no tiles and
     share their first id with the next expert)."""
     expert = tl.max(tl.where((first <= tile) & (m_tiles > 0), idx, -1), 0)
     hit = idx == expert
     m_count = tl.sum(tl.where(hit, m_tiles, 0), 0)
     local = tile - tl.sum(tl.where(hit, first, 0), 0)
-    m_idx, n_tile = tile_order(local, m_count, GROUP_N)
-    return expert, tl.sum(tl.where(hit, starts, 0), 0) + m_idx * BLOCK_M, tl.sum(tl.where(hit, ends, 0), 0), n_tile
+    row0 = tl.sum(tl.where(hit, starts, 0), 0) + (local % m_count) * BLOCK_M
+    return expert, row0, tl.sum(tl.where(hit, ends, 0), 0), local // m_count
 
 
 @triton.jit
 def _persistent_kernel(
     a, w, out_ptr, offs_ptr, W_ROWS, UP_OFFSET, stride_om, grid,
     E: tl.constexpr, E_P2: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, GROUP_N: tl.constexpr, GATED: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, GATED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """out[r, n] = a[r] . w[e, n] for each row r of expert e's group, or with GATED (w13)
     silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]), the w3 row UP_OFFSET rows after the w1 row. ``a`` [P, K] and
@@ -86,7 +74,7 @@ def _persistent_kernel(
     idx, starts, ends, m_tiles, first, total = _groups(offs_ptr, E, E_P2, BLOCK_M, N_TILES)
     cols = tl.arange(0, BLOCK_N)  # [BN]
     for tile in tl.range(tl.program_id(0), total, grid, warp_specialize=WARP_SPECIALIZE):
-        expert, row0, row_end, n_tile = _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M, GROUP_N)
+        expert, row0, row_end, n_tile = _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M)
         n0 = n_tile * BLOCK_N
         w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -126,7 +114,6 @@ def launch(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor
         TensorDescriptor.from_tensor(w_rows, [cfg.block_n, cfg.block_k]),
         out, offs, rows_per_expert, up_offset, out.stride(0), grid,
         E=e_local, E_P2=triton.next_power_of_2(e_local), N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GROUP_N=cfg.group_n or n_tiles, GATED=gated,
-        WARP_SPECIALIZE=cfg.warp_specialize,
+        BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GATED=gated, WARP_SPECIALIZE=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )

@@ -37,12 +37,10 @@ from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
-def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr,
-             GROUP_N: tl.constexpr):
+def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr):
     """pid -> (expert, first row, group end row, column tile, small); expert == E past the last tile.
 
-    Order: expert 0's tiles first; inside an expert ``persistent_moe.tile_order`` (column tiles in groups of
-    GROUP_N, the row tile fastest inside a group). Each group's rows
+    Order: expert 0's tiles first; inside an expert, column tile major and row tile minor. Each group's rows
     are cut into BLOCK_M tiles; ``small`` marks a last partial tile of at most SMALL_M rows (SMALL_M <
     BLOCK_M), which the kernels multiply as a SMALL_M-row tile: a group of 530 rows costs four 128-row
     tiles and one 64-row tile instead of five 128-row tiles. It stays in the same launch, next to the big
@@ -62,10 +60,11 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
         size = m_tiles * N_TILES
         local = pid - seen
         hit = (local >= 0) & (local < size)
-        m_idx, n_idx = persistent_moe.tile_order(local, tl.maximum(m_tiles, 1), GROUP_N)
+        m_safe = tl.maximum(m_tiles, 1)
+        m_idx = local % m_safe
         expert = tl.where(hit, e, expert)
         row0 = tl.where(hit, start + m_idx * BLOCK_M, row0)
-        n_tile = tl.where(hit, n_idx, n_tile)
+        n_tile = tl.where(hit, local // m_safe, n_tile)
         row_end = tl.where(hit, end, row_end)
         is_small = (m_idx == m_tiles - 1) & (rem > 0) & (rem <= SMALL_M)
         small = tl.where(hit, is_small.to(tl.int32), small)
@@ -110,8 +109,7 @@ def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stri
 def _sorted_kernel(
     a, a_small, w, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GROUP_N: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e: out[r, n] = a[r] . w[e, n] (w2), or with GATED
@@ -119,8 +117,7 @@ def _sorted_kernel(
     SMALL_M-row blocks and ``w`` the weights as [E * W_ROWS, K] rows (w13: w1's F rows, then w3's from
     UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
     pdl_enter(PDL)
-    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M,
-                                                    GROUP_N)
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
@@ -146,10 +143,6 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
                              ("F", f, cfg.w2.block_k)):
         if size % tile:
             return f"{what}={size} is not a multiple of the tile {tile}"
-    for what, g, cols in (("w13", cfg.w13, f), ("w2", cfg.w2, d)):
-        if g.group_n and (g.group_n < 0 or (cols // g.block_n) % g.group_n):
-            return (f"{what}: group_n={g.group_n} must divide its {cols} // {g.block_n} = {cols // g.block_n} "
-                    "column tiles")
     if cfg.small_m and (cfg.small_m >= cfg.block_m or cfg.small_m < 16 or cfg.small_m & (cfg.small_m - 1)):
         return f"small_m={cfg.small_m} must be a power of two from 16 to below block_m={cfg.block_m}"
     if not (w13.is_contiguous() and w2.is_contiguous()):
@@ -202,8 +195,7 @@ def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor,
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         out, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
         out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n or n_tiles, GATED=gated, USE_TMA=use_tma,
-        WARP_SPECIALIZE=cfg.warp_specialize,
+        BLOCK_K=cfg.block_k, GATED=gated, USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )
 
