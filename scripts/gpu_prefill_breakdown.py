@@ -97,6 +97,58 @@ def prefill_setup(args: argparse.Namespace) -> tuple[LLMEngine, float, float]:
     return engine, flops, peak
 
 
+def host_split(engine: LLMEngine, length: int, vocab: int, runs: int, seed: int) -> None:
+    """Where a lone prefill's wall time goes, from CUDA events recorded at the start of the model runner's
+    launch, around the graph replay and at its end (no profiler, whose per-call cost would swamp the host
+    side): GPU time before the graph (it waits for the host's input preparation and copies), the graph, the
+    logits and sampling after it, and the rest of the wall time (scheduling, the token's trip to the host,
+    output processing)."""
+    runner = engine.model_runner
+    marks: list[torch.cuda.Event] = []
+
+    def mark() -> None:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        marks.append(ev)
+
+    graph = runner.fresh_prefill_graph or runner.prefill_graph
+    assert graph is not None, "needs a prefill graph"
+    launch, replay = runner.launch, graph.graph.replay
+
+    def timed_launch(*a: Any, **k: Any) -> Any:
+        mark()
+        out = launch(*a, **k)
+        mark()
+        return out
+
+    def timed_replay() -> None:
+        mark()
+        replay()
+        mark()
+
+    rows = []
+    runner.launch, graph.graph.replay = timed_launch, timed_replay  # type: ignore[method-assign]
+    try:
+        for i in range(runs):
+            marks.clear()
+            wall = prefill_once(engine, length, vocab, seed + i)
+            if len(marks) != 4:
+                print(f"host split: {len(marks)} marks (expected 4: one launch, one replay); skipped")
+                continue
+            start, g0, g1, end = marks
+            rows.append((wall * 1e3, start.elapsed_time(g0), g0.elapsed_time(g1), g1.elapsed_time(end),
+                         wall * 1e3 - start.elapsed_time(end)))
+    finally:
+        runner.launch, graph.graph.replay = launch, replay  # type: ignore[method-assign]
+    for r in rows:
+        print(f"host split: wall {r[0]:7.2f} ms = before graph {r[1]:.3f} + graph {r[2]:7.2f} + after {r[3]:.3f} "
+              f"+ outside the launch {r[4]:.3f}")
+    if rows:
+        med = [statistics.median(c) for c in zip(*rows, strict=True)]
+        print(f"host split median: wall {med[0]:.2f} ms, before graph {med[1]:.3f}, graph {med[2]:.2f}, after "
+              f"{med[3]:.3f}, outside the launch {med[4]:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     prefill_args(ap, layers=16, rounds_of="path")
@@ -104,6 +156,8 @@ def main() -> None:
                     help="variants to alternate: 'graph' (the prefill CUDA graphs as the engine picks them), "
                          "'paged_graph' (without the fresh-prompt one) or MIXTRAL_MOE_PREFILL values (eager steps)")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (host and GPU) of one prefill here")
+    ap.add_argument("--host-split", type=int, default=0,
+                    help="time this many more prefills with CUDA events around the step's parts (no profiler)")
     args = ap.parse_args()
     engine, flops, peak = prefill_setup(args)
     margs = engine.model_args
@@ -159,6 +213,9 @@ def main() -> None:
                       "fraction_of_peak_median": flops / med / peak, "fraction_of_peak_best": flops / min(ts) / peak}
         print(f"{p:12s} median {med * 1e3:7.2f} ms = {flops / med / 1e12:5.0f} TFLOP/s ({flops / med / peak:.1%}), "
               f"best {flops / min(ts) / peak:.1%}")
+
+    if args.host_split:
+        host_split(engine, args.length, margs.vocab_size, args.host_split, seed + 100)
 
     from torch.profiler import ProfilerActivity, profile
 
