@@ -41,6 +41,8 @@ BAD = [
     ("gpu", "--context", "0"),
     ("gpu", "--decode-steps", "-2"),
     ("gpu", "--prefill-len", "0"),
+    ("gpu", "--prefill-rest", "-1"),
+    ("gpu", "--prefill-rest", "nan"),
     ("gpu", "--offline", "128:0"),
     ("gpu", "--offline", "128"),
     ("gpu", "--offline", "1:2:3"),

@@ -48,7 +48,7 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
-    """A finite number >= 0 (temperatures)."""
+    """A finite number >= 0 (temperatures, seconds)."""
     value = _float(text)
     return _require(value, value >= 0, ">= 0", text)
 
