@@ -14,10 +14,9 @@ import argparse
 
 import torch
 
-from mixtral.kernels.triton import moe_configs
+from mixtral.kernels.triton.moe_configs import GemmConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import random_experts
-from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
+from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def main() -> None:
@@ -25,15 +24,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens (pairs = 2x)")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    e, f, d, k = 8, 14336, 4096, 2
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w13, w2 = random_experts(e, f, d, torch.bfloat16, gen)
-    xs, offs = sorted_inputs(args.tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
-    p = xs.shape[0]
-    cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)
+    _, w13, w2, xs, offs, cfg = prefill_problem_8x7b(args.tokens, dev)  # xs [P, D], offs [E]
+    p, e, f, d = xs.shape[0], w13.shape[0], w2.shape[2], w2.shape[1]
     act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)  # [P, F]
     y = torch.empty(p, d, device=dev, dtype=torch.bfloat16)  # [P, D]
-    persistent = moe_configs.GemmConfig(cfg.w13.block_n, cfg.w13.block_k, 8, 4, persistent=True)
+    persistent = GemmConfig(cfg.w13.block_n, cfg.w13.block_k, 8, 4, persistent=True)
     for _ in range(2):  # compile first; ncu then sees the second launch of each too
         invoke_w13(xs, w13, act, offs, cfg.block_m, cfg.w13, True, cfg.small_m)
         invoke_w2(act, w2, y, offs, cfg.block_m, cfg.w2, True, cfg.small_m)

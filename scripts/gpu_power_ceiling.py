@@ -19,10 +19,8 @@ import time
 import torch
 
 from mixtral.bench.cuda_timing import capture
-from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.sorted_moe import invoke_w13
-from mixtral.kernels.triton.tune_moe import random_experts
-from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
+from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def smi() -> dict[str, float]:
@@ -48,13 +46,10 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    e, f, d, k = 8, 14336, 4096, 2
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w13, _ = random_experts(e, f, d, torch.bfloat16, gen)
-    xs, offs = sorted_inputs(args.tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
-    p = xs.shape[0]
+    gen, w13, w2, xs, offs, cfg = prefill_problem_8x7b(args.tokens, dev)  # xs [P, D], offs [E]
+    p, f, d = xs.shape[0], w2.shape[2], w2.shape[1]
+    del w2
     act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)
-    cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)
     dense_b = torch.randn(2 * f, d, device=dev, generator=gen, dtype=torch.bfloat16) * d**-0.5  # [2F, D]
     dense_out = torch.empty(p, 2 * f, device=dev, dtype=torch.bfloat16)
     flops = 4 * p * d * f  # both: [P, D] x [D, 2F]

@@ -23,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from mixtral.bench.cuda_timing import capture
+from mixtral.bench.cuda_timing import alternated_replays, capture
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
@@ -99,18 +99,7 @@ def time_gemm(gemm: str, cands: Candidates, run_one: Callable[[int, int, GemmCon
         outs[label] = out.clone()
         graphs[label], _ = capture(lambda a=(bm, small, cfg, out): [run_one(*a) for _ in range(per_graph)])
     ref = outs["tuned"].float()
-    times: dict[str, list[float]] = {label: [] for label in graphs}
-    for g in graphs.values():
-        g.replay()
-    order = list(graphs)
-    for r in range(rounds):
-        for label in order if r % 2 == 0 else order[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs[label].replay()
-            end.record()
-            end.synchronize()
-            times[label].append(start.elapsed_time(end) / per_graph)
+    times = {label: [ms / per_graph for ms in ts] for label, ts in alternated_replays(graphs, rounds).items()}
     report = {}
     for label, ts in times.items():
         o = outs[label]

@@ -16,11 +16,9 @@ import statistics
 
 import torch
 
-from mixtral.bench.cuda_timing import capture
-from mixtral.kernels.triton import moe_configs
+from mixtral.bench.cuda_timing import alternated_replays, capture
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import random_experts
-from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
+from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def zero_every(t: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -41,13 +39,9 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the figures here")
     args = ap.parse_args()
     dev = torch.device("cuda")
-    e, f, d, k = 8, 14336, 4096, 2
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w13, w2 = random_experts(e, f, d, torch.bfloat16, gen)
-    xs, offs = sorted_inputs(args.tokens, e, d, k, torch.bfloat16, gen)  # [P, D], [E]
-    p = xs.shape[0]
+    gen, w13, w2, xs, offs, cfg = prefill_problem_8x7b(args.tokens, dev)  # xs [P, D], offs [E]
+    p, f, d = xs.shape[0], w2.shape[2], w2.shape[1]
     act_in = torch.randn(p, f, device=dev, generator=gen, dtype=torch.bfloat16) * 0.1  # [P, F]
-    cfg = moe_configs.get_sorted_config(e, f, d, args.tokens, torch.bfloat16, dev)
     act = torch.empty(p, f, device=dev, dtype=torch.bfloat16)
     y = torch.empty(p, d, device=dev, dtype=torch.bfloat16)
     graphs = {}
@@ -57,18 +51,8 @@ def main() -> None:
             a, w13, act, offs, cfg.block_m, cfg.w13, True, cfg.small_m) for _ in range(args.per_graph)])
         graphs[f"w2 zero {frac:.4f}"], _ = capture(lambda a=a2: [invoke_w2(
             a, w2, y, offs, cfg.block_m, cfg.w2, True, cfg.small_m) for _ in range(args.per_graph)])
-    times: dict[str, list[float]] = {label: [] for label in graphs}
-    order = list(graphs)
-    for g in graphs.values():
-        g.replay()
-    for r in range(args.rounds):
-        for label in order if r % 2 == 0 else order[::-1]:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graphs[label].replay()
-            end.record()
-            end.synchronize()
-            times[label].append(start.elapsed_time(end) / args.per_graph * 1e3)  # us a launch
+    times = {label: [ms / args.per_graph * 1e3 for ms in ts]  # us a launch
+             for label, ts in alternated_replays(graphs, args.rounds).items()}
     summary = {label: {"median_us": statistics.median(ts), "best_us": min(ts)} for label, ts in times.items()}
     for label, s in summary.items():
         print(f"{label:20s} median {s['median_us']:8.1f} us  best {s['best_us']:8.1f} us")

@@ -46,3 +46,21 @@ def graph_ms(fn: Callable[[], object], reps: int = 20, per_rep: int = 1) -> floa
     graph, _ = capture(fn)
     graph.replay()
     return events_ms(graph.replay, reps, per_rep)
+
+
+def alternated_replays(graphs: dict[str, torch.cuda.CUDAGraph], rounds: int) -> dict[str, list[float]]:
+    """Milliseconds of each graph's replay over ``rounds`` rounds, the order reversed every other round, so
+    clock and power drift hit every graph alike (one untimed replay each first)."""
+    for g in graphs.values():
+        g.replay()
+    times: dict[str, list[float]] = {label: [] for label in graphs}
+    order = list(graphs)
+    for r in range(rounds):
+        for label in order if r % 2 == 0 else order[::-1]:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graphs[label].replay()
+            end.record()
+            end.synchronize()
+            times[label].append(start.elapsed_time(end))
+    return times

@@ -17,7 +17,7 @@ import functools
 import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
-from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
+from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_sorted_config
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
 from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 
@@ -42,6 +42,17 @@ def sorted_inputs(tokens: int, num_experts: int, dim: int, top_k: int, dtype: to
     tokens * top_k rows, row r the token of sorted pair r) and the group ends offs [E] (the GPU scripts' input)."""
     x, _, ids = random_routing(tokens, num_experts, dim, top_k, dtype, gen)
     return sorted_rows(x, ids, num_experts)
+
+
+def prefill_problem_8x7b(tokens: int, device: torch.device
+                         ) -> tuple[torch.Generator, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, MoEConfig]:
+    """The GPU scripts' prefill MoE at Mixtral-8x7B's shapes in bf16: (the seeded generator, w13, w2, xs [P, D],
+    offs [E], the table's config for ``tokens`` on ``device``)."""
+    e, f, d, k = 8, 14336, 4096, 2
+    gen = torch.Generator(device=device).manual_seed(0)
+    w13, w2 = random_experts(e, f, d, torch.bfloat16, gen)
+    xs, offs = sorted_inputs(tokens, e, d, k, torch.bfloat16, gen)
+    return gen, w13, w2, xs, offs, get_sorted_config(e, f, d, tokens, torch.bfloat16, device)
 
 
 def sorted_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
