@@ -22,6 +22,9 @@ from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens (pairs = 2x)")
+    ap.add_argument("--w2-variants", action="store_true",
+                    help="also launch w2 without the short last tiles, persistent, with 128-wide and with 64-row "
+                         "tiles (after the others, in that order)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     _, w13, w2, xs, offs, cfg = prefill_problem_8x7b(args.tokens, dev)  # xs [P, D], offs [E]
@@ -35,6 +38,13 @@ def main() -> None:
         invoke_w13(xs, w13, act, offs, cfg.block_m, persistent, True, 0)  # the persistent kernel, same tiles
         torch.matmul(xs, w13.view(e * 2 * f, d)[: 2 * f].T)  # dense [P, 2F]: one expert's w1 and w3 for all rows
         torch.matmul(act, w2[0].T)  # dense [P, D]
+    if args.w2_variants:
+        variants = [(cfg.block_m, 0, cfg.w2), (cfg.block_m, 0, replace(cfg.w2, persistent=True)),
+                    (cfg.block_m, cfg.small_m, replace(cfg.w2, block_n=128)), (64, 0, cfg.w2)]
+        for _ in range(2):
+            for block_m, small_m, tile in variants:
+                invoke_w2(act, w2, y, offs, block_m, tile, True, small_m)
+        print("w2 variants, in launch order: " + "; ".join(f"block_m {bm} small_m {sm} {t}" for bm, sm, t in variants))
     torch.cuda.synchronize()
     print(f"tokens {args.tokens}, rows {p}, config {cfg}; minimum weight bytes: w13 {w13.numel() * 2 / 1e9:.2f} "
           f"GB, w2 {w2.numel() * 2 / 1e9:.2f} GB; dense w13 {2 * f * d * 2 / 1e9:.3f} GB, "
