@@ -58,16 +58,18 @@ def _moe_kernels(case: dict[str, object]) -> list[str]:
     return [k["name"] for k in case["kernels"]]  # type: ignore[attr-defined, index]
 
 
-def test_h200_prefill_tiles_build_the_kernels_their_configs_name(compiled: dict[str, dict[str, object]]) -> None:
-    """Each entry of the H200 prefill table is built, and a GEMM whose tiles say ``persistent`` runs the
-    persistent kernel (one program per SM) on sm90."""
+@pytest.mark.parametrize(("gpu", "name"), [("H100", "NVIDIA H100 80GB HBM3"), ("H200", "NVIDIA H200")])
+def test_hopper_prefill_tiles_build_the_kernels_their_configs_name(compiled: dict[str, dict[str, object]], gpu: str,
+                                                                  name: str) -> None:
+    """Each entry of the H100 and H200 prefill tables is built, and a GEMM whose tiles say ``persistent`` runs
+    the persistent kernel (one program per SM) on sm90."""
     from mixtral.kernels.triton import moe_configs
 
-    table = moe_configs.load_configs(moe_configs.config_path(8, 14336, 4096, "NVIDIA H200", "sorted_"))
+    table = moe_configs.load_configs(moe_configs.config_path(8, 14336, 4096, name, "sorted_"))
     assert table and any(c.w13.persistent or c.w2.persistent for c in table.values())
     for m, cfg in table.items():
         want = ["_persistent_kernel" if g.persistent else "_sorted_kernel" for g in (cfg.w13, cfg.w2)]
-        assert _moe_kernels(compiled[f"sorted_moe {m} (H200 tiles)"]) == want, m
+        assert _moe_kernels(compiled[f"sorted_moe {m} ({gpu} tiles)"]) == want, m
 
 
 def test_every_kernel_compiles_for_sm80_without_pdl(tmp_path: Path) -> None:

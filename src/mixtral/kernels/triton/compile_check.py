@@ -136,9 +136,10 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         weights, ids = routing(n)
         return fused_moe.fused_moe(empty(n, d), w13, w2, weights, ids, config=config, direct=direct)
 
-    # The H200 table's prefill entries (persistent GEMMs among them) by token count: CPU runs look up the
+    # The Hopper tables' prefill entries (persistent GEMMs among them) by token count: CPU runs look up the
     # first table on disk, so they are named here to be built too.
-    h200 = moe_configs.load_configs(moe_configs.config_path(e, f, d, "NVIDIA H200", "sorted_")) or {}
+    tables = {gpu: moe_configs.load_configs(moe_configs.config_path(e, f, d, name, "sorted_")) or {}
+              for gpu, name in (("H100", "NVIDIA H100 80GB HBM3"), ("H200", "NVIDIA H200"))}
     split_k = moe_configs.MoEConfig(16, moe_configs.GemmConfig(32, 512), moe_configs.GemmConfig(64, 256, split_k=2))
     return {
         "rms_norm": lambda: rmsnorm.rms_norm(empty(1, d), empty(d), 1e-5),
@@ -165,9 +166,9 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         "sort_pairs": lambda: moe_align.sort_pairs(routing(2048)[1], e),
         "sorted_moe 2048": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
                                                          use_tma=arch >= 90),
-        **{f"sorted_moe {m} (H200 tiles)": functools.partial(
+        **{f"sorted_moe {m} ({gpu} tiles)": functools.partial(
             lambda m, cfg: sorted_moe.sorted_moe(empty(m, d), w13, w2, *routing(m), config=cfg, use_tma=arch >= 90),
-            m, cfg) for m, cfg in h200.items()},
+            m, cfg) for gpu, table in tables.items() for m, cfg in table.items()},
         "silu_mul": lambda: moe_glue.silu_mul(empty(64, 2 * f)),
         "weighted_topk_sum": lambda: moe_glue.weighted_topk_sum(empty(128, d), torch.arange(128, dtype=torch.int32),
                                                                 torch.full((64, 2), 0.5), torch.tensor([128])),
