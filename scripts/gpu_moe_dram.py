@@ -23,8 +23,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048, help="prefill tokens (pairs = 2x)")
     ap.add_argument("--w2-variants", action="store_true",
-                    help="also launch w2 without the short last tiles, persistent, with 128-wide and with 64-row "
-                         "tiles (after the others, in that order)")
+                    help="also launch w2 with paired short tiles, without short tiles, persistent, with 128-wide "
+                         "and with 64-row tiles (after the others, in that order)")
     args = ap.parse_args()
     dev = torch.device("cuda")
     _, w13, w2, xs, offs, cfg = prefill_problem_8x7b(args.tokens, dev)  # xs [P, D], offs [E]
@@ -39,7 +39,8 @@ def main() -> None:
         torch.matmul(xs, w13.view(e * 2 * f, d)[: 2 * f].T)  # dense [P, 2F]: one expert's w1 and w3 for all rows
         torch.matmul(act, w2[0].T)  # dense [P, D]
     if args.w2_variants:
-        variants = [(cfg.block_m, 0, cfg.w2), (cfg.block_m, 0, replace(cfg.w2, persistent=True)),
+        variants = [(cfg.block_m, cfg.small_m, replace(cfg.w2, pair_small=True)),
+                    (cfg.block_m, 0, cfg.w2), (cfg.block_m, 0, replace(cfg.w2, persistent=True)),
                     (cfg.block_m, cfg.small_m, replace(cfg.w2, block_n=128)), (64, 0, cfg.w2)]
         for _ in range(2):
             for block_m, small_m, tile in variants:

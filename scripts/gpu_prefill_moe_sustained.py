@@ -1,6 +1,6 @@
 """Prefill-MoE GEMM tiles against the tuned ones under sustained load (``--set persistent``: the persistent
-kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles): each
-candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
+kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles; ``--set pair``: w2's short tiles spanning
+two column tiles): each candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
 rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
 
@@ -19,7 +19,7 @@ import argparse
 import json
 import statistics
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 
@@ -40,6 +40,10 @@ def _p(bn: int, stages: int, ws: bool = False) -> GemmConfig:
 def candidates(tuned: MoEConfig, which: str) -> tuple[Candidates, Candidates]:
     """(w13, w2) candidates: the tuned tiles and persistent ones, or other tile shapes. A persistent GEMM has no
     short last tiles, so its small_m is None: it combines with the other GEMM's at any small_m."""
+    if which == "pair":  # w2's short tiles spanning two column tiles (GemmConfig.pair_small)
+        return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13)},
+                {"tuned": (tuned.block_m, tuned.small_m, tuned.w2),
+                 "paired short tiles": (tuned.block_m, tuned.small_m, replace(tuned.w2, pair_small=True))})
     if which == "tiles":
         return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13),
                  "bm256 64 s4": (256, 128, GemmConfig(64, 64, 8, 4)),
@@ -139,7 +143,7 @@ def best_combos(r13: Report, r2: Report) -> list[tuple[float, str, MoEConfig]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent"], help="which candidates")
+    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent", "pair"], help="which candidates")
     ap.add_argument("--tokens", default="2048", help="comma-separated prefill token counts (pairs = 2x)")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timing rounds")
     ap.add_argument("--per-graph", type=int, default=10, help="launches captured back to back per candidate")

@@ -190,3 +190,40 @@ def test_persistent_needs_tma_else_takes_the_plain_kernel() -> None:
     cfg = mc.MoEConfig(16, PERSISTENT, PERSISTENT)
     torch.testing.assert_close(sm.sorted_moe(x, w13, w2, weights, ids, config=cfg, use_tma=False),
                                moe_reference(x, w13, w2, weights, ids), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize(("counts", "e_local", "expert_start"), [
+    ([40, 60, 32, 0], 4, 0),  # short last blocks (8, 12 rows), a group of whole tiles, an empty expert
+    ([0, 5, 0, 0, 90, 1], 6, 0),  # a group that is only a short tile, empty experts first and between
+    ([17, 0, 33, 70], 2, 2),  # expert parallel: rank 1's two experts, the others' pairs never multiplied
+])
+def test_paired_short_tiles_cover_both_columns(use_tma: bool, counts: list[int], e_local: int, expert_start: int
+                                               ) -> None:
+    """w2's short tiles spanning two column tiles (``pair_small``) give the reference's result: a column the
+    pair missed or wrote twice, or a big tile skipped by the new order, would show. w2 has 4 column tiles here
+    (D 128 / 32), so two pairs an expert."""
+    pairs = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
+    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 128, 64, 2, seed=14)
+    local = slice(expert_start, expert_start + e_local)
+    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2, pair_small=True), 16)
+    got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg, use_tma=use_tma)
+    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids, expert_start), rtol=1e-4, atol=1e-5)
+
+
+def test_paired_short_tiles_refusals() -> None:
+    x, w13, w2, weights, ids = _problem(20, 4, 96, 64, 2, seed=15)
+    tile, paired = mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2, pair_small=True)
+    for cfg, says in ((mc.MoEConfig(32, tile, paired, 0), r"needs short tiles \(small_m > 0, got 0\)"),
+                      (mc.MoEConfig(32, tile, paired, 16), r"even number of column tiles \(D=96 // 32 = 3\)"),
+                      (mc.MoEConfig(32, paired, tile, 16), "pair_small is for w2 only")):
+        with pytest.raises(ValueError, match=says):
+            sm.sorted_moe(x, w13, w2, weights, ids, config=cfg)
+
+
+def test_paired_short_tiles_keep_to_shared_memory() -> None:
+    """A paired short tile holds twice the weight rows a stage: fewer stages where the config's would not fit."""
+    assert sm._pair_stages(mc.GemmConfig(256, 64, 8, 4), 64, 2) == 3  # 72 KB a stage: 3 fit in 227 KB
+    assert sm._pair_stages(mc.GemmConfig(128, 64, 8, 4), 64, 2) == 4  # 40 KB a stage

@@ -141,6 +141,9 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
     tables = {gpu: moe_configs.load_configs(moe_configs.config_path(e, f, d, name, "sorted_")) or {}
               for gpu, name in (("H100", "NVIDIA H100 80GB HBM3"), ("H200", "NVIDIA H200"))}
     split_k = moe_configs.MoEConfig(16, moe_configs.GemmConfig(32, 512), moe_configs.GemmConfig(64, 256, split_k=2))
+    # w2's short tiles spanning two column tiles (sorted_moe._tile_of), at the 2048-token tiles.
+    paired = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 4, warp_specialize=True),
+                                   moe_configs.GemmConfig(256, 64, 8, 4, pair_small=True), 64)
     return {
         "rms_norm": lambda: rmsnorm.rms_norm(empty(1, d), empty(d), 1e-5),
         "add_rms_norm": lambda: rmsnorm.add_rms_norm(empty(8, d), empty(8, d), empty(d), 1e-5),
@@ -166,6 +169,8 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         "sort_pairs": lambda: moe_align.sort_pairs(routing(2048)[1], e),
         "sorted_moe 2048": lambda: sorted_moe.sorted_moe(empty(2048, d), w13, w2, *routing(2048),
                                                          use_tma=arch >= 90),
+        "sorted_moe 2048 (w2 paired short tiles)": lambda: sorted_moe.sorted_moe(
+            empty(2048, d), w13, w2, *routing(2048), config=paired, use_tma=arch >= 90),
         **{f"sorted_moe {m} ({gpu} tiles)": functools.partial(
             lambda m, cfg: sorted_moe.sorted_moe(empty(m, d), w13, w2, *routing(m), config=cfg, use_tma=arch >= 90),
             m, cfg) for gpu, table in tables.items() for m, cfg in table.items()},

@@ -25,7 +25,8 @@ class GemmConfig:
     """Launch shape of one grouped GEMM; ``split_k`` > 1 (w2 only) splits the reduction over programs;
     ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop;
     ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles
-    (``persistent_moe.py``)."""
+    (``persistent_moe.py``); ``pair_small`` (prefill w2, with ``MoEConfig.small_m``) makes each short tile span
+    two column tiles, so it keeps pace with the full tiles that share its weights (``sorted_moe._tile_of``)."""
 
     block_n: int
     block_k: int
@@ -34,6 +35,7 @@ class GemmConfig:
     split_k: int = 1
     warp_specialize: bool = False
     persistent: bool = False
+    pair_small: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,21 @@ from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
 @triton.jit
-def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr):
+def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr,
+             PAIR: tl.constexpr):
     """pid -> (expert, first row, group end row, column tile, small); expert == E past the last tile.
 
     Order: expert 0's tiles first; inside an expert, column tile major and row tile minor. Each group's rows
     are cut into BLOCK_M tiles; ``small`` marks a last partial tile of at most SMALL_M rows (SMALL_M <
     BLOCK_M), which the kernels multiply as a SMALL_M-row tile: a group of 530 rows costs four 128-row
     tiles and one 64-row tile instead of five 128-row tiles. It stays in the same launch, next to the big
-    tiles that read the same weight tile, so the weights are still read from HBM once."""
+    tiles that read the same weight tile, so the weights are still read from HBM once.
+
+    With PAIR a short tile spans two column tiles (SMALL_M x 2 BLOCK_N: a big tile's work per reduction
+    step), after the big tiles of both: order column pair, then the first column's big tiles, the second's,
+    the short one. A SMALL_M x BLOCK_N tile would do half a big tile's work per step and run ahead of the
+    big tiles that share its weight tile; over w2's long reduction, farther than L2 keeps that tile (w2 read
+    26% more HBM than its weights and rows at 2048 tokens, ncu)."""
     expert = pid * 0 + E
     row0 = pid * 0
     row_end = pid * 0
@@ -57,16 +64,28 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
         count = end - start
         m_tiles = tl.cdiv(count, BLOCK_M)
         rem = count % BLOCK_M
-        size = m_tiles * N_TILES
+        has_small = ((rem > 0) & (rem <= SMALL_M)).to(tl.int32)  # the last block takes a short tile
         local = pid - seen
+        if PAIR:
+            m_full = m_tiles - has_small
+            per_pair = 2 * m_full + has_small  # tiles of one column pair
+            size = per_pair * (N_TILES // 2)
+            r = local % tl.maximum(per_pair, 1)
+            second = (r >= m_full) & (r < 2 * m_full)
+            is_small = r >= 2 * m_full
+            m_idx = tl.where(is_small, m_full, tl.where(second, r - m_full, r))
+            n_idx = 2 * (local // tl.maximum(per_pair, 1)) + second.to(tl.int32)
+        else:
+            size = m_tiles * N_TILES
+            m_safe = tl.maximum(m_tiles, 1)
+            m_idx = local % m_safe
+            n_idx = local // m_safe
+            is_small = (m_idx == m_tiles - 1) & (has_small != 0)
         hit = (local >= 0) & (local < size)
-        m_safe = tl.maximum(m_tiles, 1)
-        m_idx = local % m_safe
         expert = tl.where(hit, e, expert)
         row0 = tl.where(hit, start + m_idx * BLOCK_M, row0)
-        n_tile = tl.where(hit, local // m_safe, n_tile)
+        n_tile = tl.where(hit, n_idx, n_tile)
         row_end = tl.where(hit, end, row_end)
-        is_small = (m_idx == m_tiles - 1) & (rem > 0) & (rem <= SMALL_M)
         small = tl.where(hit, is_small.to(tl.int32), small)
         seen += size
         start = end
@@ -76,58 +95,66 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 @triton.jit
 def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stride_wr, stride_om,
           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-          USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+          PAIR: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
     """out[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = a . w^T summed over K in fp32, from weight
-    rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row."""
+    rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row; with PAIR
+    the next BLOCK_N columns too (their weight rows start at up_row = w_row + BLOCK_N). STAGES: the
+    reduction loop's pipeline depth."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # the up projection (GATED only)
-    for k0 in tl.range(0, K, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+    acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # the up projection (GATED) or the next columns (PAIR)
+    for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             a_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
             w_t = w.load([w_row, k0])  # [BN, BK]
-            if GATED:
+            if GATED or PAIR:
                 wu = w.load([up_row, k0])  # [BN, BK]
         else:
             a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
                           mask=(rows < P)[:, None], other=0.0)
             w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-            if GATED:
+            if GATED or PAIR:
                 wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
         acc = tl.dot(a_t, w_t.T, acc)
-        if GATED:
+        if GATED or PAIR:
             acc_u = tl.dot(a_t, wu.T, acc_u)
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
     ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
     tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
+    if PAIR:
+        tl.store(ptrs + BLOCK_N, acc_u.to(out_ptr.dtype.element_ty), mask=(rows < row_end)[:, None])
 
 
 @triton.jit
 def _sorted_kernel(
     a, a_small, w, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GATED: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr, STAGES: tl.constexpr,
+    SMALL_STAGES: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e: out[r, n] = a[r] . w[e, n] (w2), or with GATED
     (w13) silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]). ``a`` / ``a_small`` are the rows [P, K] with BLOCK_M /
     SMALL_M-row blocks and ``w`` the weights as [E * W_ROWS, K] rows (w13: w1's F rows, then w3's from
-    UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off."""
+    UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off. With
+    PAIR (w2) a short tile is SMALL_M x 2 BLOCK_N (``_tile_of``), pipelined SMALL_STAGES deep (its stage
+    holds twice the weight rows)."""
     pdl_enter(PDL)
-    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M)
+    expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M,
+                                                    PAIR)
     if expert >= E:
         return
     n0 = n_tile * BLOCK_N
     w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
     if SMALL_M < BLOCK_M and small != 0:
-        _tile(a_small, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr,
-              stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
+        _tile(a_small, w, out_ptr, row0, row_end, w_row, w_row + (BLOCK_N if PAIR else UP_OFFSET), n0, P, K,
+              stride_am, stride_wr, stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, PAIR, SMALL_STAGES, USE_TMA,
+              WARP_SPECIALIZE)
     else:
         _tile(a, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr, stride_om,
-              BLOCK_M, BLOCK_N, BLOCK_K, GATED, USE_TMA, WARP_SPECIALIZE)
+              BLOCK_M, BLOCK_N, BLOCK_K, GATED, False, STAGES, USE_TMA, WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -143,6 +170,11 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
                              ("F", f, cfg.w2.block_k)):
         if size % tile:
             return f"{what}={size} is not a multiple of the tile {tile}"
+    if cfg.w13.pair_small:
+        return "pair_small is for w2 only (w13's short tiles already load two weight tiles a step)"
+    if cfg.w2.pair_small and (not cfg.small_m or cfg.w2.persistent or (d // cfg.w2.block_n) % 2):
+        return (f"w2: pair_small needs short tiles (small_m > 0, got {cfg.small_m}), a non-persistent tile and an "
+                f"even number of column tiles (D={d} // {cfg.w2.block_n} = {d // cfg.w2.block_n})")
     if cfg.small_m and (cfg.small_m >= cfg.block_m or cfg.small_m < 16 or cfg.small_m & (cfg.small_m - 1)):
         return f"small_m={cfg.small_m} must be a power of two from 16 to below block_m={cfg.block_m}"
     if not (w13.is_contiguous() and w2.is_contiguous()):
@@ -176,18 +208,30 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
     return TensorDescriptor.from_tensor(t, block)
 
 
+SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
+
+
+def _pair_stages(cfg: GemmConfig, small_m: int, elem: int) -> int:
+    """Pipeline depth of a paired short tile (``small_m`` rows, two weight tiles a stage): the config's, or
+    less where that many stages would not fit shared memory."""
+    per_stage = elem * cfg.block_k * (small_m + 2 * cfg.block_n)
+    return max(1, min(cfg.num_stages, SMEM_BYTES // per_stage))
+
+
 def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, small_m: int,
           cfg: GemmConfig, use_tma: bool) -> None:
     """One launch of either GEMM over every row of ``a`` [P, K] against ``w_rows`` [E * rows_per_expert, K]:
     the persistent kernel when the config asks for it (TMA only), else one program per ``block_m`` tile with
     each group's short last block (at most ``small_m`` rows, when ``small_m`` > 0) in a ``small_m`` tile.
-    The grid is an upper bound from host ints: every group may end in a partial tile."""
+    The grid is an upper bound from host ints: every group may end in a partial tile. ``cfg.pair_small`` (w2)
+    makes the short tiles span two column tiles."""
     if cfg.persistent and use_tma:
         persistent_moe.launch(gated, a, w_rows, out, offs, rows_per_expert, up_offset, n_tiles, e_local, block_m,
                               cfg)
         return
     small = small_m or block_m
+    pair = cfg.pair_small and small < block_m and not gated
     grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
     a_big = _operand(a, [block_m, cfg.block_k], use_tma)
     a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
@@ -195,8 +239,9 @@ def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor,
         a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
         out, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
         out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GATED=gated, USE_TMA=use_tma, WARP_SPECIALIZE=cfg.warp_specialize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        BLOCK_K=cfg.block_k, GATED=gated, PAIR=pair, STAGES=cfg.num_stages,
+        SMALL_STAGES=_pair_stages(cfg, small, a.element_size()) if pair else cfg.num_stages, USE_TMA=use_tma,
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )
 
 

@@ -18,7 +18,7 @@ import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_sorted_config
-from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
+from mixtral.kernels.triton.sorted_moe import SMEM_BYTES, invoke_w2, invoke_w13
 from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
@@ -33,7 +33,6 @@ W13_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), 
 W2_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
             (64, 64, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3, 1, True), (256, 64, 8, 4, 1, True),
             (128, 64, 8, 4, 1, True), (256, 64, 8, 4, 1, False, True)]
-SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 
 
 def sorted_inputs(tokens: int, num_experts: int, dim: int, top_k: int, dtype: torch.dtype, gen: torch.Generator
