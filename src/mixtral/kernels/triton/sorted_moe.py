@@ -14,7 +14,8 @@ from a table tuned per device (``tune_sorted_moe.py``).
 
 Tiles: an expert's rows start anywhere (groups are not padded), so a program's ``BLOCK_M`` rows may run past
 its group into the next expert's rows; those are multiplied (TMA loads whole tiles) but never stored. A
-group's last block of at most ``small_m`` rows (config) is multiplied as a ``small_m``-row tile instead. The
+group's last block of at most ``small_m`` rows (config) is multiplied as a ``small_m``-row tile instead (for w2,
+with ``pair_small``, one spanning two column tiles, which keeps pace with the full tiles). The
 program order is expert-major, then output-column tile, then row tile: the few row tiles of one expert that
 share a weight tile run side by side, so each weight tile is read from HBM once and then from L2. The launch
 grid is an upper bound from host ints (every expert may add one partial tile), programs past the real tile
