@@ -5,14 +5,16 @@
 For each token count M it sorts one uniform random routing, then for each ``block_m`` times every candidate
 tile of the w13 GEMM (SiLU·mul fused) and of the w2 GEMM on their own (``triton.testing.do_bench``, median),
 and keeps the ``block_m`` whose two best GEMMs sum lowest; then tries giving each expert's short last
-block a tile of its own (``small_m`` 32 or 64 rows). Tiles that need more shared memory than a Hopper
-block has are not tried; one the compiler rejects is skipped. Prints each GEMM's TFLOP/s (6 * D * F FLOPs
-per (token, expert) pair for both) and, for the winner, the same tiles without TMA. Needs a CUDA GPU.
+block a tile of its own (``small_m`` 32 or 64 rows; for w2 also paired across two column tiles). Tiles that
+need more shared memory than a Hopper block has are not tried; one the compiler rejects is skipped. Prints
+each GEMM's TFLOP/s (6 * D * F FLOPs per (token, expert) pair for both) and, for the winner, the same tiles
+without TMA. Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 
@@ -94,11 +96,19 @@ def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: li
         total, cfg = min(options, key=lambda o: o[0])
         if total == float("inf"):
             continue
-        for small_m in (s for s in (32, 64) if s < cfg.block_m):  # each group's short last tile on its own
-            alt = MoEConfig(cfg.block_m, cfg.w13, cfg.w2, small_m)
+        # Each group's short last tile on its own; for w2 also paired across two column tiles (pair_small), which
+        # keeps pace with the full tiles sharing its weights (fewer HBM bytes; on an H200 neutral to -1% inside
+        # the engine, so confirm with scripts/gpu_prefill_tiles.py).
+        base = cfg
+        for small_m, pair in ((s, p) for s in (32, 64) if s < base.block_m for p in (False, True)):
+            w2_tile = replace(base.w2, pair_small=pair)
+            if pair and (base.w2.persistent or (dim // base.w2.block_n) % 2):
+                continue
+            alt = MoEConfig(base.block_m, base.w13, w2_tile, small_m)
             t = (_bench(functools.partial(invoke_w13, xs, w13, act, offs, alt.block_m, alt.w13, True, small_m))
                  + _bench(functools.partial(invoke_w2, act, w2, y, offs, alt.block_m, alt.w2, True, small_m)))
-            print(f"  M={m:5d} small_m={small_m}: {t * 1e3:8.1f} us (against {total * 1e3:8.1f})")
+            print(f"  M={m:5d} small_m={small_m}{' paired' if pair else ''}: {t * 1e3:8.1f} us "
+                  f"(against {total * 1e3:8.1f})")
             if t < total:
                 total, cfg = t, alt
         best[m], times[m] = cfg, total * 1e3
