@@ -1,7 +1,8 @@
 """``mixtral bench gpu``: our engine on real shapes with random weights, beside the roofline and a peer.
 
 One run measures, on one GPU: the copy bandwidth and bf16 matmul rate; batch-1 decode and decode at a
-ladder of batch sizes with fixed-length contexts; a long prefill; offline throughput at given input/output
+ladder of batch sizes with fixed-length contexts; a long prefill, back to back and from an idle GPU
+(``--prefill-rest``: the board's power budget makes the two differ); offline throughput at given input/output
 lengths; and (``--peer hf``) transformers' ``MixtralForCausalLM`` sharing our weights (no extra memory) on
 the same shapes. Every figure is printed with its roofline and the fraction reached; ``--json`` and
 ``--plot`` write the numbers and a tok/s-against-batch picture.
