@@ -286,9 +286,8 @@ def run(args: argparse.Namespace) -> int:
     results["decode"] = rows
 
     flops = roofline.prefill_flops(margs, args.prefill_len)
-    for key, rest in (("prefill", 0.0), ("prefill_rested", args.prefill_rest)):
-        if key == "prefill_rested" and rest <= 0:
-            continue
+    runs = [("prefill", 0.0)] + ([("prefill_rested", args.prefill_rest)] if args.prefill_rest > 0 else [])
+    for key, rest in runs:
         t = bench_prefill(engine, margs, args.prefill_len, rest_s=rest)
         results[key] = {"tokens": args.prefill_len, "seconds": t, "tok_s": args.prefill_len / t,
                         "TFLOPs": flops / t / 1e12, "fraction_of_peak": flops / t / peak, "rest_s": rest}

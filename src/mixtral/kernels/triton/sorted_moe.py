@@ -212,11 +212,16 @@ def _operand(t: torch.Tensor, block: list[int], use_tma: bool) -> object:
 SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 
 
+def stage_bytes(rows: int, tile: GemmConfig, weight_tiles: int, elem: int = 2) -> int:
+    """Shared memory of one pipeline stage: a ``rows`` x block_k token tile and ``weight_tiles`` weight tiles
+    (w13 and paired short tiles load two)."""
+    return elem * tile.block_k * (rows + weight_tiles * tile.block_n)
+
+
 def _pair_stages(cfg: GemmConfig, small_m: int, elem: int) -> int:
     """Pipeline depth of a paired short tile (``small_m`` rows, two weight tiles a stage): the config's, or
     less where that many stages would not fit shared memory."""
-    per_stage = elem * cfg.block_k * (small_m + 2 * cfg.block_n)
-    return max(1, min(cfg.num_stages, SMEM_BYTES // per_stage))
+    return max(1, min(cfg.num_stages, SMEM_BYTES // stage_bytes(small_m, cfg, 2, elem)))
 
 
 def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,

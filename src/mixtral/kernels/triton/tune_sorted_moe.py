@@ -20,7 +20,7 @@ import torch
 
 from mixtral.kernels.grouped_mm_moe import sort_pairs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_sorted_config
-from mixtral.kernels.triton.sorted_moe import SMEM_BYTES, invoke_w2, invoke_w13
+from mixtral.kernels.triton.sorted_moe import SMEM_BYTES, invoke_w2, invoke_w13, stage_bytes
 from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
@@ -64,8 +64,7 @@ def sorted_rows(x: torch.Tensor, ids: torch.Tensor, num_experts: int) -> tuple[t
 
 def fits(block_m: int, tile: GemmConfig, weight_tiles: int, elem: int = 2) -> bool:
     """Whether the pipelined A tile and weight tiles (w13 loads two) fit one block's shared memory."""
-    per_stage = elem * tile.block_k * (block_m + weight_tiles * tile.block_n)
-    return tile.num_stages * per_stage <= SMEM_BYTES
+    return tile.num_stages * stage_bytes(block_m, tile, weight_tiles, elem) <= SMEM_BYTES
 
 
 def tune_shape(num_experts: int, ffn_dim: int, dim: int, top_k: int, batches: list[int], dtype: torch.dtype,
