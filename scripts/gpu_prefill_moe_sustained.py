@@ -1,7 +1,8 @@
 """Prefill-MoE GEMM tiles against the tuned ones under sustained load (``--set persistent``: the persistent
 kernels of ``persistent_moe.py``; ``--set tiles``: 256-row tiles; ``--set pair``: w2's short tiles spanning
-two column tiles): each candidate is a CUDA graph of ``--per-graph`` back-to-back launches, candidates alternate over
-rounds (order reversed every other round), so clocks and power treat them alike. Checks every candidate's
+two column tiles; ``--set joint``: w13's w1 and w3 tiles in one MMA): each candidate is a CUDA graph of
+``--per-graph`` back-to-back launches, candidates alternate over rounds (order reversed every other round), so
+clocks and power treat them alike. Checks every candidate's
 output against the tuned kernel's first (rows unwritten would stay NaN).
 
     PYTHONPATH=src python3 scripts/gpu_prefill_moe_sustained.py --set tiles --tokens 2048,1024,4096 --json out.json \
@@ -44,6 +45,17 @@ def candidates(tuned: MoEConfig, which: str) -> tuple[Candidates, Candidates]:
         return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13)},
                 {"tuned": (tuned.block_m, tuned.small_m, tuned.w2),
                  "paired short tiles": (tuned.block_m, tuned.small_m, replace(tuned.w2, pair_small=True))})
+    if which == "joint":  # w13's w1 and w3 tiles in one MMA of twice the width (GemmConfig.joint)
+        t13 = tuned.w13
+        plain = replace(t13, persistent=False)
+        return ({"tuned": (tuned.block_m, tuned.small_m, t13),
+                 "joint": (tuned.block_m, tuned.small_m, replace(plain, joint=True)),
+                 "joint no ws": (tuned.block_m, tuned.small_m, replace(plain, joint=True, warp_specialize=False)),
+                 "joint s3": (tuned.block_m, tuned.small_m, replace(plain, joint=True, num_stages=3)),
+                 "P joint s4": (128, None, replace(_p(128, 4), joint=True)),
+                 "P joint s4 ws": (128, None, replace(_p(128, 4, True), joint=True)),
+                 "P s4": (128, None, _p(128, 4))},
+                {"tuned": (tuned.block_m, tuned.small_m, tuned.w2)})
     if which == "tiles":
         return ({"tuned": (tuned.block_m, tuned.small_m, tuned.w13),
                  "bm256 64 s4": (256, 128, GemmConfig(64, 64, 8, 4)),
@@ -143,7 +155,7 @@ def best_combos(r13: Report, r2: Report) -> list[tuple[float, str, MoEConfig]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent", "pair"], help="which candidates")
+    ap.add_argument("--set", default="tiles", choices=["tiles", "persistent", "pair", "joint"], help="which candidates")
     ap.add_argument("--tokens", default="2048", help="comma-separated prefill token counts (pairs = 2x)")
     ap.add_argument("--rounds", type=int, default=7, help="alternated timing rounds")
     ap.add_argument("--per-graph", type=int, default=10, help="launches captured back to back per candidate")

@@ -227,3 +227,38 @@ def test_paired_short_tiles_keep_to_shared_memory() -> None:
     """A paired short tile holds twice the weight rows a stage: fewer stages where the config's would not fit."""
     assert sm._pair_stages(mc.GemmConfig(256, 64, 8, 4), 64, 2) == 3  # 72 KB a stage: 3 fit in 227 KB
     assert sm._pair_stages(mc.GemmConfig(128, 64, 8, 4), 64, 2) == 4  # 40 KB a stage
+
+
+@pytest.mark.parametrize("use_tma", [True, False])
+@pytest.mark.parametrize(("counts", "e_local", "expert_start", "small_m"), [
+    ([40, 60, 32, 0], 4, 0, 16),  # short last blocks (8, 12 rows), a group of whole tiles, an empty expert
+    ([0, 5, 0, 0, 90, 1], 6, 0, 0),  # a group of one short block, empty experts first and between; no short tiles
+    ([17, 0, 33, 70], 2, 2, 16),  # expert parallel: rank 1's two experts, the others' pairs never multiplied
+])
+def test_joint_w13_multiplies_gate_and_up_in_one_operand(use_tma: bool, counts: list[int], e_local: int,
+                                                         expert_start: int, small_m: int) -> None:
+    """w13 with ``joint`` (w1's and w3's column tiles loaded as one [2 BN, BK] operand, through a 3-D TMA box
+    over w13 as [E * 2, F, D] or gathered pointers) gives the reference's result: a w3 tile taken from the
+    wrong expert or column, or gate and up swapped in the split, would show. F = 64 holds two column tiles."""
+    pairs = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
+    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=16)
+    local = slice(expert_start, expert_start + e_local)
+    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    ref = moe_reference(x, w13, w2, weights, ids, expert_start)
+    cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2, joint=True), mc.GemmConfig(32, 32, 4, 2), small_m)
+    got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg, use_tma=use_tma)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    if use_tma:  # the persistent kernel's joint loop (TMA only), walked by three programs
+        cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2, joint=True, persistent=True), mc.GemmConfig(32, 32, 4, 2))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(persistent_moe, "num_sms", lambda device: 3)
+            got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg, use_tma=True)
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_joint_refusals() -> None:
+    x, w13, w2, weights, ids = _problem(20, 4, 64, 64, 2, seed=17)
+    tile, joint = mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2, joint=True)
+    with pytest.raises(ValueError, match="joint is for w13 only"):
+        sm.sorted_moe(x, w13, w2, weights, ids, config=mc.MoEConfig(32, tile, joint))

@@ -144,6 +144,11 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
     # w2's short tiles spanning two column tiles (sorted_moe._tile_of), at the 2048-token tiles.
     paired = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 4, warp_specialize=True),
                                    moe_configs.GemmConfig(256, 64, 8, 4, pair_small=True), 64)
+    # w13's w1 and w3 tiles in one MMA (a 3-D TMA box), in the sorted and the persistent kernel.
+    joint = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 3, warp_specialize=True, joint=True),
+                                  moe_configs.GemmConfig(256, 64, 8, 4, pair_small=True), 64)
+    joint_p = moe_configs.MoEConfig(128, moe_configs.GemmConfig(128, 64, 8, 4, persistent=True, joint=True),
+                                    moe_configs.GemmConfig(256, 64, 8, 4), 0)
     return {
         "rms_norm": lambda: rmsnorm.rms_norm(empty(1, d), empty(d), 1e-5),
         "add_rms_norm": lambda: rmsnorm.add_rms_norm(empty(8, d), empty(8, d), empty(d), 1e-5),
@@ -171,6 +176,10 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
                                                          use_tma=arch >= 90),
         "sorted_moe 2048 (w2 paired short tiles)": lambda: sorted_moe.sorted_moe(
             empty(2048, d), w13, w2, *routing(2048), config=paired, use_tma=arch >= 90),
+        "sorted_moe 2048 (w13 joint)": lambda: sorted_moe.sorted_moe(
+            empty(2048, d), w13, w2, *routing(2048), config=joint, use_tma=arch >= 90),
+        "sorted_moe 4096 (persistent w13 joint)": lambda: sorted_moe.sorted_moe(
+            empty(4096, d), w13, w2, *routing(4096), config=joint_p, use_tma=arch >= 90),
         **{f"sorted_moe {m} ({gpu} tiles)": functools.partial(
             lambda m, cfg: sorted_moe.sorted_moe(empty(m, d), w13, w2, *routing(m), config=cfg, use_tma=arch >= 90),
             m, cfg) for gpu, table in tables.items() for m, cfg in table.items()},

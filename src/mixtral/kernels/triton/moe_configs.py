@@ -26,7 +26,9 @@ class GemmConfig:
     ``warp_specialize`` (prefill path only) asks Triton for producer/consumer warps on the K loop;
     ``persistent`` (prefill path, TMA only) launches one program per SM that walks the tiles
     (``persistent_moe.py``); ``pair_small`` (prefill w2, with ``MoEConfig.small_m``) makes each short tile span
-    two column tiles, so it keeps pace with the full tiles that share its weights (``sorted_moe._tile_of``)."""
+    two column tiles, so it keeps pace with the full tiles that share its weights (``sorted_moe._tile_of``);
+    ``joint`` (prefill w13, non-persistent) multiplies w1's and w3's tiles in one MMA of twice the width
+    (``sorted_moe._tile``)."""
 
     block_n: int
     block_k: int
@@ -36,6 +38,7 @@ class GemmConfig:
     warp_specialize: bool = False
     persistent: bool = False
     pair_small: bool = False
+    joint: bool = False
 
 
 @dataclass(frozen=True)

@@ -61,15 +61,16 @@ def _locate(tile, idx, starts, ends, m_tiles, first, BLOCK_M: tl.constexpr):
 
 @triton.jit
 def _persistent_kernel(
-    a, w, out_ptr, offs_ptr, W_ROWS, UP_OFFSET, stride_om, grid,
+    a, w, w_joint, out_ptr, offs_ptr, W_ROWS, UP_OFFSET, stride_om, grid,
     E: tl.constexpr, E_P2: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, GATED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_K: tl.constexpr, K_TILES: tl.constexpr, GATED: tl.constexpr, JOINT: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """out[r, n] = a[r] . w[e, n] for each row r of expert e's group, or with GATED (w13)
     silu(a[r] . w1[e, n]) * (a[r] . w3[e, n]), the w3 row UP_OFFSET rows after the w1 row. ``a`` [P, K] and
     ``w`` [E * W_ROWS, K] are TMA descriptors with [BLOCK_M, BLOCK_K] / [BLOCK_N, BLOCK_K] blocks;
-    ``offs_ptr`` [E] group ends."""
+    ``offs_ptr`` [E] group ends. JOINT (w13): ``w_joint`` views w13 as [E * 2, F, D] in [2, BLOCK_N, BLOCK_K]
+    boxes, so one load and one MMA a step cover w1's and w3's tiles (``sorted_moe._tile``)."""
     pdl_enter(PDL)
     idx, starts, ends, m_tiles, first, total = _groups(offs_ptr, E, E_P2, BLOCK_M, N_TILES)
     cols = tl.arange(0, BLOCK_N)  # [BN]
@@ -78,7 +79,14 @@ def _persistent_kernel(
         n0 = n_tile * BLOCK_N
         w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if GATED:
+        if JOINT:  # w1's and w3's tiles as one [2 BN, BK] operand: one MMA of twice the width a step
+            acc_j = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for kt in range(K_TILES):
+                w_j = w_joint.load([2 * expert, n0, kt * BLOCK_K]).reshape(2 * BLOCK_N, BLOCK_K)
+                acc_j = tl.dot(a.load([row0, kt * BLOCK_K]), w_j.T, acc_j)
+            gate, up = acc_j.reshape(BLOCK_M, 2, BLOCK_N).permute(0, 2, 1).split()
+            acc = gate * tl.sigmoid(gate) * up
+        elif GATED:
             acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for kt in range(K_TILES):
                 x_t = a.load([row0, kt * BLOCK_K])  # [BM, BK]; rows past P read as zeros
@@ -109,11 +117,14 @@ def launch(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     grid = min(num_sms(a.device), (triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles)
+    joint = cfg.joint and gated
+    w_tiles = TensorDescriptor.from_tensor(w_rows, [cfg.block_n, cfg.block_k])
+    w_joint = TensorDescriptor.from_tensor(w_rows.view(-1, up_offset, w_rows.shape[1]),
+                                           [2, cfg.block_n, cfg.block_k]) if joint else w_tiles
     _persistent_kernel[(grid,)](
-        TensorDescriptor.from_tensor(a, [block_m, cfg.block_k]),
-        TensorDescriptor.from_tensor(w_rows, [cfg.block_n, cfg.block_k]),
+        TensorDescriptor.from_tensor(a, [block_m, cfg.block_k]), w_tiles, w_joint,
         out, offs, rows_per_expert, up_offset, out.stride(0), grid,
         E=e_local, E_P2=triton.next_power_of_2(e_local), N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GATED=gated, WARP_SPECIALIZE=cfg.warp_specialize,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GATED=gated, JOINT=joint,
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )

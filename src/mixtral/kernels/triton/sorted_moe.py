@@ -94,33 +94,54 @@ def _tile_of(pid, offs_ptr, N_TILES: tl.constexpr, E: tl.constexpr, BLOCK_M: tl.
 
 
 @triton.jit
-def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stride_wr, stride_om,
+def _tile(a, w, w_joint, out_ptr, row0, row_end, w_row, up_row, w_plane, n0, P, K, stride_am, stride_wr, stride_om,
           ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GATED: tl.constexpr,
-          PAIR: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr):
+          PAIR: tl.constexpr, JOINT: tl.constexpr, STAGES: tl.constexpr, USE_TMA: tl.constexpr,
+          WARP_SPECIALIZE: tl.constexpr):
     """out[row0 : row0 + ROWS (< row_end), n0 : n0 + BLOCK_N] = a . w^T summed over K in fp32, from weight
     rows w_row ...; with GATED (w13) silu(a . w1^T) * (a . w3^T), the w3 rows starting at up_row; with PAIR
     the next BLOCK_N columns too (their weight rows start at up_row = w_row + BLOCK_N). STAGES: the
-    reduction loop's pipeline depth."""
+    reduction loop's pipeline depth.
+
+    JOINT (GATED only): the w1 and w3 tiles are one [2 BN, BK] operand, so each reduction step is one MMA
+    of twice the width ([ROWS, 2 BN]: wgmma's n256 at BN 128) instead of two that each read the token tile
+    again; ``w_joint`` is a TMA descriptor over w13 as [E * 2, F, D] with [2, BN, BK] blocks, read at plane
+    ``w_plane`` = 2 e (w1's rows; w3's are plane 2 e + 1). Pointer loads gather the same rows from ``w``."""
     rows = row0 + tl.arange(0, ROWS)  # [ROWS]
     cols = tl.arange(0, BLOCK_N)  # [BN]
     ks = tl.arange(0, BLOCK_K)  # [BK]
     acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)  # the up projection (GATED) or the next columns (PAIR)
+    acc_j = tl.zeros((ROWS, 2 * BLOCK_N), dtype=tl.float32)  # JOINT: [gate | up] columns
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WARP_SPECIALIZE):
         if USE_TMA:
             a_t = a.load([row0, k0])  # [ROWS, BK]; rows past P read as zeros
-            w_t = w.load([w_row, k0])  # [BN, BK]
-            if GATED or PAIR:
-                wu = w.load([up_row, k0])  # [BN, BK]
         else:
             a_t = tl.load(a + rows[:, None].to(tl.int64) * stride_am + (k0 + ks)[None, :],
                           mask=(rows < P)[:, None], other=0.0)
-            w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+        if JOINT:
+            if USE_TMA:  # [2, BN, BK] -> [2 BN, BK]: w1 rows n0.., then w3 rows n0..
+                w_j = w_joint.load([w_plane, n0, k0]).reshape(2 * BLOCK_N, BLOCK_K)
+            else:
+                jr = tl.arange(0, 2 * BLOCK_N)  # [2 BN]
+                w_rows = tl.where(jr < BLOCK_N, w_row + jr, up_row + jr - BLOCK_N)
+                w_j = tl.load(w + w_rows[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+            acc_j = tl.dot(a_t, w_j.T, acc_j)
+        else:
+            if USE_TMA:
+                w_t = w.load([w_row, k0])  # [BN, BK]
+                if GATED or PAIR:
+                    wu = w.load([up_row, k0])  # [BN, BK]
+            else:
+                w_t = tl.load(w + (w_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+                if GATED or PAIR:
+                    wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
+            acc = tl.dot(a_t, w_t.T, acc)
             if GATED or PAIR:
-                wu = tl.load(w + (up_row + cols)[:, None].to(tl.int64) * stride_wr + (k0 + ks)[None, :])
-        acc = tl.dot(a_t, w_t.T, acc)
-        if GATED or PAIR:
-            acc_u = tl.dot(a_t, wu.T, acc_u)
+                acc_u = tl.dot(a_t, wu.T, acc_u)
+    if JOINT:
+        # [ROWS, 2 BN] -> [ROWS, BN, 2] -> gate, up; each thread's accumulator holds both halves' columns
+        acc, acc_u = acc_j.reshape(ROWS, 2, BLOCK_N).permute(0, 2, 1).split()
     if GATED:
         acc = acc * tl.sigmoid(acc) * acc_u  # SiLU(gate) * up on the fp32 sums, rounded once below
     ptrs = out_ptr + rows[:, None].to(tl.int64) * stride_om + (n0 + cols)[None, :]
@@ -131,9 +152,9 @@ def _tile(a, w, out_ptr, row0, row_end, w_row, up_row, n0, P, K, stride_am, stri
 
 @triton.jit
 def _sorted_kernel(
-    a, a_small, w, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
+    a, a_small, w, w_joint, out_ptr, offs_ptr, P, W_ROWS, UP_OFFSET, K, stride_am, stride_wr, stride_om,
     E: tl.constexpr, N_TILES: tl.constexpr, BLOCK_M: tl.constexpr, SMALL_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr, STAGES: tl.constexpr,
+    BLOCK_K: tl.constexpr, GATED: tl.constexpr, PAIR: tl.constexpr, JOINT: tl.constexpr, STAGES: tl.constexpr,
     SMALL_STAGES: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, PDL: tl.constexpr,
 ):
     """One [BLOCK_M or SMALL_M, BLOCK_N] tile of expert e: out[r, n] = a[r] . w[e, n] (w2), or with GATED
@@ -141,7 +162,8 @@ def _sorted_kernel(
     SMALL_M-row blocks and ``w`` the weights as [E * W_ROWS, K] rows (w13: w1's F rows, then w3's from
     UP_OFFSET = F): TMA descriptors, or plain pointers with their row strides when USE_TMA is off. With
     PAIR (w2) a short tile is SMALL_M x 2 BLOCK_N (``_tile_of``), pipelined SMALL_STAGES deep (its stage
-    holds twice the weight rows)."""
+    holds twice the weight rows). With JOINT (w13) each step is one MMA over w1's and w3's tiles together,
+    loaded through ``w_joint`` (``_tile``)."""
     pdl_enter(PDL)
     expert, row0, row_end, n_tile, small = _tile_of(tl.program_id(0), offs_ptr, N_TILES, E, BLOCK_M, SMALL_M,
                                                     PAIR)
@@ -150,12 +172,13 @@ def _sorted_kernel(
     n0 = n_tile * BLOCK_N
     w_row = expert * W_ROWS + n0  # first weight row of this column tile (w1's for GATED)
     if SMALL_M < BLOCK_M and small != 0:
-        _tile(a_small, w, out_ptr, row0, row_end, w_row, w_row + (BLOCK_N if PAIR else UP_OFFSET), n0, P, K,
-              stride_am, stride_wr, stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, PAIR, SMALL_STAGES, USE_TMA,
-              WARP_SPECIALIZE)
+        _tile(a_small, w, w_joint, out_ptr, row0, row_end, w_row, w_row + (BLOCK_N if PAIR else UP_OFFSET),
+              2 * expert, n0, P, K, stride_am, stride_wr, stride_om, SMALL_M, BLOCK_N, BLOCK_K, GATED, PAIR, JOINT,
+              SMALL_STAGES, USE_TMA, WARP_SPECIALIZE)
     else:
-        _tile(a, w, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, n0, P, K, stride_am, stride_wr, stride_om,
-              BLOCK_M, BLOCK_N, BLOCK_K, GATED, False, STAGES, USE_TMA, WARP_SPECIALIZE)
+        _tile(a, w, w_joint, out_ptr, row0, row_end, w_row, w_row + UP_OFFSET, 2 * expert, n0, P, K, stride_am,
+              stride_wr, stride_om, BLOCK_M, BLOCK_N, BLOCK_K, GATED, False, JOINT, STAGES, USE_TMA,
+              WARP_SPECIALIZE)
 
 
 def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: MoEConfig) -> str | None:
@@ -173,6 +196,8 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
             return f"{what}={size} is not a multiple of the tile {tile}"
     if cfg.w13.pair_small:
         return "pair_small is for w2 only (w13's short tiles already load two weight tiles a step)"
+    if cfg.w2.joint:
+        return "joint is for w13 only (it multiplies w1's and w3's tiles in one MMA)"
     if cfg.w2.pair_small and (not cfg.small_m or cfg.w2.persistent or (d // cfg.w2.block_n) % 2):
         return (f"w2: pair_small needs short tiles (small_m > 0, got {cfg.small_m}), a non-persistent tile and an "
                 f"even number of column tiles (D={d} // {cfg.w2.block_n} = {d // cfg.w2.block_n})")
@@ -238,14 +263,19 @@ def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor,
         return
     small = small_m or block_m
     pair = cfg.pair_small and small < block_m and not gated
+    joint = cfg.joint and gated
     grid = ((triton.cdiv(a.shape[0], block_m) + e_local) * n_tiles,)
     a_big = _operand(a, [block_m, cfg.block_k], use_tma)
     a_small = _operand(a, [small, cfg.block_k], use_tma) if small != block_m else a_big  # unused then
+    w_tiles = _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma)
+    # w13 as [E * 2, F, D]: one [2, BN, BK] box holds a column tile's w1 and w3 rows (the same pointer untiled)
+    w_joint = _operand(w_rows.view(-1, up_offset, w_rows.shape[1]), [2, cfg.block_n, cfg.block_k],
+                       use_tma) if joint else w_tiles
     _sorted_kernel[grid](
-        a_big, a_small, _operand(w_rows, [cfg.block_n, cfg.block_k], use_tma),
+        a_big, a_small, w_tiles, w_joint,
         out, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1], a.stride(0), w_rows.stride(0),
         out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GATED=gated, PAIR=pair, STAGES=cfg.num_stages,
+        BLOCK_K=cfg.block_k, GATED=gated, PAIR=pair, JOINT=joint, STAGES=cfg.num_stages,
         SMALL_STAGES=_pair_stages(cfg, small, a.element_size()) if pair else cfg.num_stages, USE_TMA=use_tma,
         WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
     )

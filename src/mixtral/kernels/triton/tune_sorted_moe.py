@@ -25,13 +25,16 @@ from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routi
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)
-# (block_n, block_k, num_warps, num_stages[, split_k, warp_specialize, persistent]); split-K is never used here.
+# (block_n, block_k, num_warps, num_stages[, split_k, warp_specialize, persistent, pair_small, joint]); split-K is
+# never used here; joint w13 tiles multiply w1's and w3's tiles in one MMA of twice the width.
 # Persistent tiles (persistent_moe.py) won 1-7% inside 32-layer prefills on an H200 at 1024, 4096 and 8192
 # tokens; short bursts like these overrate them at 2048, where the engine saw no difference: confirm a
 # persistent pick with scripts/gpu_prefill_tiles.py.
 W13_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (64, 128, 4, 3), (128, 128, 8, 2),
              (256, 64, 8, 3), (64, 64, 8, 5), (128, 64, 8, 3, 1, True), (128, 64, 8, 4, 1, True),
-             (256, 64, 8, 3, 1, True), (128, 64, 8, 4, 1, False, True), (256, 64, 8, 3, 1, True, True)]
+             (256, 64, 8, 3, 1, True), (128, 64, 8, 4, 1, False, True), (256, 64, 8, 3, 1, True, True),
+             (128, 64, 8, 3, 1, True, False, False, True), (128, 64, 8, 4, 1, True, False, False, True),
+             (128, 64, 8, 3, 1, False, False, False, True), (128, 64, 8, 4, 1, False, True, False, True)]
 W2_TILES = [(128, 64, 8, 3), (128, 64, 8, 4), (256, 64, 8, 3), (256, 64, 8, 4), (128, 128, 8, 3),
             (64, 64, 4, 4), (128, 64, 4, 4), (256, 64, 8, 3, 1, True), (256, 64, 8, 4, 1, True),
             (128, 64, 8, 4, 1, True), (256, 64, 8, 4, 1, False, True)]
