@@ -48,6 +48,10 @@ BAD = [
     ("gpu", "--offline", "1:2:3"),
     ("gpu", "--offline-requests", "0"),
     ("gpu", "--gpu-memory-utilization", "2"),
+    ("gpu", "--peer", "vllm"),
+    ("gpu", "--peer", "hf,none"),
+    ("gpu", "--peer", ","),
+    ("gpu", "--peer-batch-sizes", "0"),
 ]
 
 
@@ -71,12 +75,16 @@ def test_good_values_parse_to_what_the_benchmarks_use() -> None:
     args = parser.parse_args(["bench", "gpu", "--batch-sizes", "1,16", "--offline", "", "--layers", "2"])
     assert (args.batch_sizes, args.offline, args.layers) == ("1,16", "", 2)
     defaults = parser.parse_args(["bench", "gpu"])  # argparse runs string defaults through the types too
-    assert (defaults.batch_sizes, defaults.offline) == ("1,8,32,64,128", "128:128,1000:1000")
+    assert (defaults.batch_sizes, defaults.offline, defaults.peer) == ("1,8,32,64,128", "128:128,1000:1000", "none")
+    args = parser.parse_args(["bench", "gpu", "--peer", "hf,compiled", "--peer-batch-sizes", "1,8"])
+    assert (args.peer, args.peer_batch_sizes) == ("hf,compiled", "1,8")
 
 
 @pytest.mark.parametrize(("flags", "says"), [
     (["--model", "/some/folder", "--layers", "2"], "--layers needs a preset --model"),
     (["--model", "tiny", "--layers", "99"], "--layers 99: tiny has only"),
+    (["--peer", "compiled", "--batch-sizes", "1,8", "--peer-batch-sizes", "1,4"],
+     "--peer-batch-sizes [4] are not among --batch-sizes [1, 8]"),
 ])
 def test_gpu_layers_needs_a_preset_that_has_them(flags: list[str], says: str,
                                                  capsys: pytest.CaptureFixture[str]) -> None:

@@ -88,3 +88,16 @@ def length_pairs(text: str) -> str:
                 f"must be comma-separated INPUT:OUTPUT lengths >= 1 like 128:128, got {text!r} ({item!r} is not)"
             ) from None
     return text
+
+
+PEERS = ("hf", "compiled")
+
+
+def peer_list(text: str) -> str:
+    """Comma-separated peers from ``PEERS``, or ``none`` (``"hf,compiled"``); returned as given."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if item not in (*PEERS, "none")]
+    if bad or not items or ("none" in items and len(items) > 1):
+        raise argparse.ArgumentTypeError(
+            f"must be 'none' or comma-separated peers from {', '.join(PEERS)}, got {text!r}")
+    return text

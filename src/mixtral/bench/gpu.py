@@ -3,9 +3,10 @@
 One run measures, on one GPU: the copy bandwidth and bf16 matmul rate; batch-1 decode and decode at a
 ladder of batch sizes with fixed-length contexts; a long prefill, back to back and from an idle GPU
 (``--prefill-rest``: the board's power budget makes the two differ); offline throughput at given input/output
-lengths; and (``--peer hf``) transformers' ``MixtralForCausalLM`` sharing our weights (no extra memory) on
-the same shapes. Every figure is printed with its roofline and the fraction reached; ``--json`` and
-``--plot`` write the numbers and a tok/s-against-batch picture.
+lengths; and peers decoding the same shapes on our weights (no extra memory): ``--peer hf``, transformers'
+``MixtralForCausalLM`` (what a user would pick instead), and ``--peer compiled``, a gpt-fast style decode step
+compiled whole by ``torch.compile`` (``compiled_peer.py``). Every figure is printed with its roofline and the
+fraction reached; ``--json`` and ``--plot`` write the numbers and a tok/s-against-batch picture.
 """
 
 from __future__ import annotations
@@ -24,7 +25,14 @@ from typing import Any
 import torch
 
 from mixtral.bench import roofline
-from mixtral.bench.args import fraction, length_pairs, non_negative_float, positive_int, positive_int_list
+from mixtral.bench.args import (
+    fraction,
+    length_pairs,
+    non_negative_float,
+    peer_list,
+    positive_int,
+    positive_int_list,
+)
 from mixtral.model.args import PRESETS, ModelArgs
 
 
@@ -44,8 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--offline", type=length_pairs, default="128:128,1000:1000",
                    help="comma-separated INPUT:OUTPUT lengths for the offline throughput runs ('' skips)")
     p.add_argument("--offline-requests", type=positive_int, default=256, help="requests per offline throughput run")
-    p.add_argument("--peer", choices=["none", "hf"], default="none",
-                   help="also run transformers' MixtralForCausalLM on the same weights and prompts")
+    p.add_argument("--peer", type=peer_list, default="none",
+                   help="also decode the same prompts on the same weights with these (comma-separated): 'hf', "
+                        "transformers' MixtralForCausalLM; 'compiled', a gpt-fast style torch.compile decode step "
+                        "(compiles once per batch size, minutes for the full model)")
+    p.add_argument("--peer-batch-sizes", type=positive_int_list, default=None,
+                   help="decode batch sizes for the peers (default: --batch-sizes); each must be one of those")
     p.add_argument("--moe-path", default=None, help="force an experts implementation (triton, grouped, gather...)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs in the engine")
     p.add_argument("--sync-scheduling", action="store_true",
@@ -58,6 +70,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def arg_problem(args: argparse.Namespace) -> str | None:
     """What is wrong with a combination of flags that argparse's types accepted one by one; None if nothing."""
+    if args.peer_batch_sizes is not None:
+        ours = {int(b) for b in args.batch_sizes.split(",") if b.strip()}
+        extra = [b for b in (int(b) for b in args.peer_batch_sizes.split(",") if b.strip()) if b not in ours]
+        if extra:
+            return f"--peer-batch-sizes {extra} are not among --batch-sizes {sorted(ours)} (the ratio needs both)"
     if args.layers is None:
         return None
     if args.model not in PRESETS:
@@ -236,6 +253,40 @@ def bench_hf_decode(hf: torch.nn.Module, margs: ModelArgs, batch: int, context: 
     return batch * steps / max(gen(steps + 1) - gen(1), 1e-9)
 
 
+PEER_LABELS = {"hf": "transformers MixtralForCausalLM", "compiled": "torch.compile decode (gpt-fast style)"}
+
+
+def run_peer(peer: str, model: torch.nn.Module, margs: ModelArgs, batches: list[int], args: argparse.Namespace,
+             ours: list[dict[str, Any]], console: Any) -> list[dict[str, Any]]:
+    """Decode tok/s of one peer at each batch size, with our figure's ratio to it; a batch that runs out of
+    GPU memory is reported as such (transformers' default experts gather per-token weight copies)."""
+    from mixtral.bench.compiled_peer import bench_compiled_decode
+
+    hf = build_hf_peer(model, margs) if peer == "hf" else None
+    out = []
+    for b in batches:
+        steps = min(args.decode_steps, 32)
+        try:
+            if hf is not None:
+                tok_s = bench_hf_decode(hf, margs, b, args.context, steps)
+            else:
+                prompts = torch.tensor(_prompts(margs.vocab_size, b, args.context, seed=b), device=model.device)
+                tok_s = bench_compiled_decode(model, margs, prompts, steps)
+        except torch.OutOfMemoryError:
+            gc.collect()
+            torch.cuda.empty_cache()
+            console.print(f"peer {peer} decode batch {b:4d}: out of GPU memory")
+            out.append({"batch": b, "tok_s": None, "ours_over_peer": None, "error": "out of memory"})
+            continue
+        mine = next(r["tok_s"] for r in ours if r["batch"] == b)
+        out.append({"batch": b, "tok_s": tok_s, "ours_over_peer": mine / tok_s})
+        console.print(f"peer {peer} decode batch {b:4d}: {tok_s:9.1f} tok/s  (ours {mine / tok_s:.1f}x)")
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
@@ -305,38 +356,31 @@ def run(args: argparse.Namespace) -> int:
 
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
-    if args.peer == "hf":
-        # The peer keeps its own KV cache: give back the engine's cache and graphs (the weights stay, shared).
+    peers = [p.strip() for p in args.peer.split(",") if p.strip() not in ("", "none")]
+    if peers:
+        # The peers keep their own KV caches: give back the engine's cache and graphs (the weights stay, shared).
         engine.model_runner.graphs = None
         engine.model_runner.kv_caches = []
         del engine
         gc.collect()
         torch.cuda.empty_cache()
-        hf = build_hf_peer(model, margs)
-        peer_rows = []
-        for b in batches:
-            steps = min(args.decode_steps, 32)
-            try:
-                tok_s = bench_hf_decode(hf, margs, b, args.context, steps)
-            except torch.OutOfMemoryError:
-                # transformers' experts gather per-token weight copies at prefill; say so and go on.
-                torch.cuda.empty_cache()
-                console.print(f"peer hf decode batch {b:4d}: out of GPU memory")
-                peer_rows.append({"batch": b, "tok_s": None, "ours_over_peer": None, "error": "out of memory"})
-                continue
-            ours = next(r["tok_s"] for r in rows if r["batch"] == b)
-            peer_rows.append({"batch": b, "tok_s": tok_s, "ours_over_peer": ours / tok_s})
-            console.print(f"peer hf decode batch {b:4d}: {tok_s:9.1f} tok/s  (ours {ours / tok_s:.1f}x)")
-        results["peer_hf"] = peer_rows
+        peer_batches = [int(b) for b in (args.peer_batch_sizes or args.batch_sizes).split(",") if b.strip()]
+        for peer in peers:
+            results[f"peer_{peer}"] = run_peer(peer, model, margs, peer_batches, args, rows, console)
 
     table = Table(title=f"mixtral bench gpu — {name} — {model_name} {args.dtype}")
-    for col in ("batch", "ours tok/s", "roofline tok/s", "% roofline", "hf tok/s", "ours / hf"):
+    for col in ("batch", "ours tok/s", "roofline tok/s", "% roofline"):
         table.add_column(col, justify="right")
-    peer_by_b = {r["batch"]: r for r in results.get("peer_hf", []) if r["tok_s"] is not None}
+    for peer in peers:
+        table.add_column(f"{peer} tok/s", justify="right")
+        table.add_column(f"ours / {peer}", justify="right")
+    by_batch = {peer: {r["batch"]: r for r in results[f"peer_{peer}"] if r["tok_s"] is not None} for peer in peers}
     for r in rows:
-        p = peer_by_b.get(r["batch"])
-        table.add_row(str(r["batch"]), f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.1f}", f"{r['fraction']:.0%}",
-                      f"{p['tok_s']:.1f}" if p else "-", f"{p['ours_over_peer']:.1f}x" if p else "-")
+        cells = [str(r["batch"]), f"{r['tok_s']:.1f}", f"{r['roofline_tok_s']:.1f}", f"{r['fraction']:.0%}"]
+        for peer in peers:
+            p = by_batch[peer].get(r["batch"])
+            cells += [f"{p['tok_s']:.1f}", f"{p['ours_over_peer']:.1f}x"] if p else ["-", "-"]
+        table.add_row(*cells)
     console.print(table)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -357,9 +401,10 @@ def plot_decode(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(b, [r["roofline_tok_s"] for r in rows], "k--", label="memory roofline (measured bandwidth)")
     ax.plot(b, [r["tok_s"] for r in rows], "o-", label="mixtral (this project)")
-    peer = [r for r in results.get("peer_hf", []) if r["tok_s"] is not None]
-    if peer:
-        ax.plot([r["batch"] for r in peer], [r["tok_s"] for r in peer], "s-", label="transformers MixtralForCausalLM")
+    for (key, label), marker in zip(PEER_LABELS.items(), "s^", strict=True):
+        peer = [r for r in results.get(f"peer_{key}", []) if r["tok_s"] is not None]
+        if peer:
+            ax.plot([r["batch"] for r in peer], [r["tok_s"] for r in peer], marker + "-", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("decode batch size")
