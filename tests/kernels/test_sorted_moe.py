@@ -29,6 +29,18 @@ def _problem(n: int, e: int, d: int, f: int, k: int, seed: int, dtype: torch.dty
     return x, w13, w2, weights, ids
 
 
+def _grouped(counts: list[int], e_local: int, expert_start: int, d: int, f: int, seed: int
+             ) -> tuple[torch.Tensor, ...]:
+    """Routing with exactly ``counts[e]`` pairs for expert e (k = 2, shuffled), and this rank's experts
+    ``expert_start`` .. + ``e_local``: (x, w13, w2, weights, ids, the reference's output)."""
+    pairs = sum(counts)
+    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
+    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), d, f, 2, seed=seed)
+    local = slice(expert_start, expert_start + e_local)
+    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    return x, w13, w2, weights, ids, moe_reference(x, w13, w2, weights, ids, expert_start)
+
+
 @pytest.mark.parametrize("use_tma", [True, False])
 @pytest.mark.parametrize(("n", "e", "d", "f", "k", "seed"), [
     (1, 8, 32, 64, 2, 0),  # one token: two groups of one row, each a mostly-empty tile
@@ -171,12 +183,7 @@ def test_persistent_gemms_walk_every_tile_once(small_m: int, programs: int, coun
     short last tiles (which only the non-persistent kernel splits off): a tile computed twice or skipped
     would show in the sum."""
     monkeypatch.setattr(persistent_moe, "num_sms", lambda device: programs)
-    pairs = sum(counts)
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
-    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=8)
-    local = slice(expert_start, expert_start + e_local)
-    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
-    ref = moe_reference(x, w13, w2, weights, ids, expert_start)
+    x, w13, w2, weights, ids, ref = _grouped(counts, e_local, expert_start, 32, 64, seed=8)
     plain = mc.GemmConfig(32, 32, 4, 2)
     for w13_cfg, w2_cfg in ((PERSISTENT, PERSISTENT), (PERSISTENT, plain), (plain, PERSISTENT)):
         cfg = mc.MoEConfig(32, w13_cfg, w2_cfg, small_m)
@@ -203,14 +210,10 @@ def test_paired_short_tiles_cover_both_columns(use_tma: bool, counts: list[int],
     """w2's short tiles spanning two column tiles (``pair_small``) give the reference's result: a column the
     pair missed or wrote twice, or a big tile skipped by the new order, would show. w2 has 4 column tiles here
     (D 128 / 32), so two pairs an expert."""
-    pairs = sum(counts)
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
-    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 128, 64, 2, seed=14)
-    local = slice(expert_start, expert_start + e_local)
-    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
+    x, w13, w2, weights, ids, ref = _grouped(counts, e_local, expert_start, 128, 64, seed=14)
     cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2), mc.GemmConfig(32, 32, 4, 2, pair_small=True), 16)
     got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg, use_tma=use_tma)
-    torch.testing.assert_close(got, moe_reference(x, w13, w2, weights, ids, expert_start), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
 def test_paired_short_tiles_refusals() -> None:
@@ -240,12 +243,7 @@ def test_joint_w13_multiplies_gate_and_up_in_one_operand(use_tma: bool, counts: 
     """w13 with ``joint`` (w1's and w3's column tiles loaded as one [2 BN, BK] operand, through a 3-D TMA box
     over w13 as [E * 2, F, D] or gathered pointers) gives the reference's result: a w3 tile taken from the
     wrong expert or column, or gate and up swapped in the split, would show. F = 64 holds two column tiles."""
-    pairs = sum(counts)
-    ids = torch.cat([torch.full((c,), e) for e, c in enumerate(counts)])[torch.randperm(pairs)].view(-1, 2)
-    x, w13, w2, weights, _ = _problem(pairs // 2, len(counts), 32, 64, 2, seed=16)
-    local = slice(expert_start, expert_start + e_local)
-    w13, w2 = w13[local].contiguous(), w2[local].contiguous()
-    ref = moe_reference(x, w13, w2, weights, ids, expert_start)
+    x, w13, w2, weights, ids, ref = _grouped(counts, e_local, expert_start, 32, 64, seed=16)
     cfg = mc.MoEConfig(32, mc.GemmConfig(32, 32, 4, 2, joint=True), mc.GemmConfig(32, 32, 4, 2), small_m)
     got = sm.sorted_moe(x, w13, w2, weights, ids, expert_start, config=cfg, use_tma=use_tma)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
