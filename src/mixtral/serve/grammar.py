@@ -10,6 +10,8 @@ Output shapes the grammars allow (``<[5]>`` is the ``[TOOL_CALLS]`` control toke
 - ``none``: handled without a grammar (one banned token, see ``guided.BanTokensGuide``) unless JSON is asked for.
 - ``json_object`` / ``json_schema``: one JSON value valid against the schema; whitespace between JSON tokens is
   allowed but bounded so a model cannot loop on newlines forever.
+- ``strict: true`` on a function or a ``json_schema``: objects that do not state ``additionalProperties`` take
+  no keys beyond their ``properties``, as OpenAI's strict mode means (JSON Schema's default would allow any).
 
 Everything is validated here so a bad request fails with ``GuideError`` naming the bad field, not deep in
 the engine.
@@ -83,6 +85,36 @@ def _check_schema(schema: Any, where: str) -> dict[str, Any] | bool:
     return schema
 
 
+# Keywords whose values are schemas, one or a list or a map of them, that ``strict`` closes too. ``allOf`` is left
+# alone: its branches often split one object's properties, and closing each would make them contradict.
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains")
+_SUBSCHEMA_LIST = ("anyOf", "oneOf", "prefixItems")
+_SUBSCHEMA_MAP = ("properties", "$defs", "definitions", "patternProperties")
+
+
+def _strict(schema: Any) -> Any:
+    """``strict: true`` as OpenAI's structured outputs mean it: every object schema that does not say otherwise
+    takes no keys beyond its ``properties`` (JSON Schema's own default allows any). An object that states
+    ``additionalProperties`` or ``patternProperties`` keeps what it states. Returns a new schema."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_ONE:
+        if isinstance(out.get(key), dict):
+            out[key] = _strict(out[key])
+    for key in _SUBSCHEMA_LIST:
+        if isinstance(out.get(key), list):
+            out[key] = [_strict(s) for s in out[key]]
+    for key in _SUBSCHEMA_MAP:
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _strict(v) for k, v in out[key].items()}
+    kind = out.get("type")
+    is_object = kind == "object" or (isinstance(kind, list) and "object" in kind) or "properties" in out
+    if is_object and "additionalProperties" not in out and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def _tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
     if not isinstance(tools, list):
         raise GuideError(f"tools must be a list, got {type(tools).__name__}")
@@ -115,6 +147,8 @@ def _tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
             params = {**params, "type": "object"}
         elif params["type"] != "object":
             raise GuideError(f"{where}.parameters must describe an object (type 'object'), got type {params['type']!r}")
+        if fn.get("strict") is True:
+            params = _strict(params)
         specs.append(ToolSpec(name, params))
     return specs
 
@@ -159,7 +193,7 @@ def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] |
         schema = _check_schema(spec["schema"], "response_format.json_schema.schema")
         if schema is False:
             raise GuideError("response_format.json_schema.schema is `false`: no output could ever be valid")
-        return schema
+        return _strict(schema) if spec.get("strict") is True else schema
     raise GuideError(f"response_format.type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
 
 
