@@ -1,9 +1,10 @@
-"""The gpt-fast style peer of ``mixtral bench gpu --peer compiled`` computes Mixtral: on CPU in fp32 (uncompiled;
-the GPU run compiles the same code), its prefill and per-token decode over the static cache give the model's
-full-sequence logits, with the decode step's per-token expert indexing and the prefill's per-expert GEMMs."""
+"""The gpt-fast style peer of ``mixtral bench gpu --peer compiled`` computes Mixtral: on CPU in fp32, its prefill
+and per-token decode over the static cache give the model's full-sequence logits (the decode step's per-token
+expert indexing, the prefill's per-expert GEMMs), and its decode step compiles whole with the same tokens."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mixtral.bench.compiled_peer import StaticCacheMixtral, greedy_decode
@@ -72,3 +73,14 @@ def test_bench_plot_draws_every_peer(tmp_path: object) -> None:
     assert lines["transformers MixtralForCausalLM"] == [2.0]
     assert lines["torch.compile decode (gpt-fast style)"] == [5.0, 30.0]
     assert path.stat().st_size > 0  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+def test_the_decode_step_compiles_whole_and_matches_eager() -> None:
+    """``torch.compile(fullgraph=True)`` takes the one-token step as one graph (a graph break would raise) and
+    its greedy tokens equal the eager step's (Inductor's CPU backend here; the GPU bench adds CUDA graphs)."""
+    model = _model()
+    prompts = torch.randint(0, model.args.vocab_size, (2, 5), generator=torch.Generator().manual_seed(2))
+    peer = StaticCacheMixtral(model, model.args, batch=2, max_len=16)
+    compiled = greedy_decode(peer, prompts, 5, torch.compile(peer, fullgraph=True))
+    assert torch.equal(compiled, greedy_decode(StaticCacheMixtral(model, model.args, 2, 16), prompts, 5))

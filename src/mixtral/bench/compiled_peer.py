@@ -100,7 +100,7 @@ def greedy_decode(peer: StaticCacheMixtral, prompts: torch.Tensor, steps: int,
                   step_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Prefill ``prompts`` [B, P] then ``steps`` greedy tokens; -> [B, steps]. ``step_fn`` (the compiled
     one-token forward) replaces ``peer`` for the decode steps."""
-    step = step_fn or peer
+    step = peer if step_fn is None else step_fn
     p = prompts.shape[1]
     with torch.no_grad():
         tok = peer(prompts, torch.arange(p, device=prompts.device)).argmax(-1, keepdim=True)  # [B, 1]

@@ -278,6 +278,11 @@ def run_peer(peer: str, model: torch.nn.Module, margs: ModelArgs, batches: list[
             console.print(f"peer {peer} decode batch {b:4d}: out of GPU memory")
             out.append({"batch": b, "tok_s": None, "ours_over_peer": None, "error": "out of memory"})
             continue
+        except Exception as exc:  # a peer that breaks (a compiler error, say) must not lose our figures
+            why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            console.print(f"peer {peer} decode batch {b:4d}: failed, {why}")
+            out.append({"batch": b, "tok_s": None, "ours_over_peer": None, "error": why})
+            continue
         mine = next(r["tok_s"] for r in ours if r["batch"] == b)
         out.append({"batch": b, "tok_s": tok_s, "ours_over_peer": mine / tok_s})
         console.print(f"peer {peer} decode batch {b:4d}: {tok_s:9.1f} tok/s  (ours {mine / tok_s:.1f}x)")
