@@ -20,7 +20,8 @@ program order is expert-major, then output-column tile, then row tile: the few r
 share a weight tile run side by side, so each weight tile is read from HBM once and then from L2. The launch
 grid is an upper bound from host ints (every expert may add one partial tile), programs past the real tile
 count exit at once: no host sync. A GEMM whose config says ``persistent`` runs ``persistent_moe.py``'s kernel
-instead (one program per SM walking the same tiles, without the short last tiles).
+instead (one program per SM walking the same tiles, without the short last tiles). A w13 config with ``joint``
+multiplies a column tile's w1 and w3 rows as one operand, one MMA of twice the width a step (``_tile``).
 """
 
 from __future__ import annotations
