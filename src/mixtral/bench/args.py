@@ -90,7 +90,8 @@ def length_pairs(text: str) -> str:
     return text
 
 
-PEERS = ("hf", "compiled")
+# ``mixtral bench gpu --peer`` names and their labels in the plot.
+PEERS = {"hf": "transformers MixtralForCausalLM", "compiled": "torch.compile decode (gpt-fast style)"}
 
 
 def peer_list(text: str) -> str:

@@ -7,8 +7,9 @@ indexed per token (``w13[ids]``), which Inductor turns into GEMVs that read only
 batch 1 a step reads the two experts it needs and nothing is copied. Nothing here is shared with the engine
 but the weight tensors (views, no second copy), so the figure is the compiler's, not our kernels'.
 
-A prompt is prefilled uncompiled and not timed: its experts run one dense GEMM each over their tokens (the
-per-token indexing would copy [T, k, 2F, D] weights), attention through SDPA over the static cache.
+A prompt is prefilled uncompiled and not timed: its experts run ``moe_reference`` (one GEMM per expert; the
+per-token indexing would copy [T, k, 2F, D] weights), attention through SDPA over the static cache. Norms,
+RoPE and routing are ``kernels/reference.py``'s.
 """
 
 from __future__ import annotations
@@ -19,20 +20,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mixtral.kernels.reference import moe_reference, rms_norm_reference, rope_reference, route_topk
 from mixtral.model.args import ModelArgs
 from mixtral.model.layers import rope_cos_sin
-
-
-def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm in the order the model uses: normalise in fp32, cast back, scale."""
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, hd]; cos, sin [T, hd]; the model's "rotate_half" layout."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
 class StaticCacheMixtral(torch.nn.Module):
@@ -54,26 +44,18 @@ class StaticCacheMixtral(torch.nn.Module):
                              persistent=False)  # [L, L]
 
     def _moe(self, h: torch.Tensor, layer: torch.nn.Module, decode: bool) -> torch.Tensor:
-        """h [N, D] -> [N, D]: Mixtral's routing, then the chosen experts (indexed per token when ``decode``)."""
+        """h [N, D] -> [N, D]: Mixtral's routing, then the chosen experts: indexed per token when ``decode``
+        (gpt-fast's form, which Inductor fuses into the GEMVs), else the reference's one GEMM per expert."""
         ff = layer.feed_forward
-        probs = torch.softmax(F.linear(h, ff.gate.weight).float(), dim=-1)  # [N, E]
-        weights, ids = torch.topk(probs, self.a.num_experts_per_tok, dim=-1)  # [N, k]
-        weights = weights / weights.sum(-1, keepdim=True)
+        weights, ids = route_topk(F.linear(h, ff.gate.weight), self.a.num_experts_per_tok)  # [N, k] each
+        if not decode:  # prefill, not timed: [N, k, 2F, D] weight copies would not fit
+            return moe_reference(h, ff.w13, ff.w2, weights, ids)
         f = ff.w2.shape[-1]
-        if decode:  # gpt-fast's form: per-token expert weights, which Inductor fuses into the GEMVs
-            w13, w2 = ff.w13[ids], ff.w2[ids]  # [N, k, 2F, D], [N, k, D, F]
-            gate_up = torch.einsum("nd,nkod->nko", h, w13)  # [N, k, 2F]
-            act = F.silu(gate_up[..., :f]) * gate_up[..., f:]  # [N, k, F]
-            y = torch.einsum("nkf,nkdf->nkd", act, w2)  # [N, k, D]
-            return torch.einsum("nkd,nk->nd", y.float(), weights).to(h.dtype)
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)  # [N, D]
-        for e in range(ff.w13.shape[0]):
-            rows, slot = (ids == e).nonzero(as_tuple=True)  # prefill only: a host sync per expert is fine
-            if rows.numel():
-                gate_up = F.linear(h[rows], ff.w13[e])  # [n_e, 2F]
-                y = F.linear(F.silu(gate_up[:, :f]) * gate_up[:, f:], ff.w2[e])  # [n_e, D]
-                out.index_add_(0, rows, y.float() * weights[rows, slot, None])
-        return out.to(h.dtype)
+        w13, w2 = ff.w13[ids], ff.w2[ids]  # [N, k, 2F, D], [N, k, D, F]
+        gate_up = torch.einsum("nd,nkod->nko", h, w13)  # [N, k, 2F]
+        act = F.silu(gate_up[..., :f]) * gate_up[..., f:]  # [N, k, F]
+        y = torch.einsum("nkf,nkdf->nkd", act, w2)  # [N, k, D]
+        return torch.einsum("nkd,nk->nd", y.float(), weights).to(h.dtype)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         a, m = self.a, self.m
@@ -82,18 +64,19 @@ class StaticCacheMixtral(torch.nn.Module):
         cos, sin = self.cos[input_pos], self.sin[input_pos]  # [T, hd]
         mask = self.causal[input_pos][None, None]  # [1, 1, T, L]
         for i, layer in enumerate(m.layers):
-            h = _rms(x, layer.attention_norm.weight, a.norm_eps)
+            h = rms_norm_reference(x, layer.attention_norm.weight, a.norm_eps)
             q, k, v = F.linear(h, layer.attention.wqkv.weight).split([a.q_size, a.kv_size, a.kv_size], dim=-1)
-            q = _rotate(q.view(b, t, a.n_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, H, T, hd]
-            k = _rotate(k.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2), cos, sin)  # [B, KV, T, hd]
+            # RoPE on [B, T, heads, hd] (cos [T, hd] broadcasts over B and heads), then heads first
+            q = rope_reference(q.view(b, t, a.n_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, H, T, hd]
+            k = rope_reference(k.view(b, t, a.n_kv_heads, a.head_dim), cos, sin).transpose(1, 2)  # [B, KV, T, hd]
             self.k_cache[i][:, :, input_pos] = k
             self.v_cache[i][:, :, input_pos] = v.view(b, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, self.k_cache[i], self.v_cache[i], attn_mask=mask,
                                                enable_gqa=True)  # [B, H, T, hd]
             x = x + F.linear(o.transpose(1, 2).reshape(b, t, a.q_size), layer.attention.wo.weight)
-            h = _rms(x, layer.ffn_norm.weight, a.norm_eps)
+            h = rms_norm_reference(x, layer.ffn_norm.weight, a.norm_eps)
             x = x + self._moe(h.view(b * t, -1), layer, decode=t == 1).view(b, t, -1)
-        return m.output(_rms(x[:, -1], m.norm.weight, a.norm_eps))  # [B, V]
+        return m.output(rms_norm_reference(x[:, -1], m.norm.weight, a.norm_eps))  # [B, V]
 
 
 def greedy_decode(peer: StaticCacheMixtral, prompts: torch.Tensor, steps: int,

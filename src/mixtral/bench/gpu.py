@@ -26,6 +26,7 @@ import torch
 
 from mixtral.bench import roofline
 from mixtral.bench.args import (
+    PEERS,
     fraction,
     length_pairs,
     non_negative_float,
@@ -253,9 +254,6 @@ def bench_hf_decode(hf: torch.nn.Module, margs: ModelArgs, batch: int, context: 
     return batch * steps / max(gen(steps + 1) - gen(1), 1e-9)
 
 
-PEER_LABELS = {"hf": "transformers MixtralForCausalLM", "compiled": "torch.compile decode (gpt-fast style)"}
-
-
 def run_peer(peer: str, model: torch.nn.Module, margs: ModelArgs, batches: list[int], args: argparse.Namespace,
              ours: list[dict[str, Any]], console: Any) -> list[dict[str, Any]]:
     """Decode tok/s of one peer at each batch size, with our figure's ratio to it; a batch that runs out of
@@ -263,9 +261,9 @@ def run_peer(peer: str, model: torch.nn.Module, margs: ModelArgs, batches: list[
     from mixtral.bench.compiled_peer import bench_compiled_decode
 
     hf = build_hf_peer(model, margs) if peer == "hf" else None
+    steps = min(args.decode_steps, 32)
     out = []
     for b in batches:
-        steps = min(args.decode_steps, 32)
         try:
             if hf is not None:
                 tok_s = bench_hf_decode(hf, margs, b, args.context, steps)
@@ -406,7 +404,7 @@ def plot_decode(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(b, [r["roofline_tok_s"] for r in rows], "k--", label="memory roofline (measured bandwidth)")
     ax.plot(b, [r["tok_s"] for r in rows], "o-", label="mixtral (this project)")
-    for (key, label), marker in zip(PEER_LABELS.items(), "s^", strict=True):
+    for (key, label), marker in zip(PEERS.items(), "s^", strict=True):
         peer = [r for r in results.get(f"peer_{key}", []) if r["tok_s"] is not None]
         if peer:
             ax.plot([r["batch"] for r in peer], [r["tok_s"] for r in peer], marker + "-", label=label)
