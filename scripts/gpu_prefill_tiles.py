@@ -1,6 +1,8 @@
 """Prefill MoE tiles compared inside the engine: one prompt-prefill CUDA graph per candidate ``sorted_moe``
 config, alternated over rounds in one process, so sustained clocks and power hit every candidate alike (the
-tuner's short bursts ran ~10% faster than the same kernels inside a 100 ms prefill).
+tuner's short bursts ran ~10% faster than the same kernels inside a 100 ms prefill). First, every candidate's
+graph runs one prompt and its hidden states are compared with the tuned entry's (``rel_err_vs_tuned``): a tile
+that leaves rows unwritten or mixes up operands shows there before its time is trusted.
 
     PYTHONPATH=src python3 scripts/gpu_prefill_tiles.py --layers 32 --json out.json
 """
@@ -53,6 +55,25 @@ def sorted_config(cfg: MoEConfig) -> Iterator[None]:
         moe_configs.get_sorted_config = original  # type: ignore[assignment]
 
 
+@torch.inference_mode()
+def output_errors(graphs: dict[str, PrefillGraph], vocab: int) -> dict[str, float]:
+    """Each graph's hidden states [N, D] for one random prompt against the first graph's (the tuned entry's):
+    max |diff| / max |reference|. The graphs store no KV (their slots are -1), so replaying them directly
+    changes nothing else; they share one memory pool, so each output is read before the next replay."""
+    ref = None
+    errors: dict[str, float] = {}
+    for label, g in graphs.items():
+        ids = torch.randint(100, vocab - 1, (g.num_tokens,), generator=torch.Generator().manual_seed(7))  # [N]
+        g.input_ids.copy_(ids)
+        assert g.graph is not None and g.output is not None
+        g.graph.replay()
+        out = g.output.float()  # [N, D]
+        if ref is None:
+            ref = out.clone()
+        errors[label] = float((out - ref).abs().max() / ref.abs().max())
+    return errors
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     prefill_args(ap, layers=32, rounds_of="candidate")
@@ -83,6 +104,9 @@ def main() -> None:
                 continue
         graphs[label] = g
         print(f"captured {label}: {cfg}", flush=True)
+    errors = output_errors(graphs, margs.vocab_size)
+    for label, err in errors.items():
+        print(f"{label}: hidden states vs tuned, max relative error {err:.2e}")
     times: dict[str, list[float]] = {k: [] for k in graphs}
     seed = 0
     for label in graphs:  # warm-up
@@ -100,7 +124,7 @@ def main() -> None:
         med = statistics.median(ts)
         summary[label] = {"config": candidates(tuned, args.candidates)[label].to_dict(), "median_ms": med * 1e3,
                           "fraction_of_peak_median": flops / med / peak,
-                          "fraction_of_peak_best": flops / min(ts) / peak}
+                          "fraction_of_peak_best": flops / min(ts) / peak, "rel_err_vs_tuned": errors[label]}
         print(f"{label:22s} median {med * 1e3:7.2f} ms {flops / med / peak:6.1%} best {flops / min(ts) / peak:6.1%}")
     if args.json:
         with open(args.json, "w") as fh:
