@@ -5,6 +5,9 @@ graph runs one prompt and its hidden states are compared with the tuned entry's 
 that leaves rows unwritten or mixes up operands shows there before its time is trusted.
 
     PYTHONPATH=src python3 scripts/gpu_prefill_tiles.py --layers 32 --json out.json
+
+``--adopt`` writes the winner into this GPU's ``sorted_`` table at ``--length`` tokens (``adoption``'s rule), with
+a note of the figures; without a clear winner the table is left alone.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gpu_prefill_breakdown import (  # scripts/ is sys.path[0] when run as a fil
     prefill_setup,
 )
 
+from mixtral.bench.tile_adoption import MIN_MEAN_GAIN, MIN_WIN_SHARE, adopt, adoption
 from mixtral.engine.cuda_graphs import PrefillGraph
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
@@ -78,6 +82,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     prefill_args(ap, layers=32, rounds_of="candidate")
     ap.add_argument("--candidates", default=None, help="JSON {label: MoEConfig dict} to compare with the tuned entry")
+    ap.add_argument("--adopt", action="store_true",
+                    help=f"write the winner (mean >= {MIN_MEAN_GAIN:.1%} shorter, faster in >= {MIN_WIN_SHARE:.0%} of "
+                         "rounds, same hidden states) into this GPU's sorted_ table at --length")
     args = ap.parse_args()
     engine, flops, peak = prefill_setup(args)
     runner = engine.model_runner
@@ -126,6 +133,18 @@ def main() -> None:
                           "fraction_of_peak_median": flops / med / peak,
                           "fraction_of_peak_best": flops / min(ts) / peak, "rel_err_vs_tuned": errors[label]}
         print(f"{label:22s} median {med * 1e3:7.2f} ms {flops / med / peak:6.1%} best {flops / min(ts) / peak:6.1%}")
+    if args.adopt:
+        runs_ms = {k: [t * 1e3 for t in v] for k, v in times.items()}
+        label, reasons = adoption(runs_ms, errors)
+        print("\n".join(reasons))
+        if label is None:
+            print(f"no candidate beat the table's entry at {args.length} tokens: table left alone")
+        else:
+            table = moe_configs.config_path(margs.num_experts, margs.hidden_dim, margs.dim,
+                                            torch.cuda.get_device_name(), "sorted_")
+            adopt(table, args.length, label, candidates(tuned, args.candidates)[label], reasons,
+                  torch.cuda.get_device_name(), args.layers)
+            print(f"adopted {label} at {args.length} tokens into {table}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "layers": args.layers, "summary": summary,
