@@ -64,10 +64,11 @@ def output_errors(graphs: dict[str, PrefillGraph], vocab: int) -> dict[str, floa
     """Each graph's hidden states [N, D] for one random prompt against the first graph's (the tuned entry's):
     max |diff| / max |reference|. The graphs store no KV (their slots are -1), so replaying them directly
     changes nothing else; they share one memory pool, so each output is read before the next replay."""
+    num_tokens = next(iter(graphs.values())).num_tokens
+    ids = torch.randint(100, vocab - 1, (num_tokens,), generator=torch.Generator().manual_seed(7))  # [N]
     ref = None
     errors: dict[str, float] = {}
     for label, g in graphs.items():
-        ids = torch.randint(100, vocab - 1, (g.num_tokens,), generator=torch.Generator().manual_seed(7))  # [N]
         g.input_ids.copy_(ids)
         assert g.graph is not None and g.output is not None
         g.graph.replay()
@@ -96,7 +97,8 @@ def main() -> None:
     graphs: dict[str, PrefillGraph] = {}
     ff = runner.model.layers[0].feed_forward
     probe = torch.empty(1, margs.dim, dtype=torch.bfloat16, device=dev)
-    for label, cfg in candidates(tuned, args.candidates).items():
+    cands = candidates(tuned, args.candidates)
+    for label, cfg in cands.items():
         problem = layout_problem(probe, ff.w13, ff.w2, cfg)
         if problem is not None:  # sorted_moe would not take it: the graph would time another path
             print(f"{label}: skipped, {problem}")
@@ -129,7 +131,7 @@ def main() -> None:
     summary = {}
     for label, ts in times.items():
         med = statistics.median(ts)
-        summary[label] = {"config": candidates(tuned, args.candidates)[label].to_dict(), "median_ms": med * 1e3,
+        summary[label] = {"config": cands[label].to_dict(), "median_ms": med * 1e3,
                           "fraction_of_peak_median": flops / med / peak,
                           "fraction_of_peak_best": flops / min(ts) / peak, "rel_err_vs_tuned": errors[label]}
         print(f"{label:22s} median {med * 1e3:7.2f} ms {flops / med / peak:6.1%} best {flops / min(ts) / peak:6.1%}")
@@ -140,10 +142,9 @@ def main() -> None:
         if label is None:
             print(f"no candidate beat the table's entry at {args.length} tokens: table left alone")
         else:
-            table = moe_configs.config_path(margs.num_experts, margs.hidden_dim, margs.dim,
-                                            torch.cuda.get_device_name(), "sorted_")
-            adopt(table, args.length, label, candidates(tuned, args.candidates)[label], reasons,
-                  torch.cuda.get_device_name(), args.layers)
+            gpu = torch.cuda.get_device_name()
+            table = moe_configs.config_path(margs.num_experts, margs.hidden_dim, margs.dim, gpu, "sorted_")
+            adopt(table, args.length, label, cands[label], reasons, gpu, args.layers)
             print(f"adopted {label} at {args.length} tokens into {table}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -11,7 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
-from mixtral.kernels.triton.moe_configs import MoEConfig, clear_config_cache
+from mixtral.kernels.triton.moe_configs import MoEConfig
+from mixtral.kernels.triton.tune_moe import write_configs
 
 # A candidate replaces the table's entry only if its mean prefill is this much shorter, it was faster in this
 # share of the alternated rounds, and its hidden states match the entry's: one-off bursts overrated several
@@ -41,13 +42,9 @@ def adoption(runs_ms: dict[str, list[float]], errors: dict[str, float], base: st
 
 def adopt(table: Path, length: int, label: str, cfg: MoEConfig, reasons: list[str], device: str, layers: int
           ) -> None:
-    """Write ``cfg`` at ``length`` tokens into ``table`` with a note saying what chose it."""
-    data = json.loads(table.read_text())
-    data["configs"][str(length)] = cfg.to_dict()
-    data.setdefault("adoption_notes", {})[str(length)] = (
+    """Write ``cfg`` at ``length`` tokens into ``table`` (the tuner's writer, merging: the other entries and
+    notes stay) with a note saying what chose it. ``time_us`` keeps the tuner's burst time of the entry."""
+    notes = json.loads(table.read_text()).get("adoption_notes", {}) | {str(length): (
         f"{label}, chosen by scripts/gpu_prefill_tiles.py inside {layers}-layer prefills on {device}, "
-        f"{datetime.date.today()}: " + "; ".join(reasons))
-    table.write_text(json.dumps(data, indent=1) + "\n")
-    clear_config_cache()  # the next lookup reads the new entry
-
-
+        f"{datetime.date.today()}: " + "; ".join(reasons))}
+    write_configs(table, {length: cfg}, {}, {"adoption_notes": notes}, merge=True)
