@@ -70,7 +70,8 @@ def perplexity(model: torch.nn.Module, docs: list[tuple[list[int], list[int]]]) 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="demo", help="model to evaluate (default: the bundled demo)")
-    p.add_argument("--fortunes-dir", default="/usr/share/games/fortunes")
+    p.add_argument("--fortunes-dir", default="/usr/share/games/fortunes",
+                   help="folder of fortune files to draw the held-out texts from (Debian's fortunes packages)")
     p.add_argument("--max-docs", type=int, default=400, help="held-out fortunes to score")
     args = p.parse_args()
     root = Path(args.fortunes_dir)

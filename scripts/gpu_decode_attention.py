@@ -32,7 +32,8 @@ def _fixed(size: int | None, s: int, h: int, m: int, sms: int) -> int | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--layers", type=int, default=32,
+                    help="layers of KV cache (one attention call each) timed together")
     ap.add_argument("--context", type=int, default=512, help="tokens in the sequence, the new one included")
     ap.add_argument("--json", default=None, help="write the timings here")
     args = ap.parse_args()

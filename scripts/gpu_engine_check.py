@@ -106,7 +106,7 @@ def near_tie_ok(base: Transformer, prompts: list[list[int]], ref: list[list[int]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", default=None, help="write the results here")
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=32, help="tokens generated per prompt in each comparison")
     args = ap.parse_args()
     results: dict[str, Any] = {"device": torch.cuda.get_device_name(), "f32_default":
                                os.environ.get("TRITON_F32_DEFAULT")}

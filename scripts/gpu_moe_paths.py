@@ -56,10 +56,10 @@ def breakdown(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w: torch.Ten
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="512,1024,2048,4096")
-    ap.add_argument("--dim", type=int, default=4096)
-    ap.add_argument("--ffn", type=int, default=14336)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--tokens", default="512,1024,2048,4096", help="comma-separated token counts to time")
+    ap.add_argument("--dim", type=int, default=4096, help="model dimension D (8x7B: 4096)")
+    ap.add_argument("--ffn", type=int, default=14336, help="expert hidden dimension F (8x7B: 14336)")
+    ap.add_argument("--json", default=None, help="write the timings and errors here")
     ap.add_argument("--breakdown", action="store_true", help="also time each step of sorted_moe on its own")
     args = ap.parse_args()
     dev, dt, e, k = torch.device("cuda"), torch.bfloat16, 8, 2

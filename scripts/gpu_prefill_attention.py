@@ -86,12 +86,12 @@ def measure(n: int, h: int, kv: int, hd: int, bs: int) -> list[dict[str, object]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", default="512,2048,8192")
-    ap.add_argument("--heads", type=int, default=32)
-    ap.add_argument("--kv-heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--tokens", default="512,2048,8192", help="comma-separated prompt lengths to time")
+    ap.add_argument("--heads", type=int, default=32, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA groups)")
+    ap.add_argument("--head-dim", type=int, default=128, help="dimension of each head")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    ap.add_argument("--json", default=None, help="write the timings here")
     args = ap.parse_args()
     rows = []
     for n in (int(t) for t in args.tokens.split(",")):

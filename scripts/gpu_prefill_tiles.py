@@ -84,8 +84,9 @@ def main() -> None:
     prefill_args(ap, layers=32, rounds_of="candidate")
     ap.add_argument("--candidates", default=None, help="JSON {label: MoEConfig dict} to compare with the tuned entry")
     ap.add_argument("--adopt", action="store_true",
-                    help=f"write the winner (mean >= {MIN_MEAN_GAIN:.1%} shorter, faster in >= {MIN_WIN_SHARE:.0%} of "
-                         "rounds, same hidden states) into this GPU's sorted_ table at --length")
+                    help=f"write the winner (mean >= {MIN_MEAN_GAIN * 100:.1f}%% shorter, faster in >= "
+                         f"{MIN_WIN_SHARE * 100:.0f}%% of rounds, same hidden states) into this GPU's sorted_ table "
+                         "at --length")
     args = ap.parse_args()
     engine, flops, peak = prefill_setup(args)
     runner = engine.model_runner

@@ -32,9 +32,9 @@ def timed(fn, n: int) -> float:  # type: ignore[no-untyped-def]
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="mixtral-8x7b")
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--model", default="mixtral-8x7b", help="preset whose shapes are built (random weights)")
+    ap.add_argument("--layers", type=int, default=16, help="layers to build (16 of 8x7B fit an H100)")
+    ap.add_argument("--batch", type=int, default=1, help="decode batch size of the replayed step")
     ap.add_argument("--json", default="", help="also write the timings and the per-kernel table here")
     args = ap.parse_args()
     result: dict[str, object] = {"device": torch.cuda.get_device_name(), "model": args.model, "layers": args.layers,
