@@ -1,0 +1,139 @@
+"""The quantization seam: one ``QuantMethod`` object per scheme; layers call the method, never branch on it.
+
+A quantized weight is a logical matrix ``[*lead, out, in]`` (``lead`` is ``(E,)`` for a MoE layer's experts,
+``()`` for a dense projection) kept as a few stored tensors (codes, scales, zero points, ...). Each stored
+tensor is described by a :class:`StoredTensor`: its name, dtype, and how its trailing axes relate to the
+logical ``out`` and ``in`` axes. That description is what lets one loader fill any scheme piece by piece
+(the q/k/v rows of ``wqkv``, the w1/w3 rows of an expert's ``w13``) and lets tensor parallelism slice any
+scheme: logical rows ``[a, b)`` are stored rows ``[a // out_block, b // out_block)``, logical columns
+``[c, d)`` are stored columns ``[c // in_block, d // in_block)``.
+
+Worked example, int4 with group size 128 on a logical [4096, 14336] weight (w2 of 8x7B, per expert):
+``codes`` uint8 [4096, 7168] (out_block 1, in_block 2: two 4-bit codes a byte), ``scales`` [4096, 112]
+(out_block 1, in_block 128); its column slice [7168, 14336) (TP rank 1 of 2) is codes[:, 3584:7168] and
+scales[:, 56:112].
+
+The stored ("canonical") layout is the one loading and slicing see. ``process_after_loading`` may then
+repack into whatever layout the kernels read (e.g. transposed or interleaved); after it only ``linear`` and
+``moe`` touch the tensors.
+
+What is not here: reading checkpoint formats (checkpoint/ maps each format's tensors onto the canonical
+ones) and the choice of kernel (kernels/dispatch.py).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+QuantTensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """One stored tensor of a quantized weight. Its shape for a logical ``[*lead, out, in]`` weight is
+    ``[*lead, out // out_block]`` followed by ``[in // in_block]`` when ``in_block`` is not 0.
+
+    - ``out_block``: logical output rows per stored row (1: one per output channel). 0: no out axis either
+      (a per-tensor value, shape ``[*lead]``; such a tensor is replicated, never sliced).
+    - ``in_block``: logical input columns per stored column (1 plain, 2 two int4 codes a byte, the group
+      size for group scales). 0: no in axis (a per-output-channel scale ``[*lead, out]``).
+    """
+
+    name: str
+    dtype: torch.dtype
+    out_block: int = 1
+    in_block: int = 1
+
+    def shape(self, lead: tuple[int, ...], out_features: int, in_features: int) -> tuple[int, ...]:
+        if self.out_block == 0:
+            return lead
+        rows = (*lead, out_features // self.out_block)
+        return rows if self.in_block == 0 else (*rows, in_features // self.in_block)
+
+    def rows(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The view of ``t`` holding logical output rows [start, stop) (``t`` itself when it has no out axis)."""
+        if self.out_block == 0:
+            return t
+        axis = t.dim() - (1 if self.in_block == 0 else 2)
+        return t.narrow(axis, start // self.out_block, (stop - start) // self.out_block)
+
+    def cols(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The view of ``t`` holding logical input columns [start, stop) (``t`` itself when it has no in axis)."""
+        if self.out_block == 0 or self.in_block == 0:
+            return t
+        return t.narrow(t.dim() - 1, start // self.in_block, (stop - start) // self.in_block)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What a checkpoint's ``quantization_config`` (or a ``--quantization`` flag) asks for, validated.
+
+    - ``method``: the scheme the weights end up in here: "fp8", "int8" or "int4".
+    - ``source``: where the codes come from: "bf16" (quantized here while loading), "compressed-tensors",
+      "autofp8", "awq", "gptq" or "gguf".
+    - ``group_size``: input columns per scale (int schemes; 0 = one scale per output channel).
+    - ``symmetric``: no zero points.
+    - ``act_order``: GPTQ's ``desc_act`` (groups are given per input column by ``g_idx``).
+    - ``static_input_scale``: FP8 checkpoints that carry ``input_scale`` (activations quantized with it
+      instead of per token).
+    - ``ignore``: checkpoint module names (or ``re:`` patterns) kept unquantized.
+    """
+
+    method: str
+    source: str = "bf16"
+    group_size: int = 0
+    symmetric: bool = True
+    act_order: bool = False
+    static_input_scale: bool = False
+    ignore: tuple[str, ...] = field(default_factory=tuple)
+
+
+class QuantMethod(ABC):
+    """How one scheme stores, creates, restores and multiplies weights.
+
+    The reference path (``dequantize`` then a matmul in the activation dtype) runs anywhere, CPU included,
+    and is what every kernel is held to. ``linear`` and ``moe`` pick the fast path where it applies.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def stored(self) -> list[StoredTensor]:
+        """The stored tensors of one weight, in a fixed order (the model registers them as buffers)."""
+
+    @abstractmethod
+    def quantize(self, w: torch.Tensor) -> QuantTensors:
+        """w [*lead, out, in] (bf16/fp16/fp32) -> the stored tensors (round to nearest). Rows are quantized
+        independently, so quantizing a block of rows equals slicing the quantized whole."""
+
+    @abstractmethod
+    def dequantize(self, t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
+        """The stored tensors -> the logical weight [*lead, out, in] in ``dtype`` (the reference)."""
+
+    def process_after_loading(self, t: QuantTensors) -> QuantTensors:
+        """Repack the loaded canonical tensors for the kernels (once, on the target device). Default: as is."""
+        return t
+
+    @abstractmethod
+    def linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
+        """x [M, in] -> [M, out] in x's dtype (a dense projection)."""
+
+    @abstractmethod
+    def moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+        """The experts of a MoE layer: x [N, D], w13 logical [E, 2F, D], w2 logical [E, D, F], topk_weights
+        [N, k] fp32, topk_ids [N, k] global ids -> [N, D] in x's dtype (experts outside
+        [expert_start, expert_start + E) contribute nothing: another rank holds them)."""
+
+    def weight_bytes(self, lead: tuple[int, ...], out_features: int, in_features: int) -> int:
+        """Bytes one weight takes in the canonical layout (memory planning, ``mixtral info``)."""
+        total = 0
+        for s in self.stored():
+            n = 1
+            for d in s.shape(lead, out_features, in_features):
+                n *= d
+            total += n * torch.empty((), dtype=s.dtype).element_size()
+        return total
