@@ -18,8 +18,10 @@ from collections.abc import Callable
 import torch
 
 from mixtral.bench.cuda_timing import graph_ms
-from mixtral.kernels import ops
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.triton import paged_decode
+
+ops = Kernels()  # the default KernelConfig: what the engine runs
 
 
 def _capped(original: Callable[..., int | None], cap: int, s: int, h: int, m: int, sms: int) -> int:

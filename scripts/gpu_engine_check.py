@@ -4,7 +4,7 @@ Run on a CUDA machine (through the device tool):
     TRITON_F32_DEFAULT=ieee PYTHONPATH=src python3 scripts/gpu_engine_check.py --json out.json
 
 1. fp32 (Triton dots in IEEE precision): 24 greedy requests of mixed prompt lengths through the engine with
-   the PyTorch reference kernels (MIXTRAL_KERNELS=reference, eager, synchronous steps) and with the fast path
+   the PyTorch reference kernels (KernelConfig(backend="reference"), eager, synchronous steps) and with the fast path
    (graphs, async scheduling) must give identical tokens; graphs on == graphs off, and async scheduling on ==
    off with seeded random sampling and stop tokens too.
 2. bf16: the same requests, reported (not a pass criterion): rounding differs between kernels, so greedy
@@ -26,8 +26,10 @@ from typing import Any
 import torch
 
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.model.args import PRESETS, ModelArgs
+from mixtral.kernels.config import KernelConfig
+from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import PRESETS
 from mixtral.sampling import SamplingParams
 
 # head_dim 128, 4 query heads per KV head, 8 experts top-2: Mixtral's attention and MoE shapes, scaled down.
@@ -53,13 +55,10 @@ def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_toke
                ) -> tuple[list[list[int]], list[int], torch.Tensor]:
     """Tokens of every prompt, the batch sizes the engine captured graphs for (freed afterwards), and the
     engine's expert-utilization counts [L, E]."""
-    if reference:
-        os.environ["MIXTRAL_KERNELS"] = "reference"
-    else:
-        os.environ.pop("MIXTRAL_KERNELS", None)
     engine = LLMEngine.from_config(copy.deepcopy(base), device="cuda", dtype=dtype, max_model_len=1024,
                                    max_num_seqs=32, enforce_eager=eager, gpu_memory_utilization=0.5, seed=0,
-                                   async_scheduling=async_scheduling and not reference)
+                                   async_scheduling=async_scheduling and not reference,
+                                   kernels=KernelConfig(backend="reference" if reference else "auto"))
     for i, p in enumerate(prompts):
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
         if sampled:  # seeded random rows, varied lengths and a stop token: rows finish at different steps
@@ -77,7 +76,6 @@ def run_engine(base: Transformer, dtype: str, prompts: list[list[int]], max_toke
     del engine, graphs
     gc.collect()
     torch.cuda.empty_cache()
-    os.environ.pop("MIXTRAL_KERNELS", None)
     return [outs[str(i)] for i in range(len(prompts))], sizes, counts
 
 
@@ -85,7 +83,7 @@ def near_tie_ok(base: Transformer, prompts: list[list[int]], ref: list[list[int]
                 tol: float) -> tuple[int, int]:
     """(sequences that differ, of those how many diverge first at a near-tie of the bf16 reference model)."""
     model = copy.deepcopy(base).to(device="cuda", dtype=torch.bfloat16)
-    model.set_moe_path("grouped")
+    model.set_kernel_config(KernelConfig(backend="reference"))
     differ = ties = 0
     for p, a, b in zip(prompts, ref, fast, strict=True):
         if a == b:

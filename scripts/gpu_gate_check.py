@@ -1,6 +1,6 @@
 """Quick GPU check of the fused router against the Linear + route_topk + index_add path (exit 1 on mismatch).
 
-    PYTHONPATH=src python3 scripts/gpu_gate_check.py || export MIXTRAL_FUSED_GATE=0
+    PYTHONPATH=src python3 scripts/gpu_gate_check.py    # on failure: serve with --no-fused-gate
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ from dataclasses import replace
 
 import torch
 
+from mixtral.bench.tune_sorted_moe import prefill_problem_8x7b
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def main() -> None:

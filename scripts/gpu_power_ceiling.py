@@ -19,8 +19,8 @@ import time
 import torch
 
 from mixtral.bench.cuda_timing import capture
+from mixtral.bench.tune_sorted_moe import prefill_problem_8x7b
 from mixtral.kernels.triton.sorted_moe import invoke_w13
-from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def smi() -> dict[str, float]:

@@ -15,8 +15,10 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mixtral.kernels import ops
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.triton.paged_attention import paged_attention
+
+ops = Kernels()  # the default KernelConfig: what the engine runs
 
 
 def measure(n: int, h: int, kv: int, hd: int, bs: int) -> list[dict[str, object]]:

@@ -2,12 +2,12 @@
 
 Builds the engine as ``mixtral bench gpu`` does (random weights, ``--layers`` of the preset), then:
 1. times whole prefills (one prompt, max_tokens 1: one engine step plus the sampled token), alternating the
-   prefill paths named by ``--paths`` (``MIXTRAL_MOE_PREFILL`` is read per call) so that clock and power drift
+   prefill paths named by ``--paths`` (the model's KernelConfig is switched between them) so that clock and power drift
    hit every path alike; prints each run and each path's median in TFLOP/s and % of the bf16 datasheet peak;
 2. profiles one prefill with the first path: GPU time per kernel (summed over layers), the sum of all kernels
    against the wall time (the difference is host time the GPU waited for).
 
-    PYTHONPATH=src python3 scripts/gpu_prefill_breakdown.py --layers 16 --paths sorted,grouped_mm --json out.json
+    PYTHONPATH=src python3 scripts/gpu_prefill_breakdown.py --layers 16 --paths sorted,persistent --json out.json
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import time
 from typing import Any
@@ -24,8 +23,9 @@ import torch
 
 from mixtral.bench import roofline
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.kernels import ops
-from mixtral.model.args import PRESETS
+from mixtral.kernels import dispatch
+from mixtral.kernels.config import KernelConfig
+from mixtral.model.presets import PRESETS
 from mixtral.sampling import SamplingParams
 
 
@@ -70,12 +70,13 @@ def greedy_tokens(engine: LLMEngine, prompt: list[int], n: int, request_id: str
 def select(engine: LLMEngine, graphs: tuple[object, object], variant: str) -> None:
     """``graph``: the prefill CUDA graphs as the engine picks them (a fresh prompt replays the dense-attention
     one); ``paged_graph``: only the paged-attention graph; any other name: eager steps on that
-    MIXTRAL_MOE_PREFILL path."""
+    ``KernelConfig.moe_prefill`` path."""
     runner = engine.model_runner
     paged, fresh = graphs
     runner.prefill_graph = paged if variant in ("graph", "paged_graph") else None  # type: ignore[assignment]
     runner.fresh_prefill_graph = fresh if variant == "graph" else None  # type: ignore[assignment]
-    os.environ["MIXTRAL_MOE_PREFILL"] = "sorted" if variant in ("graph", "paged_graph") else variant
+    graphed = variant in ("graph", "paged_graph")
+    runner.model.set_kernel_config(KernelConfig(moe_prefill="sorted" if graphed else variant))
 
 
 def prefill_args(ap: argparse.ArgumentParser, layers: int, rounds_of: str) -> None:
@@ -154,7 +155,7 @@ def main() -> None:
     prefill_args(ap, layers=16, rounds_of="path")
     ap.add_argument("--paths", default="graph,paged_graph,sorted",
                     help="variants to alternate: 'graph' (the prefill CUDA graphs as the engine picks them), "
-                         "'paged_graph' (without the fresh-prompt one) or MIXTRAL_MOE_PREFILL values (eager steps)")
+                         "'paged_graph' (without the fresh-prompt one) or --moe-prefill values (eager steps)")
     ap.add_argument("--trace", default=None, help="write a Chrome trace (host and GPU) of one prefill here")
     ap.add_argument("--host-split", type=int, default=0,
                     help="time this many more prefills with CUDA events around the step's parts (no profiler)")
@@ -182,13 +183,13 @@ def main() -> None:
             got, lps = {}, {}
             for v in ("paged_graph", "graph", "sorted", "eager_dense"):
                 select(engine, graphs, "sorted" if v == "eager_dense" else v)
-                saved = ops.DENSE_PREFILL_MIN_TOKENS
+                saved = dispatch.DENSE_PREFILL_MIN_TOKENS
                 if v == "eager_dense":
-                    ops.DENSE_PREFILL_MIN_TOKENS = ops.GRAPH_DENSE_PREFILL_MIN_TOKENS
+                    dispatch.DENSE_PREFILL_MIN_TOKENS = dispatch.GRAPH_DENSE_PREFILL_MIN_TOKENS
                 try:
                     got[v], lps[v] = greedy_tokens(engine, prompt, 6, f"g{i}-{v}")
                 finally:
-                    ops.DENSE_PREFILL_MIN_TOKENS = saved
+                    dispatch.DENSE_PREFILL_MIN_TOKENS = saved
             agree["paged_graph"] += got["paged_graph"] == got["sorted"]
             agree["graph"] += got["graph"] == got["eager_dense"]
             common = set(lps["graph"]) & set(lps["sorted"])
@@ -236,7 +237,7 @@ def main() -> None:
     rows = sorted(((sum(v), len(v), k) for k, v in kernels.items()), reverse=True)
     print(f"\nprofiled prefill ({paths[0]}): wall {wall * 1e3:.2f} ms, kernels {total / 1e3:.2f} ms "
           f"({total / 1e3 / (wall * 1e3):.1%} of wall; with PDL a kernel's time includes its wait for the one "
-          f"before, so the times overlap: MIXTRAL_PDL=0 gives additive ones)")
+          f"before, so the times overlap: KernelConfig(pdl=False) gives additive ones)")
     for us, count, k in rows[:25]:
         print(f"{us / 1e3:8.3f} ms {us / total:6.1%} x{count:4d}  {k[:110]}")
     # Idle stretches of the GPU between its first and last kernel: where it waited for the host.

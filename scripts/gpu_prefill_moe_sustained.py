@@ -25,11 +25,11 @@ from dataclasses import asdict, replace
 import torch
 
 from mixtral.bench.cuda_timing import alternated_replays, capture
+from mixtral.bench.tune_moe import random_experts
+from mixtral.bench.tune_sorted_moe import sorted_inputs
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_moe import random_experts
-from mixtral.kernels.triton.tune_sorted_moe import sorted_inputs
 
 Candidates = dict[str, tuple[int, int | None, GemmConfig]]  # label -> (block_m, small_m, tile)
 

@@ -7,10 +7,10 @@ What it does, in one process on one GPU:
    strided views of a fused qkv row, as in the model); E 8, top-2. Criteria: RMSNorm within one rounding
    step of the dtype (only the fp32 sum-of-squares order differs), the residual sum and RoPE bit-identical,
    routing ids equal (where the reference's probabilities tie, either id counts) and weights within 1e-5;
-   ops.py must dispatch to the kernels under inference mode;
+   kernels/dispatch.py must dispatch to the kernels under inference mode;
 2. a CUDA-graph capture of each kernel, replayed on new inputs;
 3. a 2-layer model of 8x7B attention/norm shapes (experts narrowed to F 1024): logits with the kernels
-   against MIXTRAL_KERNELS=reference, fp32 and bf16;
+   against KernelConfig(backend="reference"), fp32 and bf16;
 4. timings, bf16, fused vs the PyTorch ops they replace: CUDA-graph replay (how decode runs) and eager,
    CUDA events, median of 15 groups of 20 calls; "layer" is one decoder layer's four small ops together.
 Prints a table and exits non-zero on any mismatch or error.
@@ -39,16 +39,19 @@ from typing import Any
 import torch
 
 from mixtral.bench.cuda_timing import capture, events_ms, graph_ms
-from mixtral.kernels import ops, reference
+from mixtral.kernels import reference
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.triton import gate_router, rmsnorm, rope, router, skinny_gemm
-from mixtral.model.args import preset
 from mixtral.model.layers import rope_cos_sin
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 DIM, N_HEADS, N_KV, HEAD_DIM, N_EXPERTS, TOP_K, EPS = 4096, 32, 8, 128, 8, 2, 1e-5
 NAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 STEP = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}  # ~ one rounding step of the dtype
 ROUTE_TOL = 1e-5  # fp32 weights: Triton's exp vs PyTorch's differ by a few ulps
+ops = Kernels(KernelConfig())  # the dispatch under test (main() makes it the triton backend for --smoke)
 
 
 def log(msg: str) -> None:
@@ -218,14 +221,9 @@ class Check:
         tokens = torch.randint(0, args.vocab_size, (4, 16), device=self.dev, generator=self.gen)
 
         def logits(dtype: torch.dtype, kernels: bool) -> torch.Tensor:
+            model.set_kernel_config(ops.config if kernels else KernelConfig(backend="reference"))
             with torch.inference_mode():
-                if kernels:
-                    return model.to(dtype)(tokens).double()
-                os.environ["MIXTRAL_KERNELS"] = "reference"
-                try:
-                    return model.to(dtype)(tokens).double()
-                finally:
-                    del os.environ["MIXTRAL_KERNELS"]
+                return model.to(dtype)(tokens).double()
 
         def rel(a: torch.Tensor, b: torch.Tensor) -> float:
             return ((a - b).norm() / b.norm()).item()
@@ -308,8 +306,9 @@ def main() -> int:
     args = p.parse_args()
     dev = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
-        # The dispatch checks must reach the (interpreted) kernels on CPU; MIXTRAL_KERNELS still turns them off.
-        ops.use_triton = lambda t: os.environ.get("MIXTRAL_KERNELS", "") != "reference"
+        # The dispatch checks must reach the (interpreted) kernels on CPU tensors: the triton backend does.
+        global ops
+        ops = Kernels(KernelConfig(backend="triton"))
     check = Check(dev, args.smoke)
     device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu (interpreter)"
     check.res.update(device=device, torch=torch.__version__,

@@ -10,14 +10,13 @@ import argparse
 import cProfile
 import io
 import json
-import os
 import pstats
 import time
 
 import torch
 
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.model.args import PRESETS
+from mixtral.model.presets import PRESETS
 from mixtral.sampling import SamplingParams
 
 
@@ -78,9 +77,9 @@ def main() -> None:
         n_kernels = sum(r[1] for r in kernels)
         print(f"kernels per replay: {n_kernels:.0f}, busy {busy_ms:.3f} ms of {replay_ms:.3f} "
               f"(gaps {(replay_ms - busy_ms) * 1e3 / max(n_kernels, 1):.2f} us a kernel)")
-        if os.environ.get("MIXTRAL_PDL", "1") != "0":
+        if engine.model_runner.model.kernels.config.pdl:
             print("  with PDL each kernel's time includes its wait for the one before: the times overlap and the "
-                  "busy sum exceeds the replay; MIXTRAL_PDL=0 gives additive per-kernel times")
+                  "busy sum exceeds the replay; KernelConfig(pdl=False) gives additive per-kernel times")
         result.update(busy_ms=busy_ms, kernels_per_replay=n_kernels,
                       kernels=[{"name": k[:120], "per_replay": c, "us_per_replay": t} for k, c, t in kernels])
     except Exception as exc:  # profiling is a bonus: never lose the timings above to it

@@ -17,8 +17,8 @@ import statistics
 import torch
 
 from mixtral.bench.cuda_timing import alternated_replays, capture
+from mixtral.bench.tune_sorted_moe import prefill_problem_8x7b
 from mixtral.kernels.triton.sorted_moe import invoke_w2, invoke_w13
-from mixtral.kernels.triton.tune_sorted_moe import prefill_problem_8x7b
 
 
 def zero_every(t: torch.Tensor, fraction: float) -> torch.Tensor:

@@ -41,8 +41,8 @@ def single_torch_thread() -> Iterator[None]:
 def tiny_hf_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with config.json, model.safetensors (fp32) and tokenizer.model.v3 of the `tiny` preset."""
     from mixtral.checkpoint.writer import save_checkpoint
-    from mixtral.model.args import preset
     from mixtral.model.mixtral import Transformer, init_random_weights
+    from mixtral.model.presets import preset
 
     args = preset(TINY_PRESET)
     model = Transformer(args)

@@ -16,6 +16,7 @@ from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.loader import load_model
 from mixtral.checkpoint.writer import save_checkpoint
 from mixtral.model.args import ModelArgs
+from mixtral.model.config_formats import args_to_hf_config
 from mixtral.model.mixtral import Transformer, init_random_weights
 
 MICRO = ModelArgs(dim=16, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=8, hidden_dim=24, vocab_size=64,
@@ -153,7 +154,7 @@ def test_consolidated_missing_wq(tmp_path: Path) -> None:
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:
-    (tmp_path / "config.json").write_text(json.dumps(MICRO.to_hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(args_to_hf_config(MICRO)))
     _fails(tmp_path, "no weight files", str(tmp_path))
 
 

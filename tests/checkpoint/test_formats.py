@@ -15,9 +15,10 @@ from mixtral.checkpoint.hf import hf_specs
 from mixtral.checkpoint.loader import load_model, parse_dtype
 from mixtral.checkpoint.tokenizer_files import packaged_tokenizer
 from mixtral.checkpoint.writer import RandomSource, convert_checkpoint, save_checkpoint, write_checkpoint
-from mixtral.model.args import preset
-from mixtral.model.layers import apply_rope, rope_cos_sin
+from mixtral.kernels.reference import rope_reference
+from mixtral.model.layers import rope_cos_sin
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -79,8 +80,8 @@ def test_consolidated_wq_wk_are_interleaved_rope(tiny_hf_checkpoint: Path,
 
     def ours(wq_: torch.Tensor, wk_: torch.Tensor) -> torch.Tensor:
         cos, sin = rope_cos_sin(pos, hd, args.rope_theta, torch.float32)
-        q = apply_rope((x @ wq_.T).view(n, args.n_heads, hd), cos, sin)
-        k = apply_rope((x @ wk_.T).view(n, args.n_kv_heads, hd), cos, sin)
+        q = rope_reference((x @ wq_.T).view(n, args.n_heads, hd), cos, sin)
+        k = rope_reference((x @ wk_.T).view(n, args.n_kv_heads, hd), cos, sin)
         return scores(q, k)
 
     def scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:  # [H, N, N]

@@ -12,7 +12,7 @@ from mixtral.checkpoint import loader
 from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.loader import load_model, resolve
 from mixtral.checkpoint.tokenizer_files import packaged_tokenizer
-from mixtral.model.args import PRESETS
+from mixtral.model.presets import PRESETS
 
 
 def test_folder_formats(tiny_hf_checkpoint: Path, tiny_consolidated_checkpoint: Path) -> None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from contiguous_kv import ContiguousKVCache, ContiguousKVContext
 
 from mixtral.engine.llm_engine import LLMEngine
 from mixtral.engine.outputs import RequestOutput
-from mixtral.model.args import preset
-from mixtral.model.context import ContiguousKVCache, ContiguousKVContext
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 ENGINE_STD = 0.2
 

@@ -9,8 +9,8 @@ import pytest
 from engine_testing import greedy_reference, random_prompts, run_to_completion
 
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.model.args import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 from mixtral.sampling import SamplingParams
 
 NUM_REQUESTS = 24

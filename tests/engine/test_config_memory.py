@@ -7,7 +7,7 @@ import torch
 
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.memory import InsufficientMemoryError, block_bytes, plan_num_blocks
-from mixtral.model.args import preset
+from mixtral.model.presets import preset
 
 CPU = torch.device("cpu")
 

@@ -1,5 +1,6 @@
-"""The dense attention path for steps of fresh prompts: ``ops.dense_prefill_attention`` against the paged
-reference, where it declines, and which engine steps hand it their prompt lengths."""
+"""The dense attention path for steps of fresh prompts: ``Kernels.dense_prefill_attention`` against the paged
+reference, where it declines (``KernelConfig.dense_prefill`` off among the reasons), and which engine steps hand
+it their prompt lengths."""
 
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ import torch
 from mixtral.engine.cuda_graphs import PrefillGraph
 from mixtral.engine.llm_engine import LLMEngine
 from mixtral.engine.model_runner import ModelRunner
-from mixtral.kernels import ops
+from mixtral.kernels import dispatch
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import paged_attention_reference
 from mixtral.sampling import SamplingParams
+
+# The dispatch with the fast paths on for CPU tensors too (the triton backend): the dense path is PyTorch's SDPA,
+# which runs anywhere; no Triton kernel is called by these tests.
+FAST = Kernels(KernelConfig(backend="triton"))
 
 
 def _ragged(lens: list[int], h: int = 4, kv: int = 2, hd: int = 16, block: int = 4, seed: int = 0
@@ -41,13 +48,12 @@ def _ragged(lens: list[int], h: int = 4, kv: int = 2, hd: int = 16, block: int =
 
 
 def test_matches_the_paged_reference(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two fresh prompts of different lengths, GQA 4/2: the dense path (PyTorch's math backend on CPU)
-    equals the paged reference over the same cache."""
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(ops, "DENSE_PREFILL_MIN_TOKENS", 8)
+    """Two fresh prompts of different lengths, GQA 4/2: the dense path (PyTorch's math backend on CPU, which the
+    triton backend lets it take) equals the paged reference over the same cache."""
+    monkeypatch.setattr(dispatch, "DENSE_PREFILL_MIN_TOKENS", 8)
     lens = [13, 9]
     q, k, v, k_cache, v_cache, tables, ctx, qsl = _ragged(lens)
-    got = ops.dense_prefill_attention(q, k, v, lens)
+    got = FAST.dense_prefill_attention(q, k, v, lens)
     assert got is not None
     want = paged_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables, ctx, qsl)
     torch.testing.assert_close(got.float(), want, rtol=2e-3, atol=2e-3)
@@ -55,18 +61,18 @@ def test_matches_the_paged_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_declines_where_the_paged_kernel_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     q, k, v, *_ = _ragged([12, 10])
-    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is None  # CPU: the reference path
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(ops, "DENSE_PREFILL_MIN_TOKENS", 11)
-    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is None  # one prompt below the threshold
-    monkeypatch.setattr(ops, "DENSE_PREFILL_MIN_TOKENS", 8)
-    assert ops.dense_prefill_attention(q.float(), k.float(), v.float(), [12, 10]) is None  # fp32
-    assert ops.dense_prefill_attention(q, k, v, [12, 10], sliding_window=4) is None
-    assert ops.dense_prefill_attention(q, k, v, [12, 9]) is None  # lengths that do not cover q
-    monkeypatch.setenv("MIXTRAL_DENSE_PREFILL", "0")
-    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is None
-    monkeypatch.delenv("MIXTRAL_DENSE_PREFILL")
-    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is not None
+    monkeypatch.setattr(dispatch, "DENSE_PREFILL_MIN_TOKENS", 8)
+    assert Kernels(KernelConfig()).dense_prefill_attention(q, k, v, [12, 10]) is None  # CPU, auto: the reference
+    monkeypatch.setattr(dispatch, "DENSE_PREFILL_MIN_TOKENS", 11)
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10]) is None  # one prompt below the threshold
+    monkeypatch.setattr(dispatch, "DENSE_PREFILL_MIN_TOKENS", 8)
+    assert FAST.dense_prefill_attention(q.float(), k.float(), v.float(), [12, 10]) is None  # fp32
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10], sliding_window=4) is None
+    assert FAST.dense_prefill_attention(q, k, v, [12, 9]) is None  # lengths that do not cover q
+    off = Kernels(KernelConfig(backend="triton", dense_prefill=False))
+    assert off.dense_prefill_attention(q, k, v, [12, 10]) is None
+    assert not off.dense_prefill_supported(q, None) and FAST.dense_prefill_supported(q, None)
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10]) is not None
 
 
 def test_engine_passes_fresh_prompt_lengths_only(make_engine: Callable[..., LLMEngine],
@@ -74,13 +80,14 @@ def test_engine_passes_fresh_prompt_lengths_only(make_engine: Callable[..., LLME
     """A step of prompts with nothing cached before them offers their lengths; decode steps and a prompt
     whose prefix came from the prefix cache do not; outputs are unchanged (the CPU path declines)."""
     seen: list[list[int] | None] = []
-    real = ops.dense_prefill_attention
+    real = Kernels.dense_prefill_attention
 
-    def record(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], *a: Any) -> torch.Tensor | None:
+    def record(self: Kernels, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int], *a: Any
+               ) -> torch.Tensor | None:
         seen.append(list(lens))
-        return real(q, k, v, lens, *a)
+        return real(self, q, k, v, lens, *a)
 
-    monkeypatch.setattr(ops, "dense_prefill_attention", record)
+    monkeypatch.setattr(Kernels, "dense_prefill_attention", record)
     engine = make_engine(enable_prefix_caching=True, block_size=4)
     greedy = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
     prompt = list(range(10, 30))
@@ -99,11 +106,10 @@ def test_engine_passes_fresh_prompt_lengths_only(make_engine: Callable[..., LLME
 
 def test_min_tokens_overrides_the_eager_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
     """A prefill graph passes a lower bound (its host cost is paid at capture); eager calls keep 4096."""
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
     q, k, v, *_ = _ragged([12, 10])
-    assert ops.dense_prefill_attention(q, k, v, [12, 10]) is None  # below DENSE_PREFILL_MIN_TOKENS
-    assert ops.dense_prefill_attention(q, k, v, [12, 10], min_tokens=10) is not None
-    assert ops.dense_prefill_attention(q, k, v, [12, 10], min_tokens=11) is None
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10]) is None  # below DENSE_PREFILL_MIN_TOKENS
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10], min_tokens=10) is not None
+    assert FAST.dense_prefill_attention(q, k, v, [12, 10], min_tokens=11) is None
 
 
 def _graph(num_tokens: int, fresh: bool) -> PrefillGraph:

@@ -21,6 +21,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.moe_configs",
     "mixtral.kernels.triton.moe_align",
     "mixtral.kernels.triton.moe_sum",
+    "mixtral.kernels.triton.moe_glue",
     "mixtral.kernels.triton.fused_moe",
     "mixtral.kernels.triton.write_kv",
     "mixtral.kernels.triton.attention_tile",
@@ -29,6 +30,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.rmsnorm", "mixtral.kernels.triton.rope", "mixtral.kernels.triton.router",
     "mixtral.kernels.triton.gate_router",
     "mixtral.kernels.triton.skinny_gemm",
+    "mixtral.kernels.triton.persistent_moe",
     "mixtral.kernels.triton.sorted_moe",
 ]
 

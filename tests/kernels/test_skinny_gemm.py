@@ -1,12 +1,13 @@
 """The decode-size GEMM kernel (kernels/triton/skinny_gemm.py) against a float64 product, on CPU through the
-interpreter (fp32 and fp16; the interpreter's bf16 dot is unreliable), and its dispatch in ``ops.linear``."""
+interpreter (fp32 and fp16; the interpreter's bf16 dot is unreliable), and its dispatch in ``Kernels.linear``."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.triton import skinny_gemm as sg
 
 
@@ -38,14 +39,16 @@ def test_skinny_gemm_strided_input_and_bad_shapes() -> None:
         sg.skinny_gemm(torch.randn(2, 63), w)
 
 
-def test_ops_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_linear_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
     original = sg.skinny_gemm
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(sg, "skinny_gemm", lambda *a: calls.append(a[0].shape) or original(*a))
+    monkeypatch.setattr(sg, "skinny_gemm", lambda *a, **kw: calls.append(a[0].shape) or original(*a, **kw))
+    kernels = Kernels(KernelConfig(backend="triton"))  # the interpreted kernel on CPU tensors
     w = torch.randn(32, 64).half()
-    ops.linear(torch.randn(2, 64).half(), w)  # decode size, 2-byte dtype: the kernel
-    ops.linear(torch.randn(17, 64).half(), w)  # too many rows: F.linear
-    ops.linear(torch.randn(2, 64), w.float())  # fp32 stays on F.linear (exactness checks run in fp32)
-    ops.linear(torch.randn(2, 64).half(), w.clone().requires_grad_())  # autograd: F.linear
+    kernels.linear(torch.randn(2, 64).half(), w)  # decode size, 2-byte dtype: the kernel
+    kernels.linear(torch.randn(17, 64).half(), w)  # too many rows: F.linear
+    kernels.linear(torch.randn(2, 64), w.float())  # fp32 stays on F.linear (exactness checks run in fp32)
+    kernels.linear(torch.randn(2, 64).half(), w.clone().requires_grad_())  # autograd: F.linear
+    assert calls == [torch.Size([2, 64])]
+    Kernels(KernelConfig()).linear(torch.randn(2, 64).half(), w)  # auto backend, CPU tensor: F.linear
     assert calls == [torch.Size([2, 64])]

@@ -1,6 +1,6 @@
 """The prefill MoE path (kernels/triton/sorted_moe.py) against ``moe_reference`` on CPU via Triton's interpreter:
 TMA descriptor loads and plain pointer loads, groups that end mid-tile, expert parallelism, its tile lookup,
-its refusals and ``ops.fused_moe``'s choice of it."""
+its refusals and ``Kernels.moe_experts``' choice of it (``KernelConfig.moe_prefill``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels import dispatch
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton import moe_configs as mc
 from mixtral.kernels.triton import persistent_moe
@@ -101,37 +103,68 @@ def test_config_lookup_nearest_token_count(tmp_path: Path, monkeypatch: pytest.M
     assert mc.get_sorted_config(8, 256, 128, 6000, torch.bfloat16, cpu) == large
     assert mc.get_config(8, 256, 128, 2048, torch.bfloat16, cpu) == decode
     # Another shape has no table: the default tiles; 4-byte dtypes never take tuned (bf16-sized) tiles.
-    assert mc.get_sorted_config(8, 512, 128, 2048, torch.bfloat16, cpu) == sm.default_sorted_config(torch.bfloat16)
-    assert mc.get_sorted_config(8, 256, 128, 2048, torch.float32, cpu) == sm.default_sorted_config(torch.float32)
+    assert mc.get_sorted_config(8, 512, 128, 2048, torch.bfloat16, cpu) == mc.default_sorted_config(torch.bfloat16)
+    assert mc.get_sorted_config(8, 256, 128, 2048, torch.float32, cpu) == mc.default_sorted_config(torch.float32)
     mc.clear_config_cache()
 
 
-def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ops.fused_moe as on an sm90 GPU with CPU tensors: the sorted path from SORTED_MIN_TOKENS, the decode
-    kernel below it or when MIXTRAL_MOE_PREFILL=triton; 4-byte dtypes stay off it."""
+def test_moe_experts_take_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kernels.moe_experts as on an sm90 GPU with CPU tensors (the triton backend runs the interpreter): the
+    sorted path from SORTED_MIN_TOKENS, the decode kernel below it or with moe_prefill='triton'; 'persistent'
+    takes the sorted path with persistent tiles on both GEMMs; 4-byte dtypes stay off it."""
     from mixtral.kernels.triton import fused_moe as fm
 
     calls: list[str] = []
+    configs: list[mc.MoEConfig] = []
     real_sorted = sm.sorted_moe
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    monkeypatch.setattr(ops, "_sm90", lambda device: True)
-    monkeypatch.setattr(ops, "SORTED_MIN_TOKENS", 32)
-    monkeypatch.setattr(sm, "sorted_moe", lambda *a, config: calls.append("sorted") or real_sorted(*a, config=config))
-    monkeypatch.setattr(fm, "fused_moe", lambda *a: calls.append("triton") or moe_reference(*a))
+
+    def sorted_spy(*a: object, config: mc.MoEConfig, pdl: bool) -> torch.Tensor:
+        calls.append("sorted")
+        configs.append(config)
+        return real_sorted(*a, config=SMALL, pdl=pdl)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dispatch, "_sm90", lambda device: True)
+    monkeypatch.setattr(dispatch, "SORTED_MIN_TOKENS", 32)
+    monkeypatch.setattr(sm, "sorted_moe", sorted_spy)
+    monkeypatch.setattr(fm, "fused_moe", lambda *a, pdl: calls.append("triton") or moe_reference(*a))
     monkeypatch.setattr(mc, "get_sorted_config", lambda *a: SMALL)
-    monkeypatch.delenv("MIXTRAL_MOE_PREFILL", raising=False)
+    kernels = Kernels(KernelConfig(backend="triton"))
     x, w13, w2, weights, ids = _problem(40, 8, 32, 64, 2, seed=6, dtype=torch.float16)
-    out = ops.fused_moe(x, w13, w2, weights, ids)
+    out = kernels.moe_experts(x, w13, w2, weights, ids)
     ref = moe_reference(x.double(), w13.double(), w2.double(), weights, ids)
-    assert calls == ["sorted"] and ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
-    ops.fused_moe(x[:31], w13, w2, weights[:31], ids[:31])
+    assert calls == ["sorted"] and configs == [SMALL] and ((out.double() - ref).norm() / ref.norm()).item() < 2e-3
+    kernels.moe_experts(x[:31], w13, w2, weights[:31], ids[:31])
     assert calls[-1] == "triton"
-    monkeypatch.setenv("MIXTRAL_MOE_PREFILL", "triton")
-    ops.fused_moe(x, w13, w2, weights, ids)
+    Kernels(KernelConfig(backend="triton", moe_prefill="triton")).moe_experts(x, w13, w2, weights, ids)
     assert calls[-1] == "triton"
-    monkeypatch.delenv("MIXTRAL_MOE_PREFILL")
-    assert ops.sorted_config(x.float(), w13.float(), w2.float()) is None
-    assert ops.sorted_config(x, w13, w2) == SMALL
+    Kernels(KernelConfig(backend="triton", moe_prefill="persistent")).moe_experts(x, w13, w2, weights, ids)
+    assert calls[-1] == "sorted" and configs[-1].w13.persistent and configs[-1].w2.persistent
+    assert (configs[-1].block_m, configs[-1].w13.block_n) == (SMALL.block_m, SMALL.w13.block_n)
+    assert kernels.sorted_config(x.float(), w13.float(), w2.float()) is None
+    assert kernels.sorted_config(x, w13, w2) == SMALL
+
+
+def test_persistent_config_drops_paired_short_tiles() -> None:
+    """moe_prefill='persistent' forces persistent tiles: w2's paired short tiles (non-persistent only) go."""
+    paired = mc.MoEConfig(128, mc.GemmConfig(128, 64, 8, 3, joint=True),
+                          mc.GemmConfig(128, 64, 8, 3, pair_small=True), 64)
+    forced = dispatch._all_persistent(paired)
+    assert forced.w13.persistent and forced.w13.joint and forced.w2.persistent and not forced.w2.pair_small
+    assert forced.small_m == 64 and forced.block_m == 128
+
+
+def test_moe_experts_fall_back_for_tiles_that_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prefill-sized batch whose F is no multiple of the sorted tiles takes the decode kernel."""
+    from mixtral.kernels.triton import fused_moe as fm
+
+    calls: list[str] = []
+    monkeypatch.setattr(dispatch, "_sm90", lambda device: True)
+    monkeypatch.setattr(dispatch, "SORTED_MIN_TOKENS", 32)
+    monkeypatch.setattr(fm, "fused_moe", lambda *a, pdl: calls.append("triton") or moe_reference(*a))
+    monkeypatch.setattr(mc, "get_sorted_config", lambda *a: SMALL)
+    x, w13, w2, weights, ids = _problem(40, 8, 32, 48, 2, seed=13, dtype=torch.float16)  # F = 48: no 32-wide tile
+    Kernels(KernelConfig(backend="triton")).moe_experts(x, w13, w2, weights, ids)
+    assert calls == ["triton"]
 
 
 @pytest.mark.parametrize(("n", "e_local", "k", "expert_start"), [
@@ -139,8 +172,8 @@ def test_fused_moe_takes_it_from_the_threshold(monkeypatch: pytest.MonkeyPatch) 
     (50, 4, 2, 4), (9, 2, 3, 2),  # expert parallel: other ranks' pairs sort last and leave offs alone
 ])
 def test_triton_sort_pairs_equals_the_torch_sort(n: int, e_local: int, k: int, expert_start: int) -> None:
-    from mixtral.kernels.grouped_mm_moe import sort_pairs
     from mixtral.kernels.triton.moe_align import sort_pairs as sort_pairs_triton
+    from mixtral.kernels.triton.moe_glue import sort_pairs
 
     _, ids = route_topk(torch.randn(n, 8, generator=torch.Generator().manual_seed(n)), k)
     want = sort_pairs(ids, e_local, expert_start)  # CPU: torch.sort, searchsorted, scatter

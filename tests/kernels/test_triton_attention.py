@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import paged_attention_reference, write_kv_reference
 from mixtral.kernels.triton import paged_attention as pa
 from mixtral.kernels.triton import write_kv as wk
@@ -130,15 +131,16 @@ def test_paged_attention_rejects_bad_shapes() -> None:
         pa.paged_attention(q, kc, vc, bt, cl, qsl[:1], max_query_len=2, max_context_len=4)
 
 
-def test_ops_dispatch_uses_kernels_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ops routes to the Triton kernels when use_triton says so, to the reference otherwise: same numbers."""
+def test_dispatch_uses_kernels_when_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The dispatch routes to the Triton kernels with the triton backend, to the reference with auto on a CPU
+    tensor: same numbers."""
     q, kc, vc, bt, cl, qsl = _paged_batch([3, 1], [8, 6], 4, 2, 16, 4, torch.float32, 5)
     args = (q, kc, vc, bt, cl, qsl)
-    ref = ops.paged_attention(*args, max_query_len=3, max_context_len=8)  # CPU -> reference
     calls: list[str] = []
     real = pa.paged_attention
     monkeypatch.setattr(pa, "paged_attention", lambda *a, **kw: calls.append("triton") or real(*a, **kw))
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
-    out = ops.paged_attention(*args, max_query_len=3, max_context_len=8)
+    ref = Kernels(KernelConfig()).paged_attention(*args, max_query_len=3, max_context_len=8)  # CPU -> reference
+    assert calls == []
+    out = Kernels(KernelConfig(backend="triton")).paged_attention(*args, max_query_len=3, max_context_len=8)
     assert calls == ["triton"]
     assert torch.allclose(out, ref, atol=1e-5)

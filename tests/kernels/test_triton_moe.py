@@ -8,14 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels import dispatch
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton import fused_moe as fm
 from mixtral.kernels.triton import moe_align as ma
 from mixtral.kernels.triton import moe_configs as mc
 from mixtral.kernels.triton import moe_sum as msum
-from mixtral.model.args import preset
-from mixtral.model.moe import EXPERT_PATHS, MoE, moe_grouped
+from mixtral.model.moe import MoE
+from mixtral.model.presets import preset
 
 FP16_SMALL = mc.MoEConfig(16, mc.GemmConfig(32, 32), mc.GemmConfig(32, 32))
 
@@ -153,9 +155,11 @@ def test_fused_moe_rejects_bad_shapes() -> None:
 
 
 def test_triton_path_in_moe_layer(monkeypatch: pytest.MonkeyPatch) -> None:
-    """EXPERT_PATHS['triton'] (registered by kernels.ops) inside a MoE layer equals the grouped path."""
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)  # run the interpreted kernels on CPU tensors
-    assert EXPERT_PATHS["triton"] is ops.fused_moe
+    """The triton backend inside a MoE layer (the interpreted kernels on CPU tensors: router and experts) equals
+    the auto backend's CPU path, and takes the decode kernel."""
+    calls: list[int] = []
+    real = fm.fused_moe
+    monkeypatch.setattr(fm, "fused_moe", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
     args = preset("tiny-odd")  # 6 experts, D 48, F 72: odd sizes
     gen = torch.Generator().manual_seed(3)
     layer = MoE(args, layer_idx=0)
@@ -163,10 +167,15 @@ def test_triton_path_in_moe_layer(monkeypatch: pytest.MonkeyPatch) -> None:
         for p in layer.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / p.shape[-1] ** 0.5)
     x = torch.randn(11, args.dim, generator=gen)
-    layer.experts_fn = moe_grouped
-    ref, _ = layer(x)
-    layer.experts_fn = EXPERT_PATHS["triton"]
-    out, _ = layer(x)
+    layer.kernels = Kernels(KernelConfig())
+    with torch.inference_mode():  # the Triton kernels have no backward: under autograd the PyTorch path runs
+        ref, _ = layer(x)
+        assert calls == []
+        layer.kernels = Kernels(KernelConfig(backend="triton"))
+        out, _ = layer(x)
+    assert calls == [11]
+    layer(x)  # autograd recording: the grouped path
+    assert calls == [11]
     assert _rel_err(out, ref) < 1e-5
 
 
@@ -197,7 +206,7 @@ def test_committed_configs_are_valid() -> None:
     assert files, f"no tuned configs under {mc.CONFIG_DIR}"
     for path in files:
         table = mc.load_configs(path)
-        first = ops.SORTED_MIN_TOKENS if path.name.startswith("sorted_") else 1
+        first = dispatch.SORTED_MIN_TOKENS if path.name.startswith("sorted_") else 1
         assert table and min(table) <= first, path.name
         for cfg in table.values():
             sizes = [cfg.block_m, cfg.w13.block_n, cfg.w13.block_k, cfg.w2.block_n, cfg.w2.block_k]

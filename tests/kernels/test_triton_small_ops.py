@@ -1,6 +1,7 @@
 """The small fused Triton kernels (RMSNorm, residual add + RMSNorm, RoPE on q and k, top-k routing) against
 kernels/reference.py, on CPU through the interpreter (fp32 and fp16: the interpreter's bf16 is unreliable),
-plus the ops.py dispatch: Triton at inference, the reference under autograd, the model's logits unchanged."""
+plus the dispatch (kernels/dispatch.py): Triton at inference, the reference under autograd, the model's logits
+unchanged."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import (
     add_rms_norm_reference,
     rms_norm_reference,
@@ -19,9 +21,9 @@ from mixtral.kernels.reference import (
     write_kv_reference,
 )
 from mixtral.kernels.triton import gate_router, rmsnorm, rope, router
-from mixtral.model.args import preset
 from mixtral.model.layers import rope_cos_sin
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 DTYPES = [torch.float32, torch.float16]
 # Normalised values differ from the reference by the fp32 sum-of-squares order only: at most one rounding
@@ -201,13 +203,13 @@ def test_gate_route_rejects_bad_shapes() -> None:
 # ---------------------------------------------------------------- dispatch and the model
 @pytest.fixture
 def triton_on_cpu(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Make ops.py pick the Triton kernels for CPU tensors (run by the interpreter) and count their calls."""
+    """Count the calls of the small Triton kernels (the triton backend runs them on CPU tensors, interpreted)."""
     calls = {"rms_norm": 0, "add_rms_norm": 0, "rope_qk": 0, "route_topk_fused": 0, "gate_route_fused": 0}
-    monkeypatch.setattr(ops, "use_triton", lambda t: True)
+
     def counting(fn: Callable[..., object], name: str) -> Callable[..., object]:
-        def counted(*args: object) -> object:
+        def counted(*args: object, **kwargs: object) -> object:
             calls[name] += 1
-            return fn(*args)
+            return fn(*args, **kwargs)
         return counted
 
     for module, name in ((rmsnorm, "rms_norm"), (rmsnorm, "add_rms_norm"), (rope, "rope_qk"),
@@ -229,6 +231,7 @@ def _tiny_model() -> Transformer:
 
 def test_model_logits_with_fused_ops_match_reference(triton_on_cpu: dict[str, int]) -> None:
     model = _tiny_model()
+    model.set_kernel_config(KernelConfig(backend="triton"))
     input_ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         fused = model(input_ids)  # [2, 9, V] through the Triton kernels
@@ -236,10 +239,10 @@ def test_model_logits_with_fused_ops_match_reference(triton_on_cpu: dict[str, in
     # layers' attention norms, the final norm) takes the previous residual add with it.
     assert triton_on_cpu == {"rms_norm": 1, "add_rms_norm": 6, "rope_qk": 3, "route_topk_fused": 0,
                              "gate_route_fused": 3}  # the router: gate GEMM + routing in one kernel
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ops, "use_triton", lambda t: False)
-        with torch.inference_mode():
-            ref = model(input_ids)
+    model.set_kernel_config(KernelConfig(backend="reference"))
+    with torch.inference_mode():
+        ref = model(input_ids)
+    assert sum(triton_on_cpu.values()) == 13  # no kernel call more
     assert fused.abs().max() > 0.1
     torch.testing.assert_close(fused, ref, rtol=1e-4, atol=1e-5)
 
@@ -247,6 +250,7 @@ def test_model_logits_with_fused_ops_match_reference(triton_on_cpu: dict[str, in
 def test_training_takes_the_reference_and_backpropagates(triton_on_cpu: dict[str, int]) -> None:
     """With autograd recording, dispatch uses the PyTorch ops (the kernels have no backward)."""
     model = _tiny_model()
+    model.set_kernel_config(KernelConfig(backend="triton"))
     input_ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1))
     model(input_ids).float().logsumexp(-1).mean().backward()
     assert all(v == 0 for v in triton_on_cpu.values()), triton_on_cpu
@@ -256,9 +260,10 @@ def test_training_takes_the_reference_and_backpropagates(triton_on_cpu: dict[str
 
 
 def test_dispatch_falls_back_for_mixed_dtypes(triton_on_cpu: dict[str, int]) -> None:
+    kernels = Kernels(KernelConfig(backend="triton"))
     q, k, cs = torch.randn(2, 4, 8), torch.randn(2, 2, 8), torch.randn(2, 8)
-    out_q, _ = ops.rope_qk(q, k, cs.half(), cs.half())  # promotes to fp32 like the reference
+    out_q, _ = kernels.rope_qk(q, k, cs.half(), cs.half())  # promotes to fp32 like the reference
     assert triton_on_cpu["rope_qk"] == 0 and out_q.dtype == torch.float32
     x = torch.randn(3, 8)
-    ops.add_rms_norm(x, x.half(), torch.ones(8), 1e-5)
+    kernels.add_rms_norm(x, x.half(), torch.ones(8), 1e-5)
     assert triton_on_cpu["add_rms_norm"] == 0

@@ -1,8 +1,9 @@
-"""The three MoE expert paths (model/moe.py EXPERT_PATHS) agree with each other, including expert parallelism.
+"""The MoE experts paths that run without Triton agree: ``moe_grouped`` (the CPU and training path,
+kernels/moe_grouped.py) against ``moe_reference`` (kernels/reference.py), including expert parallelism, and the
+whole model's logits through each backend of ``KernelConfig``.
 
-``reference`` loops over experts (kernels/reference.py), ``grouped`` sorts token/expert pairs, ``gather``
-indexes each pair's weights. With expert parallelism each rank holds experts [expert_start, +E_local) and
-the ranks' outputs sum to the single-rank result.
+With expert parallelism each rank holds experts [expert_start, +E_local) and the ranks' outputs sum to the
+single-rank result. (The Triton paths are held to the reference in tests/kernels.)
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mixtral.kernels.reference import route_topk
-from mixtral.model.args import preset
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.moe_grouped import moe_grouped
+from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.model.mixtral import Transformer, init_random_weights
-from mixtral.model.moe import EXPERT_PATHS
+from mixtral.model.presets import preset
+
+PATHS = {"reference": moe_reference, "grouped": moe_grouped}
 
 
 def _problem(n: int, e: int, d: int, f: int, k: int, seed: int, dtype: torch.dtype = torch.float32):
@@ -28,22 +32,20 @@ def _problem(n: int, e: int, d: int, f: int, k: int, seed: int, dtype: torch.dty
 @pytest.mark.parametrize(("n", "e", "d", "f", "k"), [(1, 8, 16, 24, 2), (37, 8, 32, 48, 2), (50, 6, 24, 36, 3)])
 def test_paths_agree(n: int, e: int, d: int, f: int, k: int) -> None:
     x, w13, w2, weights, ids = _problem(n, e, d, f, k, seed=n)
-    want = EXPERT_PATHS["reference"](x, w13, w2, weights, ids, 0)  # [N, D]
+    want = moe_reference(x, w13, w2, weights, ids, 0)  # [N, D]
     assert want.abs().max() > 0.1
-    for name in ("grouped", "gather"):
-        torch.testing.assert_close(EXPERT_PATHS[name](x, w13, w2, weights, ids, 0), want, rtol=1e-5, atol=1e-5,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+    torch.testing.assert_close(moe_grouped(x, w13, w2, weights, ids, 0), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("path", sorted(EXPERT_PATHS))
+@pytest.mark.parametrize("path", sorted(PATHS))
 @pytest.mark.parametrize("ranks", [2, 4])
 def test_expert_parallel_shards_sum_to_full(path: str, ranks: int) -> None:
     x, w13, w2, weights, ids = _problem(41, 8, 16, 20, 2, seed=ranks)
-    full = EXPERT_PATHS["reference"](x, w13, w2, weights, ids, 0)
+    full = moe_reference(x, w13, w2, weights, ids, 0)
     e_local = 8 // ranks
     parts = [
-        EXPERT_PATHS[path](x, w13[r * e_local:(r + 1) * e_local], w2[r * e_local:(r + 1) * e_local], weights, ids,
-                           r * e_local)
+        PATHS[path](x, w13[r * e_local:(r + 1) * e_local], w2[r * e_local:(r + 1) * e_local], weights, ids,
+                    r * e_local)
         for r in range(ranks)
     ]
     # Each rank contributes something (all experts are used by 41 tokens) and nothing it does not own.
@@ -53,20 +55,33 @@ def test_expert_parallel_shards_sum_to_full(path: str, ranks: int) -> None:
 
 def test_paths_agree_in_bf16() -> None:
     x, w13, w2, weights, ids = _problem(33, 8, 32, 48, 2, seed=5, dtype=torch.bfloat16)
-    want = EXPERT_PATHS["reference"](x, w13, w2, weights, ids, 0).float()
-    for name in ("grouped", "gather"):
-        got = EXPERT_PATHS[name](x, w13, w2, weights, ids, 0).float()
-        assert ((got - want).abs().mean() / want.abs().mean()).item() < 0.01, name
+    want = moe_reference(x, w13, w2, weights, ids, 0).float()
+    got = moe_grouped(x, w13, w2, weights, ids, 0).float()
+    assert ((got - want).abs().mean() / want.abs().mean()).item() < 0.01
 
 
-def test_whole_model_logits_equal_across_paths() -> None:
+def test_grouped_backpropagates_like_the_reference() -> None:
+    """Training takes the grouped path (autograd): its gradients are the reference's."""
+    grads = {}
+    for name, fn in PATHS.items():
+        x, w13, w2, weights, ids = _problem(19, 8, 16, 24, 2, seed=9)
+        leaves = [t.requires_grad_() for t in (x, w13, w2)]
+        fn(x, w13, w2, weights, ids, 0).square().sum().backward()
+        grads[name] = [t.grad for t in leaves]
+    for got, want in zip(grads["grouped"], grads["reference"], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_whole_model_logits_equal_across_backends() -> None:
+    """On a CPU ``auto`` runs the grouped experts and the PyTorch small ops, ``reference`` the reference
+    everywhere: the same logits."""
     model = Transformer(preset("tiny-odd")).eval()
     init_random_weights(model, seed=1, std=0.1)
     ids = torch.randint(0, model.args.vocab_size, (2, 13), generator=torch.Generator().manual_seed(2))
     outs = {}
     with torch.no_grad():
-        for path in sorted(EXPERT_PATHS):
-            model.set_moe_path(path)
-            outs[path] = model(ids)  # [B, T, V]
-    for path, logits in outs.items():
-        torch.testing.assert_close(logits, outs["reference"], rtol=1e-5, atol=1e-5, msg=lambda m, p=path: f"{p}: {m}")
+        for backend in ("auto", "reference"):
+            model.set_kernel_config(KernelConfig(backend=backend))
+            outs[backend] = model(ids)  # [B, T, V]
+    assert outs["auto"].abs().max() > 0.1
+    torch.testing.assert_close(outs["auto"], outs["reference"], rtol=1e-5, atol=1e-5)

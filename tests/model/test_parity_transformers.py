@@ -17,8 +17,8 @@ import transformers
 
 from mixtral.checkpoint.loader import load_model
 from mixtral.checkpoint.writer import save_checkpoint
-from mixtral.model.args import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 FP32_TOL = 1e-4
 BF16_REL_MEAN_TOL = 0.03

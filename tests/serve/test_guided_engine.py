@@ -18,8 +18,8 @@ from mixtral.engine.config import EngineConfig
 from mixtral.engine.llm_engine import LLMEngine
 from mixtral.engine.sampler import Sampler, SampleRow
 from mixtral.guide import bitmask_words
-from mixtral.model.args import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 from mixtral.sampling import SamplingParams
 from mixtral.serve.guided import build_guide, parse_tool_calls
 from mixtral.tokenizer import Tokenizer

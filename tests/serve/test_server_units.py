@@ -10,7 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mixtral.model.args import preset
+from mixtral.model.presets import preset
 from mixtral.serve.errors import APIError, validation_error
 from mixtral.serve.metrics import ServerMetrics
 from mixtral.serve.models import ServedModel

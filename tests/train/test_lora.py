@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mixtral.model.args import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 from mixtral.train.lora import LoRAConfig, add_lora, lora_state_dict, merge_lora, merge_lora_into, save_lora
 
 

@@ -75,8 +75,8 @@ def test_lora_training_keeps_the_base_and_saves_adapters(packed: Path, tmp_path:
     assert json.loads((result.adapter_dir / "adapter_config.json").read_text())["rank"] == 4
     assert result.steps[-1].lm_loss < result.steps[0].lm_loss
     # The merged export differs from the base only in adapted weights.
-    from mixtral.model.args import preset
     from mixtral.model.mixtral import Transformer, init_random_weights
+    from mixtral.model.presets import preset
 
     base = Transformer(preset("tiny"))
     init_random_weights(base, seed=0, std=0.02)

@@ -8,7 +8,15 @@ from pathlib import Path
 import pytest
 from transformers import MixtralConfig
 
-from mixtral.model.args import PRESETS, ConfigError, ModelArgs, preset
+from mixtral.model.args import ConfigError
+from mixtral.model.config_formats import (
+    args_from_folder,
+    args_from_hf_config,
+    args_from_params_json,
+    args_to_hf_config,
+    args_to_params_json,
+)
+from mixtral.model.presets import PRESETS, preset
 
 # config.json of mistralai/Mixtral-8x7B-v0.1 as published on the Hub.
 MIXTRAL_8X7B_CONFIG = {
@@ -31,11 +39,11 @@ SHAPE_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_
 
 
 def test_real_8x7b_config_is_the_preset() -> None:
-    assert ModelArgs.from_hf_config(MIXTRAL_8X7B_CONFIG) == PRESETS["mixtral-8x7b"]
+    assert args_from_hf_config(MIXTRAL_8X7B_CONFIG) == PRESETS["mixtral-8x7b"]
 
 
 def test_real_8x22b_params_json_has_the_presets_shapes() -> None:
-    got, want = ModelArgs.from_params_json(MIXTRAL_8X22B_PARAMS), PRESETS["mixtral-8x22b-instruct"]
+    got, want = args_from_params_json(MIXTRAL_8X22B_PARAMS), PRESETS["mixtral-8x22b-instruct"]
     assert {f: getattr(got, f) for f in SHAPE_FIELDS} == {f: getattr(want, f) for f in SHAPE_FIELDS}
     assert got.tokenizer == "v3"  # 32768 ids
 
@@ -43,49 +51,49 @@ def test_real_8x22b_params_json_has_the_presets_shapes() -> None:
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_hf_config_round_trip(name: str) -> None:
     args = PRESETS[name]
-    assert ModelArgs.from_hf_config(args.to_hf_config(), tokenizer=args.tokenizer) == args
+    assert args_from_hf_config(args_to_hf_config(args), tokenizer=args.tokenizer) == args
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_transformers_config_dict_round_trip(name: str) -> None:
     """transformers 5 moves rope_theta into rope_parameters; the dict it writes still parses to the same args."""
     args = PRESETS[name]
-    cfg = MixtralConfig(**args.to_hf_config()).to_dict()
-    assert ModelArgs.from_hf_config(cfg, tokenizer=args.tokenizer) == args
+    cfg = MixtralConfig(**args_to_hf_config(args)).to_dict()
+    assert args_from_hf_config(cfg, tokenizer=args.tokenizer) == args
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_params_json_round_trip(name: str) -> None:
     args = PRESETS[name]
-    back = ModelArgs.from_params_json(args.to_params_json(), tokenizer=args.tokenizer)
+    back = args_from_params_json(args_to_params_json(args), tokenizer=args.tokenizer)
     # params.json has no field for the router aux-loss coefficient (a training knob); all else survives.
     assert back == args.replace(router_aux_loss_coef=back.router_aux_loss_coef)
 
 
 def test_from_folder_prefers_config_json_and_reads_tokenizer(tmp_path: Path) -> None:
     (tmp_path / "params.json").write_text(json.dumps(MIXTRAL_8X22B_PARAMS))
-    assert ModelArgs.from_folder(tmp_path).dim == 6144
+    assert args_from_folder(tmp_path).dim == 6144
     (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_8X7B_CONFIG))
     (tmp_path / "tokenizer.model.v3").write_bytes(b"")
-    args = ModelArgs.from_folder(tmp_path)
+    args = args_from_folder(tmp_path)
     assert args.dim == 4096 and args.tokenizer == "v3"
 
 
 def test_from_folder_without_config(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"neither config\.json nor params\.json"):
-        ModelArgs.from_folder(tmp_path)
+        args_from_folder(tmp_path)
 
 
 def test_sliding_window_only_when_configured() -> None:
-    assert ModelArgs.from_hf_config(MIXTRAL_8X7B_CONFIG).sliding_window is None
-    assert ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, "sliding_window": 4096}).sliding_window == 4096
+    assert args_from_hf_config(MIXTRAL_8X7B_CONFIG).sliding_window is None
+    assert args_from_hf_config({**MIXTRAL_8X7B_CONFIG, "sliding_window": 4096}).sliding_window == 4096
 
 
 def test_missing_rope_theta_defaults_to_mixtrals_not_llamas() -> None:
     cfg = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k != "rope_theta"}
-    assert ModelArgs.from_hf_config(cfg).rope_theta == 1e6
+    assert args_from_hf_config(cfg).rope_theta == 1e6
     params = {k: v for k, v in MIXTRAL_8X22B_PARAMS.items() if k != "rope_theta"}
-    assert ModelArgs.from_params_json(params).rope_theta == 1e6
+    assert args_from_params_json(params).rope_theta == 1e6
 
 
 BASE = PRESETS["tiny"]
@@ -116,19 +124,19 @@ def test_validation_errors_name_the_value(changes: dict, message: str) -> None:
 ])
 def test_hf_config_errors(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes})
+        args_from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes})
 
 
 def test_hf_config_missing_fields() -> None:
     cfg = {k: v for k, v in MIXTRAL_8X7B_CONFIG.items() if k not in ("hidden_size", "vocab_size")}
     with pytest.raises(ConfigError, match="hidden_size"):
-        ModelArgs.from_hf_config(cfg)
+        args_from_hf_config(cfg)
 
 
 def test_params_json_of_a_dense_model_is_rejected() -> None:
     dense = {k: v for k, v in MIXTRAL_8X22B_PARAMS.items() if k != "moe"}
     with pytest.raises(ConfigError, match="no 'moe' section"):
-        ModelArgs.from_params_json(dense)
+        args_from_params_json(dense)
 
 
 def test_full_size_parameter_counts() -> None:
@@ -149,3 +157,22 @@ def test_kv_bytes_and_gqa() -> None:
 def test_unknown_preset_lists_known_ones() -> None:
     with pytest.raises(ConfigError, match="mixtral-8x7b"):
         preset("mixtral-9x9b")
+
+
+def test_one_tokenizer_file_table(tmp_path: Path) -> None:
+    """The config reader and the checkpoint's tokenizer lookup read the same table: every file name it lists
+    gives its version both ways, and the name the writer uses is the table's first."""
+    from mixtral.checkpoint.tokenizer_files import copy_tokenizer, find_tokenizer
+    from mixtral.model.args import TOKENIZER_FILES
+    from mixtral.model.config_formats import tokenizer_version_in_folder
+
+    for version, names in TOKENIZER_FILES.items():
+        for name in names:
+            folder = tmp_path / f"{version}-{name}"
+            folder.mkdir()
+            (folder / name).write_bytes(b"")
+            assert tokenizer_version_in_folder(folder) == version
+            assert find_tokenizer(folder, 32000) == (version, folder / name)
+        out = tmp_path / f"out-{version}"
+        out.mkdir()
+        assert copy_tokenizer(out, version, source=folder / name).name == names[0]

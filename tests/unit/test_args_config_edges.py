@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mixtral.model.args import ConfigError, ModelArgs
+from mixtral.model.args import ConfigError
+from mixtral.model.config_formats import args_from_hf_config, args_from_params_json
 
 # The shape fields of Mixtral-8x7B's config.json and Mixtral-8x22B's params.json.
 MIXTRAL_8X7B_CONFIG = {
@@ -28,7 +29,7 @@ MIXTRAL_8X22B_PARAMS = {
 def test_scaled_rope_is_refused_not_ignored(changes: dict) -> None:
     # Silently computing plain RoPE for a config that asks for scaling would give wrong logits.
     with pytest.raises(ConfigError, match="RoPE scaling"):
-        ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes})
+        args_from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes})
 
 
 @pytest.mark.parametrize("changes", [
@@ -37,25 +38,25 @@ def test_scaled_rope_is_refused_not_ignored(changes: dict) -> None:
     {"rope_scaling": {"rope_type": "default"}},
 ])
 def test_plain_rope_in_any_spelling_is_accepted(changes: dict) -> None:
-    assert ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes}).rope_theta == 1e6
+    assert args_from_hf_config({**MIXTRAL_8X7B_CONFIG, **changes}).rope_theta == 1e6
 
 
 def test_null_fields_take_mixtrals_defaults() -> None:
     cfg = {**MIXTRAL_8X7B_CONFIG, "bos_token_id": None, "eos_token_id": None, "router_aux_loss_coef": None}
-    args = ModelArgs.from_hf_config(cfg)
+    args = args_from_hf_config(cfg)
     assert (args.bos_id, args.eos_id, args.router_aux_loss_coef) == (1, 2, 0.02)
-    params = ModelArgs.from_params_json({**MIXTRAL_8X22B_PARAMS, "router_aux_loss_coef": None, "rope_theta": None,
+    params = args_from_params_json({**MIXTRAL_8X22B_PARAMS, "router_aux_loss_coef": None, "rope_theta": None,
                                          "sliding_window": None})
     assert (params.router_aux_loss_coef, params.rope_theta, params.sliding_window) == (0.02, 1e6, None)
 
 
 def test_eos_list_takes_its_first_id_and_an_empty_list_is_named() -> None:
-    assert ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, "eos_token_id": [2, 7]}).eos_id == 2
+    assert args_from_hf_config({**MIXTRAL_8X7B_CONFIG, "eos_token_id": [2, 7]}).eos_id == 2
     with pytest.raises(ConfigError, match="empty eos_token_id"):
-        ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, "eos_token_id": []})
+        args_from_hf_config({**MIXTRAL_8X7B_CONFIG, "eos_token_id": []})
 
 
 @pytest.mark.parametrize("value", ["0.02", -0.1, True])
 def test_bad_router_aux_loss_coef_is_named(value: object) -> None:
     with pytest.raises(ConfigError, match="router_aux_loss_coef"):
-        ModelArgs.from_hf_config({**MIXTRAL_8X7B_CONFIG, "router_aux_loss_coef": value})
+        args_from_hf_config({**MIXTRAL_8X7B_CONFIG, "router_aux_loss_coef": value})

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from mixtral.bench.compiled_peer import StaticCacheMixtral, greedy_decode
-from mixtral.model.args import PRESETS
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import PRESETS
 
 
 def _model() -> Transformer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mixtral.bench import roofline
-from mixtral.model.args import preset
+from mixtral.model.presets import preset
 
 
 def test_expected_experts_hit_limits() -> None:

@@ -11,7 +11,7 @@ from mixtral.checkpoint.loader import resolve
 from mixtral.checkpoint.tokenizer_files import packaged_tokenizer
 from mixtral.checkpoint.writer import RandomSource, write_checkpoint
 from mixtral.cli.main import main
-from mixtral.model.args import preset
+from mixtral.model.presets import preset
 from mixtral.tokenizer import Tokenizer
 
 

@@ -12,6 +12,7 @@ fraction reached; ``--json`` and ``--plot`` write the numbers and a tok/s-agains
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -34,7 +35,10 @@ from mixtral.bench.args import (
     positive_int,
     positive_int_list,
 )
-from mixtral.model.args import PRESETS, ModelArgs
+from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.model.args import ModelArgs
+from mixtral.model.config_formats import args_to_hf_config
+from mixtral.model.presets import PRESETS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(compiles once per batch size, minutes for the full model)")
     p.add_argument("--peer-batch-sizes", type=positive_int_list, default=None,
                    help="decode batch sizes for the peers (default: --batch-sizes); each must be one of those")
-    p.add_argument("--moe-path", default=None, help="force an experts implementation (triton, grouped, gather...)")
     p.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs in the engine")
     p.add_argument("--sync-scheduling", action="store_true",
                    help="disable async scheduling (each step waits for the previous step's tokens on the host)")
@@ -67,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory the engine may use (weights + KV cache)")
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of tok/s against batch size")
+    add_kernel_args(p)
 
 
 def arg_problem(args: argparse.Namespace) -> str | None:
@@ -209,7 +213,7 @@ def build_hf_peer(model: torch.nn.Module, margs: ModelArgs) -> torch.nn.Module:
     from transformers import MixtralConfig, MixtralForCausalLM
 
     skip = ("architectures", "model_type", "torch_dtype")
-    cfg_dict = {k: v for k, v in margs.to_hf_config().items() if k not in skip}
+    cfg_dict = {k: v for k, v in args_to_hf_config(margs).items() if k not in skip}
     # grouped_mm is transformers' fastest experts implementation on Hopper (its default gathers each token's
     # expert weights, which runs out of memory at a 512-token batch-128 prefill).
     cfg = MixtralConfig(**cfg_dict, experts_implementation="grouped_mm", attn_implementation="sdpa")
@@ -311,6 +315,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "device": name, "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "model": model_name,
         "dtype": args.dtype, "torch": torch.__version__, "python": platform.python_version(),
+        "kernels": dataclasses.asdict(kernel_config_from_args(args)),
     }
     console.print(f"[bold]{name}[/bold]  model={model_name} dtype={args.dtype} commit={results['commit']}")
     bw = roofline.measure_copy_bandwidth(dev)
@@ -325,11 +330,10 @@ def run(args: argparse.Namespace) -> int:
         model_name, device="cuda", dtype=args.dtype, max_model_len=max_len, max_num_seqs=max(*batches, 256),
         max_num_batched_tokens=max(args.prefill_len, 2048), gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, enable_prefix_caching=False, async_scheduling=not args.sync_scheduling,
+        kernels=kernel_config_from_args(args),
     )
     margs: ModelArgs = engine.model_args
     model = engine.model_runner.model
-    if args.moe_path:
-        model.set_moe_path(args.moe_path)
 
     rows: list[dict[str, Any]] = []
     for b in batches:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from mixtral.bench.args import fraction, non_negative_float, positive_int
+from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice); 1 is fastest for tiny models on busy hosts")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    add_kernel_args(p)
 
 
 @dataclass
@@ -204,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
-            enforce_eager=args.enforce_eager,
+            enforce_eager=args.enforce_eager, kernels=kernel_config_from_args(args),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
         return _fail(f"cannot load {args.model!r}: {exc}")

@@ -11,8 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
+from mixtral.bench.tune_moe import write_configs
 from mixtral.kernels.triton.moe_configs import MoEConfig
-from mixtral.kernels.triton.tune_moe import write_configs
 
 # A candidate replaces the table's entry only if its mean prefill is this much shorter, it was faster in this
 # share of the alternated rounds, and its hidden states match the entry's: one-off bursts overrated several

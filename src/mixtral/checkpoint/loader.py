@@ -22,8 +22,10 @@ from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.progress import track
 from mixtral.checkpoint.reader import CheckpointReader
 from mixtral.checkpoint.tokenizer_files import find_tokenizer, packaged_tokenizer
-from mixtral.model.args import PRESETS, ConfigError, ModelArgs, _read_json
+from mixtral.model.args import ConfigError, ModelArgs
+from mixtral.model.config_formats import args_from_hf_config, args_from_params_json, read_json
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import PRESETS
 
 CheckpointFormat = Literal["hf", "mistral", "preset"]
 
@@ -93,9 +95,9 @@ def resolve_folder(folder: Path, name: str | None = None, repo_id: str | None = 
     fmt = fmt or detect_format(folder)
     try:
         if fmt == "hf":
-            args = ModelArgs.from_hf_config(_read_json(folder / hf.CONFIG))
+            args = args_from_hf_config(read_json(folder / hf.CONFIG))
         else:
-            args = ModelArgs.from_params_json(_read_json(folder / consolidated.PARAMS))
+            args = args_from_params_json(read_json(folder / consolidated.PARAMS))
     except ConfigError as exc:
         raise ConfigError(f"{folder}: {exc}") from exc
     found = find_tokenizer(folder, args.vocab_size)

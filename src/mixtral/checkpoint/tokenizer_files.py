@@ -3,7 +3,8 @@
 Files are named by version so the folder says which tokenizer encodes its prompts: ``tokenizer.model.v1``
 (Mixtral-8x7B, 32000 ids) or ``tokenizer.model.v3`` (Mixtral-8x22B-Instruct, 32768 ids). Hub repos often
 ship a bare ``tokenizer.model``; its version follows from the vocabulary size. The files themselves come
-from mistral-common's package data, never from the network.
+from mistral-common's package data, never from the network. The file names a folder may hold are
+``model.args.TOKENIZER_FILES`` (the one table of them).
 """
 
 from __future__ import annotations
@@ -12,15 +13,10 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from mixtral.model.args import TOKENIZER_VERSIONS, default_tokenizer_for_vocab
+from mixtral.model.args import TOKENIZER_FILES, TOKENIZER_VERSIONS, default_tokenizer_for_vocab
 
-# Version -> the file inside mistral_common/data, and the name it gets in a model folder.
+# Version -> the file inside mistral_common/data.
 PACKAGED = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3"}
-FOLDER_NAMES = {"v1": "tokenizer.model.v1", "v3": "tokenizer.model.v3"}
-_VERSIONED = {
-    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
-    "v1": ("tokenizer.model.v1",),
-}
 
 
 def packaged_tokenizer(version: str) -> Path:
@@ -36,7 +32,7 @@ def packaged_tokenizer(version: str) -> Path:
 
 def find_tokenizer(folder: Path, vocab_size: int) -> tuple[str, Path] | None:
     """(version, file) of the tokenizer a model folder ships, or None when it has none."""
-    for version, names in _VERSIONED.items():
+    for version, names in TOKENIZER_FILES.items():
         for name in names:
             if (folder / name).is_file():
                 return version, folder / name
@@ -50,6 +46,6 @@ def copy_tokenizer(folder: Path, version: str, source: Path | None = None) -> Pa
 
     ``source`` is the file to copy (a source model's own tokenizer); by default mistral-common's copy.
     """
-    dest = folder / FOLDER_NAMES[version]
+    dest = folder / TOKENIZER_FILES[version][0]
     shutil.copyfile(source or packaged_tokenizer(version), dest)
     return dest

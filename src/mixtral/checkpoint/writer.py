@@ -29,6 +29,7 @@ from mixtral.checkpoint.safetensors_io import write_safetensors
 from mixtral.checkpoint.specs import PieceKey, TensorSpec
 from mixtral.checkpoint.tokenizer_files import copy_tokenizer
 from mixtral.model.args import ModelArgs
+from mixtral.model.config_formats import args_to_hf_config, args_to_params_json
 from mixtral.model.mixtral import Transformer
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30  # what transformers uses for the Hub
@@ -130,14 +131,14 @@ def write_checkpoint(source: PieceSource, args: ModelArgs, folder: str | Path, f
     entries = [(s.name, dtypes[s.name], s.shape) for s in specs]
     if format == "hf":
         _write_hf_shards(folder, entries, produce, max_shard_bytes)
-        config = args.to_hf_config()
+        config = args_to_hf_config(args)
         written = {dtypes[s.name] for s in specs}
         if len(written) == 1:
             config["torch_dtype"] = config["dtype"] = _dtype_name(written.pop())
         (folder / hf.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     else:
         write_safetensors(folder / consolidated.SAFETENSORS, entries, produce)
-        (folder / consolidated.PARAMS).write_text(json.dumps(args.to_params_json(), indent=2) + "\n")
+        (folder / consolidated.PARAMS).write_text(json.dumps(args_to_params_json(args), indent=2) + "\n")
     next(bar, None)  # let the progress bar close
     copy_tokenizer(folder, tokenizer_version or args.tokenizer, tokenizer_file)
     return folder

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model, --device, --dtype: which model to load and where."""
+    """--model, --device, --dtype, --max-model-len: which model to load and where; and the kernel flags."""
     p.add_argument(
         "--model", "-m", default=DEFAULT_MODEL, metavar="MODEL",
         help=f"model folder (Hugging Face or Mistral format), preset name (random weights, e.g. 'tiny'), "
@@ -31,6 +32,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt + reply in tokens (default: the model's context length, as the KV cache "
                         "allows); lower it when the KV cache does not fit")
+    add_kernel_args(p)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -69,7 +71,9 @@ def build_llm(args: argparse.Namespace) -> Any:
     from mixtral import LLM
 
     max_model_len = getattr(args, "max_model_len", None)
-    engine_kwargs = {} if max_model_len is None else {"max_model_len": max_model_len}
+    engine_kwargs: dict[str, Any] = {"kernels": kernel_config_from_args(args)}
+    if max_model_len is not None:
+        engine_kwargs["max_model_len"] = max_model_len
     return LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
 
 

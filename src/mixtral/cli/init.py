@@ -12,7 +12,7 @@ from mixtral.cli.convert import add_common_write_flags, prepare_output, report_e
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from mixtral.model.args import PRESETS
+    from mixtral.model.presets import PRESETS
 
     p = sub.add_parser(
         "init", help="write a random-weight checkpoint of a preset",
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     from mixtral.checkpoint.loader import parse_dtype
     from mixtral.checkpoint.writer import RandomSource, write_checkpoint
-    from mixtral.model.args import preset
+    from mixtral.model.presets import preset
 
     model_args = preset(args.preset)
     prepare_output(args.out, args.overwrite)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lora", type=Path, default=None, metavar="PATH",
                    help="LoRA adapter folder (from `mixtral train --lora-rank`) merged into the weights at load")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    add_kernel_args(p)
     return p
 
 
@@ -98,6 +100,7 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         enforce_eager=getattr(args, "enforce_eager", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
+        kernels=kernel_config_from_args(args),
     )
     if args.lora is None:
         return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)

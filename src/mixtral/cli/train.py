@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.train.lora import TARGETS
 
 
@@ -53,8 +54,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "save memory")
     o.add_argument("--seed", type=int, default=0, help="seed for init, data order and jitter (default: 0)")
     o.add_argument("--init-std", type=float, default=0.02, help="std of random init (fresh models only; default: 0.02)")
-    o.add_argument("--moe-path", default="grouped", help="experts implementation: grouped, gather, "
-                   "reference or triton (CUDA) (default: grouped)")
     o.add_argument("--device", default="auto", help="cuda, cpu or auto (default: auto)")
     o.add_argument("--time-limit-minutes", type=float, help="stop, checkpoint and export after this long")
     lo = p.add_argument_group("LoRA")
@@ -80,6 +79,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "most this many MiB (default: 5 GiB shards)")
     s.add_argument("--no-heatmap", dest="heatmap", action="store_false", help="skip the expert-load PNG")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar or log lines")
+    add_kernel_args(p)
     return p
 
 
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     fields = set(TrainConfig.__dataclass_fields__) - {"extra"}
     try:
-        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields})
+        cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in fields}, kernels=kernel_config_from_args(args))
         result = train(cfg)
     except (ValueError, FileNotFoundError) as exc:  # bad flags, data, model or checkpoint: ConfigError too
         print(f"mixtral train: error: {exc}", file=sys.stderr)

@@ -2,7 +2,8 @@
 
 One forward pass processes a flat ragged batch: the new tokens of every scheduled sequence, concatenated
 (prefill chunks and single decode tokens alike). Each layer stores the new K/V at ``slot_mapping`` and
-attends over the sequence's blocks, both through ``mixtral.kernels.ops`` so GPU kernels can take over.
+attends over the sequence's blocks, both through the model's ``kernels/dispatch.Kernels`` (passed in as
+``kernels``) so GPU kernels can take over.
 
 Layout example (block_size 4): sequences A (3 tokens already cached, 1 new) and B (prompt of 5, all new):
 positions [3, 0, 1, 2, 3, 4]; query_start_loc [0, 1, 6]; context_lens [4, 5]; with block tables
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from mixtral.kernels import ops
+from mixtral.kernels.dispatch import Kernels
 
 
 class PagedAttentionContext:
@@ -21,7 +22,7 @@ class PagedAttentionContext:
 
     def __init__(self, *, positions: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int,
-                 max_context_len: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                 max_context_len: int, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], kernels: Kernels,
                  sliding_window: int | None = None, expert_counts: torch.Tensor | None = None,
                  fresh_prompt_lens: list[int] | None = None, dense_min_tokens: int | None = None) -> None:
         self.positions = positions  # [N] int64
@@ -33,37 +34,39 @@ class PagedAttentionContext:
         self.max_query_len = max_query_len
         self.max_context_len = max_context_len
         self.kv_caches = kv_caches  # per layer (k_cache, v_cache), each [num_blocks, block_size, KV, hd]
+        self.kernels = kernels  # the model's: its KernelConfig decides the attention implementations too
         self.sliding_window = sliding_window
         self.expert_counts = expert_counts  # [L, E] int64 or None
         # Host ints, set when no sequence of the step has tokens cached before this step's: each attends over
         # its new tokens only, which a dense causal kernel can do without the block tables.
         self.fresh_prompt_lens = fresh_prompt_lens
-        # Shortest prompt the dense path takes (None: ops.DENSE_PREFILL_MIN_TOKENS; a prefill graph passes less).
+        # Shortest prompt the dense path takes (None: dispatch.DENSE_PREFILL_MIN_TOKENS; a prefill graph passes
+        # less).
         self.dense_min_tokens = dense_min_tokens
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q [N, H, hd], k/v [N, KV, hd] (k already rotated) -> [N, H, hd]."""
         k_cache, v_cache = self.kv_caches[layer_idx]
-        ops.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        self.kernels.write_kv(k, v, k_cache, v_cache, self.slot_mapping)
         return self._attend_stored(q, k, v, k_cache, v_cache)
 
     def rope_attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
                     sin: torch.Tensor) -> torch.Tensor:
         """``attend`` for q/k before RoPE: the rotation and the K/V store are one kernel on CUDA
-        (``ops.rope_qk_store``), then the same attention. The model calls this where a context offers it."""
+        (``Kernels.rope_qk_store``), then the same attention. The model calls this where a context offers it."""
         k_cache, v_cache = self.kv_caches[layer_idx]
-        q, k = ops.rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
+        q, k = self.kernels.rope_qk_store(q, k, v, cos, sin, k_cache, v_cache, self.slot_mapping)
         return self._attend_stored(q, k, v, k_cache, v_cache)
 
     def _attend_stored(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                        v_cache: torch.Tensor) -> torch.Tensor:
         """Attention once this step's K/V are in the layer's caches."""
         if self.fresh_prompt_lens is not None:
-            out = ops.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window,
-                                              self.dense_min_tokens)
+            out = self.kernels.dense_prefill_attention(q, k, v, self.fresh_prompt_lens, self.sliding_window,
+                                                       self.dense_min_tokens)
             if out is not None:
                 return out
-        return ops.paged_attention(
+        return self.kernels.paged_attention(
             q, k_cache, v_cache, self.block_tables, self.context_lens, self.query_start_loc,
             max_query_len=self.max_query_len, max_context_len=self.max_context_len,
             sliding_window=self.sliding_window,

@@ -1,15 +1,18 @@
 """EngineConfig: the serving engine's knobs (vLLM's names), validated on construction.
 
 Model-independent limits live here; ``resolve`` fills the ones that depend on the model (max_model_len
-defaults to the model's context length). KV cache sizing itself is in ``engine/memory.py``.
+defaults to the model's context length). KV cache sizing itself is in ``engine/memory.py``. Which kernel runs
+each op is ``kernels: KernelConfig`` (defined in ``kernels/config.py``, below the model, which receives it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from mixtral.kernels.config import KernelConfig
 
 # Default KV cache budget on CPU, where there is no "free memory" to take a fraction of.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
@@ -35,6 +38,8 @@ class EngineConfig:
       the host's scheduling and output work overlaps the GPU (vLLM's "async scheduling"). None = on for
       CUDA, off elsewhere (where the host computes the model itself and nothing overlaps).
     - ``seed``: draws the per-request seeds of requests that bring none.
+    - ``kernels``: which implementation runs each fused op (``KernelConfig``: backend, MoE prefill path, dense
+      prefill attention, fused router, PDL); the model runner hands it to the model once.
     """
 
     block_size: int = 16
@@ -51,6 +56,7 @@ class EngineConfig:
     seed: int = 0
     device: torch.device | None = None
     dtype: torch.dtype | None = None
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -67,6 +73,8 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.device is not None:
             self.device = torch.device(self.device)
+        if not isinstance(self.kernels, KernelConfig):
+            raise ValueError(f"kernels must be a KernelConfig, got {self.kernels!r}")
 
     def resolve(self, model_max_len: int) -> EngineConfig:
         """Fill model-dependent defaults and check the limits against each other."""

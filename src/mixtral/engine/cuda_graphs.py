@@ -12,7 +12,7 @@ block 0 (a finite, ignored attention result), and a routing mask of 0 so they ad
 utilization counts. Captured with ``max_context_len = max_model_len``: the attention kernels read the true
 lengths on the device and only size their launch grid from this bound.
 
-Only graph-safe ops may run inside: the Triton kernels (no host syncs). ``ops.graph_safe`` says whether
+Only graph-safe ops may run inside: the Triton kernels (no host syncs). ``Kernels.graph_safe`` says whether
 they are in use; the model runner falls back to eager execution otherwise.
 """
 
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from mixtral.engine.attention import PagedAttentionContext
-from mixtral.kernels import ops
+from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
 from mixtral.model.mixtral import Transformer
 
 
@@ -63,7 +63,7 @@ class DecodeGraphs:
         ctx = PagedAttentionContext(
             positions=self.positions[:b], slot_mapping=self.slot_mapping[:b], block_tables=self.block_tables[:b],
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[: b + 1], max_query_len=1,
-            max_context_len=self.max_model_len, kv_caches=self.kv_caches,
+            max_context_len=self.max_model_len, kv_caches=self.kv_caches, kernels=self.model.kernels,
             sliding_window=self.model.args.sliding_window, expert_counts=self.expert_counts,
         )
         ctx.routing_mask = self.routing_mask[:b]
@@ -128,7 +128,7 @@ class PrefillGraph:
     ``max_model_len``.
 
     ``fresh``: a second graph for a prompt's first chunk (nothing cached before it), whose attention takes the
-    dense cuDNN path (``ops.dense_prefill_attention``) from ``ops.GRAPH_DENSE_PREFILL_MIN_TOKENS``: about half
+    dense cuDNN path (``Kernels.dense_prefill_attention``) from ``GRAPH_DENSE_PREFILL_MIN_TOKENS``: about half
     the paged kernel's time at 2048 tokens on an H100, with its ~1 ms of host work paid once at capture.
     """
 
@@ -147,10 +147,10 @@ class PrefillGraph:
             positions=self.positions, slot_mapping=self.slot_mapping, block_tables=self.block_tables,
             context_lens=self.context_lens,
             query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32, device=dev),
-            max_query_len=num_tokens, max_context_len=max_model_len, kv_caches=kv_caches,
+            max_query_len=num_tokens, max_context_len=max_model_len, kv_caches=kv_caches, kernels=model.kernels,
             sliding_window=model.args.sliding_window, expert_counts=expert_counts,
             fresh_prompt_lens=[num_tokens] if fresh else None,
-            dense_min_tokens=ops.GRAPH_DENSE_PREFILL_MIN_TOKENS if fresh else None,
+            dense_min_tokens=GRAPH_DENSE_PREFILL_MIN_TOKENS if fresh else None,
         )
         self.fresh = fresh
         self.graph: torch.cuda.CUDAGraph | None = None

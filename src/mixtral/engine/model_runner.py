@@ -3,8 +3,9 @@
 Owns the KV cache tensors (per layer ``[num_blocks, block_size, KV, hd]``), the persistent device input
 buffers and the cumulative expert-routing counts. Inputs are built on the host as plain lists and copied
 into fixed device buffers, so a decode step launches no host syncs before sampling, and its inputs keep
-stable addresses. On CUDA with the Triton kernels, pure decode steps replay CUDA graphs (engine/cuda_graphs.py)
-unless ``enforce_eager``.
+stable addresses. The model gets ``config.kernels`` (which implementation runs each fused op) once, here. On
+CUDA with the Triton kernels, pure decode steps replay CUDA graphs (engine/cuda_graphs.py) unless
+``enforce_eager``.
 
 Flat layout of one step (block_size 4), sequence A decoding its 7th token, sequence B prefilling a
 3-token chunk starting at position 4:
@@ -27,7 +28,7 @@ from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
 from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
-from mixtral.kernels import ops
+from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
 from mixtral.model.context import DenseContext
 from mixtral.model.mixtral import Transformer
 
@@ -77,6 +78,7 @@ class LaunchedStep:
 class ModelRunner:
     def __init__(self, model: Transformer, config: EngineConfig, sampler: Sampler) -> None:
         assert config.max_model_len is not None, "resolve() the config first"
+        model.set_kernel_config(config.kernels)
         self.model = model
         self.config = config
         self.sampler = sampler
@@ -95,9 +97,6 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.prefill_graph: PrefillGraph | None = None
         self.fresh_prefill_graph: PrefillGraph | None = None  # a prompt's first chunk, dense attention
-        if self.device.type == "cuda" and ops.use_triton(self.expert_counts_buf):
-            # The fused Triton MoE: no host sync per layer (the PyTorch paths need one), so graphs can capture it.
-            model.set_moe_path("triton")
 
     # ----------------------------------------------------------------- setup
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -133,14 +132,12 @@ class ModelRunner:
     def _wants_fresh_prefill_graph(self) -> bool:
         """A second prefill graph for prompts' first chunks pays off where its attention takes the dense path."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
-        return (self.config.max_num_batched_tokens >= ops.GRAPH_DENSE_PREFILL_MIN_TOKENS
-                and ops.dense_prefill_supported(probe, self.args.sliding_window))
+        return (self.config.max_num_batched_tokens >= GRAPH_DENSE_PREFILL_MIN_TOKENS
+                and self.model.kernels.dense_prefill_supported(probe, self.args.sliding_window))
 
     def _graph_safe(self) -> bool:
         """CUDA graphs need a CUDA device and kernels without host syncs: Triton attention and the fused MoE."""
-        if self.device.type != "cuda" or not ops.use_triton(self.expert_counts_buf):
-            return False
-        return all(layer.feed_forward.experts_fn is ops.fused_moe for layer in self.model.layers)
+        return self.model.kernels.graph_safe(self.device)
 
     @torch.inference_mode()
     def profile_activation_bytes(self) -> int:
@@ -246,6 +243,7 @@ class ModelRunner:
             max_query_len=max(s.num_new_tokens for s in scheduled),
             max_context_len=max(ctx_lens),
             kv_caches=self.kv_caches,
+            kernels=self.model.kernels,
             sliding_window=self.args.sliding_window,
             expert_counts=self.expert_counts_buf,
             fresh_prompt_lens=([s.num_new_tokens for s in scheduled]

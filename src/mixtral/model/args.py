@@ -1,19 +1,24 @@
 """ModelArgs: the hyper-parameters of a Mixtral model, validated on construction.
 
-Mirrors both on-disk configs (Hugging Face ``config.json`` and Mistral ``params.json``) and holds the
-named presets. It knows nothing about weights or devices; the loader and the model read it.
+Field names follow Mistral's ``params.json``. It knows nothing about files, weights or devices: the named
+presets are in ``model/presets.py``, the translation from and to Hugging Face ``config.json`` and Mistral
+``params.json`` in ``model/config_formats.py``; the loader and the model read it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 # Tokenizer versions this project knows; the value is what `mixtral.tokenizer` accepts.
 TOKENIZER_VERSIONS = ("v1", "v3")
+# The mistral-common tokenizer files a model folder may hold, by version (the first: the name this project
+# writes). The one table of them: the config reader and the checkpoint's tokenizer lookup both use it.
+TOKENIZER_FILES = {
+    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
+    "v1": ("tokenizer.model.v1",),
+}
 
 
 class ConfigError(ValueError):
@@ -117,255 +122,7 @@ class ModelArgs:
     def replace(self, **changes: Any) -> ModelArgs:
         return dataclasses.replace(self, **changes)
 
-    # ----------------------------------------------------------------- Hugging Face config.json
-    @classmethod
-    def from_hf_config(cls, cfg: dict[str, Any], tokenizer: str | None = None) -> ModelArgs:
-        """Build from a Hugging Face ``MixtralConfig`` dict (config.json)."""
-        model_type = cfg.get("model_type")
-        if model_type not in (None, "mixtral"):
-            raise ConfigError(f"config.json has model_type={model_type!r}; only 'mixtral' is supported")
-        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
-        missing = [k for k in required if k not in cfg]
-        if missing:
-            raise ConfigError(f"config.json lacks required field(s) {missing}")
-        act = cfg.get("hidden_act", "silu")
-        if act != "silu":
-            raise ConfigError(f"hidden_act={act!r} is not Mixtral's 'silu'")
-        if cfg.get("tie_word_embeddings", False):
-            raise ConfigError("tie_word_embeddings=true is not a Mixtral model (its lm_head is separate)")
-        _check_plain_rope(cfg)
-        try:
-            return cls._from_hf_fields(cfg, tokenizer)
-        except TypeError as exc:  # e.g. "hidden_size": null
-            raise ConfigError(f"config.json has a field of the wrong type: {exc}") from exc
-
-    @classmethod
-    def _from_hf_fields(cls, cfg: dict[str, Any], tokenizer: str | None) -> ModelArgs:
-        n_heads = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_heads
-        vocab = cfg["vocab_size"]
-        return cls(
-            dim=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=n_heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-            head_dim=head_dim,
-            hidden_dim=cfg["intermediate_size"],
-            vocab_size=vocab,
-            num_experts=cfg.get("num_local_experts", 8),
-            num_experts_per_tok=cfg.get("num_experts_per_tok", 2),
-            norm_eps=cfg.get("rms_norm_eps", 1e-5),
-            # Mixtral's theta is 1e6; converters that default a missing value to 1e4 are wrong.
-            rope_theta=float(_hf_rope_theta(cfg)),
-            max_seq_len=cfg.get("max_position_embeddings", 32768),
-            sliding_window=cfg.get("sliding_window"),
-            router_aux_loss_coef=_unset_default(cfg.get("router_aux_loss_coef"), 0.02),
-            bos_id=_unset_default(cfg.get("bos_token_id"), 1),
-            eos_id=_unset_default(_first(cfg.get("eos_token_id")), 2),
-            tokenizer=tokenizer or default_tokenizer_for_vocab(vocab),
-        )
-
-    def to_hf_config(self) -> dict[str, Any]:
-        """The Hugging Face config.json this model would ship with (transformers can load it)."""
-        return {
-            "architectures": ["MixtralForCausalLM"],
-            "model_type": "mixtral",
-            "hidden_size": self.dim,
-            "num_hidden_layers": self.n_layers,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "head_dim": self.head_dim,
-            "intermediate_size": self.hidden_dim,
-            "vocab_size": self.vocab_size,
-            "num_local_experts": self.num_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "rms_norm_eps": self.norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_seq_len,
-            "sliding_window": self.sliding_window,
-            "router_aux_loss_coef": self.router_aux_loss_coef,
-            "bos_token_id": self.bos_id,
-            "eos_token_id": self.eos_id,
-            "hidden_act": "silu",
-            "tie_word_embeddings": False,
-            "attention_dropout": 0.0,
-            "output_router_logits": False,
-            "torch_dtype": "bfloat16",
-        }
-
-    # ----------------------------------------------------------------- Mistral params.json
-    @classmethod
-    def from_params_json(cls, params: dict[str, Any], tokenizer: str | None = None) -> ModelArgs:
-        """Build from Mistral's consolidated ``params.json``."""
-        required = ("dim", "n_layers", "n_heads", "hidden_dim", "vocab_size")
-        missing = [k for k in required if k not in params]
-        if missing:
-            raise ConfigError(f"params.json lacks required field(s) {missing}")
-        moe = params.get("moe")
-        if not isinstance(moe, dict):
-            raise ConfigError("params.json has no 'moe' section: this is a dense model, not Mixtral")
-        try:
-            return cls._from_params_fields(params, moe, tokenizer)
-        except TypeError as exc:
-            raise ConfigError(f"params.json has a field of the wrong type: {exc}") from exc
-
-    @classmethod
-    def _from_params_fields(cls, params: dict[str, Any], moe: dict[str, Any], tokenizer: str | None) -> ModelArgs:
-        n_heads = params["n_heads"]
-        vocab = params["vocab_size"]
-        return cls(
-            dim=params["dim"],
-            n_layers=params["n_layers"],
-            n_heads=n_heads,
-            n_kv_heads=params.get("n_kv_heads") or n_heads,
-            head_dim=params.get("head_dim") or params["dim"] // n_heads,
-            hidden_dim=params["hidden_dim"],
-            vocab_size=vocab,
-            num_experts=moe.get("num_experts", 8),
-            num_experts_per_tok=moe.get("num_experts_per_tok", 2),
-            norm_eps=params.get("norm_eps", 1e-5),
-            rope_theta=float(_unset_default(params.get("rope_theta"), 1e6)),
-            max_seq_len=params.get("max_seq_len", 32768),
-            sliding_window=params.get("sliding_window"),
-            router_aux_loss_coef=_unset_default(params.get("router_aux_loss_coef"), 0.02),
-            tokenizer=tokenizer or default_tokenizer_for_vocab(vocab),
-        )
-
-    def to_params_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "dim": self.dim,
-            "n_layers": self.n_layers,
-            "head_dim": self.head_dim,
-            "hidden_dim": self.hidden_dim,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "norm_eps": self.norm_eps,
-            "vocab_size": self.vocab_size,
-            "rope_theta": self.rope_theta,
-            "max_seq_len": self.max_seq_len,
-            "moe": {"num_experts": self.num_experts, "num_experts_per_tok": self.num_experts_per_tok},
-            # Not a field of Mistral's own params.json; kept so 8x22B's 0.001 survives a round trip.
-            "router_aux_loss_coef": self.router_aux_loss_coef,
-        }
-        if self.sliding_window is not None:
-            out["sliding_window"] = self.sliding_window
-        return out
-
-    @classmethod
-    def from_folder(cls, folder: str | Path) -> ModelArgs:
-        """Read config.json (preferred) or params.json from a model folder."""
-        folder = Path(folder)
-        tok = tokenizer_version_in_folder(folder)
-        if (folder / "config.json").is_file():
-            return cls.from_hf_config(_read_json(folder / "config.json"), tokenizer=tok)
-        if (folder / "params.json").is_file():
-            return cls.from_params_json(_read_json(folder / "params.json"), tokenizer=tok)
-        raise ConfigError(f"{folder} has neither config.json nor params.json")
-
-
-def _first(value: Any) -> Any:
-    """The first of a list of ids (HF configs may list several end-of-sequence ids), or the value itself."""
-    if isinstance(value, list):
-        if not value:
-            raise ConfigError("config.json has an empty eos_token_id list")
-        return value[0]
-    return value
-
-
-def _unset_default(value: Any, default: Any) -> Any:
-    """``default`` when a config field is null (transformers writes unset fields as null)."""
-    return default if value is None else value
-
-
-def _check_plain_rope(cfg: dict[str, Any]) -> None:
-    """Mixtral uses plain RoPE; a config asking for scaled RoPE (linear, dynamic, YaRN, ...) would be silently
-    computed wrong, so it is refused. transformers 5 writes ``rope_parameters`` with ``rope_type: default``."""
-    for key in ("rope_scaling", "rope_parameters"):
-        rope = cfg.get(key)
-        if rope is None:
-            continue
-        if not isinstance(rope, dict):
-            raise ConfigError(f"config.json: {key} must be an object or null, got {rope!r}")
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind not in (None, "default"):
-            raise ConfigError(
-                f"config.json: {key} asks for {kind!r} RoPE scaling ({rope}); Mixtral uses plain RoPE and "
-                "scaled RoPE is not implemented"
-            )
-
-
-def _hf_rope_theta(cfg: dict[str, Any]) -> float:
-    if "rope_theta" in cfg and cfg["rope_theta"] is not None:
-        return cfg["rope_theta"]
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    if isinstance(rope, dict) and rope.get("rope_theta") is not None:
-        return rope["rope_theta"]
-    return 1e6
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
-
 
 def default_tokenizer_for_vocab(vocab_size: int) -> str:
     """v3 (Mixtral-8x22B-Instruct) has 32768 ids; everything else Mixtral uses v1."""
     return "v3" if vocab_size >= 32768 else "v1"
-
-
-# File names of the tokenizers inside a model folder, by version.
-TOKENIZER_FILES = {
-    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
-    "v1": ("tokenizer.model.v1",),
-}
-
-
-def tokenizer_version_in_folder(folder: Path) -> str | None:
-    """Which tokenizer the folder ships, by the mistral-common file it holds (None if none, or only a bare
-    ``tokenizer.model``, whose version the vocabulary size then decides)."""
-    for version, names in TOKENIZER_FILES.items():
-        if any((folder / n).is_file() for n in names):
-            return version
-    return None
-
-
-_TINY = dict(
-    dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, num_experts=8,
-    num_experts_per_tok=2, max_seq_len=2048,
-)
-
-PRESETS: dict[str, ModelArgs] = {
-    "mixtral-8x7b": ModelArgs(
-        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000,
-        max_seq_len=32768, router_aux_loss_coef=0.02, tokenizer="v1",
-    ),
-    "mixtral-8x22b": ModelArgs(
-        dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, hidden_dim=16384, vocab_size=32000,
-        max_seq_len=65536, router_aux_loss_coef=0.001, tokenizer="v1",
-    ),
-    "mixtral-8x22b-instruct": ModelArgs(
-        dim=6144, n_layers=56, n_heads=48, n_kv_heads=8, head_dim=128, hidden_dim=16384, vocab_size=32768,
-        max_seq_len=65536, router_aux_loss_coef=0.001, tokenizer="v3",
-    ),
-    # Tiny shapes for tests and CPU runs, with the real tokenizers' vocabularies.
-    "tiny": ModelArgs(**_TINY, vocab_size=32768, tokenizer="v3"),
-    "tiny-v1": ModelArgs(**_TINY, vocab_size=32000, tokenizer="v1"),
-    # Odd sizes, 6 experts, top-2, no GQA grouping beyond 3: catches shape assumptions.
-    "tiny-odd": ModelArgs(
-        dim=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, hidden_dim=72, num_experts=6,
-        num_experts_per_tok=2, vocab_size=32768, max_seq_len=1024, tokenizer="v3",
-    ),
-}
-PRESETS["mixtral-8x7b-instruct"] = PRESETS["mixtral-8x7b"]
-
-
-def preset(name: str) -> ModelArgs:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ConfigError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}") from None

@@ -4,16 +4,16 @@ Linear weights are stored [out, in] like every checkpoint. Attention keeps q, k 
 ``wqkv`` [(H + 2*KV) * hd, D] so one GEMM serves all three; tensor parallelism shards it by heads
 (each rank owns H/tp query heads and KV/tp key/value heads), which the loader does per slice.
 RoPE uses the Hugging Face "rotate_half" layout; the consolidated loader permutes Mistral's rows.
+Each layer calls its fused ops through ``self.kernels`` (``kernels/dispatch.Kernels``), which the model sets
+once (``Transformer.set_kernel_config``).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mixtral.kernels import ops
-from mixtral.kernels.reference import rope_reference
+from mixtral.kernels.dispatch import Kernels, default_kernels
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import AttentionContext
 
@@ -23,11 +23,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.kernels: Kernels = default_kernels()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back, then scale (the order transformers and Mistral use): one fused kernel
         # on CUDA at inference, kernels/reference.py's rms_norm_reference elsewhere.
-        return ops.rms_norm(x, self.weight, self.eps)
+        return self.kernels.rms_norm(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
@@ -39,11 +40,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     freqs = positions.float()[:, None] * inv_freq[None, :]  # [N, hd/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [N, hd]
     return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [N, heads, hd]; pairs (i, i + hd/2) rotate together ("rotate_half" layout)."""
-    return rope_reference(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -63,13 +59,14 @@ class Attention(nn.Module):
         self.rope_theta = args.rope_theta
         self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=False)
         self.wo = nn.Linear(self.q_size, args.dim, bias=False)
+        self.kernels: Kernels = default_kernels()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
                 ) -> torch.Tensor:
         n = x.shape[0]
-        # ops.linear: a weight-streaming Triton kernel at decode sizes on CUDA (LoRA's parametrised weight
+        # kernels.linear: a weight-streaming Triton kernel at decode sizes on CUDA (LoRA's parametrised weight
         # included: .weight is W + delta while an adapter is attached).
-        qkv = ops.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
+        qkv = self.kernels.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.n_heads, self.head_dim)  # [N, H, hd]
         k = k.view(n, self.n_kv_heads, self.head_dim)  # [N, KV, hd]
@@ -78,13 +75,7 @@ class Attention(nn.Module):
         if rope_attend is not None:  # the engine's paged context: RoPE and the K/V store are one kernel
             out = rope_attend(self.layer_idx, q, k, v, cos, sin)  # [N, H, hd]
         else:
-            # one fused kernel for q and k on CUDA at inference (ops.rope_qk)
-            q, k = ops.rope_qk(q, k, cos, sin)
+            # one fused kernel for q and k on CUDA at inference (kernels.rope_qk)
+            q, k = self.kernels.rope_qk(q, k, cos, sin)
             out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
-        return ops.linear(out.reshape(n, self.q_size), self.wo.weight)
-
-
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """[..., 2F] holding (w1 x, w3 x) -> silu(w1 x) * (w3 x) [..., F]."""
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+        return self.kernels.linear(out.reshape(n, self.q_size), self.wo.weight)

@@ -4,6 +4,8 @@ Two entry points:
 - ``model(input_ids [B, T]) -> logits [B, T, V]``: full sequences, no cache (parity tests, training);
 - ``model.forward_tokens(tokens [N], ctx) -> hidden [N, D]`` then ``model.compute_logits``: flat ragged
   tokens whose attention is decided by a context (see model/context.py); the engine uses this.
+Which implementation runs each fused op is the model's ``KernelConfig`` (``Transformer(args, kernels)`` or
+``set_kernel_config``): one ``kernels/dispatch.Kernels`` object that every layer holds and calls.
 Internal parameter names (the loaders map checkpoint names onto these):
 ``tok_embeddings``, ``layers.i.{attention_norm, attention.wqkv, attention.wo, ffn_norm,
 feed_forward.gate, feed_forward.w13, feed_forward.w2}``, ``norm``, ``output``.
@@ -15,11 +17,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels, default_kernels
 from mixtral.model.args import ModelArgs
 from mixtral.model.context import AttentionContext, DenseContext
 from mixtral.model.layers import Attention, RMSNorm, rope_cos_sin
-from mixtral.model.moe import EXPERT_PATHS, MoE
+from mixtral.model.moe import MoE
 
 
 class TransformerBlock(nn.Module):
@@ -29,6 +32,7 @@ class TransformerBlock(nn.Module):
         self.attention = Attention(args, layer_idx)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = MoE(args, layer_idx)
+        self.kernels: Kernels = default_kernels()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -42,16 +46,16 @@ class TransformerBlock(nn.Module):
             h = x
             normed = self.attention_norm(x)
         else:
-            normed, h = ops.add_rms_norm(x, residual, self.attention_norm.weight, self.attention_norm.eps)
+            normed, h = self.kernels.add_rms_norm(x, residual, self.attention_norm.weight, self.attention_norm.eps)
         attn_out = self.attention(normed, cos, sin, ctx)  # [N, D]
-        # h = h + attn_out, then ffn_norm(h): one kernel on CUDA at inference (kernels/ops.py add_rms_norm).
-        normed, h = ops.add_rms_norm(h, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
+        # h = h + attn_out, then ffn_norm(h): one kernel on CUDA at inference (Kernels.add_rms_norm).
+        normed, h = self.kernels.add_rms_norm(h, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
         moe_out, router_logits = self.feed_forward(normed, ctx)
         return moe_out, h, router_logits
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs) -> None:
+    def __init__(self, args: ModelArgs, kernels: KernelConfig | None = None) -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
@@ -59,6 +63,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.kernels: Kernels = default_kernels()
+        if kernels is not None:
+            self.set_kernel_config(kernels)
 
     @property
     def device(self) -> torch.device:
@@ -68,12 +75,15 @@ class Transformer(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.tok_embeddings.weight.dtype
 
-    def set_moe_path(self, path: str) -> None:
-        """Choose the experts implementation: 'reference', 'grouped', 'gather' (or a registered kernel)."""
-        if path not in EXPERT_PATHS:
-            raise ValueError(f"unknown MoE path {path!r}; choose from {sorted(EXPERT_PATHS)}")
-        for layer in self.layers:
-            layer.feed_forward.experts_fn = EXPERT_PATHS[path]
+    def set_kernel_config(self, config: KernelConfig) -> None:
+        """Choose the implementation of every fused op: one ``Kernels`` built from ``config`` replaces the one
+        each module holds (every module with a ``kernels`` attribute, so layers added later, e.g. adapters or
+        quantized linears, get it too). Raises ValueError where the config cannot run on the model's device."""
+        kernels = Kernels(config)
+        kernels.check_device(self.device)
+        for module in self.modules():
+            if isinstance(getattr(module, "kernels", None), Kernels):
+                module.kernels = kernels
 
     def forward_tokens(self, tokens: torch.Tensor, ctx: AttentionContext,
                        router_logits: list[torch.Tensor] | None = None) -> torch.Tensor:
@@ -91,7 +101,7 @@ class Transformer(nn.Module):
                 router_logits.append(logits)
         if residual is None:  # no layers
             return self.norm(x)
-        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
+        return self.kernels.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., D] -> logits [..., V] in the model dtype."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mixtral.kernels.config import KernelConfig
 from mixtral.train.lora import TARGETS
 
 
@@ -50,7 +51,7 @@ class TrainConfig:
     max_shard_mb: float | None = None
     save_dataset: str | None = None
     time_limit_minutes: float | None = None
-    moe_path: str = "grouped"
+    kernels: KernelConfig = field(default_factory=KernelConfig)  # autograd always takes the PyTorch paths
     progress: bool = True
     heatmap: bool = True
     extra: dict[str, Any] = field(default_factory=dict)

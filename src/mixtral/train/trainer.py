@@ -25,9 +25,10 @@ import torch
 
 from mixtral.checkpoint.loader import load_model
 from mixtral.checkpoint.writer import DEFAULT_MAX_SHARD_BYTES, StateDictSource, write_checkpoint
-from mixtral.model.args import ModelArgs, preset
+from mixtral.model.config_formats import args_from_hf_config, args_from_params_json
 from mixtral.model.context import DenseContext
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 from mixtral.train.config import TrainConfig
 from mixtral.train.data import PAD, TARGET, PackedDataset, build_dataset, save_packed
 from mixtral.train.lora import LoRAConfig, add_lora, load_lora_state_dict, merge_lora, save_lora
@@ -86,7 +87,7 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
         args = preset(cfg.preset)
     else:
         raw = json.loads(Path(cfg.model_config).read_text())  # type: ignore[arg-type]
-        args = ModelArgs.from_params_json(raw) if "moe" in raw else ModelArgs.from_hf_config(raw)
+        args = args_from_params_json(raw) if "moe" in raw else args_from_hf_config(raw)
     with torch.device(device):
         model = Transformer(args)
     init_random_weights(model, seed=cfg.seed, std=cfg.init_std)
@@ -166,7 +167,7 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.device)
-        self.model.set_moe_path(cfg.moe_path)
+        self.model.set_kernel_config(cfg.kernels)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         for layer in self.model.layers:
             layer.feed_forward.jitter = cfg.router_jitter

@@ -81,7 +81,7 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
     previous = getattr(driver, "_active", None)  # None until first use (and no driver exists without a GPU)
     driver.set_active(_StandInDriver(arch))
     JITFunction.run = run  # type: ignore[method-assign]
-    pdl.pdl_on = lambda t: arch >= 90  # type: ignore[assignment]
+    pdl.pdl_on = lambda t, enabled=True: enabled and arch >= 90  # type: ignore[assignment]
     try:
         yield compiled
     finally:
@@ -92,7 +92,7 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
 
 def _cases(arch: int) -> dict[str, Callable[[], object]]:
     """One call per kernel variant the engine launches on ``arch``, at 8x7B shapes in bf16 (TMA loads only
-    on sm90+, where ``ops`` sends prefill MoE to ``sorted_moe``)."""
+    on sm90+, where ``kernels/dispatch.py`` sends prefill MoE to ``sorted_moe``)."""
     from mixtral.kernels.triton import (
         fused_moe,
         gate_router,
@@ -183,7 +183,6 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
         **{f"sorted_moe {m} ({gpu} tiles)": functools.partial(
             lambda m, cfg: sorted_moe.sorted_moe(empty(m, d), w13, w2, *routing(m), config=cfg, use_tma=arch >= 90),
             m, cfg) for gpu, table in tables.items() for m, cfg in table.items()},
-        "silu_mul": lambda: moe_glue.silu_mul(empty(64, 2 * f)),
         "weighted_topk_sum": lambda: moe_glue.weighted_topk_sum(empty(128, d), torch.arange(128, dtype=torch.int32),
                                                                 torch.full((64, 2), 0.5), torch.tensor([128])),
         "moe_sum": lambda: moe_sum.moe_sum(empty(2, 8, d, dtype=torch.float32), routing(4)[1], 0, e, bf16),

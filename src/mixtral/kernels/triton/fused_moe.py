@@ -1,7 +1,7 @@
 """Fused MoE experts in Triton: align, one grouped GEMM for w13 with SiLU·mul fused, one for w2 with the
 routing weights applied, then the top-k sum.
 
-Same contract as the PyTorch paths in ``model/moe.py`` (``fused_moe(x, w13, w2, topk_weights, topk_ids,
+Same contract as ``reference.moe_reference`` (``fused_moe(x, w13, w2, topk_weights, topk_ids,
 expert_start)``). Pairs (token, slot) are sorted by expert and padded to ``BLOCK_M`` rows per expert
 (moe_align.py); every program of a GEMM takes one block of ``BLOCK_M`` rows, all of one expert, and one tile
 of output columns, so only the experts present in the routing have their weights read (batch 1-4 decode
@@ -12,7 +12,7 @@ Decode steps of a few tokens (at most ``min(BLOCK_M, E)`` pairs) skip the align 
 the first pair of each expert takes all of that expert's pairs and the others exit (``layout_pairs``). On an
 H200 the align kernel cost ~2.2 us of a ~220 us batch-1 layer.
 
-Tile configs come from JSON files written by ``tune_moe.py`` (``configs/``), keyed by the nearest batch size.
+Tile configs come from JSON files written by ``mixtral.bench.tune_moe`` (``configs/``), keyed by the nearest batch size.
 """
 
 from __future__ import annotations
@@ -197,7 +197,7 @@ def direct_fits(num_pairs: int, num_local: int, block_m: int) -> bool:
 
 
 def layout_pairs(topk_ids: torch.Tensor, num_local: int, block_m: int, expert_start: int = 0,
-                 direct: bool | None = None) -> PairLayout:
+                 direct: bool | None = None, pdl: bool = True) -> PairLayout:
     """The row layout of a step's (token, slot) pairs for ``invoke_w13`` / ``invoke_w2``: direct where it
     fits (``direct_fits``; ``direct`` forces either way), else ``moe_align``'s sorted blocks."""
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
@@ -207,12 +207,12 @@ def layout_pairs(topk_ids: torch.Tensor, num_local: int, block_m: int, expert_st
         if ids.numel() > block_m:
             raise ValueError(f"direct layout needs at most block_m={block_m} pairs, got {ids.numel()}")
         return PairLayout(ids, expert_start, num_local)
-    sorted_ids, expert_ids, num_post_pad = moe_align(ids, num_local, block_m, expert_start)
+    sorted_ids, expert_ids, num_post_pad = moe_align(ids, num_local, block_m, expert_start, pdl)
     return PairLayout(ids, expert_start, num_local, sorted_ids, expert_ids, num_post_pad)
 
 
 def invoke_w13(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, layout: PairLayout, top_k: int, block_m: int,
-               cfg: GemmConfig) -> None:
+               cfg: GemmConfig, pdl: bool = True) -> None:
     """act [N*k, F] = silu(x w1^T) * (x w3^T) per pair, for the pairs of ``layout``."""
     f, d = w13.shape[1] // 2, x.shape[1]
     _w13_silu_kernel[(layout.num_blocks, triton.cdiv(f, cfg.block_n))](
@@ -220,12 +220,12 @@ def invoke_w13(x: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, layout: Pa
         act.shape[0], f, d, layout.expert_start, layout.num_local,
         x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=d % cfg.block_k == 0,
-        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x),
+        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x, pdl),
     )
 
 
 def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_partials: torch.Tensor, weights: torch.Tensor,
-              layout: PairLayout, block_m: int, cfg: GemmConfig) -> None:
+              layout: PairLayout, block_m: int, cfg: GemmConfig, pdl: bool = True) -> None:
     """out_partials [split_k, N*k, D] = weight * (act w2^T) per pair and slice of F; rows of pairs not laid
     out (other ranks' experts) are left untouched."""
     d, f = w2.shape[1], w2.shape[2]
@@ -237,7 +237,7 @@ def invoke_w2(act: torch.Tensor, w2: torch.Tensor, out_partials: torch.Tensor, w
         act.shape[0], d, f, k_per_split, layout.expert_start, layout.num_local,
         act.stride(0), w2.stride(0), w2.stride(1), out_partials.stride(0), out_partials.stride(1),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=f % cfg.block_k == 0,
-        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(act),
+        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(act, pdl),
     )
 
 
@@ -250,12 +250,13 @@ def w2_partials(num_pairs: int, dim: int, cfg: GemmConfig, dtype: torch.dtype, d
 
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, expert_start: int = 0, config: MoEConfig | None = None,
-              direct: bool | None = None) -> torch.Tensor:
+              direct: bool | None = None, pdl: bool = True) -> torch.Tensor:
     """x [N, D]; w13 [E, 2F, D]; w2 [E, D, F]; topk_weights [N, k] fp32; topk_ids [N, k] global ids
     -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
 
     ``config`` overrides the tuned tile config (the tuning script uses it); ``direct`` forces the row layout
-    (``layout_pairs``: None picks the align-free one for decode batches of a few tokens).
+    (``layout_pairs``: None picks the align-free one for decode batches of a few tokens); ``pdl`` False launches
+    every kernel without programmatic dependent launch (kernels/triton/pdl.py).
     """
     _check(x, w13, w2, topk_weights, topk_ids)
     n, d = x.shape
@@ -267,10 +268,10 @@ def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights
     cfg = config or get_config(e_local, f, d, n, x.dtype, x.device)
     x = x if x.stride(-1) == 1 else x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [N*k] fp32, as the reference applies them
-    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct)
+    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct, pdl)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
-    invoke_w13(x, w13, act, layout, top_k, cfg.block_m, cfg.w13)
+    invoke_w13(x, w13, act, layout, top_k, cfg.block_m, cfg.w13, pdl)
     partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
-    invoke_w2(act, w2, partials, weights, layout, cfg.block_m, cfg.w2)
+    invoke_w2(act, w2, partials, weights, layout, cfg.block_m, cfg.w2, pdl)
     # Top-k (and split-K) reduction: [S, N*k, D] -> [N, D], accumulated in fp32, rounded once (one kernel).
-    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype)
+    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype, pdl)

@@ -81,7 +81,8 @@ def _gate_route_kernel(
 
 
 def gate_route_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, counts: torch.Tensor | None = None,
-                     mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     mask: torch.Tensor | None = None, pdl: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [N, D], gate_weight [E, D] -> (router logits [N, E] in x's dtype, weights [N, k] fp32, ids [N, k] int64).
 
     ``counts`` [E] int64 (optional) gets += 1 per choice of each row whose ``mask`` [N] entry is 1 (all rows
@@ -107,6 +108,6 @@ def gate_route_fused(x: torch.Tensor, gate_weight: torch.Tensor, top_k: int, cou
         n_experts, d, x.stride(0), w.stride(0), logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, BLOCK_E=triton.next_power_of_2(n_experts), BLOCK_K=triton.next_power_of_2(top_k),
         BLOCK_D=min(BLOCK_D, triton.next_power_of_2(d)),
-        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=16 if d >= 2048 else 4, **pdl_args(x),
+        HAS_COUNTS=counts is not None, HAS_MASK=mask is not None, num_warps=16 if d >= 2048 else 4, **pdl_args(x, pdl),
     )
     return logits, weights, ids

@@ -86,7 +86,7 @@ def _moe_align_kernel(
         tl.store(sorted_ids_ptr + r, tl.zeros_like(r) + num_pairs, mask=pad)
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_start: int = 0
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_start: int = 0, pdl: bool = True
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [N, k] (global expert ids) -> (sorted_token_ids [R] int32, expert_ids [R / block_m] int32,
     num_tokens_post_padded [1] int32), R = ``max_padded_rows``. Rows past num_tokens_post_padded are
@@ -107,7 +107,7 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, expert_sta
     _moe_align_kernel[(1,)](
         ids, sorted_ids, expert_ids, num_post_pad,
         num_pairs, expert_start, num_experts, rows, rows // block_m,
-        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk, **pdl_args(ids),
+        BLOCK_M=block_m, E_PAD=triton.next_power_of_2(max(num_experts, 2)), CHUNK=chunk, **pdl_args(ids, pdl),
     )
     return sorted_ids, expert_ids, num_post_pad
 
@@ -162,10 +162,10 @@ def _chunk_scatter_kernel(topk_ids_ptr, counts_ptr, order_ptr, row_of_pair_ptr, 
 _SORT_CHUNK = 512  # pairs per program of the unpadded sort
 
 
-def sort_pairs(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0, pdl: bool = True
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [N, k] global ids -> (order [P], row_of_pair [P], offs [E_local]) int32, P = N * k, unpadded:
-    the layout of ``grouped_mm_moe.sort_pairs`` (which documents it), as a counting sort in two launches
+    the layout of ``moe_glue.sort_pairs`` (which documents it), as a counting sort in two launches
     of one program per 512 pairs (per-chunk bucket counts, then the scatter), no host sync.
 
     Stable like that sort, so both give identical outputs. The sort, search and scatter there cost ~280 us
@@ -186,9 +186,9 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int, expert_start: int = 0
     e_pad = triton.next_power_of_2(num_experts + 1)
     counts = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=ids.device)  # [C, E_PAD]
     _chunk_counts_kernel[(num_chunks,)](ids, counts, num_pairs, expert_start, num_experts, E_PAD=e_pad, CHUNK=chunk,
-                                        **pdl_args(ids))
+                                        **pdl_args(ids, pdl))
     _chunk_scatter_kernel[(num_chunks,)](
         ids, counts, order, row_of_pair, offs, num_pairs, expert_start, num_experts, num_chunks,
-        E_PAD=e_pad, CHUNK=chunk, CHUNKS_PAD=triton.next_power_of_2(num_chunks), **pdl_args(ids),
+        E_PAD=e_pad, CHUNK=chunk, CHUNKS_PAD=triton.next_power_of_2(num_chunks), **pdl_args(ids, pdl),
     )
     return order, row_of_pair, offs

@@ -1,11 +1,13 @@
-"""Tile configs of the fused MoE: dataclasses, the JSON files ``tune_moe.py`` writes, and the lookup.
+"""Tile configs of the fused MoE: dataclasses, the JSON files the tuners write, and the lookup.
 
 A file ``configs/E{E}_F{F}_D{D}_{device}.json`` holds, per batch size M (tokens), the rows per block
 (``block_m``, shared by both GEMMs because the align step pads to it) and each GEMM's column tile, reduction
 tile, warps and pipeline stages. The lookup takes the entry whose M is nearest the call's token count; with
 no file for this device it borrows another device's file for the same shape (Hopper tiles carry over), and
 with none for the shape (or a 4-byte dtype, whose tiles would not fit shared memory) it falls back
-to ``default_config``. Configs were tuned on bf16 and serve every 2-byte dtype.
+to ``default_config`` (``default_sorted_config`` for the prefill GEMMs' ``sorted_`` tables). Configs were
+tuned on bf16 and serve every 2-byte dtype. The tuners live in ``mixtral.bench`` (``tune_moe``,
+``tune_sorted_moe``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def device_key(name: str) -> str:
 
 
 def config_path(num_experts: int, ffn_dim: int, dim: int, device_name: str, prefix: str = "") -> Path:
-    """``prefix`` "sorted_" names the prefill path's table (``sorted_moe.py``, tuned by ``tune_sorted_moe.py``)."""
+    """``prefix`` "sorted_" names the prefill path's table (``sorted_moe.py``, tuned by
+    ``bench/tune_sorted_moe.py``)."""
     return CONFIG_DIR / f"{prefix}E{num_experts}_F{ffn_dim}_D{dim}_{device_key(device_name)}.json"
 
 
@@ -79,6 +82,14 @@ def default_config(num_tokens: int, dtype: torch.dtype) -> MoEConfig:
     if num_tokens <= 256:
         return MoEConfig(32, GemmConfig(64, 64, 4, 4), GemmConfig(64, 64, 4, 4))
     return MoEConfig(64, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
+
+
+def default_sorted_config(dtype: torch.dtype) -> MoEConfig:
+    """Untuned tiles of the prefill GEMMs (``sorted_moe.py``): 128 x 128 x 64, 8 warps (the usual Hopper bf16
+    GEMM tile); small ones for 4-byte dtypes, whose tiles would not fit shared memory."""
+    if torch.empty((), dtype=dtype).element_size() >= 4:
+        return MoEConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(32, 32, 4, 2))
+    return MoEConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,8 +144,4 @@ def get_sorted_config(num_experts: int, ffn_dim: int, dim: int, num_tokens: int,
                       device: torch.device) -> MoEConfig:
     """Tiles of the prefill path (``sorted_moe.py``): tuned for the nearest token count, else its default."""
     tuned = _tuned(num_experts, ffn_dim, dim, num_tokens, dtype, device, "sorted_")
-    if tuned is not None:
-        return tuned
-    from mixtral.kernels.triton.sorted_moe import default_sorted_config
-
-    return default_sorted_config(dtype)
+    return tuned if tuned is not None else default_sorted_config(dtype)

@@ -40,7 +40,7 @@ def _moe_sum_kernel(
 
 
 def moe_sum(partials: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, num_local: int,
-            dtype: torch.dtype) -> torch.Tensor:
+            dtype: torch.dtype, pdl: bool = True) -> torch.Tensor:
     """partials [S, N*k, D] (row t*k + j = token t's j-th pair, written only for local experts); topk_ids [N, k]
     -> [N, D] in ``dtype``: the fp32 sum over s and the local j, rounded once."""
     splits, pairs, d = partials.shape
@@ -55,6 +55,6 @@ def moe_sum(partials: torch.Tensor, topk_ids: torch.Tensor, expert_start: int, n
         partials, ids, out,
         d, expert_start, expert_start + num_local, partials.stride(0), partials.stride(1), ids.stride(0),
         out.stride(0),
-        SPLITS=splits, TOP_K=k, BLOCK_D=BLOCK_D, num_warps=4, **pdl_args(partials),
+        SPLITS=splits, TOP_K=k, BLOCK_D=BLOCK_D, num_warps=4, **pdl_args(partials, pdl),
     )
     return out

@@ -104,7 +104,7 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor, *, max_query_len: int,
-                    max_context_len: int, sliding_window: int | None = None) -> torch.Tensor:
+                    max_context_len: int, sliding_window: int | None = None, pdl: bool = True) -> torch.Tensor:
     """q [N, H, hd] -> [N, H, hd]; see the module docstring. ``max_query_len`` <= 1 takes the decode path."""
     _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     out = torch.empty_like(q)
@@ -127,14 +127,14 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     page = k_cache.shape[1]
     if max_query_len <= 1:
         paged_decode(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window,
-                common, qg, block_d, page, sliding, max_context_len)
+                common, qg, block_d, page, sliding, max_context_len, pdl)
         return out
     block_m, block_n, num_warps, num_stages = prefill_launch_config(max_query_len * qg, block_d)
     grid = (num_seqs, triton.cdiv(max_query_len * qg, block_m), num_kv)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window, **common,
         QG=qg, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages, **pdl_args(q),
+        PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages, **pdl_args(q, pdl),
     )
     return out
 

@@ -161,7 +161,7 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, qk_scale: float,
                  window: int, common: dict[str, int], qg: int, block_d: int, page: int, sliding: bool,
-                 max_context_len: int) -> None:
+                 max_context_len: int, pdl: bool = True) -> None:
     """Write out [N, H, hd] for one new token per sequence (``paged_attention`` checked the arguments and
     gathered the strides in ``common``)."""
     num_seqs, n_heads, num_kv = block_tables.shape[0], q.shape[1], k_cache.shape[2]
@@ -173,7 +173,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         _decode_kernel[(num_seqs, num_kv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, dummy, dummy,
             qk_scale, window, 1 << 30, **common,
-            stride_pos=0, stride_poh=0, stride_pop=0, stride_pls=0, stride_plh=0, SPLIT=False, **meta, **pdl_args(q),
+            stride_pos=0, stride_poh=0, stride_pop=0, stride_pls=0, stride_plh=0, SPLIT=False, **meta,
+            **pdl_args(q, pdl),
         )
         return
     num_parts = triton.cdiv(max_context_len, part_size)
@@ -183,10 +184,10 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          stride_pop=part_out.stride(2), stride_pls=part_lse.stride(0), stride_plh=part_lse.stride(1))
     _decode_kernel[(num_seqs, num_kv, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, part_out, part_lse,
-        qk_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta, **pdl_args(q),
+        qk_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta, **pdl_args(q, pdl),
     )
     _decode_reduce_kernel[(num_seqs, n_heads)](
         part_out, part_lse, context_lens, query_start_loc, out, part_size, **split_strides,
         stride_ot=out.stride(0), stride_oh=out.stride(1), HEAD_DIM=q.shape[2], BLOCK_D=block_d,
-        P_BLOCK=min(REDUCE_BLOCK_P, max(2, triton.next_power_of_2(num_parts))), num_warps=4, **pdl_args(part_out),
+        P_BLOCK=min(REDUCE_BLOCK_P, max(2, triton.next_power_of_2(num_parts))), num_warps=4, **pdl_args(part_out, pdl),
     )

@@ -15,8 +15,8 @@ stream (a kernel two launches later may read what this one wrote), and no kernel
 still-running previous kernel reads. Kernels that PyTorch launches (no PDL attribute) keep the ordinary
 full-completion ordering on both sides.
 
-Off on CPUs and the Triton interpreter (which has no ``griddepcontrol``), below sm90, and with
-``MIXTRAL_PDL=0``.
+Off on CPUs and the Triton interpreter (which has no ``griddepcontrol``), below sm90, and where the caller
+passes ``enabled=False`` (``KernelConfig.pdl``, which kernels/dispatch.py hands every kernel it launches).
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+# Read once at import, as Triton itself reads it when the kernels are decorated: the interpreter has no
+# griddepcontrol.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 try:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -42,19 +46,18 @@ def _device_supports(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
-def pdl_on(t: torch.Tensor) -> bool:
-    """Whether kernels on ``t``'s device launch with PDL: a CUDA tensor on sm90+, compiled (not interpreted)
-    Triton 3.3 or later, and ``MIXTRAL_PDL`` not '0'."""
-    if (not HAS_GDC or not t.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-            or os.environ.get("MIXTRAL_PDL", "1") == "0"):
+def pdl_on(t: torch.Tensor, enabled: bool = True) -> bool:
+    """Whether kernels on ``t``'s device launch with PDL: ``enabled``, a CUDA tensor on sm90+, and compiled
+    (not interpreted) Triton 3.3 or later."""
+    if not enabled or not HAS_GDC or not t.is_cuda or INTERPRET:
         return False
     return _device_supports(t.device.index if t.device.index is not None else torch.cuda.current_device())
 
 
-def pdl_args(t: torch.Tensor) -> dict[str, bool]:
-    """Launch keywords for a kernel taking a ``PDL`` constexpr: ``kernel[grid](..., **pdl_args(x))``. The
-    ``launch_pdl`` option is passed only when on, so a Triton that predates it never sees it."""
-    if pdl_on(t):
+def pdl_args(t: torch.Tensor, enabled: bool = True) -> dict[str, bool]:
+    """Launch keywords for a kernel taking a ``PDL`` constexpr: ``kernel[grid](..., **pdl_args(x, pdl))``.
+    The ``launch_pdl`` option is passed only when on, so a Triton that predates it never sees it."""
+    if pdl_on(t, enabled):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 

@@ -110,7 +110,8 @@ def num_sms(device: torch.device) -> int:
 
 
 def launch(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
-           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, cfg: GemmConfig) -> None:
+           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, cfg: GemmConfig,
+           pdl: bool = True) -> None:
     """One persistent launch over ``a`` [P, K] in ``block_m`` tiles against ``w_rows`` [E * rows_per_expert, K]
     (w13 with ``gated``: w3's rows ``up_offset`` after w1's). The grid is the SM count, or the tile count's
     upper bound (every group may end in a partial tile) when that is smaller."""
@@ -126,5 +127,5 @@ def launch(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor
         out, offs, rows_per_expert, up_offset, out.stride(0), grid,
         E=e_local, E_P2=triton.next_power_of_2(e_local), N_TILES=n_tiles, BLOCK_M=block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, K_TILES=a.shape[1] // cfg.block_k, GATED=gated, JOINT=joint,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a, pdl),
     )

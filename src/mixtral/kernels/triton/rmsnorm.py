@@ -52,7 +52,7 @@ def _rows(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float, pdl: bool
             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     dim = x.shape[-1]
     if weight.shape != (dim,):
@@ -80,19 +80,19 @@ def _launch(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
         x2.stride(0), r2.stride(0), out2.stride(0), s2.stride(0),
         dim, eps,
         HAS_RESIDUAL=residual is not None, BLOCK_D=block_d,
-        num_warps=min(max(block_d // 512, 1), 16), **pdl_args(x2),
+        num_warps=min(max(block_d // 512, 1), 16), **pdl_args(x2, pdl),
     )
     return out, summed
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = True) -> torch.Tensor:
     """x [..., D], weight [D] -> weight * normalised x [..., D] (dtype: promote(weight, x))."""
-    return _launch(x, None, weight, eps)[0]
+    return _launch(x, None, weight, eps, pdl)[0]
 
 
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, pdl: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x, residual [..., D] (same dtype) -> (rms_norm(x + residual), x + residual), the sum in x's dtype."""
-    out, summed = _launch(x, residual, weight, eps)
+    out, summed = _launch(x, residual, weight, eps, pdl)
     assert summed is not None
     return out, summed

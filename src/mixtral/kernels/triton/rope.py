@@ -86,7 +86,7 @@ def _rope_qk_kernel(
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pdl: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H, hd], k [N, KV, hd], cos/sin [N, hd] (all one dtype) -> rotated (q, k), new contiguous tensors.
 
@@ -135,6 +135,6 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q.shape[1], k.shape[1], half, k_cache.shape[1] if cached else 1,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, CACHE=cached,
         num_warps=4 if block_hq * block_half >= 1024 else 1,
-        enable_fp_fusion=False, **pdl_args(q),
+        enable_fp_fusion=False, **pdl_args(q, pdl),
     )
     return q_out, k_out

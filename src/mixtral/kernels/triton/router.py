@@ -57,7 +57,7 @@ def _route_topk_kernel(
     tl.store(ids_ptr + rows64 * stride_i + kk, top_i.to(tl.int64), mask=out_mask)
 
 
-def route_topk_fused(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route_topk_fused(router_logits: torch.Tensor, top_k: int, pdl: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits [N, E] (any float dtype) -> (weights [N, k] fp32 summing to 1, ids [N, k] int64)."""
     if router_logits.dim() != 2:
         raise ValueError(f"route_topk: router_logits must be [N, E], got shape {tuple(router_logits.shape)}")
@@ -75,6 +75,6 @@ def route_topk_fused(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Ten
         logits, weights, ids,
         n, n_experts, logits.stride(0), weights.stride(0), ids.stride(0),
         TOP_K=top_k, BLOCK_N=BLOCK_N, BLOCK_E=triton.next_power_of_2(n_experts),
-        BLOCK_K=triton.next_power_of_2(top_k), num_warps=2, **pdl_args(logits),
+        BLOCK_K=triton.next_power_of_2(top_k), num_warps=2, **pdl_args(logits, pdl),
     )
     return weights, ids

@@ -61,8 +61,8 @@ def _skinny_gemm_kernel(
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None
-                ) -> torch.Tensor:
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, int, int] | None = None,
+                pdl: bool = True) -> torch.Tensor:
     """x [M, K] (M <= 16), weight [N, K] -> x @ weight^T [M, N] in x's dtype (fp32 accumulation)."""
     m, k = x.shape
     n, k_w = weight.shape
@@ -78,6 +78,6 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, config: tuple[int, int, i
     _skinny_gemm_kernel[(triton.cdiv(n, block_n),)](
         x, weight, out, m, n, k, x.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps, num_stages=stages, **pdl_args(x),
+        num_warps=warps, num_stages=stages, **pdl_args(x, pdl),
     )
     return out

@@ -1,16 +1,15 @@
 """Prefill MoE as two Triton grouped GEMMs over rows already gathered into expert order, with TMA loads.
 
-Same contract as ``reference.moe_reference`` and the other experts paths: x [N, D], w13 [E_local, 2F, D]
+Same contract as ``reference.moe_reference`` and the decode kernel (``fused_moe.py``): x [N, D], w13 [E_local, 2F, D]
 (w1 rows then w3 rows), w2 [E_local, D, F], topk_weights [N, k] fp32, topk_ids [N, k] global ids; pairs
 whose expert lives on another expert-parallel rank add nothing.
 
 Why another path: the decode kernel (``fused_moe.py``) gathers x rows by pair id inside the GEMM, so its A
-operand cannot be a TMA load, and pads each expert to a block of rows; the CUTLASS grouped GEMM
-(``grouped_mm_moe.py``) has fixed tiles and writes w1 and w3 products separately. Here x is gathered once
-(``sort_pairs`` + ``index_select``, ~1% of the FLOP time at 2048 tokens) so that both operands of both
+operand cannot be a TMA load, and pads each expert to a block of rows. Here x is gathered once
+(``moe_glue.sort_pairs`` + ``index_select``, ~1% of the FLOP time at 2048 tokens) so that both operands of both
 GEMMs are contiguous 2-D tiles TMA can load, SiLU(gate) * up is applied to the fp32 accumulators before
 anything is written (one [P, F] store instead of a [P, 2F] store and a second pass), and the tiles come
-from a table tuned per device (``tune_sorted_moe.py``).
+from a table tuned per device (``mixtral.bench.tune_sorted_moe``).
 
 Tiles: an expert's rows start anywhere (groups are not padded), so a program's ``BLOCK_M`` rows may run past
 its group into the next expert's rows; those are multiplied (TMA loads whole tiles) but never stored. A
@@ -32,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from mixtral.kernels.grouped_mm_moe import check_contract, combine, sort_pairs
-from mixtral.kernels.triton import persistent_moe
+from mixtral.kernels.triton import moe_configs, persistent_moe
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
+from mixtral.kernels.triton.moe_glue import check_contract, combine, sort_pairs
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
@@ -211,14 +210,6 @@ def layout_problem(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, cfg: Mo
     return None
 
 
-def default_sorted_config(dtype: torch.dtype) -> MoEConfig:
-    """Untuned tiles: 128 x 128 x 64, 8 warps (the usual Hopper bf16 GEMM tile); small ones for 4-byte
-    dtypes, whose tiles would not fit shared memory."""
-    if torch.empty((), dtype=dtype).element_size() >= 4:
-        return MoEConfig(32, GemmConfig(32, 32, 4, 2), GemmConfig(32, 32, 4, 2))
-    return MoEConfig(128, GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 3))
-
-
 @functools.lru_cache(maxsize=16)
 def _has_tma(device: torch.device) -> bool:
     """Host-built TMA descriptors need sm90+ on CUDA; Triton's CPU interpreter emulates them."""
@@ -252,7 +243,7 @@ def _pair_stages(cfg: GemmConfig, small_m: int, elem: int) -> int:
 
 def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor, offs: torch.Tensor,
           rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int, block_m: int, small_m: int,
-          cfg: GemmConfig, use_tma: bool) -> None:
+          cfg: GemmConfig, use_tma: bool, pdl: bool) -> None:
     """One launch of either GEMM over every row of ``a`` [P, K] against ``w_rows`` [E * rows_per_expert, K]:
     the persistent kernel when the config asks for it (TMA only), else one program per ``block_m`` tile with
     each group's short last block (at most ``small_m`` rows, when ``small_m`` > 0) in a ``small_m`` tile.
@@ -260,7 +251,7 @@ def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor,
     makes the short tiles span two column tiles."""
     if cfg.persistent and use_tma:
         persistent_moe.launch(gated, a, w_rows, out, offs, rows_per_expert, up_offset, n_tiles, e_local, block_m,
-                              cfg)
+                              cfg, pdl)
         return
     small = small_m or block_m
     pair = cfg.pair_small and small < block_m and not gated
@@ -278,36 +269,37 @@ def _gemm(gated: bool, a: torch.Tensor, w_rows: torch.Tensor, out: torch.Tensor,
         out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=block_m, SMALL_M=small, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GATED=gated, PAIR=pair, JOINT=joint, STAGES=cfg.num_stages,
         SMALL_STAGES=_pair_stages(cfg, small, a.element_size()) if pair else cfg.num_stages, USE_TMA=use_tma,
-        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a),
+        WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(a, pdl),
     )
 
 
 def invoke_w13(xs: torch.Tensor, w13: torch.Tensor, act: torch.Tensor, offs: torch.Tensor, block_m: int,
-               cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
+               cfg: GemmConfig, use_tma: bool, small_m: int = 0, pdl: bool = True) -> None:
     """act [P, F] = silu(xs w1^T) * (xs w3^T) per row, each row against its group's expert (``offs`` ends)."""
     e_local, two_f, d = w13.shape
     f = two_f // 2
     _gemm(True, xs, w13.view(e_local * two_f, d), act, offs, two_f, f, f // cfg.block_n, e_local, block_m, small_m,
-          cfg, use_tma)
+          cfg, use_tma, pdl)
 
 
 def invoke_w2(act: torch.Tensor, w2: torch.Tensor, y: torch.Tensor, offs: torch.Tensor, block_m: int,
-              cfg: GemmConfig, use_tma: bool, small_m: int = 0) -> None:
+              cfg: GemmConfig, use_tma: bool, small_m: int = 0, pdl: bool = True) -> None:
     """y [P, D] = act w2^T per row, each row against its group's expert."""
     e_local, d, f = w2.shape
     _gemm(False, act, w2.view(e_local * d, f), y, offs, d, 0, d // cfg.block_n, e_local, block_m, small_m, cfg,
-          use_tma)
+          use_tma, pdl)
 
 
 def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                topk_ids: torch.Tensor, expert_start: int = 0, config: MoEConfig | None = None,
-               use_tma: bool | None = None) -> torch.Tensor:
+               use_tma: bool | None = None, pdl: bool = True) -> torch.Tensor:
     """x [N, D]; w13 [E_local, 2F, D]; w2 [E_local, D, F]; topk_weights [N, k] fp32; topk_ids [N, k] global ids
     -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
 
     ``config`` overrides the tuned tiles (the tuner uses it); ``use_tma`` None means TMA where the device has
-    it (sm90+, or the CPU interpreter). Raises ValueError naming the problem when the shapes break the
-    contract or do not fit the tiles (``layout_problem``).
+    it (sm90+, or the CPU interpreter); ``pdl`` False launches without programmatic dependent launch. Raises
+    ValueError naming the problem when the shapes break the contract or do not fit the tiles
+    (``layout_problem``).
     """
     check_contract(x, w13, w2, topk_weights, topk_ids)
     n, d = x.shape
@@ -315,20 +307,18 @@ def sorted_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weight
     f = two_f // 2
     k = topk_ids.shape[1]
     if config is None:
-        from mixtral.kernels.triton.moe_configs import get_sorted_config
-
-        config = get_sorted_config(e_local, f, d, n, x.dtype, x.device)
+        config = moe_configs.get_sorted_config(e_local, f, d, n, x.dtype, x.device)
     problem = layout_problem(x, w13, w2, config)
     if problem is not None:
         raise ValueError(f"sorted_moe: {problem}")
     if n == 0:
         return x.new_zeros(0, d)
     use_tma = _has_tma(x.device) if use_tma is None else use_tma
-    order, row_of_pair, offs = sort_pairs(topk_ids, e_local, expert_start)  # [P], [P], [E]
+    order, row_of_pair, offs = sort_pairs(topk_ids, e_local, expert_start, pdl)  # [P], [P], [E]
     num_local = offs[-1:]  # [1] rows from here on are other ranks' pairs: never multiplied
     xs = x.index_select(0, order // k)  # [P, D] row r = token of sorted pair r
     act = torch.empty(xs.shape[0], f, dtype=x.dtype, device=x.device)  # [P, F]
-    invoke_w13(xs, w13, act, offs, config.block_m, config.w13, use_tma, config.small_m)
+    invoke_w13(xs, w13, act, offs, config.block_m, config.w13, use_tma, config.small_m, pdl)
     y = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)  # [P, D] rows in sorted order
-    invoke_w2(act, w2, y, offs, config.block_m, config.w2, use_tma, config.small_m)
-    return combine(y, row_of_pair, topk_weights, num_local)  # [N, D]
+    invoke_w2(act, w2, y, offs, config.block_m, config.w2, use_tma, config.small_m, pdl)
+    return combine(y, row_of_pair, topk_weights, num_local, pdl)  # [N, D]

@@ -40,7 +40,7 @@ def _write_kv_kernel(
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor, pdl: bool = True) -> None:
     """k/v [N, KV, hd] -> k_cache/v_cache [num_blocks, block_size, KV, hd] at slot_mapping [N] (-1 skips)."""
     if k.shape != v.shape or k.dim() != 3 or k.shape[0] != slot_mapping.shape[0]:
         raise ValueError(f"write_kv: k {tuple(k.shape)}, v {tuple(v.shape)} must be [N, KV, hd] with "
@@ -64,5 +64,5 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         k_cache.shape[1], num_kv, head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv), BLOCK_D=triton.next_power_of_2(head_dim),
-        num_warps=4, **pdl_args(k),
+        num_warps=4, **pdl_args(k, pdl),
     )

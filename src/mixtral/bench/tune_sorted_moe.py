@@ -1,6 +1,7 @@
-"""Tune the prefill MoE's tiles (``sorted_moe.py``) on this GPU; writes ``configs/sorted_E{E}_F{F}_D{D}_{device}.json``.
+"""Tune the prefill MoE's tiles (``kernels/triton/sorted_moe.py``) on this GPU; writes
+``kernels/triton/configs/sorted_E{E}_F{F}_D{D}_{device}.json``.
 
-    python -m mixtral.kernels.triton.tune_sorted_moe --model mixtral-8x7b
+    python -m mixtral.bench.tune_sorted_moe --model mixtral-8x7b
 
 For each token count M it sorts one uniform random routing, then for each ``block_m`` times every candidate
 tile of the w13 GEMM (SiLU·mul fused) and of the w2 GEMM on their own (``triton.testing.do_bench``, median),
@@ -18,10 +19,10 @@ from dataclasses import replace
 
 import torch
 
-from mixtral.kernels.grouped_mm_moe import sort_pairs
+from mixtral.bench.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig, get_sorted_config
+from mixtral.kernels.triton.moe_glue import sort_pairs
 from mixtral.kernels.triton.sorted_moe import SMEM_BYTES, invoke_w2, invoke_w13, stage_bytes
-from mixtral.kernels.triton.tune_moe import _bench, random_experts, random_routing, run_tuner, tuning_inputs
 
 DEFAULT_BATCHES = [512, 1024, 2048, 4096, 8192]
 BLOCK_MS = (64, 128)

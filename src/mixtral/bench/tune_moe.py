@@ -1,6 +1,7 @@
-"""Tune the fused MoE tiles on this GPU and write ``configs/E{E}_F{F}_D{D}_{device}.json`` per model shape.
+"""Tune the fused MoE tiles on this GPU and write ``kernels/triton/configs/E{E}_F{F}_D{D}_{device}.json`` per
+model shape.
 
-    python -m mixtral.kernels.triton.tune_moe --model mixtral-8x7b --model mixtral-8x22b
+    python -m mixtral.bench.tune_moe --model mixtral-8x7b --model mixtral-8x22b
 
 For each batch size M and each candidate ``block_m`` it aligns one random routing, times every candidate
 tile of the w13 GEMM and of the w2 GEMM on their own (``triton.testing.do_bench``, median, L2 flushed
@@ -32,7 +33,7 @@ from mixtral.kernels.triton.moe_configs import (
     config_path,
     load_configs,
 )
-from mixtral.model.args import PRESETS
+from mixtral.model.presets import PRESETS
 
 DEFAULT_BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096]
 
