@@ -10,7 +10,6 @@ from transformers import MixtralConfig
 
 from mixtral.model.args import ConfigError
 from mixtral.model.config_formats import (
-    args_from_folder,
     args_from_hf_config,
     args_from_params_json,
     args_to_hf_config,
@@ -70,18 +69,25 @@ def test_params_json_round_trip(name: str) -> None:
     assert back == args.replace(router_aux_loss_coef=back.router_aux_loss_coef)
 
 
-def test_from_folder_prefers_config_json_and_reads_tokenizer(tmp_path: Path) -> None:
+def test_folder_args_prefer_config_json_and_read_tokenizer(tmp_path: Path) -> None:
+    """A folder's args (read by the checkpoint loader): config.json over params.json, the tokenizer file's
+    version over the vocabulary's."""
+    from mixtral.checkpoint.loader import resolve_folder
+
     (tmp_path / "params.json").write_text(json.dumps(MIXTRAL_8X22B_PARAMS))
-    assert args_from_folder(tmp_path).dim == 6144
+    assert resolve_folder(tmp_path).args.dim == 6144
     (tmp_path / "config.json").write_text(json.dumps(MIXTRAL_8X7B_CONFIG))
     (tmp_path / "tokenizer.model.v3").write_bytes(b"")
-    args = args_from_folder(tmp_path)
+    args = resolve_folder(tmp_path).args
     assert args.dim == 4096 and args.tokenizer == "v3"
 
 
-def test_from_folder_without_config(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"neither config\.json nor params\.json"):
-        args_from_folder(tmp_path)
+def test_folder_without_config(tmp_path: Path) -> None:
+    from mixtral.checkpoint.errors import CheckpointError
+    from mixtral.checkpoint.loader import resolve_folder
+
+    with pytest.raises(CheckpointError, match=r"neither config\.json .*nor params\.json"):
+        resolve_folder(tmp_path)
 
 
 def test_sliding_window_only_when_configured() -> None:
@@ -160,18 +166,15 @@ def test_unknown_preset_lists_known_ones() -> None:
 
 
 def test_one_tokenizer_file_table(tmp_path: Path) -> None:
-    """The config reader and the checkpoint's tokenizer lookup read the same table: every file name it lists
-    gives its version both ways, and the name the writer uses is the table's first."""
-    from mixtral.checkpoint.tokenizer_files import copy_tokenizer, find_tokenizer
-    from mixtral.model.args import TOKENIZER_FILES
-    from mixtral.model.config_formats import tokenizer_version_in_folder
+    """The one table of tokenizer file names: every name it lists gives its version to the loader's lookup, and
+    the name the writer uses is the table's first."""
+    from mixtral.checkpoint.tokenizer_files import TOKENIZER_FILES, copy_tokenizer, find_tokenizer
 
     for version, names in TOKENIZER_FILES.items():
         for name in names:
             folder = tmp_path / f"{version}-{name}"
             folder.mkdir()
             (folder / name).write_bytes(b"")
-            assert tokenizer_version_in_folder(folder) == version
             assert find_tokenizer(folder, 32000) == (version, folder / name)
         out = tmp_path / f"out-{version}"
         out.mkdir()

@@ -3,8 +3,8 @@
 Files are named by version so the folder says which tokenizer encodes its prompts: ``tokenizer.model.v1``
 (Mixtral-8x7B, 32000 ids) or ``tokenizer.model.v3`` (Mixtral-8x22B-Instruct, 32768 ids). Hub repos often
 ship a bare ``tokenizer.model``; its version follows from the vocabulary size. The files themselves come
-from mistral-common's package data, never from the network. The file names a folder may hold are
-``model.args.TOKENIZER_FILES`` (the one table of them).
+from mistral-common's package data, never from the network. ``TOKENIZER_FILES`` is the one table of the file
+names a folder may hold.
 """
 
 from __future__ import annotations
@@ -13,7 +13,14 @@ import importlib.resources
 import shutil
 from pathlib import Path
 
-from mixtral.model.args import TOKENIZER_FILES, TOKENIZER_VERSIONS, default_tokenizer_for_vocab
+from mixtral.model.args import TOKENIZER_VERSIONS, default_tokenizer_for_vocab
+
+# The mistral-common tokenizer files a model folder may hold, by version; the first is the name this project
+# writes.
+TOKENIZER_FILES = {
+    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
+    "v1": ("tokenizer.model.v1",),
+}
 
 # Version -> the file inside mistral_common/data.
 PACKAGED = {"v1": "tokenizer.model.v1", "v3": "mistral_instruct_tokenizer_240323.model.v3"}

@@ -13,12 +13,6 @@ from typing import Any
 
 # Tokenizer versions this project knows; the value is what `mixtral.tokenizer` accepts.
 TOKENIZER_VERSIONS = ("v1", "v3")
-# The mistral-common tokenizer files a model folder may hold, by version (the first: the name this project
-# writes). The one table of them: the config reader and the checkpoint's tokenizer lookup both use it.
-TOKENIZER_FILES = {
-    "v3": ("tokenizer.model.v3", "mistral_instruct_tokenizer_240323.model.v3"),
-    "v1": ("tokenizer.model.v1",),
-}
 
 
 class ConfigError(ValueError):

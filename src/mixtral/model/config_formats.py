@@ -1,5 +1,6 @@
 """Translation between ``ModelArgs`` and the two on-disk configs: Hugging Face ``config.json`` and Mistral's
-``params.json``, and reading either from a model folder.
+``params.json`` (as dicts; ``read_json`` reads one). Which file a model folder holds, and its tokenizer, is the
+checkpoint loader's business (``checkpoint/loader.resolve_folder``).
 
 Each reader refuses what cannot describe a Mixtral model with a ``ConfigError`` that names the field (a dense
 params.json, scaled RoPE, tied embeddings, a wrong activation, a field of the wrong type); a field written as
@@ -12,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from mixtral.model.args import TOKENIZER_FILES, ConfigError, ModelArgs, default_tokenizer_for_vocab
+from mixtral.model.args import ConfigError, ModelArgs, default_tokenizer_for_vocab
 
 
 # ----------------------------------------------------------------- Hugging Face config.json
@@ -151,17 +152,6 @@ def args_to_params_json(args: ModelArgs) -> dict[str, Any]:
     return out
 
 
-def args_from_folder(folder: str | Path) -> ModelArgs:
-    """Read config.json (preferred) or params.json from a model folder."""
-    folder = Path(folder)
-    tok = tokenizer_version_in_folder(folder)
-    if (folder / "config.json").is_file():
-        return args_from_hf_config(read_json(folder / "config.json"), tokenizer=tok)
-    if (folder / "params.json").is_file():
-        return args_from_params_json(read_json(folder / "params.json"), tokenizer=tok)
-    raise ConfigError(f"{folder} has neither config.json nor params.json")
-
-
 def _first(value: Any) -> Any:
     """The first of a list of ids (HF configs may list several end-of-sequence ids), or the value itself."""
     if isinstance(value, list):
@@ -211,12 +201,3 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data
-
-
-def tokenizer_version_in_folder(folder: Path) -> str | None:
-    """Which tokenizer the folder ships, by the mistral-common file it holds (None if none, or only a bare
-    ``tokenizer.model``, whose version the vocabulary size then decides)."""
-    for version, names in TOKENIZER_FILES.items():
-        if any((folder / n).is_file() for n in names):
-            return version
-    return None
