@@ -107,7 +107,8 @@ class LLMEngine:
                     **engine_kwargs: Any) -> LLMEngine:
         """Load ``model`` (a folder, preset, "demo", Hub repo id, None = the default model, or a built
         ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``."""
-        loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0))
+        loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0),
+                                            max_model_len=engine_kwargs.get("max_model_len"))
         config = EngineConfig(device=loaded.device, dtype=loaded.dtype, **engine_kwargs)
         return cls(loaded, config, tok, name)
 
