@@ -1,8 +1,9 @@
 """The OpenAPI document and the ``/docs`` page: what the server really accepts and sends, readable offline.
 
 FastAPI writes the document from the request and response models; this module adds what it cannot know:
-- the streamed events' schemas (``ChatCompletionChunk``, ``CompletionResponse``) as components that the
-  ``text/event-stream`` responses refer to, so every ``$ref`` resolves;
+- the streamed events (``text/event-stream``, described per event with OpenAPI 3.2's ``itemSchema``: ``data`` is a
+  ``ChatCompletionChunk`` / ``CompletionResponse`` or an ``ErrorResponse`` as JSON, or ``[DONE]``), their schemas
+  added as components so every ``$ref`` resolves;
 - every error status a route can answer with, each with the real error body (``ErrorResponse``), in place of
   FastAPI's default 422 schema;
 - the bearer security scheme, required on the API routes (and 401 documented) when the server has an API key.
@@ -41,10 +42,15 @@ _ERROR_TEXT = {
 
 
 def sse_response(model: type[BaseModel], description: str) -> dict[str, Any]:
-    """A 200 answer that is JSON, or with ``stream: true`` server-sent events each holding ``model``."""
-    # An error after the stream began arrives as one more event (then [DONE]): the events are either.
-    events = {"anyOf": [{"$ref": _REF.format(model=model.__name__)}, {"$ref": _REF.format(model="ErrorResponse")}]}
-    return {200: {"description": description, "content": {"text/event-stream": {"schema": events}}}}
+    """A 200 answer that is JSON, or with ``stream: true`` server-sent events: each event's ``data`` is ``model``
+    as JSON, or an ``ErrorResponse`` when an error happens after the stream began, and the last one is
+    ``[DONE]``."""
+    payload = {"anyOf": [{"$ref": _REF.format(model=model.__name__)}, {"$ref": _REF.format(model="ErrorResponse")}]}
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"anyOf": [
+        {"const": "[DONE]"},
+        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+    ]}}}
+    return {200: {"description": description, "content": {"text/event-stream": {"itemSchema": event}}}}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
