@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from mixtral import __version__
@@ -58,10 +59,11 @@ def llm_engine_of(async_engine: Any) -> Any:
 
 def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = None,
                settings: ServerSettings | None = None, aliases: list[str] | None = None,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, allowed_origins: list[str] | None = None) -> FastAPI:
     """The ASGI app serving ``engine`` (an ``AsyncEngine``) as ``served_model_name``.
 
     ``manage_engine``: the lifespan starts the engine and shuts it down (off when a test owns the engine).
+    ``allowed_origins``: origins browsers may call from (CORS); None keeps CORS off.
     """
     settings = settings or ServerSettings()
     llm = llm_engine_of(engine)
@@ -91,6 +93,9 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        on_reject=metrics.reject)
+    if allowed_origins:
+        # Added last, so outermost: a browser's preflight (OPTIONS, no key) is answered before the key check.
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
     install_openapi(app, api_key_required=settings.api_key is not None, public_paths=PUBLIC_PATHS)
     install_docs(app)
     tokenizer_endpoints = TokenizerEndpoints(state)
