@@ -250,3 +250,18 @@ def test_docs_work_offline_and_the_document_resolves(live_server: Any) -> None:
     assert "ChatCompletionChunk" in json.dumps(events["itemSchema"])
     assert "bearerAuth" in doc["components"]["securitySchemes"]
     assert "security" not in doc["paths"]["/v1/chat/completions"]["post"]  # this server has no key
+
+
+def test_batched_stream_hung_up_frees_every_request(live_server: Any) -> None:
+    """A client that leaves a streamed batch part-way aborts all of its prompts' requests (blocks freed)."""
+    import httpx2 as httpx
+
+    body = {"model": MODEL, "prompt": [[1, 500], [1, 600], "three"], "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
+    with httpx.Client(base_url=live_server.url, timeout=60) as http, \
+            http.stream("POST", "/v1/completions", json=body) as resp:
+        for line in resp.iter_lines():
+            if line.startswith("data: {"):
+                break  # one event, then hang up
+    stats = live_server.wait_idle()
+    assert stats.num_free_blocks == stats.num_total_blocks

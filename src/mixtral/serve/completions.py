@@ -258,4 +258,10 @@ class CompletionHandler:
         except Exception as exc:
             logger.exception("error while streaming %s", self.id)
             yield sse_event(error_body(500, f"internal server error: {type(exc).__name__}: {exc}"))
+        finally:
+            # Closing the merged outputs closes (aborts) every unfinished request now, not when collected.
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                with anyio.CancelScope(shield=True):
+                    await aclose()
         yield DONE
