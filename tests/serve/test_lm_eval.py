@@ -22,8 +22,6 @@ from typing import Any
 import pytest
 import torch
 
-pytest.importorskip("lm_eval", reason="lm-eval is in the test extra: pip install -e '.[test]'")
-
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "Rome", "Berlin", "Madrid"], 0),
     ("Which number is even?", ["three", "seven", "four", "nine"], 2),
