@@ -3,6 +3,10 @@
 Field names and meanings follow vLLM's ``SamplingParams`` so users of either find their way. The batched
 sampler that applies these settings on the device lives in ``mixtral.engine.sampler``; this module is
 only the user-facing description.
+
+The defaults below are the only place each sampling default is written: ``SamplingParams``, the HTTP protocol
+(``serve/params.py``, the model card), the CLI flags and ``mixtral.LLM`` all read them from here. Temperature
+0.7 is what Mistral's API uses for Mixtral.
 """
 
 from __future__ import annotations
@@ -15,6 +19,17 @@ from mixtral.guide import TokenGuide
 
 # How many alternatives `logprobs` / `prompt_logprobs` may ask for (the top-k of the vocabulary).
 MAX_LOGPROBS = 20
+# Largest |bias| ``logit_bias`` takes (OpenAI's range: -100 bans a token, +100 all but forces it).
+MAX_LOGIT_BIAS = 100.0
+
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_TOP_P = 1.0
+DEFAULT_TOP_K = -1  # off
+DEFAULT_MIN_P = 0.0  # off
+DEFAULT_MAX_TOKENS = 16  # vLLM's default for the Python API; the server defaults to the rest of the context
+DEFAULT_PRESENCE_PENALTY = 0.0
+DEFAULT_FREQUENCY_PENALTY = 0.0
+DEFAULT_REPETITION_PENALTY = 1.0  # off
 
 
 @dataclass
@@ -26,16 +41,17 @@ class SamplingParams:
     "until the context is full". ``logprobs=k`` returns, per generated token, the logprobs of the top-k
     tokens plus the sampled one; ``prompt_logprobs=k`` does the same for each prompt token after the first.
     Logprobs are of the model's raw distribution (before temperature, penalties and filters).
+    ``logit_bias`` ({token id: bias in [-100, 100]}) is added to those tokens' logits before sampling.
     ``guide`` constrains decoding (tool calls, JSON schema); with n > 1 each sample gets ``guide.copy()``.
     """
 
     n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_p: float = 0.0
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    top_k: int = DEFAULT_TOP_K
+    min_p: float = DEFAULT_MIN_P
     seed: int | None = None
-    max_tokens: int | None = 16
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
     min_tokens: int = 0
     stop: list[str] | str | None = None
     stop_token_ids: list[int] | None = None
@@ -43,10 +59,11 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    presence_penalty: float = DEFAULT_PRESENCE_PENALTY
+    frequency_penalty: float = DEFAULT_FREQUENCY_PENALTY
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
     guide: TokenGuide | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +74,8 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias is not None:
+            self.logit_bias = dict(self.logit_bias) or None
         self._validate()
 
     def _validate(self) -> None:
@@ -94,6 +113,11 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise bad(name, "must be in [-2, 2]")
+        if self.logit_bias is not None and any(
+            not _is_int(t) or t < 0 or not isinstance(b, (int, float)) or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS
+            for t, b in self.logit_bias.items()
+        ):
+            raise bad("logit_bias", f"must map token ids (>= 0) to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", "must be in (0, 2] (1 switches it off)")
         if self.guide is not None and not all(

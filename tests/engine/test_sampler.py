@@ -67,9 +67,12 @@ def test_top_k_top_p_min_p_keep_only_allowed_tokens() -> None:
     probs = torch.softmax(logits[0], -1)
     n = 400
     cases = {
-        "top_k": (SamplingParams(top_k=3), set(order[:3].tolist())),
-        "top_p": (SamplingParams(top_p=0.5), set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())),
-        "min_p": (SamplingParams(min_p=0.2), set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())),
+        # temperature 1: the filters act on ``probs`` itself.
+        "top_k": (SamplingParams(temperature=1.0, top_k=3), set(order[:3].tolist())),
+        "top_p": (SamplingParams(temperature=1.0, top_p=0.5),
+                  set(order[: int((probs[order].cumsum(0) < 0.5).sum()) + 1].tolist())),
+        "min_p": (SamplingParams(temperature=1.0, min_p=0.2),
+                  set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())),
     }
     for name, (params, allowed) in cases.items():
         out = Sampler(V)(logits.expand(n, V), _rows([params] * n, seeds=list(range(n))))

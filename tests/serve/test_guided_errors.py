@@ -100,7 +100,7 @@ def test_v1_json_schema_guide_works(v1: Tokenizer) -> None:
               "required": ["n"], "additionalProperties": False}
     guide = build_guide(v1, response_format=json_schema(schema))
     assert isinstance(guide, LLGuide)
-    for text in ['{"n": 7}', '{"n":3}']:
+    for text in ['{"n": 7}', '{"n": 3}']:  # the compact style json.dumps writes
         g = guide.copy()
         for t in v1.encode(text, bos=False):
             g.accept_token(t)

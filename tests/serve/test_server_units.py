@@ -51,9 +51,13 @@ def test_validation_errors_name_the_field() -> None:
     assert err.status == 422 and err.param == "messages[0].content" and "messages[0].content" in err.message
     err = _errors({"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokns": 3})
     assert err.param == "max_tokns" and "unknown field" in err.message
-    err = _errors({"model": "m", "messages": [{"role": "user", "content": "x"}],
-                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]})
-    assert err.param == "tools[0].function.parameters" and "invalid JSON Schema" in err.message
+    # A tool schema that is not a valid JSON Schema: well-formed JSON, impossible to use -> 400 from check().
+    req = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "nope"}}}]})
+    with pytest.raises(APIError) as bad:
+        req.check()
+    assert bad.value.status == 400 and bad.value.param == "tools[0].function.parameters"
+    assert "not a valid JSON Schema" in bad.value.message
     err = _errors({"model": "m", "messages": []})
     assert err.param == "messages" and err.detail and err.detail[0]["loc"] == ["messages"]
 

@@ -94,9 +94,9 @@ def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
     add_lora(model, LoRAConfig(rank=2, targets=("wo",)))
     save_lora(model, tmp_path / "a")
     other = Transformer(preset("tiny"))
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.wo"):
+    with pytest.raises(ValueError, match=r"trained on a base model of shape \(dim 48.*has shape \(dim 64"):
         merge_lora_into(other, tmp_path / "a")
-    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist"):
         merge_lora_into(other, tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown LoRA target"):
         LoRAConfig(targets=("wq",))

@@ -8,6 +8,8 @@ throughput, time to first token (TTFT), inter-token latency (ITL) and end-to-end
 Without ``--url`` the benchmark starts the server itself (in this process, on a free 127.0.0.1 port) over
 ``--model``, then runs the same requests through an offline ``LLMEngine`` of the same model and settings, keeping
 the same number in flight, and reports the server's overhead: how much longer the same work takes over HTTP.
+The model is the bundled demo model unless ``--model`` says otherwise (as for every ``mixtral bench``); a few
+warm-up requests run before either clock starts; the report is the table every benchmark prints.
 """
 
 from __future__ import annotations
@@ -28,13 +30,18 @@ except ImportError:  # pragma: no cover - depends on the environment
     import httpx  # type: ignore[no-redef]
 
 from mixtral.bench.args import positive_float, positive_int
+from mixtral.bench.report import print_table
+from mixtral.defaults import DEFAULT_MODEL
+
+# Requests run before timing (lazy initialisation, first-call compilation, allocator growth are not serving).
+WARMUP_REQUESTS = 2
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--url", default=None,
                    help="root URL of a running server, e.g. http://127.0.0.1:8000 (default: start one in-process "
                         "over --model and also measure the offline engine for the overhead)")
-    p.add_argument("--model", default="tiny",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model to serve when no --url is given, and the model id sent in requests (default: tiny, "
                         "random weights)")
     p.add_argument("--served-model-name", default=None,
@@ -197,6 +204,10 @@ def _offline_loop(llm: Any, prompts: list[list[int]], output_len: int, in_flight
     from mixtral.sampling import SamplingParams
 
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=0.0)
+    for i, prompt in enumerate(prompts[:WARMUP_REQUESTS]):  # warm-up, untimed
+        llm.add_request(f"warmup-{i}", prompt, SamplingParams(max_tokens=min(output_len, 4), ignore_eos=True))
+    while llm.has_unfinished_requests():
+        llm.step()
     pending = list(reversed(prompts))
     running = 0
     start = time.perf_counter()
@@ -221,15 +232,20 @@ def _progress(total: int) -> tuple[Any, Any]:
     return (lambda: bar.advance(task)), bar
 
 
-def _print_report(summary: dict[str, Any], offline_s: float | None) -> None:
-    print(f"requests: {summary['requests']} ({summary['failed']} failed) in {summary['wall_s']:.2f}s")
-    print(f"throughput: {summary['request_throughput']:.2f} req/s, {summary['output_tokens_per_s']:.1f} output tok/s, "
-          f"{summary['total_tokens_per_s']:.1f} total tok/s")
+def _print_report(summary: dict[str, Any], offline_s: float | None, title: str) -> None:
+    rows = [
+        ("requests", f"{summary['requests']} ({summary['failed']} failed) in {summary['wall_s']:.2f} s "
+                     f"({summary['request_throughput']:.2f} req/s)"),
+        ("output tokens/s", f"{summary['output_tokens_per_s']:,.1f}"),
+        ("total tokens/s", f"{summary['total_tokens_per_s']:,.1f}"),
+    ]
     for name in ("ttft", "itl", "e2e"):
-        print(f"{name.upper():>4}: p50 {summary[f'{name}_p50_ms']:.1f} ms, p99 {summary[f'{name}_p99_ms']:.1f} ms")
+        rows.append((f"{name.upper()} p50 / p99", f"{summary[f'{name}_p50_ms']:,.1f} / "
+                                                  f"{summary[f'{name}_p99_ms']:,.1f} ms"))
     if offline_s is not None:
-        print(f"offline engine, same work: {offline_s:.2f}s; server overhead "
-              f"{100 * (summary['wall_s'] / offline_s - 1):+.1f}%")
+        rows.append(("offline engine, same work", f"{offline_s:.2f} s (server overhead "
+                                                  f"{100 * (summary['wall_s'] / offline_s - 1):+.1f}%)"))
+    print_table(title, rows)
     for error in summary["errors"]:
         print(f"error: {error}")
 
@@ -277,6 +293,9 @@ def run(args: argparse.Namespace) -> int:
         model = args.served_model_name or card["id"]
         vocab = server.llm.model_args.vocab_size if server else 32000
         prompts = make_prompts(args.num_requests, args.input_len, vocab, args.seed)
+        # Warm-up, untimed: the server's first requests pay for lazy initialisation.
+        asyncio.run(run_load(url, model, prompts[:WARMUP_REQUESTS], min(args.output_len, 4), 1, None, args.seed,
+                             args.api_key, None))
         callback, bar = _progress(args.num_requests)
         try:
             results, wall = asyncio.run(run_load(url, model, prompts, args.output_len,
@@ -296,7 +315,7 @@ def run(args: argparse.Namespace) -> int:
         offline_s = run_offline(llm, prompts, args.output_len, in_flight)
         summary["offline_wall_s"] = offline_s
         summary["server_overhead_pct"] = 100 * (wall / offline_s - 1)
-    _print_report(summary, offline_s)
+    _print_report(summary, offline_s, f"serve: {model} at {url}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, **summary,

@@ -5,8 +5,8 @@ ignored, so every run does the same work), or a line of ``--dataset`` (JSONL: ``
 ``{"prompt_token_ids": [...]}``, optional ``"output_len"``). Reported: output tokens/s, total (prompt +
 output) tokens/s, requests/s, time to first token (TTFT) and inter-token latency (ITL) at p50/p99, plus the
 engine's preemptions and prefix-cache hit rate. ``--json`` writes the same numbers with the device, date
-and commit, for BENCHMARKS.md. On CPU it runs a tiny preset by default; point ``--model`` at a real model
-on a GPU.
+and commit, for BENCHMARKS.md. It runs the bundled demo model by default (as every ``mixtral bench`` does);
+point ``--model`` at a real model on a GPU. One warm-up request runs before the clock starts.
 """
 
 from __future__ import annotations
@@ -23,12 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from mixtral.bench.args import fraction, non_negative_float, positive_int
+from mixtral.bench.report import print_table
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.defaults import DEFAULT_MODEL
+from mixtral.sampling import DEFAULT_TEMPERATURE
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny",
-                   help="model folder, preset name, 'demo' or Hugging Face repo id (default: tiny, random weights)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"model folder, preset name, 'demo' or Hugging Face repo id (default: {DEFAULT_MODEL})")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--num-prompts", type=positive_int, default=64, help="number of requests (default: 64)")
@@ -40,8 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", type=Path, default=None, metavar="FILE",
                    help="JSONL file of prompts ({'prompt': ...} or {'prompt_token_ids': [...]}, optional "
                         "'output_len'); the first --num-prompts lines are used")
-    p.add_argument("--temperature", type=non_negative_float, default=1.0,
-                   help="sampling temperature; 0 is greedy (default: 1.0)")
+    p.add_argument("--temperature", type=non_negative_float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature; 0 is greedy (default: {DEFAULT_TEMPERATURE})")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the prompts, of preset weights and of sampling (default: 0)")
     p.add_argument("--max-num-seqs", type=positive_int, default=256,
@@ -249,10 +252,6 @@ def _fail(message: str) -> int:
 
 
 def _print(r: ThroughputResult, engine: Any) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"throughput: {engine.model_name} on {_device_name(engine)}", show_header=False)
     rows = [
         ("requests", f"{r.num_requests} in {r.elapsed_s:.2f} s ({r.requests_per_s:.2f} req/s)"),
         ("output tokens/s", f"{r.output_tokens_per_s:,.1f}"),
@@ -262,9 +261,7 @@ def _print(r: ThroughputResult, engine: Any) -> None:
         ("preemptions", str(r.num_preemptions)),
         ("prefix cache hit rate", f"{100 * r.prefix_cache_hit_rate:.1f}%"),
     ]
-    for name, value in rows:
-        table.add_row(name, value)
-    Console().print(table)
+    print_table(f"throughput: {engine.model_name} on {_device_name(engine)}", rows)
 
 
 def _progress(total: int) -> tuple[Any, Any]:

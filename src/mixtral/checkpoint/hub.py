@@ -62,7 +62,7 @@ def _snapshot(repo_id: str, revision: str | None, patterns: list[str]) -> Path:
                                       local_files_only=offline))
     except LocalEntryNotFoundError as exc:
         hint = ("HF_HUB_OFFLINE is set, so only the local cache was searched; download it first with "
-                f"`huggingface-cli download {repo_id}`" if offline else "the Hub could not be reached")
+                f"`hf download {repo_id}`" if offline else "the Hub could not be reached")
         raise CheckpointError(f"model {repo_id!r} is not in the Hugging Face cache ({hint})") from exc
     except Exception as exc:  # network, auth, unknown repo: huggingface_hub's message says which
         raise CheckpointError(f"cannot fetch {repo_id!r} from the Hugging Face Hub: {exc}") from exc

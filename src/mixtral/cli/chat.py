@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--system", default=None, metavar="TEXT",
                    help="system prompt placed at the start of the conversation (default: none)")
-    add_sampling_arguments(p, max_tokens=512, temperature=0.7)
+    add_sampling_arguments(p, max_tokens=512)
     return p
 
 

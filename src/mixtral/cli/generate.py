@@ -35,17 +35,21 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     add_kernel_args(p)
 
 
-def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
-    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop."""
+def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    """--max-tokens, --temperature, --top-p, --top-k, --seed, --stop (defaults: ``mixtral.sampling``'s, except the
+    reply length, which is each command's)."""
+    from mixtral.sampling import DEFAULT_TEMPERATURE, DEFAULT_TOP_K, DEFAULT_TOP_P
+
     p.add_argument("--max-tokens", "-n", type=int, default=max_tokens, metavar="N",
                    help=f"most tokens to generate per reply (default: {max_tokens})")
-    p.add_argument("--temperature", "-t", type=float, default=temperature, metavar="T",
-                   help=f"sampling temperature; 0 is greedy (always the most likely token) (default: {temperature})")
-    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+    p.add_argument("--temperature", "-t", type=float, default=DEFAULT_TEMPERATURE, metavar="T",
+                   help="sampling temperature; 0 is greedy (always the most likely token) "
+                        f"(default: {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, metavar="P",
                    help="nucleus sampling: sample from the smallest set of tokens whose probability reaches P "
-                        "(default: 1.0, off)")
-    p.add_argument("--top-k", type=int, default=-1, metavar="K",
-                   help="sample only from the K most likely tokens (default: -1, off)")
+                        f"(default: {DEFAULT_TOP_P}, off)")
+    p.add_argument("--top-k", type=int, default=DEFAULT_TOP_K, metavar="K",
+                   help=f"sample only from the K most likely tokens (default: {DEFAULT_TOP_K}, off)")
     p.add_argument("--seed", type=int, default=None, metavar="S",
                    help="random seed: the same seed, prompt and settings give the same output (default: random)")
     p.add_argument("--stop", action="append", default=None, metavar="STRING",
@@ -62,7 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", metavar="PROMPT", help="the text to complete; '-' reads it from stdin")
     add_model_arguments(p)
-    add_sampling_arguments(p, max_tokens=128, temperature=0.7)
+    add_sampling_arguments(p, max_tokens=128)
     return p
 
 

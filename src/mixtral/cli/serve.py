@@ -1,13 +1,20 @@
-"""``mixtral serve [MODEL]``: the Mistral- and OpenAI-compatible HTTP server (see ``mixtral.serve.app``)."""
+"""``mixtral serve [MODEL]``: the Mistral- and OpenAI-compatible HTTP server (see ``mixtral.serve.app``).
+
+vLLM's ``serve`` flags are accepted where the meaning is the same (``--model``, ``--dtype auto|half|...``,
+``--enable-prefix-caching``, ``--block-size``, ``--tokenizer``, ``--allowed-origins``, ...); the ones that choose
+something this server always does (``--tokenizer-mode mistral``, ``--enable-auto-tool-choice``,
+``--tool-call-parser mistral``: tools are always native) are accepted and change nothing.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.defaults import DEFAULT_MODEL
@@ -25,9 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "uses the model's native [TOOL_CALLS] format (v3-tokenizer models); /metrics serves Prometheus "
                     "metrics including expert utilization. SIGTERM drains running requests, then exits.",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, metavar="MODEL",
+    p.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help=f"model folder (Hugging Face or Mistral format), preset name (random weights, e.g. 'tiny'), "
                         f"Hugging Face repo id, or 'demo' (default: {DEFAULT_MODEL})")
+    p.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="the same as the MODEL argument (vLLM's spelling)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept connections from other machines (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port to listen on (default: 8000)")
@@ -40,8 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MIXTRAL_API_KEY, else no key)")
     p.add_argument("--device", default=None, metavar="DEVICE",
                    help="torch device to run on, e.g. 'cuda', 'cuda:1', 'cpu' (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "fp32", "bfloat16", "bf16", "float16", "fp16"],
-                   help="weight and activation dtype (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "half"],
+                   help="weight and activation dtype; auto is bfloat16 on GPU, float32 on CPU (default: auto)")
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest sequence (prompt + output) in tokens (default: the model's context length)")
     p.add_argument("--max-num-seqs", type=int, default=256, metavar="N",
@@ -71,13 +81,87 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (default: info)")
     p.add_argument("--lora", type=Path, default=None, metavar="PATH",
-                   help="LoRA adapter folder (from `mixtral train --lora-rank`) merged into the weights at load")
+                   help="LoRA adapter merged into the weights at load: the output folder of `mixtral train "
+                        "--lora-rank R --output-dir PATH` (its adapter/, else its latest checkpoint), or an adapter "
+                        "folder; it must be trained on this base model")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     add_kernel_args(p)
+    _add_vllm_arguments(p)
     return p
 
 
+def _add_vllm_arguments(p: argparse.ArgumentParser) -> None:
+    """vLLM's serve flags that mean the same here."""
+    v = p.add_argument_group("vLLM-compatible options")
+    v.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV cache of prompts that share a prefix (default: on)")
+    v.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128],
+                   help="tokens per KV cache block (default: 16)")
+    v.add_argument("--tokenizer", type=Path, default=None, metavar="PATH",
+                   help="tokenizer file (tokenizer.model.v1 / .v3 / tokenizer.model) or a folder holding one, "
+                        "instead of the model's own")
+    v.add_argument("--tokenizer-mode", default="auto", choices=["auto", "mistral"],
+                   help="accepted for vLLM's command lines: the tokenizer is always mistral-common's (default: auto)")
+    v.add_argument("--allowed-origins", default=None, metavar="ORIGINS",
+                   help="allow browser requests (CORS) from these origins: a JSON list like '[\"*\"]' or "
+                        "comma-separated URLs (default: none, CORS off)")
+    v.add_argument("--disable-log-requests", action="store_true",
+                   help="do not log one line per request (the same as --no-access-log)")
+    v.add_argument("--uvicorn-log-level", default=None,
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="log level of the HTTP server (uvicorn) alone (default: --log-level)")
+    v.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM's command lines: tool calls are always parsed here (native format)")
+    v.add_argument("--tool-call-parser", default=None, choices=["mistral"],
+                   help="accepted for vLLM's command lines: Mixtral's tool calls are always read in Mistral's "
+                        "native [TOOL_CALLS] format")
+
+
+def allowed_origins(text: str | None) -> list[str] | None:
+    """``--allowed-origins``: a JSON list or comma-separated origins; None when not given."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--allowed-origins {text!r} is not a JSON list: {exc}") from None
+        if not isinstance(value, list) or not all(isinstance(o, str) and o for o in value):
+            raise ValueError(f"--allowed-origins must list origins as strings, got {text!r}")
+        return value
+    origins = [o.strip() for o in text.split(",") if o.strip()]
+    if not origins:
+        raise ValueError("--allowed-origins is empty; leave it out to keep CORS off")
+    return origins
+
+
+def model_name(args: argparse.Namespace) -> str:
+    """MODEL or --model (the default model when neither is given)."""
+    return args.model or getattr(args, "model_flag", None) or DEFAULT_MODEL
+
+
+def load_tokenizer(path: Path | None) -> Any:
+    """``--tokenizer``: a tokenizer file, or a folder holding one (None when not given)."""
+    if path is None:
+        return None
+    from mixtral.tokenizer import Tokenizer
+
+    if path.is_dir():
+        for name in ("tokenizer.model.v3", "tokenizer.model.v1", "tokenizer.model"):
+            if (path / name).is_file():
+                return Tokenizer.from_file(path / name)
+        raise FileNotFoundError(f"--tokenizer {path}: no tokenizer.model.v1 / .v3 / tokenizer.model in it")
+    return Tokenizer.from_file(path)
+
+
 def _check(args: argparse.Namespace) -> str | None:
+    if args.model and getattr(args, "model_flag", None) and args.model != args.model_flag:
+        return f"MODEL ({args.model!r}) and --model ({args.model_flag!r}) disagree; give one"
+    try:
+        allowed_origins(getattr(args, "allowed_origins", None))
+    except ValueError as exc:
+        return str(exc)
     if not 0 < args.port < 65536:
         return f"--port must be in 1..65535, got {args.port}"
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_body_bytes"):
@@ -101,15 +185,40 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         enforce_eager=getattr(args, "enforce_eager", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
         kernels=kernel_config_from_args(args),
+        block_size=getattr(args, "block_size", 16),
+        enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
     )
+    name = model_name(args)
+    dtype = None if args.dtype in (None, "auto") else args.dtype
+    tokenizer = load_tokenizer(getattr(args, "tokenizer", None))
     if args.lora is None:
-        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
-    from mixtral.engine.loading import load_for_engine
-    from mixtral.train.lora import merge_lora_into
+        llm = LLMEngine.from_config(name, device=args.device, dtype=dtype, tokenizer=tokenizer, **engine_kwargs)
+        _check_tokenizer(llm)
+        return llm
+    import logging
 
-    model, tokenizer, _ = load_for_engine(args.model, args.device, args.dtype, seed=args.seed)
-    merge_lora_into(model, args.lora)
-    return LLMEngine.from_config(model, tokenizer=tokenizer, **engine_kwargs)
+    from mixtral.engine.loading import load_for_engine
+    from mixtral.train.lora import find_adapter, merge_lora_into
+
+    adapter = find_adapter(args.lora)  # before the (long) load: a wrong path fails at once
+    model, tokenizer, _ = load_for_engine(name, args.device, dtype, tokenizer, seed=args.seed,
+                                          max_model_len=args.max_model_len)
+    config = merge_lora_into(model, adapter)
+    logging.getLogger("mixtral.serve").info(
+        "LoRA adapter %s merged (rank %d, alpha %g, targets %s)%s", adapter, config.rank, config.alpha,
+        ",".join(config.targets), f" from training run {args.lora}" if adapter != args.lora else "")
+    llm = LLMEngine.from_config(model, tokenizer=tokenizer, **engine_kwargs)
+    _check_tokenizer(llm)
+    return llm
+
+
+def _check_tokenizer(llm: LLMEngine) -> None:
+    """A --tokenizer with more ids than the model has rows would index past its embedding table."""
+    tok, vocab = llm.tokenizer, llm.model_args.vocab_size
+    if tok is not None and tok.vocab_size > vocab:
+        llm.shutdown()
+        raise ValueError(f"the tokenizer has {tok.vocab_size} ids but the model's vocabulary is {vocab}: they do not "
+                         f"belong together (--tokenizer)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -143,16 +252,17 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     try:
         llm = load_engine(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        # RuntimeError: a KV cache budget too small for one max_model_len sequence, an unusable device, ...
-        print(f"mixtral serve: cannot load {args.model!r}: {exc}", file=sys.stderr)
+        # RuntimeError: a model or KV cache that does not fit the device's memory, an unusable device, ...
+        print(f"mixtral serve: cannot load {model_name(args)!r}: {exc}", file=sys.stderr)
         return 1
     # Admission (429) is the server's: it counts requests waiting for their first token (see serve/state.py).
     engine = AsyncEngine(llm)
     settings = ServerSettings(api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
-    app = create_app(engine, served_model_name=args.served_model_name or args.model, settings=settings,
-                     aliases=args.alias)
+    app = create_app(engine, served_model_name=args.served_model_name or model_name(args), settings=settings,
+                     aliases=args.alias, allowed_origins=allowed_origins(getattr(args, "allowed_origins", None)))
+    quiet = args.no_access_log or getattr(args, "disable_log_requests", False)
     server = make_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
-                         log_level=args.log_level, access_log=not args.no_access_log)
+                         log_level=getattr(args, "uvicorn_log_level", None) or args.log_level, access_log=not quiet)
     server.run(sockets=[sock])
     return 0

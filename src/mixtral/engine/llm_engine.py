@@ -107,7 +107,8 @@ class LLMEngine:
                     **engine_kwargs: Any) -> LLMEngine:
         """Load ``model`` (a folder, preset, "demo", Hub repo id, None = the default model, or a built
         ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``."""
-        loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0))
+        loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0),
+                                            max_model_len=engine_kwargs.get("max_model_len"))
         config = EngineConfig(device=loaded.device, dtype=loaded.dtype, **engine_kwargs)
         return cls(loaded, config, tok, name)
 
@@ -124,10 +125,10 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this engine has none (use stop_token_ids)")
         # The sampler indexes the logits with these (min_tokens bans them): one outside the vocabulary would
         # crash the step for every request in the batch, so it is refused here.
-        bad_stop = [t for t in params.stop_token_ids or [] if t >= self.model_args.vocab_size]
-        if bad_stop:
-            raise ValueError(f"stop_token_ids {bad_stop[:5]} are outside the vocabulary "
-                             f"(size {self.model_args.vocab_size})")
+        for name, ids in (("stop_token_ids", params.stop_token_ids or []), ("logit_bias", params.logit_bias or {})):
+            bad_ids = [t for t in ids if t >= self.model_args.vocab_size]
+            if bad_ids:
+                raise ValueError(f"{name} {bad_ids[:5]} are outside the vocabulary (size {self.model_args.vocab_size})")
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         max_out = self._check_fits(len(prompt_ids), params)

@@ -1,6 +1,8 @@
 """Getting a model and its tokenizer for an engine: by name (through the checkpoint loader) or as a built model.
 
-Device and dtype defaults live here: CUDA when present (bfloat16), else CPU (float32).
+Device and dtype defaults live here: CUDA when present (bfloat16), else CPU (float32). Before anything is loaded,
+the memory the model needs is checked against what the device has (``memory.check_model_fits``): a model that
+cannot fit fails at once with both numbers and the ways out.
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mixtral.defaults import DEFAULT_MODEL
+from mixtral.engine.memory import MemoryProbe, check_model_fits
 from mixtral.model.mixtral import Transformer
 from mixtral.tokenizer import Tokenizer
 
@@ -21,10 +24,14 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 
 def load_for_engine(model: str | Transformer | None, device: torch.device | str | None = None,
-                    dtype: torch.dtype | str | None = None, tokenizer: Tokenizer | None = None, seed: int = 0
+                    dtype: torch.dtype | str | None = None, tokenizer: Tokenizer | None = None, seed: int = 0,
+                    max_model_len: int | None = None, memory_probe: MemoryProbe | None = None
                     ) -> tuple[Transformer, Tokenizer, str]:
     """(model in eval mode, its tokenizer, a display name). ``model`` is a folder, preset, "demo", a Hugging
-    Face repo id, None (the default model) or an already built ``Transformer`` (moved to device/dtype)."""
+    Face repo id, None (the default model) or an already built ``Transformer`` (moved to device/dtype).
+
+    ``max_model_len`` and ``memory_probe`` (``memory.available_memory`` by default; tests inject one) feed the
+    pre-load memory check, which raises ``InsufficientMemoryError``."""
     from mixtral.checkpoint.loader import load_model, parse_dtype, resolve
 
     dev = torch.device(device) if device is not None else None
@@ -37,6 +44,8 @@ def load_for_engine(model: str | Transformer | None, device: torch.device | str 
     dev = dev or default_device()
     torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
     source = resolve(name)
+    check_model_fits(source.args, torch_dtype, dev, name=repr(str(name)), max_model_len=max_model_len,
+                     probe=memory_probe)
     loaded = load_model(name, device=dev, dtype=torch_dtype, seed=seed)
     tok = tokenizer or Tokenizer.for_model(source)
     return loaded, tok, str(name)

@@ -56,3 +56,50 @@ def plan_num_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, d
             f"--max-model-len."
         )
     return num_blocks
+
+
+# --------------------------------------------------------------------------- before loading
+MemoryProbe = Callable[[torch.device], tuple[int, str]]
+
+
+def available_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes the device can still give, where that figure comes from). CUDA: free memory of that GPU; CPU:
+    the kernel's MemAvailable (what can be allocated without swapping), else the free physical pages."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free, f"free memory of {device} ({torch.cuda.get_device_name(device)})"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "available RAM (MemAvailable)"
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free RAM"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_model_fits(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, name: str = "the model",
+                     max_model_len: int | None = None, probe: MemoryProbe | None = None) -> None:
+    """Fail at once, before any weight is allocated, when the weights plus the KV cache of one
+    ``max_model_len``-token sequence exceed what ``device`` has: the error gives both numbers and the ways out
+    (the OS would otherwise kill the process part-way through loading, or CUDA fail with an opaque OOM)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    weights = args.num_parameters()["total"] * element
+    seq_len = max_model_len or args.max_seq_len
+    kv = args.kv_bytes_per_token(element) * seq_len
+    need = weights + kv
+    have, where = (probe or available_memory)(device)
+    if need <= have:
+        return
+    raise InsufficientMemoryError(
+        f"{name} does not fit: it needs {_gib(need)} ({_gib(weights)} of {str(dtype).removeprefix('torch.')} "
+        f"weights + {_gib(kv)} of KV cache for one {seq_len}-token sequence), but {where} is {_gib(have)}. "
+        f"Ways out: quantized weights (--quantization fp8, or int8 / int4), more GPUs (--tensor-parallel-size N), "
+        f"a smaller --max-model-len (the KV part), or a smaller model."
+    )

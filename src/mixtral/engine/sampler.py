@@ -109,6 +109,8 @@ class SamplingTensors:
     prompt_seen: torch.Tensor | None = None  # [R, V] bool
     # min_tokens: (row index [B], token id [B]) pairs to forbid.
     banned: tuple[torch.Tensor, torch.Tensor] | None = None
+    # logit_bias: (row index [B], token id [B]) pairs and their biases [B] f32.
+    bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
@@ -158,6 +160,11 @@ class Sampler:
                 banned_ids += ids
         if banned_rows:
             out.banned = (put("banned_rows", torch.tensor(banned_rows)), put("banned_ids", torch.tensor(banned_ids)))
+        biased = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        if biased:
+            rows_b, ids_b, vals_b = zip(*biased, strict=True)
+            out.bias = (put("bias_rows", torch.tensor(rows_b)), put("bias_ids", torch.tensor(ids_b)),
+                        put("bias_values", torch.tensor(vals_b, dtype=torch.float32)))
         return out
 
     def sample(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
@@ -172,6 +179,8 @@ class Sampler:
 
         if t.penalties is not None:
             logits = self._apply_penalties(logits, t)
+        if t.bias is not None:
+            logits = logits.index_put(t.bias[:2], t.bias[2], accumulate=True)
         if bitmask is not None:
             logits = apply_bitmask(logits, bitmask.to(device, non_blocking=True))
         if t.banned is not None:

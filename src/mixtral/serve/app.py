@@ -1,7 +1,9 @@
 """The FastAPI app of ``mixtral serve``: Mistral- and OpenAI-compatible endpoints over one AsyncEngine.
 
-Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (Mistral model cards),
-``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics`` (Prometheus), ``/openapi.json``.
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models`` (Mistral model cards, one
+per name the model answers to), ``GET /v1/models/{id}``, vLLM's ``POST /tokenize``, ``POST /detokenize`` and
+``GET /tokenizer_info``, ``GET /health``, ``GET /metrics`` (Prometheus text), ``/openapi.json`` and ``/docs``
+(Swagger UI from local files; see ``openapi.py``).
 ``create_app`` builds the app around an ``AsyncEngine``; the app's lifespan starts the engine and, on shutdown,
 stops admission (503 + Retry-After) and gives running requests ``drain_timeout`` seconds to finish before the
 engine stops.
@@ -24,25 +26,30 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from mixtral import __version__
 from mixtral.serve.chat import ChatHandler
 from mixtral.serve.completions import CompletionHandler
-from mixtral.serve.errors import error_body, install_error_handlers, logger
+from mixtral.serve.errors import install_error_handlers, logger
 from mixtral.serve.metrics import ServerMetrics
-from mixtral.serve.middleware import GuardMiddleware
+from mixtral.serve.middleware import PUBLIC_PATHS, GuardMiddleware
 from mixtral.serve.models import ServedModel
-from mixtral.serve.protocol import (
+from mixtral.serve.openapi import error_responses, install_docs, install_openapi, sse_response
+from mixtral.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from mixtral.serve.responses import (
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
-    CompletionRequest,
     CompletionResponse,
+    DetokenizeResponse,
     ModelCard,
     ModelList,
+    TokenizeResponse,
+    TokenizerInfoResponse,
 )
 from mixtral.serve.state import ServerSettings, ServerState
+from mixtral.serve.tokenize import TokenizerEndpoints
 
 
 def llm_engine_of(async_engine: Any) -> Any:
@@ -50,18 +57,13 @@ def llm_engine_of(async_engine: Any) -> Any:
     return getattr(async_engine, "engine", async_engine)
 
 
-def _error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    example = error_body(400, "what was wrong, naming the field and value")
-    return {s: {"description": "error (Mistral and OpenAI shapes)", "content": {"application/json": {
-        "example": example}}} for s in statuses}
-
-
 def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = None,
                settings: ServerSettings | None = None, aliases: list[str] | None = None,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, allowed_origins: list[str] | None = None) -> FastAPI:
     """The ASGI app serving ``engine`` (an ``AsyncEngine``) as ``served_model_name``.
 
     ``manage_engine``: the lifespan starts the engine and shuts it down (off when a test owns the engine).
+    ``allowed_origins``: origins browsers may call from (CORS); None keeps CORS off.
     """
     settings = settings or ServerSettings()
     llm = llm_engine_of(engine)
@@ -85,37 +87,60 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
             if manage_engine:
                 await engine.shutdown(settings.drain_timeout)
 
-    app = FastAPI(title="mixtral", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="mixtral", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Mistral- and OpenAI-compatible API for Mixtral models.")
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
                        on_reject=metrics.reject)
+    if allowed_origins:
+        # Added last, so outermost: a browser's preflight (OPTIONS, no key) is answered before the key check.
+        app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
+    install_openapi(app, api_key_required=settings.api_key is not None, public_paths=PUBLIC_PATHS)
+    install_docs(app)
+    tokenizer_endpoints = TokenizerEndpoints(state)
+    generation_errors = error_responses(400, 404, 413, 422, 429, 503)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse,
-              responses={200: {"content": {"text/event-stream": {"schema": ChatCompletionChunk.model_json_schema()}}},
-                         **_error_responses(400, 401, 404, 413, 422, 429, 503)})
+              responses={**sse_response(ChatCompletionChunk, "the completion, or with stream=true its chunks"),
+                         **generation_errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        """Chat completion (Mistral and OpenAI fields); SSE when ``stream`` is true."""
+        """Chat completion (Mistral and OpenAI fields, vLLM's extras); SSE when ``stream`` is true."""
         return await ChatHandler(state, body, request).run()
 
     @app.post("/v1/completions", response_model=CompletionResponse,
-              responses=_error_responses(400, 401, 404, 413, 422, 429, 503))
+              responses={**sse_response(CompletionResponse, "the completion, or with stream=true its chunks"),
+                         **generation_errors})
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        """Plain-prompt completion; SSE when ``stream`` is true."""
+        """Plain-prompt completion (one prompt or a batch; scoring with echo + logprobs); SSE when ``stream``."""
         return await CompletionHandler(state, body, request).run()
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
-        """The served model's Mistral model card."""
+        """A Mistral model card for every name the served model answers to."""
         return served.model_list()
 
-    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_error_responses(404))
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404))
     async def retrieve_model(model_id: str) -> ModelCard:
-        served.resolve(model_id)
-        return served.card()
+        return served.card(served.resolve(model_id))
 
-    @app.get("/health")
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413, 422))
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's: the token ids of a text (``prompt``) or of a chat prompt (``messages``)."""
+        return tokenizer_endpoints.tokenize(body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413, 422))
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        """vLLM's: the text of token ids (control tokens written out)."""
+        return tokenizer_endpoints.detokenize(body)
+
+    @app.get("/tokenizer_info", response_model=TokenizerInfoResponse)
+    async def tokenizer_info() -> TokenizerInfoResponse:
+        """vLLM's: the special tokens and context length (what lm-eval's remote tokenizer reads)."""
+        return tokenizer_endpoints.info()
+
+    @app.get("/health", responses={503: {"description": "draining or the engine stopped", "content": {
+        "application/json": {"schema": {"type": "object", "properties": {"status": {"type": "string"}}}}}}})
     async def health() -> Response:
         """200 while serving; 503 once shutting down or if the engine stopped (load balancers stop sending)."""
         if state.draining:
@@ -124,7 +149,9 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "model": served.name, "in_flight": state.num_in_flight})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={200: {
+        "description": "Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def prometheus_metrics() -> Response:
         """Prometheus text format: request, latency and token metrics, engine state, expert utilization."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,10 +1,16 @@
 """POST /v1/chat/completions: prompt encoding, guided decoding, the JSON answer and the SSE stream.
 
 Flow: validated request -> mistral-common prompt (``Tokenizer.encode_chat``; ``safe_prompt`` prepends Mistral's
-guardrail system prompt) -> guide for tools / response_format -> SamplingParams with the context checks ->
-admission -> engine. Outputs that open with ``[TOOL_CALLS]`` become ``tool_calls`` with ``content: ""`` and
-``finish_reason: "tool_calls"``; when streaming, text is sent as it is generated and a tool call is sent whole
-in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason and usage.
+guardrail system prompt) -> guide for tools / response_format / vLLM's guided_* -> SamplingParams with the
+context checks -> admission -> engine. Outputs that open with ``[TOOL_CALLS]`` become ``tool_calls`` with
+``content: ""`` and ``finish_reason: "tool_calls"`` (``"length"`` when max_tokens cut the call: still in
+``tool_calls``, see ``tools.partial_tool_calls``); when streaming, text is sent as it is generated and a tool call is
+sent whole in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason
+and usage (with ``stream_options.include_usage``, the usage comes in a last chunk of its own with ``choices: []``,
+as OpenAI's clients expect). ``prompt_logprobs`` (vLLM's) come in the response, or in a choice-less chunk.
+
+A reply continues the last message instead of opening a new one when that message is an assistant one marked
+``prefix`` (Mistral) or the request says ``continue_final_message`` / ``add_generation_prompt: false`` (vLLM).
 
 Histories are taken as clients echo them back: an assistant turn with text beside its tool calls keeps only the
 calls (v3 prompts have no place for both), and an empty assistant turn before the last message is skipped. The
@@ -28,26 +34,37 @@ from starlette.responses import Response
 
 from mixtral.serve.errors import APIError, error_body, logger
 from mixtral.serve.generate import finish_reason_of, run_request
+from mixtral.serve.logprobs import format_prompt_logprobs
 from mixtral.serve.params import sampling_params
 from mixtral.serve.protocol import (
     AssistantMessage,
+    ChatCompletionRequest,
+    ChatMessage,
+    JsonSchemaResponseFormat,
+    NamedToolChoice,
+    SystemMessage,
+    TextFormat,
+    Tool,
+    content_text,
+)
+from mixtral.serve.responses import (
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
-    ChatCompletionRequest,
     ChatCompletionResponse,
     ChatMessageOut,
     ChoiceLogprobs,
     DeltaMessage,
     LogprobEntry,
-    NamedToolChoice,
-    SystemMessage,
+    PromptLogprobs,
+    TopLogprob,
     UsageInfo,
-    content_text,
+    wire,
 )
 from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
-from mixtral.serve.tools import starts_with_tool_call, tool_calls_from_output
+from mixtral.serve.structured import structured_guide
+from mixtral.serve.tools import partial_tool_calls, starts_with_tool_call, tool_calls_from_output
 
 # Mistral's guardrail system prompt, prepended when a request sets safe_prompt=true.
 SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost utility yet securely. "
@@ -55,13 +72,16 @@ SAFE_PROMPT = ("Always assist with care, respect, and truth. Respond with utmost
                "and positivity.")
 
 
-def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    messages = []
-    if req.safe_prompt:
-        messages.append({"role": "system", "content": SAFE_PROMPT})
-    last = len(req.messages) - 1
-    for index, msg in enumerate(req.messages):
-        if (isinstance(msg, AssistantMessage) and index < last and not msg.tool_calls and not msg.prefix
+def messages_for_tokenizer(messages: list[ChatMessage], *, continue_last: bool, safe_prompt: bool = False
+                           ) -> list[dict[str, Any]]:
+    """The messages as the tokenizer takes them; ``continue_last`` makes the last (assistant) message a prefix the
+    reply continues. A ``prefix`` flag on an earlier message means nothing there and is dropped."""
+    out = []
+    if safe_prompt:
+        out.append({"role": "system", "content": SAFE_PROMPT})
+    last = len(messages) - 1
+    for index, msg in enumerate(messages):
+        if (isinstance(msg, AssistantMessage) and index < last and not msg.tool_calls
                 and not content_text(msg.content)):
             # An empty reply (the model stopped at once) that the client sends back: it says nothing, and
             # mistral-common cannot encode an empty turn; the user turns around it are read as one.
@@ -69,8 +89,10 @@ def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
         d = msg.model_dump(exclude_none=True)
         if isinstance(msg, SystemMessage):
             d["role"] = "system"
-        if isinstance(msg, AssistantMessage) and not msg.prefix:
+        if isinstance(msg, AssistantMessage):
             d.pop("prefix", None)
+            if index == last and continue_last:
+                d["prefix"] = True
         if isinstance(msg, AssistantMessage) and msg.tool_calls:
             # OpenAI-style histories may pair text with the calls ("Let me check." + a call). The v3 format has
             # no place for it (a turn is text or [TOOL_CALLS], and mistral-common refuses both): keep the calls,
@@ -78,8 +100,20 @@ def _messages_for_tokenizer(req: ChatCompletionRequest) -> list[dict[str, Any]]:
             d.pop("content", None)
         if "content" not in d and not isinstance(msg, AssistantMessage):
             d["content"] = ""
-        messages.append(d)
-    return messages
+        out.append(d)
+    return out
+
+
+def encode_messages(state: ServerState, messages: list[dict[str, Any]], tools: list[Tool] | None) -> list[int]:
+    """Prompt ids of tokenizer-ready messages (400 naming the problem when mistral-common refuses them)."""
+    from mixtral.tokenizer import ChatEncodingError
+
+    tool_dicts = [{"type": "function", "function": {"name": t.function.name, "description": t.function.description,
+                                                    "parameters": t.function.parameters}} for t in tools or []] or None
+    try:
+        return state.tokenizer.encode_chat(messages, tool_dicts)
+    except ChatEncodingError as exc:
+        raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from exc
 
 
 def _tools_active(state: ServerState, req: ChatCompletionRequest) -> bool:
@@ -97,23 +131,26 @@ def _tools_active(state: ServerState, req: ChatCompletionRequest) -> bool:
 
 
 def encode_prompt(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> list[int]:
-    from mixtral.tokenizer import ChatEncodingError
-
-    tools = [{"type": "function", "function": {"name": t.function.name, "description": t.function.description,
-                                               "parameters": t.function.parameters}}
-             for t in req.tools or []] if tools_active else None
-    try:
-        return state.tokenizer.encode_chat(_messages_for_tokenizer(req), tools)
-    except ChatEncodingError as exc:
-        raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from exc
+    messages = messages_for_tokenizer(req.messages, continue_last=req.continues_last_message,
+                                      safe_prompt=bool(req.safe_prompt))
+    return encode_messages(state, messages, req.tools if tools_active else None)
 
 
 def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> Any:
     """The TokenGuide constraining this request's output, or None."""
-    fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
-    if fmt is not None and fmt.get("type") == "text":
-        fmt = None
-    if not tools_active and fmt is None:
+    structured = req.structured()
+    if structured is not None:
+        if tools_active and req.tool_choice != "none":
+            raise APIError(400, "tools cannot be combined with guided_* / structured_outputs; send one of them",
+                           param="tools", code="invalid_guide")
+        return structured_guide(state.tokenizer, structured, chat=True)
+    fmt = req.response_format
+    fmt_dict = None
+    if fmt is not None and not isinstance(fmt, TextFormat):
+        fmt_dict = fmt.model_dump(by_alias=True, exclude_none=True)
+        if isinstance(fmt, JsonSchemaResponseFormat):
+            fmt_dict["json_schema"]["schema"] = fmt.json_schema.schema_
+    if not tools_active and fmt_dict is None:
         return None
     from mixtral.serve.guided import GuideError, build_guide
 
@@ -123,7 +160,7 @@ def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_ac
     tools = [t.model_dump(exclude_none=True) for t in req.tools or []] if tools_active else None
     try:
         return build_guide(state.tokenizer, tools=tools, tool_choice=choice if tools_active else "auto",
-                           response_format=fmt, parallel_tool_calls=req.parallel_tool_calls)
+                           response_format=fmt_dict, parallel_tool_calls=bool(req.parallel_tool_calls))
     except GuideError as exc:
         raise APIError(400, str(exc), param="response_format" if not tools_active else "tools",
                        code="invalid_guide") from exc
@@ -138,7 +175,7 @@ def _logprob_entries(state: ServerState, token_ids: list[int], logprobs: list[di
         out.append(LogprobEntry(
             token=tok.piece_texts[tid], logprob=float(alts.get(tid, float("-inf"))),
             bytes=list(tok.token_bytes(tid)),
-            top_logprobs=[{"token": tok.piece_texts[t], "logprob": float(lp), "bytes": list(tok.token_bytes(t))}
+            top_logprobs=[TopLogprob(token=tok.piece_texts[t], logprob=float(lp), bytes=list(tok.token_bytes(t)))
                           for t, lp in ranked],
         ))
     return out
@@ -150,14 +187,6 @@ def _usage(prompt_tokens: int, completion_tokens: int, cached: int) -> UsageInfo
                      prompt_tokens_details={"cached_tokens": cached})
 
 
-def _dump(model: Any) -> dict[str, Any]:
-    """Wire JSON: nulls dropped except each choice's finish_reason (clients expect the key)."""
-    data = model.model_dump(exclude_none=True)
-    for choice, obj in zip(data.get("choices", []), model.choices, strict=True):
-        choice["finish_reason"] = obj.finish_reason
-    return data
-
-
 class ChatHandler:
     """One chat completion request, from validated body to response."""
 
@@ -166,6 +195,7 @@ class ChatHandler:
         self.req = req
         self.request = request
         self.model_name = state.model.resolve(req.model)
+        req.check()
         self.id = state.new_request_id("chatcmpl")
         self.created = int(time.time())
         self.tool_names = [t.function.name for t in req.tools or []]
@@ -173,8 +203,7 @@ class ChatHandler:
         # After [/INST] (or [/TOOL_RESULTS]) the reply's first piece carries SentencePiece's word-start space
         # ("▁Paris"), which is not part of the message: Mistral's API and `mixtral chat` drop it. A prefix
         # message is continued instead, so there the space is real text.
-        last = req.messages[-1]
-        self.strip_space = not (isinstance(last, AssistantMessage) and last.prefix)
+        self.strip_space = not req.continues_last_message
 
     async def run(self) -> Response:
         state, req = self.state, self.req
@@ -190,7 +219,15 @@ class ChatHandler:
         if finish_reason_of(final.outputs[0].finish_reason) == "error":
             raise APIError(503, "the request was aborted because the server is shutting down",
                            code="shutting_down", headers={"Retry-After": "1"})
-        return JSONResponse(_dump(self._response(final, len(prompt_ids))))
+        response = self._response(final, len(prompt_ids))
+        response.prompt_logprobs = self._prompt_logprobs(final)
+        return JSONResponse(wire(response))
+
+    def _prompt_logprobs(self, out: Any) -> PromptLogprobs | None:
+        if self.req.prompt_logprobs is None or out.prompt_logprobs is None:
+            return None
+        return format_prompt_logprobs(self.state.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
+                                      self.req.prompt_logprobs)
 
     def _prepare(self, tools_active: bool) -> tuple[list[int], Any]:
         prompt_ids = encode_prompt(self.state, self.req, tools_active)
@@ -203,10 +240,14 @@ class ChatHandler:
 
     # ---------------------------------------------------------------- non-streaming
     def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:
-        calls = tool_calls_from_output(self.state.tokenizer, out.token_ids, self.tool_names) if self.tool_names \
-            else None
+        tok = self.state.tokenizer
+        calls = tool_calls_from_output(tok, out.token_ids, self.tool_names) if self.tool_names else None
         if calls is not None:
             return ChatMessageOut(content="", tool_calls=calls), "tool_calls"
+        if self.tool_names and out.finish_reason == "length" and starts_with_tool_call(out.token_ids,
+                                                                                        tok.tool_calls_id):
+            # A call cut off by max_tokens: still a tool call, never text (OpenAI's shape for it).
+            return ChatMessageOut(content="", tool_calls=partial_tool_calls(tok, out.token_ids)), "length"
         return ChatMessageOut(content=self._text(out)), finish_reason_of(out.finish_reason)
 
     def _response(self, final: Any, prompt_tokens: int) -> ChatCompletionResponse:
@@ -228,7 +269,13 @@ class ChatHandler:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.req.model, usage=usage,
                                     choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
                                                              logprobs=logprobs)])
-        return sse_event(_dump(chunk))
+        return sse_event(wire(chunk))
+
+    def _bare_chunk(self, usage: UsageInfo | None = None, prompt_logprobs: PromptLogprobs | None = None) -> bytes:
+        """A chunk without choices: OpenAI's usage chunk (``stream_options.include_usage``), or vLLM's prompt
+        logprobs once the prompt has been computed."""
+        return sse_event(wire(ChatCompletionChunk(id=self.id, created=self.created, model=self.req.model, choices=[],
+                                                  usage=usage, prompt_logprobs=prompt_logprobs)))
 
     async def _events(self, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[bytes]:
         n = self.req.n or 1
@@ -237,10 +284,17 @@ class ChatHandler:
         sent_tokens = [0] * n
         tool_mode: list[bool | None] = [None] * n
         done = [False] * n
+        prompt_logprobs_sent = self.req.prompt_logprobs is None
+        # OpenAI's clients ask for the usage in a last chunk of its own; Mistral's API sends it unasked, on the
+        # chunk that finishes the reply.
+        usage_apart = self.req.include_usage
         try:
             for i in range(n):
                 yield self._chunk(i, DeltaMessage(role="assistant", content=""))
             async for out in outputs:
+                if not prompt_logprobs_sent and out.prompt_logprobs is not None:
+                    prompt_logprobs_sent = True
+                    yield self._bare_chunk(prompt_logprobs=self._prompt_logprobs(out))
                 pending: list[tuple[int, DeltaMessage, str | None, ChoiceLogprobs | None]] = []
                 for o in out.outputs:
                     i = o.index
@@ -273,11 +327,13 @@ class ChatHandler:
                 if out.finished:
                     completion = sum(len(o.token_ids) for o in out.outputs)
                     usage = _usage(prompt_tokens, completion, out.num_cached_tokens or 0)
-                    if not pending:  # every sample already finished: usage still needs a chunk to ride on
+                    if not pending and not usage_apart:  # every sample already finished: usage needs a chunk
                         pending.append((0, DeltaMessage(), None, None))
                 for k, (i, delta, reason, logprobs) in enumerate(pending):
-                    last = usage is not None and k == len(pending) - 1
+                    last = usage is not None and not usage_apart and k == len(pending) - 1
                     yield self._chunk(i, delta, reason, logprobs, usage if last else None)
+                if usage is not None and usage_apart:
+                    yield self._bare_chunk(usage=usage)
         except APIError as exc:
             yield sse_event(error_body(exc.status, exc.message, param=exc.param, code=exc.code))
         except Exception as exc:  # a bug after the headers went out: report it in-band, keep serving

@@ -74,7 +74,7 @@ def _is_tag(part: Any, first: bool) -> bool:
     if first and part == "body":
         return True
     return (part in _UNION_TAGS or "[" in part or part[:1].isupper()
-            or part.startswith(("function-", "literal", "is-instance", "json-or-python")))
+            or part.startswith(("function-", "literal", "is-instance", "json-or-python", "constrained-", "nullable")))
 
 
 def _loc_to_param(loc: tuple[Any, ...] | list[Any]) -> str:

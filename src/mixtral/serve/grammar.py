@@ -8,8 +8,8 @@ Output shapes the grammars allow (``<[5]>`` is the ``[TOOL_CALLS]`` control toke
   was trained on); each tool's ``arguments`` is an inline ``%json`` schema with the same compact separators.
 - ``auto``: free text (which can never contain a control token) or a tool call as above.
 - ``none``: handled without a grammar (one banned token, see ``guided.BanTokensGuide``) unless JSON is asked for.
-- ``json_object`` / ``json_schema``: one JSON value valid against the schema; whitespace between JSON tokens is
-  allowed but bounded so a model cannot loop on newlines forever.
+- ``json_object`` / ``json_schema``: one JSON value valid against the schema, in the same compact style (the
+  separators ``json.dumps`` writes, no other whitespace): the model's own style, and no run of newlines to loop on.
 - ``strict: true`` on a function or a ``json_schema``: objects that do not state ``additionalProperties`` take
   no keys beyond their ``properties``, as OpenAI's strict mode means (JSON Schema's default would allow any).
 
@@ -32,8 +32,6 @@ _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 
 # Compact JSON, exactly what json.dumps writes: ", " between items and ": " after keys, no other whitespace.
 _COMPACT_JSON = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
-# Free-form JSON answers may be pretty-printed, but a run of whitespace is bounded (no endless "\n\n\n...").
-_FLEXIBLE_JSON = {"whitespace_flexible": True, "whitespace_pattern": r"[ \t\n\r]{1,32}"}
 
 
 class GuideError(ValueError):
@@ -252,7 +250,7 @@ def lark_grammar(plan: GuidePlan, tool_calls_id: int | None) -> str:
     if plan.mode != "required":  # the free answer: JSON when asked for, else any text
         if plan.json_schema is not None:
             # A SentencePiece model's answer naturally starts with a "▁"-prefixed piece (" {"): allow one space.
-            lines.append(f'answer: " "? {_json_rule(plan.json_schema, _FLEXIBLE_JSON)}')
+            lines.append(f'answer: " "? {_json_rule(plan.json_schema, _COMPACT_JSON)}')
         else:
             lines.append("answer: TEXT")
             lines.append(r"TEXT: /(?s:.*)/")  # any text; control tokens never match a regex

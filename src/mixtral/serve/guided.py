@@ -27,7 +27,7 @@ from mixtral.guide import TokenGuide, bitmask_words
 from mixtral.serve.grammar import GuideError, lark_grammar, plan_guide
 from mixtral.serve.llg_vocab import LLVocab, llg_vocab
 
-__all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "parse_tool_calls"]
+__all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "build_lark_guide", "parse_tool_calls"]
 
 
 def _check_row(row: torch.Tensor) -> None:
@@ -185,6 +185,19 @@ def build_guide(
         return None
     grammar = lark_grammar(plan, vocab.tool_calls_id)
     return LLGuide(_matchers.get(vocab, grammar), bitmask_words(vocab.vocab_size), vocab.eos_id)
+
+
+def build_lark_guide(tokenizer: Any, grammar: str) -> TokenGuide:
+    """A guide for a caller-written Lark grammar (llguidance's dialect): vLLM's regex / choice / grammar extras
+    (``structured.py``). Compiled and cached like ``build_guide``'s; raises ``GuideError`` when it does not compile."""
+    vocab = llg_vocab(tokenizer)
+    try:
+        matcher = _matchers.get(vocab, grammar)
+    except (ValueError, RuntimeError) as exc:  # llguidance's own parse errors
+        if isinstance(exc, GuideError):
+            raise
+        raise GuideError(f"cannot build a grammar: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    return LLGuide(matcher, bitmask_words(vocab.vocab_size), vocab.eos_id)
 
 
 def parse_tool_calls(tokenizer: Any, token_ids: list[int]) -> list[dict[str, Any]] | None:

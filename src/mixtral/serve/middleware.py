@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mixtral.serve.errors import error_body
 
 # Paths that stay open without the key: probes and scrapers usually carry no credentials.
-PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect")
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css")
 
 
 async def _send_error(send: Send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:

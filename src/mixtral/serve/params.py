@@ -1,20 +1,27 @@
-"""API request fields -> the engine's ``SamplingParams``, with the context-length checks that give a 400.
+"""API request fields -> the engine's ``SamplingParams``, with the checks that give a 400 before the engine sees it.
 
-Defaults follow Mistral's API for Mixtral (temperature 0.7, top_p 1, ``max_tokens`` up to the end of the context).
-``random_seed`` (Mistral) and ``seed`` (OpenAI) are the same thing. ``top_p: 0`` (allowed by both APIs) means
-greedy. A prompt that leaves no room for even one generated token, or ``max_tokens`` that would run past the
-context, is refused with both numbers in the message, before the engine sees it.
+Defaults are ``mixtral.sampling``'s (temperature 0.7 as Mistral's API for Mixtral; top_p 1), except ``max_tokens``,
+which runs to the end of the context as both hosted APIs do. ``random_seed`` (Mistral) and ``seed`` (OpenAI) are the
+same thing. ``top_p: 0`` (allowed by both APIs) means greedy. A prompt that leaves no room for even one generated
+token, ``max_tokens`` that would run past the context, token ids outside the vocabulary (prompt, stop tokens,
+logit_bias) and ``n`` above the engine's batch are refused with the numbers in the message.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from mixtral.sampling import SamplingParams
+from mixtral.guide import TokenGuide
+from mixtral.sampling import (
+    DEFAULT_FREQUENCY_PENALTY,
+    DEFAULT_MIN_P,
+    DEFAULT_PRESENCE_PENALTY,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_K,
+    DEFAULT_TOP_P,
+    SamplingParams,
+)
 from mixtral.serve.errors import APIError
 from mixtral.serve.protocol import _SamplingFields
-
-DEFAULT_TEMPERATURE = 0.7
 
 
 def check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
@@ -49,17 +56,29 @@ def check_n(n: int, max_num_seqs: int | None) -> None:
                        param="n", code="invalid_request")
 
 
+def logit_bias_of(req: _SamplingFields, vocab_size: int) -> dict[int, float] | None:
+    """``{"123": 5.0}`` -> ``{123: 5.0}``, 400 for an id outside the vocabulary."""
+    if not req.logit_bias:
+        return None
+    bias = {int(k): float(v) for k, v in req.logit_bias.items()}
+    check_token_ids(sorted(bias), vocab_size, "logit_bias")
+    return bias
+
+
 def sampling_params(req: _SamplingFields, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, guide: Any = None, max_num_seqs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, guide: TokenGuide | None = None, max_num_seqs: int | None = None,
+                    max_tokens: int | None = None) -> SamplingParams:
     """SamplingParams for a chat or text completion request whose prompt is ``prompt_tokens`` long.
 
     ``max_num_seqs``: the engine's batch limit, checked here so that a streaming request gets a 400 rather than
-    a 200 whose stream holds only the engine's refusal."""
+    a 200 whose stream holds only the engine's refusal. ``max_tokens``: overrides the request's (a text completion
+    with ``max_tokens: 0`` still runs one step to score its prompt)."""
     check_n(req.n or 1, max_num_seqs)
     check_token_ids(req.stop_token_ids or [], vocab_size, "stop_token_ids")
-    max_tokens = check_context(prompt_tokens, req.effective_max_tokens, max_model_len)
+    limit = check_context(prompt_tokens, max_tokens if max_tokens is not None else req.effective_max_tokens,
+                          max_model_len)
     temperature = DEFAULT_TEMPERATURE if req.temperature is None else req.temperature
-    top_p = 1.0 if req.top_p is None else req.top_p
+    top_p = DEFAULT_TOP_P if req.top_p is None else req.top_p
     if top_p == 0.0:
         temperature, top_p = 0.0, 1.0
     try:
@@ -67,20 +86,23 @@ def sampling_params(req: _SamplingFields, *, prompt_tokens: int, max_model_len: 
             n=req.n or 1,
             temperature=temperature,
             top_p=top_p,
-            top_k=-1 if req.top_k is None else req.top_k,
-            min_p=req.min_p or 0.0,
+            top_k=DEFAULT_TOP_K if req.top_k is None else req.top_k,
+            min_p=DEFAULT_MIN_P if req.min_p is None else req.min_p,
             seed=req.effective_seed,
-            max_tokens=max_tokens,
-            min_tokens=min(req.min_tokens or 0, max_tokens),
+            max_tokens=limit,
+            min_tokens=min(req.min_tokens or 0, limit),
             stop=req.stop,
             stop_token_ids=req.stop_token_ids,
-            ignore_eos=req.ignore_eos,
+            ignore_eos=bool(req.ignore_eos),
             logprobs=logprobs,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-            repetition_penalty=req.repetition_penalty or 1.0,
-            skip_special_tokens=True,
+            prompt_logprobs=req.prompt_logprobs,
+            presence_penalty=DEFAULT_PRESENCE_PENALTY if req.presence_penalty is None else req.presence_penalty,
+            frequency_penalty=DEFAULT_FREQUENCY_PENALTY if req.frequency_penalty is None else req.frequency_penalty,
+            repetition_penalty=(DEFAULT_REPETITION_PENALTY if req.repetition_penalty is None
+                                else req.repetition_penalty),
+            skip_special_tokens=req.skip_special_tokens is not False,
+            logit_bias=logit_bias_of(req, vocab_size),
             guide=guide,
         )
     except ValueError as exc:  # the protocol's ranges should have caught it; say which value anyway
-        raise APIError(422, f"invalid sampling settings: {exc}", code="invalid_request") from exc
+        raise APIError(400, f"invalid sampling settings: {exc}", code="invalid_request") from exc

@@ -1,16 +1,19 @@
-"""Pydantic schemas of the HTTP API: requests and responses, with Mistral's field names and OpenAI's.
+"""Pydantic schemas of the HTTP API's requests, with Mistral's field names, OpenAI's and vLLM's extras.
 
-Requests are validated here and nowhere else: a field of the wrong type, out of range or unknown at the top
-level becomes a 422 naming the field (see ``errors.py``). Top-level objects forbid unknown fields, because a
-typo such as ``max_token`` silently ignored is worse than an error (both hosted APIs reject them too); fields
-that real SDKs send but this server has no use for are accepted and ignored (``IGNORED_FIELDS``) or rejected
-only when set to something other than their default (``UNSUPPORTED_FIELDS``). Nested objects that clients echo
-back from earlier responses (messages, tool calls) ignore unknown keys, so a conversation round-trips whatever a
-client library adds to them.
+Two kinds of refusal, and the OpenAPI document tells the truth about the first:
+- **422**: the body does not match its schema (wrong type, out of range, unknown top-level field). The schema
+  these models publish accepts exactly what they accept: types are strict (``"5"`` is not an integer, ``1`` is
+  not a boolean; ``5.0`` is an integer, as in JSON Schema), flags that clients send as ``null`` are nullable in
+  the schema too, and fields this server does not implement admit only their "off" values in the schema.
+- **400**: well-formed but impossible or self-contradictory, which no JSON schema can state: ``seed`` and
+  ``random_seed`` disagreeing, ``min_tokens`` above ``max_tokens``, ``tool_choice`` naming no listed tool, an
+  invalid JSON Schema in ``tools`` or ``response_format``, a prompt past the context... ``check()`` finds those
+  that need no tokenizer; the handlers the rest.
 
-Responses are plain pydantic models; ``model_dump(exclude_none=True)`` is what goes on the wire, except where a
-field must be present even when null or empty (``content: ""`` on tool calls, ``finish_reason: null``).
-This module knows nothing about the engine or the tokenizer.
+Top-level objects forbid unknown fields (a typo such as ``max_token`` silently ignored is worse than an error);
+fields real SDKs send but this server has no use for are accepted and ignored (``IGNORED_FIELDS``). Nested objects
+that clients echo back (messages, tool calls) ignore unknown keys, so a conversation round-trips whatever a client
+library adds. Responses are in ``responses.py``.
 """
 
 from __future__ import annotations
@@ -18,41 +21,123 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 import jsonschema
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from annotated_types import Ge, Interval
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
+
+from mixtral.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from mixtral.serve.errors import APIError
 
 # Largest seed both SDKs can send: an unsigned 64-bit value would not fit a signed tensor.
 MAX_SEED = 2**63 - 1
 MAX_N = 16
 MAX_STOP_SEQUENCES = 16
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
+MAX_LOGIT_BIAS_ENTRIES = 1024
+# Prompts one text completion request may carry (OpenAI's batched form; lm-eval sends one list per request).
+MAX_PROMPTS = 64
 
 # Sent by the mistralai / openai SDKs; accepted and ignored (they carry no meaning for a self-hosted model).
 IGNORED_FIELDS = ("metadata", "user", "store", "service_tier", "prompt_cache_key", "safety_identifier")
-# Features this server does not implement: accepted only when absent, null or empty, else a 422 naming them.
-UNSUPPORTED_FIELDS = ("logit_bias", "prediction", "prompt_mode", "reasoning_effort", "guardrails", "modalities",
-                      "audio", "web_search_options", "functions", "function_call", "verbosity",
-                      "top_prompt_logprobs", "prompt_logprobs", "suffix", "best_of")
 
 
-# Values of UNSUPPORTED_FIELDS that mean "feature off" (besides None, false and empty containers).
-_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "reasoning_effort": ("none",), "function_call": ("none", "auto"), "modalities": (["text"],), "best_of": (1,),
-    "top_prompt_logprobs": (0,), "suffix": ("",),
+def _integral(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; strict pydantic would not."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def integer(ge: int | None = None, le: int | None = None) -> Any:
+    """An integer field type: constraints first (so the schema says minimum/maximum), integral floats accepted."""
+    return Annotated[int, Interval(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+TokenId = Annotated[int, Ge(0), BeforeValidator(_integral)]
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+
+
+def _null_is(default: bool) -> Any:
+    """A flag that clients serialising every field send as null: null means the default, in schema and code."""
+    return AfterValidator(lambda value: default if value is None else value)
+
+
+NullFalse = Annotated[bool | None, _null_is(False)]
+# OpenAI's logit_bias: token ids as strings -> bias. pydantic would publish the key rule as patternProperties, which
+# lets any other key through in the schema: propertyNames says what the validator checks.
+LogitBias = Annotated[
+    dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+         Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)]],
+    Field(max_length=MAX_LOGIT_BIAS_ENTRIES),
+    WithJsonSchema({"type": "object", "maxProperties": MAX_LOGIT_BIAS_ENTRIES,
+                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                    "additionalProperties": {"type": "number", "minimum": -MAX_LOGIT_BIAS, "maximum": MAX_LOGIT_BIAS}}),
+]
+NullTrue = Annotated[bool | None, _null_is(True)]
+
+# Values of a feature this server does not implement that mean "off": null, false, empty ones, and per field a few
+# more. The schema admits exactly these (so generated requests and the validator agree).
+_OFF_EXTRA: dict[str, list[Any]] = {
+    "reasoning_effort": ["none"], "function_call": ["none", "auto"], "modalities": [["text"]], "best_of": [1],
+    "top_prompt_logprobs": [0],
 }
+_OFF_SCHEMA = [{"type": "null"}, {"const": False}, {"type": "string", "maxLength": 0},
+               {"type": "array", "maxItems": 0}, {"type": "object", "maxProperties": 0}]
 
 
 def _is_off(name: str, value: Any) -> bool:
     if value is None or value is False or (isinstance(value, (dict, list, str)) and not value):
         return True
-    return any(value == off and type(value) is type(off) for off in _OFF_VALUES.get(name, ()))
+    for off in _OFF_EXTRA.get(name, ()):
+        same_kind = isinstance(value, bool) == isinstance(off, bool) and isinstance(value, (int, float)) == \
+            isinstance(off, (int, float))
+        if same_kind and value == off:
+            return True
+    return False
+
+
+def _unsupported(name: str) -> Any:
+    def check(value: Any) -> Any:
+        if not _is_off(name, value):
+            raise ValueError(f"'{name}' is not supported by this server (got {value!r:.100}); leave it unset")
+        return value
+
+    schema = {"anyOf": [*_OFF_SCHEMA, *({"const": v} for v in _OFF_EXTRA.get(name, ()))],
+              "description": "not supported: only its 'off' values are accepted"}
+    return Annotated[Any, WithJsonSchema(schema), AfterValidator(check)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+def bad_request(message: str, param: str, code: str = "invalid_request") -> APIError:
+    """A 400 for a well-formed request that cannot be served as asked."""
+    return APIError(400, message, param=param, code=code)
+
+
+def check_json_schema(schema: Any, where: str) -> None:
+    """400 naming ``where`` when ``schema`` is not a valid JSON Schema."""
+    try:
+        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        at = "/".join(str(p) for p in exc.path) or "(root)"
+        raise bad_request(f"{where} is not a valid JSON Schema (at {at}): {exc.message}", where,
+                          "invalid_schema") from None
+    except (RecursionError, TypeError, ValueError) as exc:  # self-referencing or non-JSON values
+        raise bad_request(f"{where} is not a valid JSON Schema: {type(exc).__name__}", where, "invalid_schema") \
+            from None
 
 
 # --------------------------------------------------------------------------- messages
@@ -103,14 +188,14 @@ class AssistantMessage(_Lenient):
     role: Literal["assistant"]
     content: Content = None
     tool_calls: list[ToolCallIn] | None = None
-    # Mistral: the message is a prefix the model must continue (only valid as the last message).
-    prefix: bool = False
+    # Mistral: the last message is a prefix the model continues (ignored on earlier messages).
+    prefix: NullFalse = False
 
 
 class ToolMessage(_Lenient):
     role: Literal["tool"]
     content: Content
-    tool_call_id: str | None = None
+    tool_call_id: str = Field(min_length=1)  # the call it answers: the v3 format pairs them by id
     name: str | None = None
 
 
@@ -123,11 +208,6 @@ class FunctionDefinition(_Lenient):
     description: str = ""
     parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
     strict: bool | None = None
-
-    @field_validator("parameters")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_json_schema(value)
 
 
 class Tool(_Lenient):
@@ -154,112 +234,99 @@ class JsonSchemaFormat(_Lenient):
     schema_: dict[str, Any] = Field(alias="schema", default_factory=dict)
     strict: bool | None = None
 
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-
-    @field_validator("schema_")
-    @classmethod
-    def _valid_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return check_json_schema(value)
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
 
-class ResponseFormat(_Lenient):
-    type: Literal["text", "json_object", "json_schema"] = "text"
-    json_schema: JsonSchemaFormat | None = None
+class TextFormat(_Lenient):
+    type: Literal["text"]
 
-    @model_validator(mode="after")
-    def _schema_given(self) -> ResponseFormat:
-        if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format of type 'json_schema' needs a 'json_schema' object with a 'schema'")
-        return self
+
+class JsonObjectFormat(_Lenient):
+    type: Literal["json_object"]
+
+
+class JsonSchemaResponseFormat(_Lenient):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaFormat
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaResponseFormat, Field(discriminator="type")]
 
 
 class StreamOptions(_Lenient):
     include_usage: bool | None = None
 
 
-def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
-    """Raise ValueError (-> 422 naming the field) when ``schema`` is not a valid JSON Schema."""
-    try:
-        jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator).check_schema(schema)
-    except jsonschema.SchemaError as exc:
-        where = "/".join(str(p) for p in exc.path) or "(root)"
-        raise ValueError(f"invalid JSON Schema at {where}: {exc.message}") from None
-    return schema
+class StructuredOutputs(_Lenient):
+    """vLLM's ``structured_outputs``: one of a JSON schema, a regular expression, a list of choices or a grammar
+    (llguidance's Lark dialect)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[NonEmptyStr] | None = Field(default=None, min_length=1)
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
 
 
 # --------------------------------------------------------------------------- requests
 class _SamplingFields(_Strict):
-    """Fields shared by chat and text completions (Mistral names first, OpenAI aliases resolved below)."""
+    """Fields shared by chat and text completions (Mistral names first, OpenAI and vLLM ones beside them)."""
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
+    top_k: integer(-1, 1_000_000) | None = None
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    min_tokens: int | None = Field(default=None, ge=0)
-    stream: bool = False
+    max_tokens: integer(1) | None = None
+    max_completion_tokens: integer(1) | None = None
+    min_tokens: integer(0) | None = None
+    stream: NullFalse = False
     stream_options: StreamOptions | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, max_length=64)
-    random_seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    n: int | None = Field(default=None, ge=1, le=MAX_N)
+    stop: NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default=None, max_length=64)
+    random_seed: integer(0, MAX_SEED) | None = None
+    seed: integer(0, MAX_SEED) | None = None
+    n: integer(1, MAX_N) | None = None
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    ignore_eos: bool = False
-    # Fields real SDKs send that carry no meaning here (see IGNORED_FIELDS / UNSUPPORTED_FIELDS).
+    ignore_eos: NullFalse = False
+    skip_special_tokens: NullTrue = True
+    logit_bias: LogitBias | None = None
+    prompt_logprobs: integer(0, MAX_LOGPROBS) | None = None
+    # Constrained output, vLLM's names (older guided_* and newer structured_outputs).
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[NonEmptyStr] | None = Field(default=None, min_length=1)
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted and ignored: llguidance is the one backend
+    structured_outputs: StructuredOutputs | None = None
+    # Fields real SDKs send that carry no meaning here (see IGNORED_FIELDS).
     metadata: dict[str, Any] | None = None
     user: str | None = None
     store: bool | None = None
     service_tier: str | None = None
     prompt_cache_key: str | None = None
     safety_identifier: str | None = None
-    logit_bias: dict[str, float] | None = None
-    prediction: dict[str, Any] | None = None
-    prompt_mode: str | None = None
-    reasoning_effort: str | None = None
-    guardrails: list[Any] | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    web_search_options: dict[str, Any] | None = None
-    functions: list[Any] | None = None
-    function_call: str | dict[str, Any] | None = None
-    verbosity: str | None = None
-
-    @field_validator("stream", "ignore_eos", mode="before")
-    @classmethod
-    def _null_is_default(cls, value: Any) -> Any:
-        # OpenAI's spec makes these flags nullable and clients that serialise every field send null: it means
-        # the default (false), not a type error.
-        return False if value is None else value
+    # Features not implemented: only their "off" values are accepted.
+    prediction: _unsupported("prediction") = None
+    prompt_mode: _unsupported("prompt_mode") = None
+    reasoning_effort: _unsupported("reasoning_effort") = None
+    guardrails: _unsupported("guardrails") = None
+    modalities: _unsupported("modalities") = None
+    audio: _unsupported("audio") = None
+    web_search_options: _unsupported("web_search_options") = None
+    functions: _unsupported("functions") = None
+    function_call: _unsupported("function_call") = None
+    verbosity: _unsupported("verbosity") = None
+    top_prompt_logprobs: _unsupported("top_prompt_logprobs") = None
 
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        stops = [value] if isinstance(value, str) else value
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must be non-empty strings")
-        return stops
-
-    @model_validator(mode="after")
-    def _unsupported(self) -> _SamplingFields:
-        for name in UNSUPPORTED_FIELDS:
-            value = getattr(self, name, None)
-            if not _is_off(name, value):
-                raise ValueError(f"'{name}' is not supported by this server (got {value!r}); leave it unset")
-        max_tokens = self.effective_max_tokens
-        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
-            raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens})")
-        if self.seed is not None and self.random_seed is not None and self.seed != self.random_seed:
-            raise ValueError(f"'seed' ({self.seed}) and 'random_seed' ({self.random_seed}) disagree; send one")
-        return self
+        return [value] if isinstance(value, str) else value
 
     @property
     def effective_seed(self) -> int | None:
@@ -269,6 +336,47 @@ class _SamplingFields(_Strict):
     def effective_max_tokens(self) -> int | None:
         return self.max_tokens if self.max_tokens is not None else self.max_completion_tokens
 
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def structured(self) -> tuple[str, Any] | None:
+        """The one output constraint of vLLM's extras, as (kind, value): kind is json / regex / choice / grammar
+        / json_object; None without one. 400 when several are given."""
+        found: list[tuple[str, str, Any]] = []
+        for param, kind, value in (("guided_json", "json", self.guided_json),
+                                   ("guided_regex", "regex", self.guided_regex),
+                                   ("guided_choice", "choice", self.guided_choice),
+                                   ("guided_grammar", "grammar", self.guided_grammar)):
+            if value is not None:
+                found.append((param, kind, value))
+        so = self.structured_outputs
+        if so is not None:
+            for kind, value in (("json", so.json_), ("regex", so.regex), ("choice", so.choice),
+                                ("grammar", so.grammar), ("json_object", so.json_object or None)):
+                if value is not None:
+                    found.append((f"structured_outputs.{kind}", kind, value))
+        if len(found) > 1:
+            raise bad_request(f"give one output constraint, got {[p for p, _, _ in found]}", found[1][0])
+        return (found[0][1], found[0][2]) if found else None
+
+    def check(self) -> None:
+        """400 for combinations no schema can express (fields valid alone, contradictory together)."""
+        if self.seed is not None and self.random_seed is not None and self.seed != self.random_seed:
+            raise bad_request(f"'seed' ({self.seed}) and 'random_seed' ({self.random_seed}) disagree; send one",
+                              "seed")
+        max_tokens = self.effective_max_tokens
+        if self.min_tokens and max_tokens is not None and self.min_tokens > max_tokens:
+            raise bad_request(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({max_tokens})", "min_tokens")
+        if (self.max_tokens is not None and self.max_completion_tokens is not None
+                and self.max_tokens != self.max_completion_tokens):
+            raise bad_request(f"'max_tokens' ({self.max_tokens}) and 'max_completion_tokens' "
+                              f"({self.max_completion_tokens}) disagree; send one", "max_tokens")
+        structured = self.structured()
+        if structured is not None and structured[0] == "json" and isinstance(structured[1], dict):
+            check_json_schema(structured[1], "guided_json" if self.guided_json is not None else
+                              "structured_outputs.json")
+
 
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
@@ -276,205 +384,124 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: NullTrue = True
     response_format: ResponseFormat | None = None
-    safe_prompt: bool = False
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    prompt_logprobs: bool | None = None
-    top_prompt_logprobs: int | None = None
-
-    @field_validator("safe_prompt", "logprobs", mode="before")
-    @classmethod
-    def _null_is_false(cls, value: Any) -> Any:
-        return False if value is None else value
-
-    @field_validator("parallel_tool_calls", mode="before")
-    @classmethod
-    def _null_is_true(cls, value: Any) -> Any:
-        return True if value is None else value
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _choice_in_tools(cls, value: ToolChoice | None, info: ValidationInfo) -> ToolChoice | None:
-        # A field validator (tools is declared first, so it is in info.data once valid), so that the 422 names
-        # tool_choice as its param.
-        if "tools" not in info.data:
-            return value  # tools itself was invalid: that error is reported
-        names = [t.function.name for t in info.data["tools"] or []]
-        if isinstance(value, NamedToolChoice) and value.function.name not in names:
-            raise ValueError(f"tool_choice names function {value.function.name!r}, which is not in tools {names}")
-        if value in ("any", "required") and not names:
-            raise ValueError(f"tool_choice={value!r} needs a non-empty 'tools' list")
-        return value
-
-    @model_validator(mode="after")
-    def _tools_consistent(self) -> ChatCompletionRequest:
-        names = [t.function.name for t in self.tools or []]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"tools: function names must be unique, {dupes} appear more than once")
-        if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        return self
+    safe_prompt: NullFalse = False
+    logprobs: NullFalse = False
+    top_logprobs: integer(0, MAX_TOP_LOGPROBS) | None = None
+    # vLLM's chat-template switches: continue the last (assistant) message instead of opening a new reply.
+    continue_final_message: NullFalse = False
+    add_generation_prompt: NullTrue = True
 
     @property
     def tool_choice_or_default(self) -> str | NamedToolChoice:
         return self.tool_choice if self.tool_choice is not None else "auto"
 
+    @property
+    def continues_last_message(self) -> bool:
+        """The reply continues the last message (a Mistral ``prefix`` or vLLM's switches) instead of opening one."""
+        last = self.messages[-1]
+        return isinstance(last, AssistantMessage) and (
+            last.prefix or bool(self.continue_final_message) or not self.add_generation_prompt)
+
+    def check(self) -> None:
+        super().check()
+        names = [t.function.name for t in self.tools or []]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise bad_request(f"tools: function names must be unique, {dupes} appear more than once", "tools")
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+            raise bad_request(f"tool_choice names function {choice.function.name!r}, which is not in tools {names}",
+                              "tool_choice")
+        if choice in ("any", "required") and not names:
+            raise bad_request(f"tool_choice={choice!r} needs a non-empty 'tools' list", "tool_choice")
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+        for i, tool in enumerate(self.tools or []):
+            check_json_schema(tool.function.parameters, f"tools[{i}].function.parameters")
+        fmt = self.response_format
+        if isinstance(fmt, JsonSchemaResponseFormat):
+            check_json_schema(fmt.json_schema.schema_, "response_format.json_schema.schema")
+        if fmt is not None and not isinstance(fmt, TextFormat) and self.structured() is not None:
+            raise bad_request("give one output constraint: response_format or vLLM's guided_* / structured_outputs, "
+                              "not both", "response_format")
+        if self.continue_final_message and self.add_generation_prompt is not False and \
+                "add_generation_prompt" in self.model_fields_set:
+            raise bad_request("continue_final_message=true continues the last message, so it cannot also open a new "
+                              "reply; set add_generation_prompt=false (or leave it out)", "continue_final_message")
+        last_is_assistant = isinstance(self.messages[-1], AssistantMessage)
+        if (self.continue_final_message or not self.add_generation_prompt) and not last_is_assistant:
+            which = "continue_final_message=true" if self.continue_final_message else "add_generation_prompt=false"
+            raise bad_request(f"{which} needs the last message to be an assistant message to continue (Mistral's "
+                              f"chat format always opens the reply after a {self.messages[-1].role} message)",
+                              "continue_final_message" if self.continue_final_message else "add_generation_prompt")
+
+
+# A text completion prompt: text, token ids, or a batch of either.
+TextPrompt = Annotated[str, Field(min_length=1)]
+IdsPrompt = Annotated[list[TokenId], Field(min_length=1)]
+Prompt = TextPrompt | IdsPrompt | Annotated[list[TextPrompt], Field(min_length=1, max_length=MAX_PROMPTS)] | \
+    Annotated[list[IdsPrompt], Field(min_length=1, max_length=MAX_PROMPTS)]
+
 
 class CompletionRequest(_SamplingFields):
-    """POST /v1/completions: a plain prompt, no chat template."""
+    """POST /v1/completions: a plain prompt (or a batch of them), no chat template.
 
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-    echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    suffix: str | None = None
-    best_of: int | None = None
+    ``max_tokens: 0`` scores the prompt without generating (with ``echo`` and ``logprobs``, as lm-eval does)."""
 
-    @field_validator("echo", mode="before")
-    @classmethod
-    def _null_is_false(cls, value: Any) -> Any:
-        return False if value is None else value
+    prompt: Prompt
+    max_tokens: integer(0) | None = None
+    echo: NullFalse = False
+    logprobs: integer(0, MAX_TOP_LOGPROBS) | None = None
+    suffix: _unsupported("suffix") = None
+    best_of: _unsupported("best_of") = None
+
+    @property
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts, one per engine request (a single prompt is a batch of one)."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]  # one prompt of token ids
+        return prompt  # type: ignore[return-value]
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, value: Any) -> Any:
-        # OpenAI also takes a batch (a list of strings or of id lists); say so rather than listing type errors.
-        if isinstance(value, list) and value and all(isinstance(v, (str, list)) for v in value):
-            raise ValueError(f"batched prompts (a list of {len(value)} strings or token-id lists) are not supported; "
-                             f"send one prompt (a string or one list of token ids) per request")
-        return value
-
-    @field_validator("prompt")
-    @classmethod
-    def _non_empty(cls, value: str | list[int]) -> str | list[int]:
-        if isinstance(value, str) and not value:
-            raise ValueError("prompt must be a non-empty string or a non-empty list of token ids")
+    def _integral_ids(cls, value: Any) -> Any:
+        # Strict unions try each branch; normalise integral floats inside id lists first.
+        if isinstance(value, list):
+            return [[_integral(v) for v in x] if isinstance(x, list) else _integral(x) for x in value]
         return value
 
 
-# --------------------------------------------------------------------------- responses
-class UsageInfo(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    # OpenAI's place for prompt-cache hits; Mistral clients ignore it.
-    prompt_tokens_details: dict[str, int] | None = None
+# --------------------------------------------------------------------------- tokenizer endpoints (vLLM's)
+class TokenizeCompletionRequest(_Strict):
+    """POST /tokenize with text: its ids (``add_special_tokens`` puts ``<s>`` first). Control-token text
+    (``<s>``, ``</s>``, ``[INST]``...) maps to the control token, as Hugging Face tokenizers do."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: NullTrue = True
+    return_token_strs: NullFalse = False
 
 
-class FunctionCallOut(BaseModel):
-    name: str
-    arguments: str  # a JSON string, as both APIs send it
+class TokenizeChatRequest(_Strict):
+    """POST /tokenize with messages: the prompt ids a chat completion would run on."""
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[Tool] | None = None
+    add_generation_prompt: NullTrue = True
+    continue_final_message: NullFalse = False
+    add_special_tokens: NullFalse = False  # accepted for vLLM's shape: the chat format always starts with <s>
+    return_token_strs: NullFalse = False
 
 
-class ToolCallOut(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCallOut
-    index: int | None = None
+TokenizeRequest = TokenizeCompletionRequest | TokenizeChatRequest
 
 
-class ChatMessageOut(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None = ""
-    tool_calls: list[ToolCallOut] | None = None
-
-
-class LogprobEntry(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class ChoiceLogprobs(BaseModel):
-    content: list[LogprobEntry]
-
-
-FinishReason = Literal["stop", "length", "tool_calls", "error"]
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: ChatMessageOut
-    finish_reason: FinishReason | None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: UsageInfo
-
-
-class DeltaMessage(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[ToolCallOut] | None = None
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: DeltaMessage
-    finish_reason: FinishReason | None = None
-    logprobs: ChoiceLogprobs | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: UsageInfo | None = None
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    finish_reason: FinishReason | None
-    logprobs: dict[str, Any] | None = None
-
-
-class CompletionResponse(BaseModel):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: UsageInfo | None = None
-
-
-class ModelCapabilities(BaseModel):
-    completion_chat: bool = True
-    completion_fim: bool = False
-    function_calling: bool = False
-    fine_tuning: bool = False
-    vision: bool = False
-    classification: bool = False
-
-
-class ModelCard(BaseModel):
-    """Mistral's model card (mistralai 1.x+ needs ``type`` to parse it); OpenAI reads id/object/created/owned_by."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "mixtral"
-    type: Literal["base"] = "base"
-    name: str | None = None
-    description: str | None = None
-    capabilities: ModelCapabilities
-    max_context_length: int
-    aliases: list[str] = Field(default_factory=list)
-    deprecation: str | None = None
-    default_model_temperature: float | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[TokenId]

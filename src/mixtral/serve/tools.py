@@ -11,18 +11,21 @@ client sends the id back with the tool result. Ids that clients bring from elsew
 mapped to 9 characters deterministically by ``mixtral.tokenizer`` when the next prompt is encoded, so an assistant
 call and the tool message answering it still match.
 
-What is not a valid call (cut off by ``max_tokens``, or an unguided model writing bad JSON) is returned as text
-with the finish reason the engine gave, never as a malformed call.
+A call cut off by ``max_tokens`` (``partial_tool_calls``) still comes back in ``tool_calls``, as OpenAI's API does:
+the calls complete so far, then the cut one with the name and the ``arguments`` text generated so far (not valid
+JSON), and ``finish_reason: "length"``; never as message text. What an unguided model writes that is not a valid call
+although it stopped on its own is returned as text.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import string
 from typing import Any
 
-from mixtral.serve.protocol import FunctionCallOut, ToolCallOut
+from mixtral.serve.responses import FunctionCallOut, ToolCallOut
 
 TOOL_CALL_ID_LENGTH = 9
 _ALPHABET = string.ascii_letters + string.digits
@@ -57,3 +60,39 @@ def tool_calls_from_output(tokenizer: Any, token_ids: list[int], tool_names: lis
     if not calls or any(call["name"] not in tool_names for call in calls):
         return None
     return to_api_tool_calls(calls)
+
+
+_SEPARATOR = re.compile(r"\s*,?\s*")
+_CUT_NAME = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)')
+_CUT_ARGUMENTS = re.compile(r'"arguments"\s*:\s*')
+
+
+def partial_tool_calls(tokenizer: Any, token_ids: list[int]) -> list[ToolCallOut]:
+    """The calls of an output that opens with ``[TOOL_CALLS]`` but was cut off (``max_tokens``): each complete
+    call as usual, then the cut one with its name (as far as it got) and its ``arguments`` text so far."""
+    eos = getattr(tokenizer, "eos_id", None)
+    text = tokenizer.decode([t for t in token_ids[1:] if t != eos]).lstrip()
+    text = text.removeprefix("[")
+    decoder = json.JSONDecoder()
+    found: list[tuple[str, str]] = []
+    pos = 0
+    while True:
+        pos = _SEPARATOR.match(text, pos).end()  # type: ignore[union-attr]  # matches the empty string too
+        if pos >= len(text) or text[pos] == "]":
+            break
+        try:
+            call, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            rest = text[pos:]
+            name = _CUT_NAME.match(rest)
+            arguments = _CUT_ARGUMENTS.search(rest)
+            found.append((name.group(1) if name else "", rest[arguments.end():] if arguments else ""))
+            break
+        if not isinstance(call, dict):
+            break
+        args = call.get("arguments", {})
+        found.append((str(call.get("name", "")), args if isinstance(args, str) else json.dumps(args)))
+    if not found:  # cut right after [TOOL_CALLS]: a call was started, nothing of it is known yet
+        found.append(("", ""))
+    return [ToolCallOut(id=new_tool_call_id(), index=i, function=FunctionCallOut(name=name, arguments=arguments))
+            for i, (name, arguments) in enumerate(found)]

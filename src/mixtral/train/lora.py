@@ -22,6 +22,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -149,8 +150,7 @@ def save_lora(model: Transformer, folder: str | Path) -> Path:
     config: LoRAConfig = model.lora_config  # type: ignore[attr-defined]
     save_file({k: v.float().cpu() for k, v in lora_state_dict(model).items()}, str(folder / ADAPTER_WEIGHTS))
     meta = {**asdict(config), "targets": list(config.targets), "format": "mixtral-lora",
-            "base_model": {"dim": model.args.dim, "n_layers": model.args.n_layers,
-                           "num_experts": model.args.num_experts}}
+            "base_model": base_model_shape(model)}
     (folder / ADAPTER_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
     return folder
 
@@ -165,37 +165,89 @@ def merge_lora(model: Transformer) -> None:
     del model.lora_config
 
 
+# The base model's shape an adapter records (and is checked against when merged).
+_SHAPE_FIELDS = ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "head_dim", "num_experts")
+
+
+def base_model_shape(model: Transformer) -> dict[str, int]:
+    return {name: int(getattr(model.args, name)) for name in _SHAPE_FIELDS}
+
+
+def _has_adapter(folder: Path) -> bool:
+    return (folder / ADAPTER_WEIGHTS).is_file() and (folder / ADAPTER_CONFIG).is_file()
+
+
+def find_adapter(path: str | Path) -> Path:
+    """The adapter folder ``path`` names: an adapter folder itself (or its .safetensors file), or a training run's
+    output folder (``mixtral train --lora-rank R --output-dir RUN``): its final ``adapter/``, else its latest
+    ``checkpoint-NNNNNN/``. FileNotFoundError saying what was looked for."""
+    path = Path(path).expanduser()
+    folder = path.parent if path.is_file() else path
+    if _has_adapter(folder):
+        return folder
+    if not folder.is_dir():
+        raise FileNotFoundError(f"LoRA adapter {path} does not exist; pass the output folder of `mixtral train "
+                                f"--lora-rank R --output-dir RUN` (or its adapter/ folder)")
+    if _has_adapter(folder / "adapter"):
+        return folder / "adapter"
+    checkpoints = sorted(p for p in folder.glob("checkpoint-*") if _has_adapter(p))
+    if checkpoints:
+        return checkpoints[-1]
+    raise FileNotFoundError(
+        f"no LoRA adapter in {folder}: expected {ADAPTER_WEIGHTS} + {ADAPTER_CONFIG} there, in {folder / 'adapter'} "
+        f"(a finished `mixtral train --lora-rank R` run) or in a checkpoint-NNNNNN/ folder; it holds "
+        f"{sorted(p.name for p in folder.iterdir())[:10]}")
+
+
 def read_lora(path: str | Path) -> tuple[LoRAConfig, dict[str, torch.Tensor]]:
-    """Load an adapter folder (or its .safetensors file) -> (config, tensors)."""
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights, cfg_file = folder / ADAPTER_WEIGHTS, folder / ADAPTER_CONFIG
-    for f in (weights, cfg_file):
-        if not f.is_file():
-            raise FileNotFoundError(f"LoRA adapter file {f} not found; `mixtral train --lora-rank R` writes it")
-    meta = json.loads(cfg_file.read_text())
+    """Load an adapter (folder, its .safetensors file, or a training run's folder) -> (config, tensors)."""
+    config, _, tensors = _read_lora(find_adapter(path))
+    return config, tensors
+
+
+def _read_lora(folder: Path) -> tuple[LoRAConfig, dict[str, Any], dict[str, torch.Tensor]]:
+    meta = json.loads((folder / ADAPTER_CONFIG).read_text())
     config = LoRAConfig(rank=int(meta["rank"]), alpha=float(meta["alpha"]), targets=tuple(meta["targets"]))
-    return config, load_file(str(weights))
+    return config, meta, load_file(str(folder / ADAPTER_WEIGHTS))
+
+
+def _describe(shape: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {shape[k]}" for k in _SHAPE_FIELDS if k in shape)
 
 
 def merge_lora_into(model: Transformer, path: str | Path) -> LoRAConfig:
     """Add a saved adapter's deltas to a loaded model's weights in place (``mixtral serve --lora PATH``).
 
-    Works on any plain model (no adapters attached); the delta is computed in fp32 and cast to the weight's
-    dtype. Raises ValueError naming the first tensor whose shape does not match the model.
+    ``path``: an adapter folder or a training run's output folder (see ``find_adapter``). Works on any plain model
+    (no adapters attached); the delta is computed in fp32 and cast to the weight's dtype. An adapter trained on
+    another base model fails with a ValueError naming both models' shapes, before any weight is changed.
     """
-    config, tensors = read_lora(path)
+    folder = find_adapter(path)
+    config, meta, tensors = _read_lora(folder)
+    ours = base_model_shape(model)
+    theirs = meta.get("base_model") or {}
+    if any(k in theirs and int(theirs[k]) != ours[k] for k in _SHAPE_FIELDS):
+        raise ValueError(f"the LoRA adapter in {folder} was trained on a base model of shape ({_describe(theirs)}), "
+                         f"but the model being served has shape ({_describe(ours)}); use the base model the adapter "
+                         f"was trained on")
+    targets = _target_modules(model, config.targets)
+    for prefix, module, pname in targets:  # all checked first: a mismatch never leaves the model half-merged
+        try:
+            a, b = tensors[f"{prefix}.lora_A"], tensors[f"{prefix}.lora_B"]
+        except KeyError:
+            raise ValueError(f"adapter in {folder} has no tensors for {prefix}: it was trained on another base model "
+                             f"({_describe(theirs) or 'shape not recorded'}; this one: {_describe(ours)}) or for "
+                             f"other targets ({list(config.targets)})") from None
+        weight = getattr(module, pname)
+        delta_shape = (*b.shape[:-1], a.shape[-1])  # B @ A: [(E,) out, r] @ [(E,) r, in]
+        if tuple(delta_shape) != tuple(weight.shape) or b.shape[-1] != a.shape[-2]:
+            raise ValueError(f"adapter delta for {prefix} has shape {tuple(delta_shape)}, the model's weight is "
+                             f"{tuple(weight.shape)}: the adapter in {folder} was trained on another base model "
+                             f"({_describe(theirs) or 'shape not recorded'}; this one: {_describe(ours)})")
     with torch.no_grad():
-        for prefix, module, pname in _target_modules(model, config.targets):
-            try:
-                a, b = tensors[f"{prefix}.lora_A"], tensors[f"{prefix}.lora_B"]
-            except KeyError:
-                raise ValueError(f"adapter at {path} has no tensors for {prefix} (does it belong to another "
-                                 f"model? it targets {list(config.targets)})") from None
+        for prefix, module, pname in targets:
+            a, b = tensors[f"{prefix}.lora_A"], tensors[f"{prefix}.lora_B"]
             weight = getattr(module, pname)
             delta = torch.matmul(b.float().to(weight.device), a.float().to(weight.device)) * config.scale
-            if delta.shape != weight.shape:
-                raise ValueError(f"adapter delta for {prefix} has shape {tuple(delta.shape)}, "
-                                 f"the model's weight is {tuple(weight.shape)}")
             weight.add_(delta.to(weight.dtype))
     return config
