@@ -1,6 +1,6 @@
 """When kernels launch with programmatic dependent launch (kernels/triton/pdl.py): only compiled kernels on
 sm90+ CUDA devices, with a Triton that has griddepcontrol, unless MIXTRAL_PDL=0. The launches themselves are
-checked on the GPU (scripts/gpu_kernel_check.py) and by compile_check (tests/kernels/test_compile_check.py)."""
+checked on the GPU (tests/gpu/test_gpu_pdl.py) and by compile_check (tests/kernels/test_compile_check.py)."""
 
 from __future__ import annotations
 
