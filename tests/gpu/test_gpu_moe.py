@@ -129,8 +129,8 @@ def test_prefill_gemms_every_table_entry(experts_8x7b: Experts, gen: torch.Gener
 
 @pytest.mark.parametrize("tokens", [1024, 2048, 3000])
 def test_prefill_gemms_pointer_loads(experts_8x7b: Experts, gen: torch.Generator, tokens: int) -> None:
-    """The table's tiles with plain pointer loads instead of TMA descriptors (what GPUs before sm90 run; no
-    warp specialisation there), at a token count no table lists too."""
+    """The table's tiles with plain pointer loads instead of TMA descriptors (the variant compile_check builds
+    for sm80; without warp specialisation), at a token count no table lists too."""
     e = experts_8x7b
     x, w, ids = routed(gen, tokens, e.d, torch.bfloat16)
     cfg = get_sorted_config(8, e.f, e.d, tokens, torch.bfloat16, x.device)
