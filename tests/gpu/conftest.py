@@ -11,6 +11,11 @@ Two things happen once, before the first GPU test runs (the ``cuda`` fixture):
 - The Triton kernel modules are re-imported compiled if the CPU kernel tests' conftest (tests/kernels) imported
   them under the interpreter while pytest collected the whole tree.
 
+Test modules never import a Triton kernel module at collection: they take the ``kernels`` fixture. Pytest
+collects tests/gpu before tests/kernels, and a compiled import of ``triton.language`` ahead of that folder's
+conftest (which switches Triton's interpreter on) would leave the CPU kernel tests calling compiled language
+functions (tests/unit/test_gpu_suite_collects.py holds this).
+
 ``kernel_choice`` is the only place these tests choose implementations (backend, prefill MoE path, dense
 prefill attention, fused router, PDL); everything else calls the ops as the engine does.
 """
@@ -23,6 +28,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -71,6 +77,17 @@ def cuda() -> torch.device:
     os.environ["TRITON_F32_DEFAULT"] = "ieee"
     _compiled_kernels()
     return torch.device("cuda")
+
+
+KERNEL_MODULES = ["fused_moe", "gate_router", "paged_attention", "pdl", "rmsnorm", "rope", "router", "skinny_gemm",
+                  "sorted_moe", "write_kv"]
+
+
+@pytest.fixture(scope="session")
+def kernels(cuda: torch.device) -> SimpleNamespace:
+    """The Triton kernel modules (``kernels.fused_moe.fused_moe``, ``kernels.rmsnorm.rms_norm``, ...), imported
+    compiled when the first test needs them."""
+    return SimpleNamespace(**{n: importlib.import_module(f"mixtral.kernels.triton.{n}") for n in KERNEL_MODULES})
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +20,6 @@ from gpu_testing import TOL, paged_batch, randn, rel_err
 
 from mixtral.kernels import ops
 from mixtral.kernels.reference import paged_attention_reference, write_kv_reference
-from mixtral.kernels.triton.paged_attention import paged_attention
-from mixtral.kernels.triton.write_kv import write_kv
 
 pytestmark = pytest.mark.gpu
 
@@ -29,12 +29,13 @@ EDGES = [1, 15, 16, 17, 255, 256, 257, MAX_CTX]  # block boundaries (block size 
 CASES = [(m, dt) for m in HEADS for dt in (torch.bfloat16, torch.float16)] + [("8x7b", torch.float32)]
 
 
-def check(gen: torch.Generator, q_lens: list[int], ctx_lens: list[int], heads: tuple[int, int],
-          dtype: torch.dtype, block_size: int = 16, bound: int | None = None, window: int | None = None) -> None:
+def check(kernels: SimpleNamespace, gen: torch.Generator, q_lens: list[int], ctx_lens: list[int],
+          heads: tuple[int, int], dtype: torch.dtype, block_size: int = 16, bound: int | None = None,
+          window: int | None = None) -> None:
     """The Triton kernel on a random paged batch against the fp32 reference on the same numbers."""
     q, kc, vc, bt, cl, qsl = paged_batch(gen, q_lens, ctx_lens, *heads, 128, block_size, dtype)
-    out = paged_attention(q, kc, vc, bt, cl, qsl, max_query_len=max(q_lens), max_context_len=bound or max(ctx_lens),
-                          sliding_window=window)
+    out = kernels.paged_attention.paged_attention(q, kc, vc, bt, cl, qsl, max_query_len=max(q_lens),
+                                                  max_context_len=bound or max(ctx_lens), sliding_window=window)
     ref = paged_attention_reference(q.float(), kc.float(), vc.float(), bt, cl, qsl, window)
     err = rel_err(out, ref)
     assert out.dtype == dtype and torch.isfinite(out).all()
@@ -48,38 +49,41 @@ def lengths(seed: int, n: int, hi: int) -> list[int]:
 
 @pytest.mark.parametrize(("model", "dtype"), CASES)
 @pytest.mark.parametrize("batch", [1, 8, 64, 512])
-def test_decode(gen: torch.Generator, model: str, dtype: torch.dtype, batch: int) -> None:
+def test_decode(kernels: SimpleNamespace, gen: torch.Generator, model: str, dtype: torch.dtype, batch: int) -> None:
     """One new token per sequence; contexts at the block edges first, then random (split-K at small batch)."""
     ctx = (EDGES + lengths(batch, batch, MAX_CTX))[:batch]
-    check(gen, [1] * batch, ctx, HEADS[model], dtype)
+    check(kernels, gen, [1] * batch, ctx, HEADS[model], dtype)
 
 
 @pytest.mark.parametrize(("model", "dtype"), CASES)
-def test_decode_under_a_larger_graph_bound(gen: torch.Generator, model: str, dtype: torch.dtype) -> None:
+def test_decode_under_a_larger_graph_bound(kernels: SimpleNamespace, gen: torch.Generator, model: str,
+                                           dtype: torch.dtype) -> None:
     """A CUDA graph sizes the launch from max_model_len, far above the running contexts."""
-    check(gen, [1] * 4, EDGES[-4:], HEADS[model], dtype, bound=4 * MAX_CTX)
+    check(kernels, gen, [1] * 4, EDGES[-4:], HEADS[model], dtype, bound=4 * MAX_CTX)
 
 
 @pytest.mark.parametrize(("model", "dtype"), CASES)
-def test_prefill_ragged_after_cached_prefixes(gen: torch.Generator, model: str, dtype: torch.dtype) -> None:
+def test_prefill_ragged_after_cached_prefixes(kernels: SimpleNamespace, gen: torch.Generator, model: str,
+                                              dtype: torch.dtype) -> None:
     q_lens = [1, 15, 16, 17, 100, 512]
     ctx = [q + p for q, p in zip(q_lens, lengths(7, len(q_lens), 300), strict=True)]
-    check(gen, q_lens, ctx, HEADS[model], dtype)
+    check(kernels, gen, q_lens, ctx, HEADS[model], dtype)
 
 
 @pytest.mark.parametrize(("model", "dtype"), CASES)
-def test_prefill_fresh_prompt(gen: torch.Generator, model: str, dtype: torch.dtype) -> None:
-    check(gen, [2048], [2048], HEADS[model], dtype)
+def test_prefill_fresh_prompt(kernels: SimpleNamespace, gen: torch.Generator, model: str, dtype: torch.dtype) -> None:
+    check(kernels, gen, [2048], [2048], HEADS[model], dtype)
 
 
 @pytest.mark.parametrize(("model", "dtype"), CASES)
-def test_block_size_8_and_sliding_window(gen: torch.Generator, model: str, dtype: torch.dtype) -> None:
-    check(gen, [7, 33], [7, 90], HEADS[model], dtype, block_size=8)
-    check(gen, [40, 1], [300, 280], HEADS[model], dtype, window=100)
+def test_block_size_8_and_sliding_window(kernels: SimpleNamespace, gen: torch.Generator, model: str,
+                                         dtype: torch.dtype) -> None:
+    check(kernels, gen, [7, 33], [7, 90], HEADS[model], dtype, block_size=8)
+    check(kernels, gen, [40, 1], [300, 280], HEADS[model], dtype, window=100)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_write_kv_exact(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_write_kv_exact(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
     """k/v as strided views of a fused qkv row, every 7th slot -1 (padding): stored exactly, nothing else moves."""
     n, kv, blocks, bs = 300, 8, 64, 16
     qkv = randn(gen, n, 32 + 2 * kv, 128, dtype=dtype)  # [N, H + 2 KV, hd]
@@ -88,7 +92,7 @@ def test_write_kv_exact(gen: torch.Generator, dtype: torch.dtype) -> None:
     slots[::7] = -1
     caches = [randn(gen, blocks, bs, kv, 128, dtype=dtype) for _ in range(2)]
     expect = [c.clone() for c in caches]
-    write_kv(k, v, caches[0], caches[1], slots)
+    kernels.write_kv.write_kv(k, v, caches[0], caches[1], slots)
     write_kv_reference(k, v, expect[0], expect[1], slots)
     assert torch.equal(caches[0], expect[0]) and torch.equal(caches[1], expect[1])
 

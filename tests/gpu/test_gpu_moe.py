@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,14 +21,13 @@ from gpu_testing import TOL, randn, rel_err
 
 from mixtral.kernels import ops
 from mixtral.kernels.reference import moe_reference, route_topk
-from mixtral.kernels.triton.fused_moe import fused_moe
 from mixtral.kernels.triton.moe_configs import CONFIG_DIR, MoEConfig, get_config, get_sorted_config
-from mixtral.kernels.triton.sorted_moe import sorted_moe
 
 pytestmark = pytest.mark.gpu
 
 SHAPES = {"8x7b": (4096, 14336), "8x22b": (6144, 16384)}  # D, F; E = 8, top-2
 SORTED_TABLES = sorted(CONFIG_DIR.glob("sorted_E8_F14336_D4096_*.json"))
+Kernel = Callable[..., torch.Tensor]
 
 
 class Experts:
@@ -50,6 +51,16 @@ def experts_8x7b(cuda: torch.device) -> Experts:
     return Experts(*SHAPES["8x7b"], torch.bfloat16, torch.Generator(device=cuda).manual_seed(99))
 
 
+@pytest.fixture(scope="module")
+def fused_moe(kernels: SimpleNamespace) -> Kernel:
+    return kernels.fused_moe.fused_moe
+
+
+@pytest.fixture(scope="module")
+def sorted_moe(kernels: SimpleNamespace) -> Kernel:
+    return kernels.sorted_moe.sorted_moe
+
+
 def routed(gen: torch.Generator, n: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     """x [n, D] and a top-2 routing of 8 experts from random logits: (x, weights [n, 2] fp32, ids [n, 2])."""
     x = randn(gen, n, d, dtype=dtype)
@@ -67,14 +78,14 @@ def assert_matches_reference(out: torch.Tensor, x: torch.Tensor, e: Experts, wei
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 8, 16, 64, 100, 256, 512])
-def test_decode_kernel_bf16(experts: Experts, gen: torch.Generator, batch: int) -> None:
+def test_decode_kernel_bf16(fused_moe: Kernel, experts: Experts, gen: torch.Generator, batch: int) -> None:
     x, w, ids = routed(gen, batch, experts.d, torch.bfloat16)
     cfg = get_config(8, experts.f, experts.d, batch, torch.bfloat16, x.device)
     out = fused_moe(x, experts.w13, experts.w2, w, ids)
     assert_matches_reference(out, x, experts, w, ids, what=f"batch {batch}, {cfg}")
 
 
-def test_decode_kernel_expert_parallel(experts: Experts, gen: torch.Generator) -> None:
+def test_decode_kernel_expert_parallel(fused_moe: Kernel, experts: Experts, gen: torch.Generator) -> None:
     """This rank holds experts 4..7 (a contiguous view of the same weights): other ranks' choices add nothing."""
     x, w, ids = routed(gen, 33, experts.d, torch.bfloat16)
     out = fused_moe(x, experts.w13[4:], experts.w2[4:], w, ids, 4)
@@ -82,7 +93,7 @@ def test_decode_kernel_expert_parallel(experts: Experts, gen: torch.Generator) -
 
 
 @pytest.mark.parametrize("batch", [1, 8, 16, 256])
-def test_decode_kernel_fp16(experts_8x7b: Experts, gen: torch.Generator, batch: int) -> None:
+def test_decode_kernel_fp16(fused_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator, batch: int) -> None:
     e = experts_8x7b
     x, w, ids = routed(gen, batch, e.d, torch.float16)
     out = fused_moe(x, e.w13_ref.half(), e.w2_ref.half(), w, ids)
@@ -90,7 +101,7 @@ def test_decode_kernel_fp16(experts_8x7b: Experts, gen: torch.Generator, batch: 
 
 
 @pytest.mark.parametrize("batch", [1, 8, 64, 300])
-def test_decode_kernel_fp32(cuda: torch.device, gen: torch.Generator, batch: int) -> None:
+def test_decode_kernel_fp32(fused_moe: Kernel, cuda: torch.device, gen: torch.Generator, batch: int) -> None:
     """fp32 (the fp32 engine's MoE at every size) at the mid model's expert shapes, IEEE dots."""
     e = Experts(1024, 2048, torch.float32, gen)
     x, w, ids = routed(gen, batch, e.d, torch.float32)
@@ -98,7 +109,8 @@ def test_decode_kernel_fp32(cuda: torch.device, gen: torch.Generator, batch: int
 
 
 @pytest.mark.parametrize("batch", [1, 2, 4])
-def test_decode_kernel_without_align_launch(experts_8x7b: Experts, gen: torch.Generator, batch: int) -> None:
+def test_decode_kernel_without_align_launch(fused_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator,
+                                            batch: int) -> None:
     """At batch 1-4 the pairs index their experts directly (no align launch): the same bits as the aligned layout."""
     e = experts_8x7b
     x, w, ids = routed(gen, batch, e.d, torch.bfloat16)
@@ -117,7 +129,7 @@ def test_the_shipped_tables_are_found() -> None:
 
 
 @pytest.mark.parametrize(("table", "tokens"), _table_entries())
-def test_prefill_gemms_every_table_entry(experts_8x7b: Experts, gen: torch.Generator, table: str,
+def test_prefill_gemms_every_table_entry(sorted_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator, table: str,
                                          tokens: int) -> None:
     """Each tile config a table ships (either GPU's: both are Hopper) at its own token count."""
     cfg = MoEConfig.from_dict(json.loads((CONFIG_DIR / table).read_text())["configs"][str(tokens)])
@@ -128,7 +140,8 @@ def test_prefill_gemms_every_table_entry(experts_8x7b: Experts, gen: torch.Gener
 
 
 @pytest.mark.parametrize("tokens", [1024, 2048, 3000])
-def test_prefill_gemms_pointer_loads(experts_8x7b: Experts, gen: torch.Generator, tokens: int) -> None:
+def test_prefill_gemms_pointer_loads(sorted_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator,
+                                     tokens: int) -> None:
     """The table's tiles with plain pointer loads instead of TMA descriptors (the variant compile_check builds
     for sm80; without warp specialisation), at a token count no table lists too."""
     e = experts_8x7b
@@ -139,7 +152,7 @@ def test_prefill_gemms_pointer_loads(experts_8x7b: Experts, gen: torch.Generator
     assert_matches_reference(out, x, e, w, ids, what=f"pointer loads, {tokens} tokens")
 
 
-def test_prefill_gemms_expert_parallel(experts_8x7b: Experts, gen: torch.Generator) -> None:
+def test_prefill_gemms_expert_parallel(sorted_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator) -> None:
     """Two ranks of four experts each: each rank's output matches the reference's share, and they sum to it."""
     e = experts_8x7b
     x, w, ids = routed(gen, 2048, e.d, torch.bfloat16)
@@ -154,8 +167,8 @@ def test_prefill_gemms_expert_parallel(experts_8x7b: Experts, gen: torch.Generat
 
 
 @pytest.mark.parametrize("choice", ["sorted", "triton"])
-def test_dispatch_follows_the_prefill_choice(experts_8x7b: Experts, gen: torch.Generator, kernel_choice,
-                                             choice: str) -> None:
+def test_dispatch_follows_the_prefill_choice(fused_moe: Kernel, sorted_moe: Kernel, experts_8x7b: Experts,
+                                             gen: torch.Generator, kernel_choice, choice: str) -> None:
     """``ops.fused_moe`` at 2048 tokens runs the prefill GEMMs (sm90+) or, asked for ``triton``, the decode
     kernel at every size: its output is that kernel's, bit for bit."""
     e = experts_8x7b

@@ -6,23 +6,21 @@ off against the reference path is in test_gpu_engine.py.)
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from gpu_testing import capture, paged_batch, randn
 
 from mixtral.kernels.reference import route_topk
-from mixtral.kernels.triton import gate_router, pdl, rmsnorm, rope, router, skinny_gemm
-from mixtral.kernels.triton.fused_moe import fused_moe
-from mixtral.kernels.triton.paged_attention import paged_attention
-from mixtral.kernels.triton.sorted_moe import sorted_moe
-from mixtral.kernels.triton.write_kv import write_kv
 
 pytestmark = pytest.mark.gpu
 
 D, F = 4096, 14336
 
 
-def test_the_choice_reaches_the_launch(cuda: torch.device, kernel_choice) -> None:
+def test_the_choice_reaches_the_launch(cuda: torch.device, kernels: SimpleNamespace, kernel_choice) -> None:
+    pdl = kernels.pdl
     x = torch.empty(1, device=cuda)
     hopper = torch.cuda.get_device_capability(cuda)[0] >= 9
     with kernel_choice(pdl=True):
@@ -56,41 +54,42 @@ def inputs(cuda: torch.device) -> dict[str, torch.Tensor]:
     return t
 
 
-def chain(t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def chain(k: SimpleNamespace, t: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Every kernel family once, in a dependent chain where each kernel reads what the one before wrote:
     norm, skinny GEMM, RoPE + K/V store, paged decode, residual add + norm, fused router, routing, decode MoE,
     K/V store, paged prefill, prefill MoE. The caches are written in place (the same values on every run)."""
-    h = rmsnorm.rms_norm(t["x"], t["w_norm"], 1e-5)  # [8, D]
-    qkv = skinny_gemm.skinny_gemm(h, t["wqkv"])  # [8, 6144]
+    h = k.rmsnorm.rms_norm(t["x"], t["w_norm"], 1e-5)  # [8, D]
+    qkv = k.skinny_gemm.skinny_gemm(h, t["wqkv"])  # [8, 6144]
     qq, kk, vv = qkv.split([4096, 1024, 1024], dim=-1)
-    qr, kr = rope.rope_qk(qq.reshape(8, 32, 128), kk.reshape(8, 8, 128), t["cos"], t["sin"],
-                          cache=(vv.reshape(8, 8, 128), t["kc"], t["vc"], t["slots"]))
-    attn = paged_attention(t["q"] + qr, t["kc"], t["vc"], t["bt"], t["cl"], t["qsl"], max_query_len=1,
-                           max_context_len=2048)  # [8, 32, 128]
-    normed, summed = rmsnorm.add_rms_norm(attn.reshape(8, D), t["x"], t["w_norm"], 1e-5)
-    logits, weights, ids = gate_router.gate_route_fused(normed, t["gate"], 2)
-    w_alt, ids_alt = router.route_topk_fused(logits, 2)
-    moe = fused_moe(normed, t["w13"], t["w2"], weights, ids)
-    write_kv(kr, kr, t["pkc"], t["pvc"], t["slots"])
-    prefill = paged_attention(t["pq"], t["pkc"], t["pvc"], t["pbt"], t["pcl"], t["pqsl"], max_query_len=512,
-                              max_context_len=600)
-    moe_prefill = sorted_moe(t["xp"], t["w13"], t["w2"], t["wp"], t["idp"])
+    qr, kr = k.rope.rope_qk(qq.reshape(8, 32, 128), kk.reshape(8, 8, 128), t["cos"], t["sin"],
+                            cache=(vv.reshape(8, 8, 128), t["kc"], t["vc"], t["slots"]))
+    attn = k.paged_attention.paged_attention(t["q"] + qr, t["kc"], t["vc"], t["bt"], t["cl"], t["qsl"],
+                                             max_query_len=1, max_context_len=2048)  # [8, 32, 128]
+    normed, summed = k.rmsnorm.add_rms_norm(attn.reshape(8, D), t["x"], t["w_norm"], 1e-5)
+    logits, weights, ids = k.gate_router.gate_route_fused(normed, t["gate"], 2)
+    w_alt, ids_alt = k.router.route_topk_fused(logits, 2)
+    moe = k.fused_moe.fused_moe(normed, t["w13"], t["w2"], weights, ids)
+    k.write_kv.write_kv(kr, kr, t["pkc"], t["pvc"], t["slots"])
+    prefill = k.paged_attention.paged_attention(t["pq"], t["pkc"], t["pvc"], t["pbt"], t["pcl"], t["pqsl"],
+                                                max_query_len=512, max_context_len=600)
+    moe_prefill = k.sorted_moe.sorted_moe(t["xp"], t["w13"], t["w2"], t["wp"], t["idp"])
     return (h, qkv, qr, kr, t["kc"], t["vc"], attn, normed, summed, logits, weights, ids, w_alt, ids_alt, moe,
             t["pkc"], prefill, moe_prefill)
 
 
 @pytest.mark.parametrize("graph", [False, True], ids=["eager", "graph"])
-def test_pdl_on_and_off_give_the_same_bits(cuda: torch.device, kernel_choice, graph: bool) -> None:
+def test_pdl_on_and_off_give_the_same_bits(cuda: torch.device, kernels: SimpleNamespace, kernel_choice,
+                                           graph: bool) -> None:
     outs = {}
     for on in (True, False):
         t = inputs(cuda)
         with kernel_choice(pdl=on):
             if graph:  # captured as one CUDA graph, where PDL lets each launch overlap the one before
-                g, out = capture(lambda t=t: chain(t))
+                g, out = capture(lambda t=t: chain(kernels, t))
                 g.replay()
                 torch.cuda.synchronize()
             else:
-                out = chain(t)
+                out = chain(kernels, t)
         outs[on] = [o.clone() for o in out]
         del t, out
     for i, (a, b) in enumerate(zip(outs[True], outs[False], strict=True)):

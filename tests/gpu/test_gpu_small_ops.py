@@ -14,13 +14,13 @@ fp16 / fp32, N = 1..512 tokens:
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 from gpu_testing import NAME, STEP, capture, randn, rel_err, within_steps
 
 from mixtral.kernels import ops, reference
-from mixtral.kernels.triton import gate_router, rmsnorm, rope, router, skinny_gemm
 from mixtral.model.args import preset
 from mixtral.model.layers import rope_cos_sin
 
@@ -56,14 +56,14 @@ def routing_agrees(ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tenso
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rms_norm_and_add_rms_norm(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         x, res = randn(gen, n, DIM, dtype=dtype, scale=3.0), randn(gen, n, DIM, dtype=dtype)  # [N, D]
         w = norm_weight(gen, dtype)
-        out = rmsnorm.rms_norm(x, w, EPS)
+        out = kernels.rmsnorm.rms_norm(x, w, EPS)
         ok, err = within_steps(out, reference.rms_norm_reference(x, w, EPS), dtype)
-        normed, summed = rmsnorm.add_rms_norm(x, res, w, EPS)
+        normed, summed = kernels.rmsnorm.add_rms_norm(x, res, w, EPS)
         ref_normed, ref_sum = reference.add_rms_norm_reference(x, res, w, EPS)
         ok2, err2 = within_steps(normed, ref_normed, dtype)
         with torch.inference_mode():
@@ -76,11 +76,11 @@ def test_rms_norm_and_add_rms_norm(gen: torch.Generator, dtype: torch.dtype) -> 
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rope_bit_identical(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_rope_bit_identical(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         q, k, _, cos, sin = qk_inputs(gen, n, dtype)
-        q_out, k_out = rope.rope_qk(q, k, cos, sin)
+        q_out, k_out = kernels.rope.rope_qk(q, k, cos, sin)
         q_ref, k_ref = reference.rope_qk_reference(q, k, cos, sin)
         with torch.inference_mode():
             dispatched = torch.equal(ops.rope_qk(q, k, cos, sin)[0], q_out)
@@ -91,7 +91,8 @@ def test_rope_bit_identical(gen: torch.Generator, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rope_with_kv_store_equals_rope_then_write_kv(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_rope_with_kv_store_equals_rope_then_write_kv(kernels: SimpleNamespace, gen: torch.Generator,
+                                                      dtype: torch.dtype) -> None:
     """One kernel rotates q/k and stores k/v at their slots (-1 skips): the same bits as the two steps."""
     blocks, bs = 64, 16
     for n in (1, 8, 300):
@@ -100,7 +101,7 @@ def test_rope_with_kv_store_equals_rope_then_write_kv(gen: torch.Generator, dtyp
         slots[::5] = -1
         caches = [randn(gen, blocks, bs, N_KV, HEAD_DIM, dtype=dtype) for _ in range(2)]
         expect = [c.clone() for c in caches]
-        q_out, k_out = rope.rope_qk(q, k, cos, sin, cache=(v, caches[0], caches[1], slots))
+        q_out, k_out = kernels.rope.rope_qk(q, k, cos, sin, cache=(v, caches[0], caches[1], slots))
         q_ref, k_ref = reference.rope_qk_reference(q, k, cos, sin)
         reference.write_kv_reference(k_ref, v, expect[0], expect[1], slots)
         assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref), f"N {n}: rotation"
@@ -112,11 +113,11 @@ def test_rope_with_kv_store_equals_rope_then_write_kv(gen: torch.Generator, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_route_topk(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_route_topk(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         logits = randn(gen, n, N_EXPERTS, dtype=dtype, scale=2.0)  # [N, E] in the model dtype, as the gate gives
-        w, ids = router.route_topk_fused(logits, TOP_K)
+        w, ids = kernels.router.route_topk_fused(logits, TOP_K)
         ids_ok, w_ok = routing_agrees(ids, w, logits)
         with torch.inference_mode():
             dispatched = torch.equal(ops.route_topk(logits, TOP_K)[1], ids)
@@ -127,7 +128,7 @@ def test_route_topk(gen: torch.Generator, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
 @pytest.mark.parametrize("dim", [4096, 6144])
-def test_fused_router(gen: torch.Generator, dtype: torch.dtype, dim: int) -> None:
+def test_fused_router(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype, dim: int) -> None:
     """Gate GEMV + routing + counts in one kernel: logits within two rounding steps of the Linear's, routing
     exactly that of its own logits, counts exactly the (unmasked) choices."""
     bad = []
@@ -136,7 +137,7 @@ def test_fused_router(gen: torch.Generator, dtype: torch.dtype, dim: int) -> Non
         gw = randn(gen, N_EXPERTS, dim, dtype=dtype, scale=dim**-0.5)  # [E, D]
         for mask in (None, (torch.arange(n, device=x.device) % 5 != 4).long()):  # every fifth row padding
             counts = torch.zeros(N_EXPERTS, dtype=torch.int64, device=x.device)
-            logits, w, ids = gate_router.gate_route_fused(x, gw, TOP_K, counts, mask)
+            logits, w, ids = kernels.gate_router.gate_route_fused(x, gw, TOP_K, counts, mask)
             ok_logits, err = within_steps(logits, torch.nn.functional.linear(x.float(), gw.float()).to(dtype), dtype)
             ids_ok, w_ok = routing_agrees(ids, w, logits)
             keep = torch.ones(n, dtype=torch.bool, device=x.device) if mask is None else mask.bool()
@@ -154,14 +155,14 @@ def test_fused_router(gen: torch.Generator, dtype: torch.dtype, dim: int) -> Non
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
-def test_skinny_gemm(gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_skinny_gemm(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
     """Decode-size GEMM at 8x7B's wqkv and wo shapes: relative error of one rounding of the output."""
     bad = []
-    for n in [b for b in BATCHES if b <= skinny_gemm.MAX_ROWS]:
+    for n in [b for b in BATCHES if b <= kernels.skinny_gemm.MAX_ROWS]:
         for rows, cols in ((6144, 4096), (4096, 4096)):
             x = randn(gen, n, cols, dtype=dtype)
             w = randn(gen, rows, cols, dtype=dtype, scale=cols**-0.5)
-            out = skinny_gemm.skinny_gemm(x, w)
+            out = kernels.skinny_gemm.skinny_gemm(x, w)
             err = rel_err(out, x.float() @ w.float().T)
             with torch.inference_mode():
                 dispatched = torch.equal(ops.linear(x, w), out)
@@ -170,7 +171,7 @@ def test_skinny_gemm(gen: torch.Generator, dtype: torch.dtype) -> None:
     assert not bad, "\n".join(bad)
 
 
-def test_graph_replay(gen: torch.Generator) -> None:
+def test_graph_replay(kernels: SimpleNamespace, gen: torch.Generator) -> None:
     """The kernels captured in one CUDA graph, replayed on new contents of the captured inputs, give what
     eager calls give on those inputs."""
     n, dtype = 8, torch.bfloat16
@@ -182,9 +183,9 @@ def test_graph_replay(gen: torch.Generator) -> None:
     wqkv = randn(gen, 6144, DIM, dtype=dtype, scale=DIM**-0.5)
 
     def step() -> tuple[torch.Tensor, ...]:
-        return (rmsnorm.rms_norm(x, w, EPS), *rmsnorm.add_rms_norm(x, res, w, EPS), *rope.rope_qk(q, k, cos, sin),
-                *router.route_topk_fused(logits, TOP_K), *gate_router.gate_route_fused(x, gw, TOP_K),
-                skinny_gemm.skinny_gemm(x, wqkv))
+        return (kernels.rmsnorm.rms_norm(x, w, EPS), *kernels.rmsnorm.add_rms_norm(x, res, w, EPS),
+                *kernels.rope.rope_qk(q, k, cos, sin), *kernels.router.route_topk_fused(logits, TOP_K),
+                *kernels.gate_router.gate_route_fused(x, gw, TOP_K), kernels.skinny_gemm.skinny_gemm(x, wqkv))
 
     graph, outs = capture(step)
     for t in (x, res, q, k, logits):  # new contents in the captured buffers (q/k refill their qkv rows)
