@@ -1,6 +1,6 @@
 """The CPU-checkable parts of the CUDA-graph decode path: the batch ladder and masked routing counts.
 
-(Capture and replay themselves need a GPU: scripts/gpu_engine_check.py runs them against eager execution.)
+(Capture and replay themselves need a GPU: tests/gpu/test_gpu_engine.py runs them against eager execution.)
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Triton reads TRITON_INTERPRET when a kernel is decorated (module import) and aga
 so the kernel modules are (re)imported with it set, and an autouse fixture sets it for each test here
 only; other test folders never see it. Note: the interpreter's bf16 ``tl.dot`` is wrong (Triton 3.9: it
 returns garbage even for a plain 16x16 product), so CPU tests use fp32 and fp16; bf16 is checked on the GPU
-by scripts/gpu_kernel_check.py.
+by tests/gpu (``python -m pytest -m gpu``).
 """
 
 from __future__ import annotations

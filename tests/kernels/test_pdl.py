@@ -1,7 +1,7 @@
 """When kernels launch with programmatic dependent launch (kernels/triton/pdl.py): only compiled kernels on
 sm90+ CUDA devices, with a Triton that has griddepcontrol, unless the caller turns it off (``KernelConfig.pdl``,
-which the dispatch hands each kernel). The launches themselves are checked on the GPU
-(scripts/gpu_kernel_check.py) and by compile_check (tests/kernels/test_compile_check.py)."""
+which the dispatch hands each kernel). The launches themselves are checked on the GPU (tests/gpu/test_gpu_pdl.py)
+and by compile_check (tests/kernels/test_compile_check.py)."""
 
 from __future__ import annotations
 

@@ -158,7 +158,7 @@ def bench_prefill(engine: Any, margs: ModelArgs, length: int, repeats: int = 3, 
 
     With ``rest_s`` 0 the runs follow each other (and the warm-up run) back to back. With ``rest_s`` > 0 the
     GPU idles that long before each timed run, as before a lone prompt on a quiet server: on an H200 such a
-    prefill ran ~7% faster than the next one (scripts/gpu_prefill_rest.py), which finds the board's power
+    prefill ran ~7% faster than the next one (docs/KERNELS.md), which finds the board's power
     budget already spent by the run before it."""
     from mixtral.sampling import SamplingParams
 

@@ -122,7 +122,7 @@ class PrefillGraph:
 
     An eager prefill step launches ~20 kernels a layer from Python; on an H100 with 8x7B layers the host
     took ~2 ms a layer against ~2.9 ms of GPU time, so the GPU sat idle for the first layer or two of every
-    such step (scripts/gpu_prefill_breakdown.py). Replayed, the launches cost nothing. Steps of several
+    such step (docs/KERNELS.md). Replayed, the launches cost nothing. Steps of several
     sequences, or of another size, run eagerly. Attention goes through the paged kernel (the chunk may come
     after cached tokens); it reads the true context length on the device and sizes its grid from
     ``max_model_len``.

@@ -143,7 +143,7 @@ def prefill_launch_config(rows: int, block_d: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of the prefill kernel for ``rows`` = max new tokens x QG.
 
     Long prompts: the best of eight variants timed on an H100 at 2048 tokens, 32/8 heads, head_dim 128
-    (151 us, 228 TFLOP/s; scripts/gpu_kernel_check.py's prefill sweep). ``block_d`` is for future tuning.
+    (151 us, 228 TFLOP/s; docs/KERNELS.md). ``block_d`` is for future tuning.
     """
     del block_d
     if rows >= 1024:

@@ -3,7 +3,7 @@
 A batch-1 decode step is ~13 kernels a layer and most of them are latency-bound; in a CUDA graph each one
 still waited for the previous kernel to finish before its blocks were even scheduled. With PDL a kernel is
 launched while its predecessor runs: its blocks are placed, then stop at ``gdc_wait`` (``griddepcontrol.wait``)
-until the predecessor has completed and its writes are visible. Measured on an H200 (scripts/gpu_pdl_probe.py):
+until the predecessor has completed and its writes are visible. Measured on an H200 (docs/KERNELS.md):
 a chain of one-program kernels 1.21 -> 1.01 us a kernel, a layer-shaped chain of 7 small kernels and 4 GEMVs
 11.5 -> 5.4 us a layer of overhead over the GEMVs alone.
 

@@ -4,8 +4,9 @@ the tiles.
 Why: the non-persistent kernels hold ~190 KB of shared memory a program (a 128-row A tile and two 128-row
 weight tiles, 4 stages), so one program fits an SM, and every tile is a new program that sets up, fills its
 pipeline and stores its result on its own. Here the grid is the SM count and program p takes tiles p,
-p + grid, ... Measured inside 32-layer prefills on an H200 (scripts/gpu_prefill_tiles.py): 6.4% less time
-at 1024 tokens, 4.0% at 4096, 1.2% at 8192, no difference at 2048; the H200 table picks it where it won.
+p + grid, ... Measured inside 32-layer prefills on an H200 (scripts/gpu_prefill_tiles.py, docs/KERNELS.md):
+6.4% less time at 1024 tokens, 4.0% at 4096, 1.2% at 8192, no difference at 2048; the H200 table picks it
+where it won.
 (Letting Triton flatten the two loops into one pipelined loop, ``tl.range(flatten=True)``, made w13 50-70%
 slower with Triton 3.6.)
 

@@ -4,9 +4,8 @@ At decode sizes a dense layer is a read of its weight matrix; cuBLAS picks split
 about 80% of the copy bandwidth on Mixtral's attention projections (and add a reduction launch). Here each
 program owns BLOCK_N output columns, streams those weight rows once over the whole K with a deep pipeline,
 and multiplies them by the (zero-padded to 16) input rows with ``tl.dot`` in fp32, rounding once. The grid
-is cdiv(N, BLOCK_N): no split-K, no second launch. Tile per (N, K) from ``CONFIGS`` (measured on an H100 by
-scripts/gpu_skinny_gemm.py; the same tiles won in a 32-layer decode graph on an H200, ``--graph``), else
-``DEFAULT``.
+is cdiv(N, BLOCK_N): no split-K, no second launch. Tile per (N, K) from ``CONFIGS`` (a sweep on an H100; the
+same tiles won in a 32-layer decode graph on an H200: docs/KERNELS.md), else ``DEFAULT``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ MAX_ROWS = 16  # one tl.dot tile of rows; larger batches go to cuBLAS
 
 # (block_n, block_k, num_warps, num_stages)
 DEFAULT = (32, 256, 4, 4)
-# (N, K) -> tile, the lowest total over 1, 4, 8 and 16 rows (scripts/gpu_skinny_gemm.py, H100, bf16)
+# (N, K) -> tile, the lowest total over 1, 4, 8 and 16 rows (H100, bf16; docs/KERNELS.md)
 CONFIGS: dict[tuple[int, int], tuple[int, int, int, int]] = {
     (6144, 4096): (32, 128, 4, 5),  # 8x7B wqkv
     (4096, 4096): (32, 256, 4, 4),  # 8x7B wo
@@ -36,7 +35,7 @@ def _skinny_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr,
 ):
     # Reading the first weight tile before the PDL wait (multiplied after the loop) was measured and lost
-    # ~1.5 us a layer on an H200 (scripts/gpu_skinny_gemm.py --graph at 9591830), so the weights wait too.
+    # ~1.5 us a layer on an H200 (in a 32-layer decode graph at 9591830), so the weights wait too.
     pdl_enter(PDL)
     offs_m = tl.arange(0, BLOCK_M)  # [BM]
     m_ok = offs_m < M
