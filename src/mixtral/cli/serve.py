@@ -72,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lora", type=Path, default=None, metavar="PATH",
                    help="LoRA adapter folder (from `mixtral train --lora-rank`) merged into the weights at load")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve the web page (chat playground and live expert-routing dashboard) at /; the "
+                        "API, including GET /v1/stats, is unchanged")
     return p
 
 
@@ -147,6 +150,7 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     engine = AsyncEngine(llm)
     settings = ServerSettings(api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    settings.ui = not args.no_ui
     app = create_app(engine, served_model_name=args.served_model_name or args.model, settings=settings,
                      aliases=args.alias)
     server = make_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,

@@ -20,6 +20,8 @@ from typing import Annotated, Any, Literal
 import jsonschema
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from mixtral.serve.routing import ChoiceRouting, DeltaRouting, RoutingRequestFields
+
 # Largest seed both SDKs can send: an unsigned 64-bit value would not fit a signed tensor.
 MAX_SEED = 2**63 - 1
 MAX_N = 16
@@ -188,7 +190,7 @@ def check_json_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- requests
-class _SamplingFields(_Strict):
+class _SamplingFields(_Strict, RoutingRequestFields):
     """Fields shared by chat and text completions (Mistral names first, OpenAI aliases resolved below)."""
 
     model: str = Field(min_length=1, max_length=256)
@@ -400,6 +402,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
+    routing: ChoiceRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -422,6 +425,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    routing: DeltaRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -438,6 +442,7 @@ class CompletionChoice(BaseModel):
     text: str
     finish_reason: FinishReason | None
     logprobs: dict[str, Any] | None = None
+    routing: ChoiceRouting | DeltaRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class CompletionResponse(BaseModel):
