@@ -140,6 +140,30 @@ def test_a_message_streams_in_and_equals_the_api_answer(page: Any, ui_server: An
     assert f"finish: {expected['choices'][0]['finish_reason']}" in reply.locator(".meta").inner_text()
 
 
+def test_stop_ends_the_generation_and_frees_the_request(page: Any, ui_server: Any) -> None:
+    aborted = _aborts(ui_server.url)
+    greedy(page, 230)  # seconds of generation on this CPU: stop comes long before the end
+    page.fill("#input", "Tell me a long story.")
+    page.click("#send")
+    reply = page.locator(".msg.assistant").first
+    wait_until(lambda: int(reply.get_attribute("data-deltas") or 0) >= 1, page)
+    page.click("#stop-button")
+    reply.and_(page.locator("[data-done=true]")).wait_for()
+    assert reply.get_attribute("data-finish-reason") == "stopped"
+    assert reply.locator(".content").inner_text()  # the partial answer stays
+    ui_server.wait_idle()  # the server aborted the request: no sequence left, its blocks free
+    assert _aborts(ui_server.url) == aborted + 1
+    assert page.locator("#send").is_enabled() and page.locator("#stop-button").is_disabled()
+
+
+def _aborts(url: str) -> float:
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        if family.name == "mixtral_requests":
+            return sum(s.value for s in family.samples if s.labels.get("finish_reason") == "abort"
+                       and s.name.endswith("_total"))
+    return 0.0
+
+
 def test_a_forced_tool_call_is_shown_and_its_result_goes_back(page: Any) -> None:
     sent: list[dict[str, Any]] = []
     page.on("request", lambda r: sent.append(r.post_data_json) if r.url.endswith("/v1/chat/completions") else None)
