@@ -142,12 +142,18 @@ def test_a_message_streams_in_and_equals_the_api_answer(page: Any, ui_server: An
 
 def test_stop_ends_the_generation_and_frees_the_request(page: Any, ui_server: Any) -> None:
     aborted = _aborts(ui_server.url)
-    greedy(page, 230)  # seconds of generation on this CPU: stop comes long before the end
+    greedy(page, 230)
+    # Click Stop from inside the page the moment the first delta shows (from here, the ~1 s this model needs
+    # for 230 tokens can pass before a click lands).
+    page.evaluate("""() => new MutationObserver((changes, observer) => {
+        if (document.querySelector('.msg.assistant[data-deltas]:not([data-deltas="0"])')) {
+            observer.disconnect();
+            document.getElementById('stop-button').click();
+        }
+    }).observe(document.getElementById('messages'), {subtree: true, attributes: true, childList: true})""")
     page.fill("#input", "Tell me a long story.")
     page.click("#send")
     reply = page.locator(".msg.assistant").first
-    wait_until(lambda: int(reply.get_attribute("data-deltas") or 0) >= 1, page)
-    page.click("#stop-button")
     reply.and_(page.locator("[data-done=true]")).wait_for()
     assert reply.get_attribute("data-finish-reason") == "stopped"
     assert reply.locator(".content").inner_text()  # the partial answer stays
@@ -205,6 +211,7 @@ def test_a_script_injection_answer_is_shown_as_text(page: Any, markdown: bool) -
     page.fill("#schema", json.dumps({"type": "string", "enum": [INJECTION]}))
     if markdown:
         page.check("#markdown")
+        page.uncheck("#stream")  # and the non-streaming path
     reply = send(page, "Say something.")
     content = reply.locator(".content")
     assert content.inner_text() == json.dumps(INJECTION)  # the model's answer: the JSON string, verbatim
@@ -214,6 +221,26 @@ def test_a_script_injection_answer_is_shown_as_text(page: Any, markdown: bool) -
     assert page.locator("#messages img, #messages script, #messages a").count() == 0
     page.wait_for_timeout(200)  # an onerror would have fired by now
     assert page.evaluate("window.__xss") == 0
+
+
+def test_bad_tool_json_is_reported_and_nothing_is_sent(page: Any) -> None:
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if r.url.endswith("/v1/chat/completions") else None)
+    page.fill("#tools", '[{"type": "function", ')
+    assert "not valid JSON" in page.inner_text("#tools-error")
+    page.fill("#input", "Hi")
+    page.click("#send")
+    error = page.locator(".msg.error")
+    error.wait_for()
+    assert "tool definitions is not valid JSON" in error.inner_text()
+    assert sent == []
+    # Nothing joined the conversation: the message is still in the box, and fixing the tools sends it once.
+    assert page.locator(".msg.user").count() == 0 and page.input_value("#input") == "Hi"
+    page.fill("#tools", "")
+    greedy(page, 4)
+    page.click("#send")
+    page.locator(".msg.assistant[data-done=true]").wait_for()
+    assert len(sent) == 1 and page.locator(".msg.user").count() == 1 and page.input_value("#input") == ""
 
 
 def test_markdown_mode_keeps_safe_links_only(page: Any) -> None:

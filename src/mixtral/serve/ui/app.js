@@ -248,13 +248,18 @@ function mergeToolCalls(into, deltas) {
   }
 }
 
-async function complete() {
+/** Send the conversation plus `turn` (the new messages); they join the history only once the request is valid. */
+async function complete(turn) {
   let body;
   try {
-    body = buildRequest(state.history);
+    body = buildRequest([...state.history, ...turn.map((t) => t.message)]);
   } catch (err) {
     handleError(err);
-    return;
+    return false;
+  }
+  for (const { message, show } of turn) {
+    state.history.push(message);
+    show();
   }
   const view = addMessage("assistant", "");
   view.text = "";
@@ -321,7 +326,7 @@ async function complete() {
     view.meta.textContent = parts.join(" | ");
     setStatus("");
   }
-  if (finish === "error") return;
+  if (finish === "error") return true;
   if (view.toolCalls.length) {
     showToolCalls(view, view.toolCalls);
     state.history.push({ role: "assistant", content: "", tool_calls: view.toolCalls });
@@ -329,32 +334,39 @@ async function complete() {
   } else if (view.text || finish !== "stopped") {
     state.history.push({ role: "assistant", content: view.text });
   }
+  return true;
 }
 
 // ------------------------------------------------------------------ actions
 async function sendMessage() {
   const text = $("input").value;
   if (!text.trim() || state.controller) return;
-  $("input").value = "";
-  $("tool-results").hidden = true;
-  state.pendingCalls = [];
-  state.history.push({ role: "user", content: text });
-  addMessage("user", text);
-  await complete();
+  await complete([{
+    message: { role: "user", content: text },
+    show: () => {
+      $("input").value = "";
+      $("tool-results").hidden = true;
+      state.pendingCalls = [];
+      addMessage("user", text);
+    },
+  }]);
 }
 
 async function sendToolResults() {
   if (state.controller || !state.pendingCalls.length) return;
-  for (const area of $("tool-result-fields").querySelectorAll("textarea")) {
+  const turn = [...$("tool-result-fields").querySelectorAll("textarea")].map((area) => {
     const call = state.pendingCalls.find((c) => c.id === area.dataset.callId);
-    const message = { role: "tool", tool_call_id: call.id, name: call.function.name, content: area.value };
-    state.history.push(message);
-    const view = addMessage("tool", area.value);
-    view.label.textContent = `tool result: ${call.function.name}`;
-  }
-  state.pendingCalls = [];
-  $("tool-results").hidden = true;
-  await complete();
+    const content = area.value;
+    return {
+      message: { role: "tool", tool_call_id: call.id, name: call.function.name, content },
+      show: () => {
+        state.pendingCalls = [];
+        $("tool-results").hidden = true;
+        addMessage("tool", content).label.textContent = `tool result: ${call.function.name}`;
+      },
+    };
+  });
+  await complete(turn);
 }
 
 function clearConversation() {
