@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import time
 from typing import Any
 
@@ -138,3 +139,25 @@ def test_history_rates_and_window() -> None:
     assert series["requests_running"] == [2.0] * 3 and series["kv_cache_usage"] == [0.25] * 3
     with pytest.raises(ValueError, match="interval_s"):
         StatsHistory(counters, interval_s=0)
+
+
+def test_the_sampler_survives_a_failing_read() -> None:
+    counters = _Counters()
+    calls = 0
+
+    def flaky() -> dict[str, float]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("engine busy")
+        return counters()
+
+    history = StatsHistory(flaky, interval_s=0.01, window_s=1.0)
+
+    async def run_briefly() -> None:
+        task = asyncio.get_running_loop().create_task(history.run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+
+    asyncio.run(run_briefly())
+    assert calls > 3 and len(history.series()["time"]) >= 2

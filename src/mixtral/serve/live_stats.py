@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
+from mixtral.serve.errors import logger
 from mixtral.serve.metrics import stat
 
 
@@ -55,9 +56,16 @@ class StatsHistory:
         ))
 
     async def run(self) -> None:
-        """Sample forever (cancelled with the app)."""
+        """Sample forever (cancelled with the app). A failed sample is logged once and skipped: the history is a
+        convenience, never a reason to take the server down."""
+        warned = False
         while True:
-            self.sample()
+            try:
+                self.sample()
+            except Exception:
+                if not warned:
+                    logger.exception("could not sample the engine's stats for /v1/stats; the history skips them")
+                    warned = True
             await asyncio.sleep(self.interval_s)
 
     def series(self) -> dict[str, Any]:

@@ -81,7 +81,7 @@ export async function postStream(path, body, signal, onEvent) {
         if (data === "[DONE]") return;
         const payload = JSON.parse(data);
         if (payload.object === "error" || (payload.error && !payload.choices)) {
-          throw new ApiError(payload.code || 500, errorMessage(payload, 500));
+          throw new ApiError(Number(payload.code) || 500, errorMessage(payload, 500));
         }
         onEvent(payload);
       }
