@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Subcommand name -> module under mixtral.cli, in the order --help lists them.
-COMMANDS = ("generate", "chat", "serve", "bench", "train", "convert", "init", "info")
+COMMANDS = ("generate", "chat", "serve", "bench", "train", "convert", "init", "info", "routing")
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:

@@ -87,6 +87,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
     add_kernel_args(p)
     _add_vllm_arguments(p)
+    p.add_argument("--no-ui", action="store_true",
+                   help="do not serve the web page (chat playground and live expert-routing dashboard) at /; the "
+                        "API, including GET /v1/stats, is unchanged")
     return p
 
 
@@ -259,6 +262,7 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     engine = AsyncEngine(llm)
     settings = ServerSettings(api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
                               max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
+    settings.ui = not args.no_ui
     app = create_app(engine, served_model_name=args.served_model_name or model_name(args), settings=settings,
                      aliases=args.alias, allowed_origins=allowed_origins(getattr(args, "allowed_origins", None)))
     quiet = args.no_access_log or getattr(args, "disable_log_requests", False)

@@ -50,6 +50,7 @@ from mixtral.serve.responses import (
 )
 from mixtral.serve.state import ServerSettings, ServerState
 from mixtral.serve.tokenize import TokenizerEndpoints
+from mixtral.serve.ui_routes import ui_router
 
 
 def llm_engine_of(async_engine: Any) -> Any:
@@ -156,4 +157,6 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
         """Prometheus text format: request, latency and token metrics, engine state, expert utilization."""
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    # The web page at / (unless --no-ui) and GET /v1/stats, its dashboard's figures (serve/ui_routes.py).
+    app.include_router(ui_router(state, llm.get_stats, getattr(llm, "expert_counts", None), page=settings.ui))
     return app

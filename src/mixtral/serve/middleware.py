@@ -18,7 +18,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from mixtral.serve.errors import error_body
 
 # Paths that stay open without the key: probes and scrapers usually carry no credentials.
-PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css")
+PUBLIC_PATHS = ("/health", "/metrics", "/openapi.json", "/docs", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css",
+                "/")
+# The web page's files (serve/ui_routes.py) hold no data: the page asks for the key and sends it on API calls.
+PUBLIC_PREFIXES = ("/ui/static/",)
 
 
 async def _send_error(send: Send, status: int, message: str, code: str, headers: dict[str, str] | None = None) -> None:
@@ -41,7 +44,7 @@ class GuardMiddleware:
         self.on_reject = on_reject or (lambda status: None)
 
     def _authorized(self, scope: Scope) -> bool:
-        if self.api_key is None or scope["path"] in PUBLIC_PATHS:
+        if self.api_key is None or scope["path"] in PUBLIC_PATHS or scope["path"].startswith(PUBLIC_PREFIXES):
             return True
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")

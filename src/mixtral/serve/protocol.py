@@ -35,6 +35,8 @@ from pydantic import (
 from mixtral.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from mixtral.serve.errors import APIError
 
+from mixtral.serve.routing import RoutingRequestFields
+
 # Largest seed both SDKs can send: an unsigned 64-bit value would not fit a signed tensor.
 MAX_SEED = 2**63 - 1
 MAX_N = 16
@@ -271,7 +273,7 @@ class StructuredOutputs(_Lenient):
 
 
 # --------------------------------------------------------------------------- requests
-class _SamplingFields(_Strict):
+class _SamplingFields(_Strict, RoutingRequestFields):
     """Fields shared by chat and text completions (Mistral names first, OpenAI and vLLM ones beside them)."""
 
     model: str = Field(min_length=1, max_length=256)

@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from mixtral.serve.routing import ChoiceRouting, DeltaRouting
+
 FinishReason = Literal["stop", "length", "tool_calls", "error"]
 
 
@@ -84,6 +86,7 @@ class ChatChoice(BaseModel):
     message: ChatMessageOut
     finish_reason: FinishReason | None
     logprobs: ChoiceLogprobs | None = None
+    routing: ChoiceRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class ChatCompletionResponse(BaseModel):
@@ -107,6 +110,7 @@ class ChatChunkChoice(BaseModel):
     delta: DeltaMessage
     finish_reason: FinishReason | None = None
     logprobs: ChoiceLogprobs | None = None
+    routing: DeltaRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -141,6 +145,7 @@ class CompletionChoice(BaseModel):
     finish_reason: FinishReason | None
     logprobs: CompletionLogprobs | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    routing: ChoiceRouting | DeltaRouting | None = None  # with return_routing (serve/routing.py)
 
 
 class CompletionResponse(BaseModel):

@@ -29,6 +29,8 @@ class ServerSettings:
     drain_timeout: float = 30.0
     # Seconds a client is told to wait after a 429/503.
     retry_after_s: int = 1
+    # The web page at / (--no-ui turns it off; see ui_routes.py).
+    ui: bool = True
 
 
 class RequestTracker:

@@ -1,0 +1,1 @@
+"""Offline analyses of a model's behaviour (``mixtral routing``: which experts tokens are routed to)."""
