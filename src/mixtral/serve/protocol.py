@@ -34,7 +34,6 @@ from pydantic import (
 
 from mixtral.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from mixtral.serve.errors import APIError
-
 from mixtral.serve.routing import RoutingRequestFields
 
 # Largest seed both SDKs can send: an unsigned 64-bit value would not fit a signed tensor.
