@@ -12,11 +12,16 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mixtral.serve.errors import APIError
 from mixtral.serve.metrics import ServerMetrics
 from mixtral.serve.models import ServedModel
+
+if TYPE_CHECKING:
+    from mixtral.engine.async_engine import AsyncEngine
+    from mixtral.serve.guide_compiler import GuideLimits
+    from mixtral.tokenizer import Tokenizer
 
 
 @dataclass
@@ -29,6 +34,24 @@ class ServerSettings:
     drain_timeout: float = 30.0
     # Seconds a client is told to wait after a 429/503.
     retry_after_s: int = 1
+    # Seconds a client has to send a request's headers, then again its body; slower ones are dropped (408).
+    read_timeout: float = 30.0
+    # Seconds a stream may wait on a client that stopped reading before it is aborted (its KV blocks freed).
+    stall_timeout: float = 30.0
+    # Deepest JSON nesting a request body may have (deeper: 400 naming the depth).
+    max_json_depth: int = 64
+    # Constrained decoding: compiled-grammar cache size and per-schema bounds (None: GuideLimits' defaults).
+    guide_limits: GuideLimits | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("read_timeout", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerSettings.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"ServerSettings.drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_json_depth < 1 or self.max_body_bytes < 1:
+            raise ValueError(f"ServerSettings.max_json_depth and max_body_bytes must be >= 1, got "
+                             f"{self.max_json_depth} and {self.max_body_bytes}")
 
 
 class RequestTracker:
@@ -62,7 +85,7 @@ class RequestTracker:
 class ServerState:
     """Shared by the handlers of one app (held in ``app.state.server``)."""
 
-    def __init__(self, engine: Any, tokenizer: Any, model: ServedModel, settings: ServerSettings,
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model: ServedModel, settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -72,6 +95,10 @@ class ServerState:
         self.num_queued = 0
         self.num_in_flight = 0
         self.draining = False
+        if settings.guide_limits is not None:
+            from mixtral.serve.guide_compiler import configure
+
+            configure(settings.guide_limits)  # the compiler every chat request's guide is built with
 
     def new_request_id(self, prefix: str) -> str:
         """A fresh id (the engine's request id too): random, so ids stay distinct across restarts in logs."""
