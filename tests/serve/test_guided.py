@@ -386,7 +386,7 @@ def test_copy_is_independent(tok: Tokenizer) -> None:
     assert np.flatnonzero(Sampler(tok, 0).allowed(row)).tolist() == [vocab.eos_id]
     guide.fill_bitmask(row)
     assert not Sampler(tok, 0).allowed(row)[vocab.eos_id]  # the original is still inside the string
-    with pytest.raises(GuideError, match="doesn.t satisfy the grammar"):
+    with pytest.raises(GuideError, match="doesn't satisfy the grammar"):
         guide.accept_token(vocab.tool_calls_id)
 
 
