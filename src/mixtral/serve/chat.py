@@ -26,6 +26,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mixtral.engine.outputs import CompletionOutput, RequestOutput
+from mixtral.guide import TokenGuide
 from mixtral.serve.errors import APIError, error_body, logger
 from mixtral.serve.generate import finish_reason_of, run_request
 from mixtral.serve.params import sampling_params
@@ -108,7 +110,7 @@ def encode_prompt(state: ServerState, req: ChatCompletionRequest, tools_active: 
         raise APIError(400, f"messages: {exc}", param="messages", code="invalid_messages") from exc
 
 
-def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> Any:
+def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> TokenGuide | None:
     """The TokenGuide constraining this request's output, or None."""
     fmt = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
     if fmt is not None and fmt.get("type") == "text":
@@ -192,24 +194,24 @@ class ChatHandler:
                            code="shutting_down", headers={"Retry-After": "1"})
         return JSONResponse(_dump(self._response(final, len(prompt_ids))))
 
-    def _prepare(self, tools_active: bool) -> tuple[list[int], Any]:
+    def _prepare(self, tools_active: bool) -> tuple[list[int], TokenGuide | None]:
         prompt_ids = encode_prompt(self.state, self.req, tools_active)
         return prompt_ids, build_request_guide(self.state, self.req, tools_active)
 
-    def _text(self, out: Any) -> str:
+    def _text(self, out: CompletionOutput) -> str:
         """The reply text of one output (cumulative, so streaming can diff it)."""
         text = out.text
         return text[1:] if self.strip_space and text.startswith(" ") else text
 
     # ---------------------------------------------------------------- non-streaming
-    def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:
+    def _message(self, out: CompletionOutput) -> tuple[ChatMessageOut, str | None]:
         calls = tool_calls_from_output(self.state.tokenizer, out.token_ids, self.tool_names) if self.tool_names \
             else None
         if calls is not None:
             return ChatMessageOut(content="", tool_calls=calls), "tool_calls"
         return ChatMessageOut(content=self._text(out)), finish_reason_of(out.finish_reason)
 
-    def _response(self, final: Any, prompt_tokens: int) -> ChatCompletionResponse:
+    def _response(self, final: RequestOutput, prompt_tokens: int) -> ChatCompletionResponse:
         choices = []
         for out in final.outputs:
             message, reason = self._message(out)
@@ -230,7 +232,7 @@ class ChatHandler:
                                                              logprobs=logprobs)])
         return sse_event(_dump(chunk))
 
-    async def _events(self, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[bytes]:
+    async def _events(self, outputs: AsyncIterator[RequestOutput], prompt_tokens: int) -> AsyncIterator[bytes]:
         n = self.req.n or 1
         tok = self.state.tokenizer
         sent_text = [""] * n

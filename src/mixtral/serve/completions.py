@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mixtral.engine.outputs import CompletionOutput, RequestOutput
 from mixtral.serve.errors import APIError, error_body, logger
 from mixtral.serve.generate import finish_reason_of, run_request
 from mixtral.serve.params import check_token_ids, sampling_params
@@ -23,7 +24,7 @@ from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
 
 
-def _legacy_logprobs(state: ServerState, out: Any, start: int) -> dict[str, Any]:
+def _legacy_logprobs(state: ServerState, out: CompletionOutput, start: int) -> dict[str, Any]:
     tok = state.tokenizer
     ids = out.token_ids[start:]
     lps = (out.logprobs or [])[start:]
@@ -84,7 +85,7 @@ class CompletionHandler:
         data["choices"][0]["finish_reason"] = finish_reason
         return sse_event(data)
 
-    async def _events(self, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[bytes]:
+    async def _events(self, outputs: AsyncIterator[RequestOutput], prompt_tokens: int) -> AsyncIterator[bytes]:
         n = self.req.n or 1
         sent_text = [""] * n
         sent_tokens = [0] * n

@@ -8,8 +8,7 @@ context, is refused with both numbers in the message, before the engine sees it.
 
 from __future__ import annotations
 
-from typing import Any
-
+from mixtral.guide import TokenGuide
 from mixtral.sampling import SamplingParams
 from mixtral.serve.errors import APIError
 from mixtral.serve.protocol import _SamplingFields
@@ -50,7 +49,8 @@ def check_n(n: int, max_num_seqs: int | None) -> None:
 
 
 def sampling_params(req: _SamplingFields, *, prompt_tokens: int, max_model_len: int, vocab_size: int,
-                    logprobs: int | None, guide: Any = None, max_num_seqs: int | None = None) -> SamplingParams:
+                    logprobs: int | None, guide: TokenGuide | None = None, max_num_seqs: int | None = None
+                    ) -> SamplingParams:
     """SamplingParams for a chat or text completion request whose prompt is ``prompt_tokens`` long.
 
     ``max_num_seqs``: the engine's batch limit, checked here so that a streaming request gets a 400 rather than
