@@ -20,7 +20,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 import llguidance as llg
 import torch
@@ -32,6 +32,7 @@ from mixtral.serve.llg_vocab import LLVocab
 DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
 _BYTES_PER_GRAMMAR_BYTE = 64
 _BYTES_PER_ENTRY = 256 * 1024
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ class GuideLimits:
         return SchemaLimits(self.max_schema_bytes, self.max_schema_depth)
 
 
-class ByteBoundedCache:
+class ByteBoundedCache(Generic[V]):
     """A thread-safe LRU map whose entries each cost a given number of bytes, kept under ``capacity`` bytes."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
-        self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+        self._items: OrderedDict[Hashable, tuple[V, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
 
@@ -74,7 +75,7 @@ class ByteBoundedCache:
     def __len__(self) -> int:
         return len(self._items)
 
-    def get(self, key: Hashable) -> Any | None:
+    def get(self, key: Hashable) -> V | None:
         with self._lock:
             item = self._items.get(key)
             if item is None:
@@ -82,7 +83,7 @@ class ByteBoundedCache:
             self._items.move_to_end(key)
             return item[0]
 
-    def put(self, key: Hashable, value: Any, nbytes: int) -> None:
+    def put(self, key: Hashable, value: V, nbytes: int) -> None:
         """Insert (an entry bigger than the whole cache is not kept), evicting the least recently used."""
         if nbytes > self.capacity:
             return
@@ -96,7 +97,7 @@ class ByteBoundedCache:
                 _, (_, size) = self._items.popitem(last=False)
                 self._bytes -= size
 
-    def discard(self, key: Hashable, value: Any | None = None) -> None:
+    def discard(self, key: Hashable, value: V | None = None) -> None:
         """Drop ``key`` (only if it still maps to ``value``, when given)."""
         with self._lock:
             item = self._items.get(key)
@@ -121,20 +122,20 @@ class GuideCompiler:
 
     def __init__(self, limits: GuideLimits | None = None) -> None:
         self.limits = limits or GuideLimits()
-        self.cache = ByteBoundedCache(self.limits.cache_bytes)
+        self.cache: ByteBoundedCache[llg.LLMatcher] = ByteBoundedCache(self.limits.cache_bytes)
         self._parser_limits = llg.LLParserLimits(max_lexer_states=self.limits.max_lexer_states,
                                                  max_grammar_size=self.limits.max_grammar_size,
                                                  verbose_errors=False)
         self._piece_lengths: dict[LLVocab, torch.Tensor] = {}
 
-    def cached(self, key: Hashable) -> Any | None:
+    def cached(self, key: Hashable) -> llg.LLMatcher | None:
         return self.cache.get(key)
 
-    def store(self, key: Hashable, key_bytes: int, value: Any, grammar_bytes: int) -> None:
+    def store(self, key: Hashable, key_bytes: int, value: llg.LLMatcher, grammar_bytes: int) -> None:
         """Keep a compiled (and probed) value: its cost is the key's size plus the matcher's estimated one."""
         self.cache.put(key, value, key_bytes + _BYTES_PER_ENTRY + _BYTES_PER_GRAMMAR_BYTE * grammar_bytes)
 
-    def evict(self, key: Hashable, value: Any) -> None:
+    def evict(self, key: Hashable, value: llg.LLMatcher) -> None:
         """A guide made from ``value`` failed while running: never hand it out again."""
         self.cache.discard(key, value)
 

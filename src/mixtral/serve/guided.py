@@ -28,7 +28,7 @@ from mixtral.guide import TokenGuide, bitmask_words
 from mixtral.serve.grammar import GuideError, lark_grammar, plan_guide
 from mixtral.serve.guide_compiler import GuideCompiler, default_compiler, first_line
 from mixtral.serve.limits import value_depth
-from mixtral.serve.llg_vocab import llg_vocab
+from mixtral.serve.llg_vocab import LLVocab, llg_vocab
 
 __all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "parse_tool_calls"]
 
@@ -175,7 +175,7 @@ def build_guide(
     return LLGuide(template.deep_copy(), bitmask_words(vocab.vocab_size), vocab.eos_id, on_error)
 
 
-def _request_key(vocab: Any, compiler: GuideCompiler, tools: Any, tool_choice: Any, response_format: Any,
+def _request_key(vocab: LLVocab, compiler: GuideCompiler, tools: Any, tool_choice: Any, response_format: Any,
                  parallel_tool_calls: bool) -> tuple[Hashable, str] | None:
     """The cache key of a request's constraint fields, or None when they are not plain JSON within the depth
     limit (``plan_guide`` then says what is wrong)."""

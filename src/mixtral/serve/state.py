@@ -40,7 +40,8 @@ class ServerSettings:
     stall_timeout: float = 30.0
     # Deepest JSON nesting a request body may have (deeper: 400 naming the depth).
     max_json_depth: int = 64
-    # Constrained decoding: compiled-grammar cache size and per-schema bounds (None: GuideLimits' defaults).
+    # Constrained decoding: compiled-grammar cache size and per-schema bounds (None: GuideLimits' defaults). The
+    # compiler is one per process: the last server built sets it.
     guide_limits: GuideLimits | None = None
 
     def __post_init__(self) -> None:
@@ -95,10 +96,9 @@ class ServerState:
         self.num_queued = 0
         self.num_in_flight = 0
         self.draining = False
-        if settings.guide_limits is not None:
-            from mixtral.serve.guide_compiler import configure
+        from mixtral.serve.guide_compiler import GuideLimits, configure
 
-            configure(settings.guide_limits)  # the compiler every chat request's guide is built with
+        configure(settings.guide_limits or GuideLimits())  # the compiler every chat request's guide is built with
 
     def new_request_id(self, prefix: str) -> str:
         """A fresh id (the engine's request id too): random, so ids stay distinct across restarts in logs."""
