@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -77,9 +78,21 @@ def test_a_slow_request_body_gets_408(strict_server: Any) -> None:
     assert b"did not arrive within 1s (--read-timeout)" in data and 0.8 <= waited < 5
 
 
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
 def test_a_stream_whose_client_stopped_reading_is_aborted(strict_server: Any) -> None:
     llm = strict_server.llm
     before = llm.get_stats()
+    records = _Records()
+    for name in ("mixtral.serve", "uvicorn.error"):
+        logging.getLogger(name).addHandler(records)
     # 4 samples x 2000 tokens with 20 alternatives each: ~16 MB of events, past the ~4 MB that the kernel's and the
     # server's send buffers hold for a client that reads nothing.
     body = json.dumps({**CHAT, "max_tokens": 2000, "n": 4, "temperature": 1.0, "stream": True, "logprobs": True,
@@ -100,6 +113,11 @@ def test_a_stream_whose_client_stopped_reading_is_aborted(strict_server: Any) ->
     assert generated < 4 * 2000, "the request ran to max_tokens: it was not aborted"
     assert stats.num_free_blocks == stats.num_total_blocks
     assert data.startswith(b"HTTP/1.1 200 ") and b"data: [DONE]" not in data
+    for name in ("mixtral.serve", "uvicorn.error"):
+        logging.getLogger(name).removeHandler(records)
+    messages = [(r.levelno, r.getMessage()) for r in records.records]
+    assert any("stopped reading for 1s (--stall-timeout)" in m for _, m in messages), messages
+    assert not [m for level, m in messages if level >= logging.ERROR], messages  # expected, so no error lines
     with strict_server.client() as client:
         text = client.get("/metrics").text
         assert 'mixtral_requests_total{finish_reason="abort",model_name="tiny-mixtral"} 1.0' in text

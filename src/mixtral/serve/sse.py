@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextvars import ContextVar
 from typing import Any
 
 import anyio
@@ -24,6 +25,23 @@ from starlette.responses import StreamingResponse
 from starlette.types import Message, Receive, Scope, Send
 
 logger = logging.getLogger("mixtral.serve")
+
+# Set in the task of a stream given up on a stalled client (see ``_StalledStreamFilter``).
+_gave_up: ContextVar[bool] = ContextVar("mixtral_stream_gave_up", default=False)
+
+
+class _StalledStreamFilter(logging.Filter):
+    """uvicorn logs a response the app left unfinished as an error; for a stream given up on a client that stopped
+    reading that is the intended outcome, already reported as a warning, so uvicorn's line is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_gave_up.get() and record.getMessage().startswith("ASGI callable returned without completing"))
+
+
+def _quiet_uvicorn_about_stalls() -> None:
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _StalledStreamFilter) for f in uvicorn_log.filters):
+        uvicorn_log.addFilter(_StalledStreamFilter())
 
 DONE = b"data: [DONE]\n\n"
 
@@ -69,6 +87,8 @@ class EventStreamResponse(StreamingResponse):
                 tg.start_soon(stream_then_stop)
                 tg.start_soon(watch_disconnect)
             if self.stalled:
+                _gave_up.set(True)  # seen by the filter when uvicorn logs, later in this same task
+                _quiet_uvicorn_about_stalls()
                 client = scope.get("client") or ("?", 0)
                 logger.warning("client %s:%s stopped reading for %gs (--stall-timeout): stream aborted, its KV "
                                "blocks freed", client[0], client[1], self._stall_timeout)
