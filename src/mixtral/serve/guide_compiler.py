@@ -181,7 +181,7 @@ class GuideCompiler:
             taken += 1
         if matcher.is_error():
             raise GuideError(f"constrained decoding cannot follow this grammar: a trial answer made it fail after "
-                             f"{taken} tokens ({first_line(matcher.get_error())}); simplify the schema (a "
+                             f"{taken} token(s) ({first_line(matcher.get_error())}); simplify the schema (a "
                              f"required recursive $ref, a pattern with huge repetitions, ...)")
 
 
