@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from mixtral.guide import apply_bitmask, bitmask_words
-from mixtral.serve.guided import BanTokensGuide, LLGuide, build_guide, parse_tool_calls
+from mixtral.serve.guided import BanTokensGuide, GuideError, LLGuide, build_guide, parse_tool_calls
 from mixtral.serve.llg_vocab import LLVocab, llg_vocab
 from mixtral.tokenizer import Tokenizer
 
@@ -386,7 +386,7 @@ def test_copy_is_independent(tok: Tokenizer) -> None:
     assert np.flatnonzero(Sampler(tok, 0).allowed(row)).tolist() == [vocab.eos_id]
     guide.fill_bitmask(row)
     assert not Sampler(tok, 0).allowed(row)[vocab.eos_id]  # the original is still inside the string
-    with pytest.raises(RuntimeError, match="not allowed"):
+    with pytest.raises(GuideError, match="doesn't satisfy the grammar"):
         guide.accept_token(vocab.tool_calls_id)
 
 

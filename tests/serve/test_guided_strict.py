@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from mixtral.serve.grammar import _strict
-from mixtral.serve.guided import build_guide
+from mixtral.serve.guided import GuideError, build_guide
 from mixtral.serve.llg_vocab import llg_vocab
 from mixtral.tokenizer import Tokenizer
 
@@ -25,8 +25,8 @@ def _refused_at(guide: object, ids: list[int]) -> int | None:
     for i, t in enumerate(ids):
         try:
             guide.accept_token(t)  # type: ignore[attr-defined]
-        except RuntimeError as exc:
-            assert "not allowed" in str(exc)
+        except GuideError as exc:
+            assert "doesn't satisfy the grammar" in str(exc)
             return i
     return None
 

@@ -76,6 +76,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
                    help="on SIGTERM/SIGINT, how long running requests may take to finish before they are aborted "
                         "(default: 30)")
+    # Robustness limits (slow clients, stalled streams, constrained-decoding cost).
+    p.add_argument("--read-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a client has to send a request's headers, and then again its body; slower clients "
+                        "are dropped (the body's timeout is answered 408) (default: 30)")
+    p.add_argument("--stall-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="how long a stream may wait on a client that stopped reading before it is aborted and its KV "
+                        "blocks freed (default: 30)")
+    p.add_argument("--guided-cache-bytes", type=int, default=128 * 1024 * 1024, metavar="BYTES",
+                   help="memory for compiled constrained-decoding grammars (tools, response_format) kept for reuse, "
+                        "least recently used dropped first; 0 disables the cache (default: 134217728 = 128 MiB)")
+    p.add_argument("--max-guided-schema-bytes", type=int, default=512 * 1024, metavar="BYTES",
+                   help="largest JSON schema (a tool's parameters or a response_format schema, as compact JSON) a "
+                        "request may ask to enforce; larger ones get 400 (default: 524288 = 512 KiB)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for random weights (presets) and for requests that bring no seed (default: 0)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
@@ -174,6 +187,13 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--max-queued-requests must be >= 0, got {args.max_queued_requests}"
     if args.drain_timeout < 0:
         return f"--drain-timeout must be >= 0, got {args.drain_timeout}"
+    for name in ("read_timeout", "stall_timeout"):
+        if not getattr(args, name, 1.0) > 0:
+            return f"--{name.replace('_', '-')} must be > 0 seconds, got {getattr(args, name)}"
+    if getattr(args, "guided_cache_bytes", 0) < 0:
+        return f"--guided-cache-bytes must be >= 0, got {args.guided_cache_bytes}"
+    if getattr(args, "max_guided_schema_bytes", 1) < 1:
+        return f"--max-guided-schema-bytes must be >= 1, got {args.max_guided_schema_bytes}"
     return None
 
 
@@ -249,6 +269,7 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     """Load the model and serve it on ``sock`` (already bound to --host:--port) until a signal drains it."""
     from mixtral.engine.async_engine import AsyncEngine
     from mixtral.serve.app import create_app
+    from mixtral.serve.guide_compiler import GuideLimits
     from mixtral.serve.server import make_server
     from mixtral.serve.state import ServerSettings
 
@@ -261,12 +282,15 @@ def _load_and_serve(args: argparse.Namespace, sock: socket.socket) -> int:
     # Admission (429) is the server's: it counts requests waiting for their first token (see serve/state.py).
     engine = AsyncEngine(llm)
     settings = ServerSettings(api_key=args.api_key or None, max_queued_requests=args.max_queued_requests,
-                              max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout)
-    settings.ui = not args.no_ui
+                              max_body_bytes=args.max_body_bytes, drain_timeout=args.drain_timeout,
+                              read_timeout=args.read_timeout, stall_timeout=args.stall_timeout,
+                              guide_limits=GuideLimits(cache_bytes=args.guided_cache_bytes,
+                                                       max_schema_bytes=args.max_guided_schema_bytes),
+                              ui=not args.no_ui)
     app = create_app(engine, served_model_name=args.served_model_name or model_name(args), settings=settings,
                      aliases=args.alias, allowed_origins=allowed_origins(getattr(args, "allowed_origins", None)))
     quiet = args.no_access_log or getattr(args, "disable_log_requests", False)
     server = make_server(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout,
                          log_level=getattr(args, "uvicorn_log_level", None) or args.log_level, access_log=not quiet)
     server.run(sockets=[sock])
-    return 0
+    return server.exit_code  # 1 when the engine died: a supervisor restarts the server

@@ -2,6 +2,9 @@
 
 Map of the package (data flows top to bottom each step):
 - ``llm_engine.LLMEngine``: add_request / step / abort; ``async_engine.AsyncEngine`` drives it for the server;
+  its pieces: ``admission`` (validation, tokenization -> SequenceGroup), ``requests`` (the live-request table),
+  ``step_plan`` (what a step samples; the step launched ahead; guide masks), ``step_apply`` (tokens -> outputs,
+  per-request failures);
 - ``scheduler.Scheduler``: continuous batching, chunked prefill, preemption by recompute;
 - ``block_manager.BlockManager``: paged KV blocks, ref counts, prefix caching;
 - ``model_runner.ModelRunner``: flat ragged inputs, slot mapping, the forward pass; ``attention`` holds its
@@ -19,7 +22,7 @@ from typing import Any
 
 _LAZY = {
     "LLMEngine": "mixtral.engine.llm_engine",
-    "RequestTooLongError": "mixtral.engine.llm_engine",
+    "RequestTooLongError": "mixtral.engine.admission",
     "EngineStats": "mixtral.engine.llm_engine",
     "AsyncEngine": "mixtral.engine.async_engine",
     "EngineOverloadedError": "mixtral.engine.async_engine",
@@ -27,6 +30,7 @@ _LAZY = {
     "EngineConfig": "mixtral.engine.config",
     "RequestOutput": "mixtral.engine.outputs",
     "CompletionOutput": "mixtral.engine.outputs",
+    "RequestError": "mixtral.engine.outputs",
 }
 
 __all__ = list(_LAZY)

@@ -1,7 +1,8 @@
 """AsyncEngine: drives an LLMEngine from a background thread and streams each request's outputs to asyncio.
 
 The server's event loop never waits on the model: ``generate`` hands the request to the engine thread and
-awaits its per-request queue, which the engine thread feeds through ``loop.call_soon_threadsafe``. All
+awaits its per-request stream (the newest cumulative output), which the engine thread feeds through
+``loop.call_soon_threadsafe``. All
 engine calls (add, step, abort) happen on that one thread, so the single-threaded LLMEngine needs no locks.
 Cancelling a ``generate`` consumer (a client that disconnects) aborts its request and frees its blocks.
 
@@ -20,11 +21,13 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+
+import torch
 
 from mixtral.engine.llm_engine import EngineStats, LLMEngine
 from mixtral.engine.outputs import RequestOutput
 from mixtral.sampling import SamplingParams
+from mixtral.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +41,47 @@ class EngineDeadError(RuntimeError):
 
 
 class _Stream:
-    """One request's outputs, handed from the engine thread to the consumer's event loop."""
+    """One request's outputs, handed from the engine thread to the consumer's event loop.
+
+    Outputs are cumulative, so only the newest is kept: a consumer that falls behind (a slow client) skips the
+    states in between instead of piling them up, and a request never holds more than one pending output. An error
+    is delivered after the output before it.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ended = False  # a finished output or an error was put: nothing after it counts
+        self._ready = asyncio.Event()
 
     def put(self, item: RequestOutput | BaseException) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        """From the engine thread."""
+        # A closed consumer loop (RuntimeError) means nobody is left to tell; it must not stop the engine thread.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._set, item)
+
+    def _set(self, item: RequestOutput | BaseException) -> None:
+        if self._ended:
+            return
+        if isinstance(item, BaseException):
+            self._error = item
+            self._ended = True
+        else:
+            self._output = item
+            self._ended = item.finished
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        if self._output is not None:
+            item: RequestOutput | BaseException = self._output
+            self._output = None
+            if self._error is None:
+                self._ready.clear()
+            return item
+        assert self._error is not None
+        return self._error
 
 
 class AsyncEngine:
@@ -65,7 +101,7 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------- lifecycle
     @property
-    def tokenizer(self) -> Any:
+    def tokenizer(self) -> Tokenizer | None:
         return self.engine.tokenizer
 
     @property
@@ -160,7 +196,7 @@ class AsyncEngine:
             # queued add still runs and would otherwise generate for nobody).
             await admitted
             while not finished:
-                item = await stream.queue.get()
+                item = await stream.get()
                 if isinstance(item, BaseException):
                     raise EngineDeadError("the engine stopped while serving this request") from item
                 finished = item.finished
@@ -173,6 +209,28 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self._submit(lambda: self._abort_now(request_id))
 
+    async def abort_all(self) -> int:
+        """Abort every request now (a drain that ran out of time): each stream ends with finish_reason "abort"
+        and the requests' blocks are freed. Returns how many were aborted; admission stays as it was."""
+        if not self.is_running:
+            return 0
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[int] = loop.create_future()
+
+        def cut() -> None:
+            ids = list(self._streams)
+            for out in self.engine.abort_request(ids):
+                stream = self._streams.pop(out.request_id, None)
+                if stream is not None:
+                    stream.put(out)
+            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(len(ids)))
+
+        self._submit(cut)
+        try:
+            return await asyncio.wait_for(done, timeout=30)
+        except asyncio.TimeoutError:
+            return 0
+
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
 
@@ -180,7 +238,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.engine.get_stats()
 
-    def expert_counts(self) -> Any:
+    def expert_counts(self) -> torch.Tensor:
         return self.engine.expert_counts()
 
     # ----------------------------------------------------------------- the engine thread

@@ -15,7 +15,8 @@ Logprobs = list[dict[int, float]]
 @dataclass
 class CompletionOutput:
     """One sample of a request. ``finish_reason``: "stop" (EOS, stop string/token, guide done),
-    "length" (max_tokens or the context is full), "abort", or None while still running. ``stop_reason``
+    "length" (max_tokens or the context is full), "abort", "error" (the engine failed the request: see
+    ``RequestOutput.error``), or None while still running. ``stop_reason``
     is the stop string or stop token id that ended it (None for EOS and the other reasons)."""
 
     index: int
@@ -53,6 +54,19 @@ class RequestMetrics:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
 
 
+@dataclass(frozen=True)
+class RequestError:
+    """Why the engine failed one request while the other requests went on (``RequestOutput.error``).
+
+    ``invalid_request``: the request's own input is at fault (its grammar hit constrained decoding's limits, a
+    stop string its detokenizer cannot handle, ...): a server answers 400. False: an engine bug that only this
+    request met (logged with its traceback): a server answers 500.
+    """
+
+    message: str
+    invalid_request: bool
+
+
 @dataclass
 class RequestOutput:
     """The state of one request after an engine step. ``num_cached_tokens``: prompt tokens whose KV came
@@ -67,3 +81,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    error: RequestError | None = None  # set (with finish_reason "error") when the engine failed this request

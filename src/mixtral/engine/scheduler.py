@@ -156,6 +156,6 @@ class Scheduler:
 
     def update_after_step(self, out: SchedulerOutput) -> None:
         """Mark the scheduled tokens as computed (the engine publishes full blocks once the step's tokens are
-        applied: ``LLMEngine._apply_step``)."""
+        applied: ``StepApplier.apply``)."""
         for s in out.scheduled:
             s.seq.num_computed_tokens += s.num_new_tokens

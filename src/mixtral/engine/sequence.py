@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mixtral.engine.outputs import CompletionOutput, Logprobs, RequestMetrics, RequestOutput
+from mixtral.engine.outputs import CompletionOutput, Logprobs, RequestError, RequestMetrics, RequestOutput
 from mixtral.guide import TokenGuide
 from mixtral.sampling import SamplingParams
 
@@ -26,11 +26,11 @@ class SequenceStatus(enum.Enum):
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"  # the engine failed the request (its error is on the SequenceGroup)
 
     @property
     def finished(self) -> bool:
-        return self in (SequenceStatus.FINISHED_STOPPED, SequenceStatus.FINISHED_LENGTH,
-                        SequenceStatus.FINISHED_ABORTED)
+        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
 
     @property
     def finish_reason(self) -> str | None:
@@ -158,6 +158,7 @@ class SequenceGroup:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0
     max_output_tokens: int = 0  # max_tokens resolved against the context length
+    error: RequestError | None = None  # why the engine failed this request (its sequences: FINISHED_ERROR)
 
     @property
     def needs_fork(self) -> bool:
@@ -179,4 +180,5 @@ class SequenceGroup:
             finished=self.is_finished,
             num_cached_tokens=self.num_cached_tokens,
             metrics=self.metrics,
+            error=self.error,
         )

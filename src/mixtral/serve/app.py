@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -52,13 +52,18 @@ from mixtral.serve.state import ServerSettings, ServerState
 from mixtral.serve.tokenize import TokenizerEndpoints
 from mixtral.serve.ui_routes import ui_router
 
+if TYPE_CHECKING:
+    from mixtral.engine.async_engine import AsyncEngine
+    from mixtral.engine.llm_engine import LLMEngine
+    from mixtral.tokenizer import Tokenizer
 
-def llm_engine_of(async_engine: Any) -> Any:
+
+def llm_engine_of(async_engine: AsyncEngine) -> LLMEngine:
     """The LLMEngine inside an AsyncEngine (which wraps it as ``.engine``)."""
-    return getattr(async_engine, "engine", async_engine)
+    return async_engine.engine
 
 
-def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = None,
+def create_app(engine: AsyncEngine, *, served_model_name: str, tokenizer: Tokenizer | None = None,
                settings: ServerSettings | None = None, aliases: list[str] | None = None,
                manage_engine: bool = True, allowed_origins: list[str] | None = None) -> FastAPI:
     """The ASGI app serving ``engine`` (an ``AsyncEngine``) as ``served_model_name``.
@@ -69,6 +74,8 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
     settings = settings or ServerSettings()
     llm = llm_engine_of(engine)
     tokenizer = tokenizer or llm.tokenizer
+    if tokenizer is None:
+        raise ValueError("serving needs a tokenizer: the engine has none and none was given")
     served = ServedModel(name=served_model_name, args=llm.model_args, max_model_len=llm.config.max_model_len,
                          supports_tools=bool(tokenizer.supports_tools), extra_aliases=list(aliases or []),
                          max_num_seqs=getattr(llm.config, "max_num_seqs", None))
@@ -93,7 +100,8 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
     app.state.server = state
     install_error_handlers(app)
     app.add_middleware(GuardMiddleware, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes,
-                       on_reject=metrics.reject)
+                       on_reject=metrics.reject, read_timeout=settings.read_timeout,
+                       max_json_depth=settings.max_json_depth)
     if allowed_origins:
         # Added last, so outermost: a browser's preflight (OPTIONS, no key) is answered before the key check.
         app.add_middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"], allow_headers=["*"])
@@ -146,7 +154,7 @@ def create_app(engine: Any, *, served_model_name: str, tokenizer: Any | None = N
         """200 while serving; 503 once shutting down or if the engine stopped (load balancers stop sending)."""
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
-        if not getattr(engine, "is_running", True):
+        if not engine.is_running:  # the process exits within a tick (server.py): a supervisor restarts it
             return JSONResponse({"status": "engine stopped"}, status_code=503)
         return JSONResponse({"status": "ok", "model": served.name, "in_flight": state.num_in_flight})
 

@@ -32,6 +32,8 @@ from fastapi.responses import JSONResponse
 from starlette.requests import Request
 from starlette.responses import Response
 
+from mixtral.engine.outputs import CompletionOutput, RequestOutput
+from mixtral.guide import TokenGuide
 from mixtral.serve.errors import APIError, error_body, logger
 from mixtral.serve.generate import finish_reason_of, run_request
 from mixtral.serve.logprobs import format_prompt_logprobs
@@ -136,7 +138,7 @@ def encode_prompt(state: ServerState, req: ChatCompletionRequest, tools_active: 
     return encode_messages(state, messages, req.tools if tools_active else None)
 
 
-def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> Any:
+def build_request_guide(state: ServerState, req: ChatCompletionRequest, tools_active: bool) -> TokenGuide | None:
     """The TokenGuide constraining this request's output, or None."""
     structured = req.structured()
     if structured is not None:
@@ -229,17 +231,17 @@ class ChatHandler:
         return format_prompt_logprobs(self.state.tokenizer, out.prompt_token_ids, out.prompt_logprobs,
                                       self.req.prompt_logprobs)
 
-    def _prepare(self, tools_active: bool) -> tuple[list[int], Any]:
+    def _prepare(self, tools_active: bool) -> tuple[list[int], TokenGuide | None]:
         prompt_ids = encode_prompt(self.state, self.req, tools_active)
         return prompt_ids, build_request_guide(self.state, self.req, tools_active)
 
-    def _text(self, out: Any) -> str:
+    def _text(self, out: CompletionOutput) -> str:
         """The reply text of one output (cumulative, so streaming can diff it)."""
         text = out.text
         return text[1:] if self.strip_space and text.startswith(" ") else text
 
     # ---------------------------------------------------------------- non-streaming
-    def _message(self, out: Any) -> tuple[ChatMessageOut, str | None]:
+    def _message(self, out: CompletionOutput) -> tuple[ChatMessageOut, str | None]:
         tok = self.state.tokenizer
         calls = tool_calls_from_output(tok, out.token_ids, self.tool_names) if self.tool_names else None
         if calls is not None:
@@ -250,7 +252,7 @@ class ChatHandler:
             return ChatMessageOut(content="", tool_calls=partial_tool_calls(tok, out.token_ids)), "length"
         return ChatMessageOut(content=self._text(out)), finish_reason_of(out.finish_reason)
 
-    def _response(self, final: Any, prompt_tokens: int) -> ChatCompletionResponse:
+    def _response(self, final: RequestOutput, prompt_tokens: int) -> ChatCompletionResponse:
         choices = []
         for out in final.outputs:
             message, reason = self._message(out)
@@ -277,7 +279,7 @@ class ChatHandler:
         return sse_event(wire(ChatCompletionChunk(id=self.id, created=self.created, model=self.req.model, choices=[],
                                                   usage=usage, prompt_logprobs=prompt_logprobs)))
 
-    async def _events(self, outputs: AsyncIterator[Any], prompt_tokens: int) -> AsyncIterator[bytes]:
+    async def _events(self, outputs: AsyncIterator[RequestOutput], prompt_tokens: int) -> AsyncIterator[bytes]:
         n = self.req.n or 1
         tok = self.state.tokenizer
         sent_text = [""] * n

@@ -3,8 +3,11 @@
 ``stream_outputs`` wraps ``AsyncEngine.generate``: it records time to first token, inter-token latency and the
 finished request's figures, turns the engine's "can never fit" ``ValueError`` into a 400, and makes sure an
 unfinished request is aborted (its KV blocks freed) however the consumer stops: cancellation, ``aclose`` or an
-error. ``collect_until_disconnect`` runs a non-streaming request while watching the connection, so a client that
-hangs up stops its generation too (Starlette only notices disconnects of streaming responses by itself).
+error. A request the engine failed alone (``RequestOutput.error``) becomes an ``APIError`` (400 when its own input
+is at fault, else 500), as does one cut by the end of a drain (503): streaming handlers send it as an error event
+before ``[DONE]``, non-streaming ones as the response. ``collect_until_disconnect`` runs a non-streaming request
+while watching the connection, so a client that hangs up stops its generation too (Starlette only notices
+disconnects of streaming responses by itself).
 """
 
 from __future__ import annotations
@@ -12,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
 from mixtral.engine.async_engine import EngineDeadError, EngineOverloadedError
+from mixtral.engine.outputs import RequestOutput
+from mixtral.sampling import SamplingParams
 from mixtral.serve.errors import APIError
 from mixtral.serve.sse import EventStreamResponse
 from mixtral.serve.state import RequestTracker, ServerState
@@ -32,8 +36,21 @@ def finish_reason_of(engine_reason: str | None) -> str | None:
     return engine_reason
 
 
-async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids: list[int], params: Any,
-                         request_id: str) -> AsyncIterator[Any]:
+def _ended_error(state: ServerState, out: RequestOutput) -> APIError | None:
+    """The error a finished output stands for: the engine failed the request, or a drain cut it."""
+    if out.error is not None:
+        if out.error.invalid_request:
+            return APIError(400, out.error.message, code="invalid_request")
+        return APIError(500, out.error.message, code="internal_error")
+    if out.outputs and out.outputs[0].finish_reason == "abort":
+        return APIError(503, f"the server is shutting down and this request did not finish within the drain timeout "
+                             f"({state.settings.drain_timeout:g}s, --drain-timeout); retry it", code="shutting_down",
+                        headers={"Retry-After": str(state.settings.retry_after_s)})
+    return None
+
+
+async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids: list[int], params: SamplingParams,
+                         request_id: str) -> AsyncIterator[RequestOutput]:
     """Yield the engine's cumulative ``RequestOutput``s for one request, recording metrics."""
     metrics = state.metrics
     prev_tokens = 0
@@ -77,6 +94,12 @@ async def stream_outputs(state: ServerState, tracker: RequestTracker, prompt_ids
                 prev_tokens, last_time = n_tokens, now
             if out.finished:
                 finished = True
+                ended = _ended_error(state, out)
+                if ended is not None:
+                    metrics.finished("error" if out.error is not None else "abort", prompt_tokens=len(prompt_ids),
+                                     cached_tokens=out.num_cached_tokens or 0,
+                                     generated=sum(len(o.token_ids) for o in out.outputs), e2e_s=now - tracker.arrival)
+                    raise ended
                 reason = finish_reason_of(out.outputs[0].finish_reason if out.outputs else None) or "stop"
                 if reason == "stop" and out.outputs and starts_with_tool_call(out.outputs[0].token_ids,
                                                                              state.tokenizer.tool_calls_id):
@@ -105,14 +128,14 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def collect_until_disconnect(request: Request, outputs: AsyncIterator[Any]) -> Any | None:
+async def collect_until_disconnect(request: Request, outputs: AsyncIterator[RequestOutput]) -> RequestOutput | None:
     """The last output of ``outputs`` (the finished request), or None if the client disconnected first.
 
     The generation runs in a task raced against a disconnect watcher; whichever loses is cancelled, and
     cancelling the generation aborts the engine request (see ``stream_outputs``).
     """
 
-    async def drain() -> Any:
+    async def drain() -> RequestOutput | None:
         last = None
         async for out in outputs:
             last = out
@@ -133,9 +156,10 @@ async def collect_until_disconnect(request: Request, outputs: AsyncIterator[Any]
     return None
 
 
-async def run_request(state: ServerState, request: Request, prompt_ids: list[int], params: Any, request_id: str,
-                      stream: bool, events: Callable[[AsyncIterator[Any], int], AsyncIterator[bytes]]
-                      ) -> Response | Any:
+async def run_request(state: ServerState, request: Request, prompt_ids: list[int], params: SamplingParams,
+                      request_id: str, stream: bool,
+                      events: Callable[[AsyncIterator[RequestOutput], int], AsyncIterator[bytes]]
+                      ) -> Response | RequestOutput:
     """Admit a request and run it: the SSE response (``events`` renders the outputs) when streaming, else the
     final RequestOutput, or a 499 response when the client hung up first. The admission slot is released
     however it ends (for a stream, when the response closes)."""
@@ -143,7 +167,8 @@ async def run_request(state: ServerState, request: Request, prompt_ids: list[int
     try:
         outputs = stream_outputs(state, tracker, prompt_ids, params, request_id)
         if stream:
-            return EventStreamResponse(events(outputs, len(prompt_ids)), on_close=tracker.release)
+            return EventStreamResponse(events(outputs, len(prompt_ids)), on_close=tracker.release,
+                                       stall_timeout=state.settings.stall_timeout)
         final = await collect_until_disconnect(request, outputs)
     except BaseException:
         tracker.release()

@@ -19,13 +19,14 @@ the engine.
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
+
+from mixtral.serve.limits import value_depth
 
 # Tool names as the Mistral API accepts them; this also keeps them safe inside Lark string literals.
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
@@ -34,8 +35,24 @@ _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 _COMPACT_JSON = {"item_separator": ", ", "key_separator": ": ", "whitespace_flexible": False}
 
 
+# Bounds on each schema of a request (tool parameters, response_format), checked before anything recursive or
+# costly looks at it: ``jsonschema`` recurses several frames per level and takes ~2.5 s per MB.
+DEFAULT_MAX_SCHEMA_BYTES = 512 * 1024  # as compact JSON
+DEFAULT_MAX_SCHEMA_DEPTH = 64  # JSON nesting: {"properties": {"a": {...}}} is two levels per schema level
+
+
 class GuideError(ValueError):
     """A request asks for constrained output that cannot be built: the message names the bad field and value."""
+
+
+@dataclass(frozen=True)
+class SchemaLimits:
+    max_bytes: int = DEFAULT_MAX_SCHEMA_BYTES
+    max_depth: int = DEFAULT_MAX_SCHEMA_DEPTH
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 2 or self.max_depth < 1:
+            raise ValueError(f"schema limits must be positive, got {self}")
 
 
 @dataclass(frozen=True)
@@ -59,10 +76,9 @@ class GuidePlan:
     parallel_tool_calls: bool
 
 
-@functools.lru_cache(maxsize=1024)
-def _schema_problem(schema_json: str) -> tuple[str, str] | None:
-    """(path, message) of the first metaschema violation of a schema, or None. Cached: checking costs ms."""
-    schema = json.loads(schema_json)
+def _schema_problem(schema: dict[str, Any] | bool) -> tuple[str, str] | None:
+    """(path, message) of the first metaschema violation of a schema, or None. Not cached: the compiled grammar
+    is (``guide_compiler``), and a cache keyed by client input would have to be bounded too."""
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -70,14 +86,21 @@ def _schema_problem(schema_json: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_schema(schema: Any, where: str) -> dict[str, Any] | bool:
+def _check_schema(schema: Any, where: str, limits: SchemaLimits) -> dict[str, Any] | bool:
     if not isinstance(schema, (dict, bool)):
         raise GuideError(f"{where} must be a JSON schema object, got {type(schema).__name__}: {schema!r:.200}")
+    depth = value_depth(schema)
+    if depth > limits.max_depth:
+        raise GuideError(f"{where} nests {depth} levels deep; the limit is {limits.max_depth} levels of JSON "
+                         f"objects and arrays")
     try:
-        canonical = json.dumps(schema, sort_keys=True, allow_nan=False)
+        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False).encode())
     except (TypeError, ValueError) as e:
         raise GuideError(f"{where} is not plain JSON: {e}") from None
-    problem = _schema_problem(canonical)
+    if size > limits.max_bytes:
+        raise GuideError(f"{where} is {size} bytes as compact JSON; the limit is {limits.max_bytes} bytes "
+                         f"(--max-guided-schema-bytes)")
+    problem = _schema_problem(schema)
     if problem is not None:
         raise GuideError(f"{where}{problem[0]} is not a valid JSON schema: {problem[1]}")
     return schema
@@ -113,7 +136,7 @@ def _strict(schema: Any) -> Any:
     return out
 
 
-def _tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
+def _tool_specs(tools: list[dict[str, Any]], limits: SchemaLimits) -> list[ToolSpec]:
     if not isinstance(tools, list):
         raise GuideError(f"tools must be a list, got {type(tools).__name__}")
     specs: list[ToolSpec] = []
@@ -136,7 +159,7 @@ def _tool_specs(tools: list[dict[str, Any]]) -> list[ToolSpec]:
         params = fn.get("parameters")
         if params is None:  # a function without parameters takes exactly {}
             params = {"type": "object", "properties": {}, "additionalProperties": False}
-        _check_schema(params, f"{where}.parameters")
+        _check_schema(params, f"{where}.parameters", limits)
         if params is True or params == {}:
             params = {"type": "object"}
         elif params is False:
@@ -172,7 +195,7 @@ def _choice(tool_choice: Any) -> tuple[str, str | None]:
     )
 
 
-def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | bool | None:
+def _response_schema(response_format: dict[str, Any] | None, limits: SchemaLimits) -> dict[str, Any] | bool | None:
     if response_format is None:
         return None
     if not isinstance(response_format, dict):
@@ -188,7 +211,7 @@ def _response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] |
             raise GuideError("response_format.json_schema must be an object with a 'schema' field")
         if "schema" not in spec:
             raise GuideError("response_format.json_schema.schema is required")
-        schema = _check_schema(spec["schema"], "response_format.json_schema.schema")
+        schema = _check_schema(spec["schema"], "response_format.json_schema.schema", limits)
         if schema is False:
             raise GuideError("response_format.json_schema.schema is `false`: no output could ever be valid")
         return _strict(schema) if spec.get("strict") is True else schema
@@ -203,11 +226,13 @@ def plan_guide(
     tool_choice: Any,
     response_format: dict[str, Any] | None,
     parallel_tool_calls: bool,
+    limits: SchemaLimits | None = None,
 ) -> GuidePlan:
     """Validate a request's tool and format fields and decide what to constrain."""
+    limits = limits or SchemaLimits()
     mode, forced = _choice(tool_choice)
-    specs = _tool_specs(tools) if tools else []
-    schema = _response_schema(response_format)
+    specs = _tool_specs(tools, limits) if tools else []
+    schema = _response_schema(response_format, limits)
     json_schema = {} if schema is True else schema  # `true` schema: any JSON value
 
     if not specs:

@@ -8,16 +8,17 @@ a guide the engine runs next to sampling (see ``mixtral.guide``):
 - ``auto``: free text (never containing a control token) or such a call; ``none``: the [TOOL_CALLS] token is banned;
 - ``response_format`` json_object / json_schema: one JSON value valid against the schema.
 
-The grammars are compiled by llguidance (``grammar.py`` writes them); the masks are computed in its native code,
-which releases the GIL, so the engine can fill many rows on threads while the forward pass runs.
+The grammars are compiled by llguidance (``grammar.py`` writes them, ``guide_compiler.py`` compiles them within
+bounds, tries them and caches them); the masks are computed in its native code, which releases the GIL, so the
+engine can fill many rows on threads while the forward pass runs. A guide whose grammar fails while running raises
+``GuideError`` (the engine fails that request alone) and its grammar leaves the cache.
 ``parse_tool_calls`` reads the generated call list back.
 """
 
 from __future__ import annotations
 
 import json
-import threading
-from collections import OrderedDict
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import llguidance as llg
@@ -25,6 +26,8 @@ import torch
 
 from mixtral.guide import TokenGuide, bitmask_words
 from mixtral.serve.grammar import GuideError, lark_grammar, plan_guide
+from mixtral.serve.guide_compiler import GuideCompiler, default_compiler, first_line
+from mixtral.serve.limits import value_depth
 from mixtral.serve.llg_vocab import LLVocab, llg_vocab
 
 __all__ = ["BanTokensGuide", "GuideError", "LLGuide", "build_guide", "build_lark_guide", "parse_tool_calls"]
@@ -37,20 +40,26 @@ def _check_row(row: torch.Tensor) -> None:
         )
 
 
-def _first_line(matcher: llg.LLMatcher) -> str:
-    """llguidance errors carry a parser-state dump after the first line; keep the readable part."""
-    return matcher.get_error().split("\n", 1)[0]
-
-
 class LLGuide:
-    """One sequence's grammar state: an llguidance matcher over the tokenizer's vocabulary."""
+    """One sequence's grammar state: an llguidance matcher over the tokenizer's vocabulary.
 
-    __slots__ = ("_eos_id", "_matcher", "_words")
+    ``on_error`` runs once if the matcher fails (the grammar hit llguidance's limits while running): the compiler
+    evicts the grammar, so no later request gets it from the cache.
+    """
 
-    def __init__(self, matcher: llg.LLMatcher, words: int, eos_id: int) -> None:
+    __slots__ = ("_eos_id", "_matcher", "_on_error", "_words")
+
+    def __init__(self, matcher: llg.LLMatcher, words: int, eos_id: int,
+                 on_error: Callable[[], None] | None = None) -> None:
         self._matcher = matcher
         self._words = words  # int32 words llguidance writes (the tokenizer's vocabulary)
         self._eos_id = eos_id
+        self._on_error = on_error
+
+    def _failed(self, what: str) -> GuideError:
+        if self._on_error is not None:
+            self._on_error()
+        return GuideError(f"constrained decoding stopped {what}: {first_line(self._matcher.get_error())}")
 
     def fill_bitmask(self, bitmask_row: torch.Tensor) -> None:
         """Allowed next tokens -> ``bitmask_row`` (int32 [W], CPU); native code, runs without the GIL.
@@ -69,14 +78,15 @@ class LLGuide:
             self._matcher.unsafe_compute_mask_ptr(full.data_ptr(), self._words * 4)
             bitmask_row.copy_(full[:n])
         if self._matcher.is_error():
-            raise RuntimeError(f"constrained decoding failed: {_first_line(self._matcher)}")
+            raise self._failed("computing the allowed tokens")
 
     def accept_token(self, token_id: int) -> None:
-        """Advance by the sampled token; a token the last mask forbade is an engine bug and raises."""
-        if self._matcher.is_stopped() and token_id == self._eos_id:
+        """Advance by the sampled token; raises ``GuideError`` when the matcher fails (the grammar hit a limit, or
+        the token was not allowed)."""
+        if self._matcher.is_stopped() and not self._matcher.is_error() and token_id == self._eos_id:
             return  # EOS after the grammar completed: nothing left to advance
         if not self._matcher.consume_token(token_id):
-            raise RuntimeError(f"token {token_id} is not allowed by the grammar: {_first_line(self._matcher)}")
+            raise self._failed(f"at token {token_id}")
 
     def is_finished(self) -> bool:
         """True once the grammar can take nothing but EOS (or took it)."""
@@ -87,7 +97,7 @@ class LLGuide:
         return self._matcher.is_accepting()
 
     def copy(self) -> LLGuide:
-        return LLGuide(self._matcher.deep_copy(), self._words, self._eos_id)
+        return LLGuide(self._matcher.deep_copy(), self._words, self._eos_id, self._on_error)
 
 
 class BanTokensGuide:
@@ -118,40 +128,6 @@ class BanTokensGuide:
         return self  # immutable
 
 
-class _MatcherCache:
-    """Compiled grammar -> pristine matcher; a request gets a deep copy (compiling is the costly part)."""
-
-    def __init__(self, capacity: int = 128) -> None:
-        self._items: OrderedDict[tuple[int, str], llg.LLMatcher] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()
-
-    def get(self, vocab: LLVocab, grammar: str) -> llg.LLMatcher:
-        key = (id(vocab.ll_tokenizer), grammar)
-        with self._lock:
-            template = self._items.get(key)
-            if template is not None:
-                self._items.move_to_end(key)
-                return template.deep_copy()
-        template = llg.LLMatcher(vocab.ll_tokenizer, llg.LLMatcher.grammar_from_lark(grammar), log_level=0)
-        if template.is_error():
-            raise GuideError(_explain(template.get_error()))
-        with self._lock:
-            self._items[key] = template
-            while len(self._items) > self._capacity:
-                self._items.popitem(last=False)
-        return template.deep_copy()
-
-
-def _explain(error: str) -> str:
-    if "Unimplemented keys" in error:
-        return f"the schema uses JSON Schema keywords constrained decoding cannot enforce: {error}"
-    return f"cannot build a grammar for this schema: {error}"
-
-
-_matchers = _MatcherCache()
-
-
 def build_guide(
     tokenizer: Any,
     *,
@@ -159,6 +135,7 @@ def build_guide(
     tool_choice: Any = "auto",
     response_format: dict[str, Any] | None = None,
     parallel_tool_calls: bool = True,
+    compiler: GuideCompiler | None = None,
 ) -> TokenGuide | None:
     """A guide for one request, or None when nothing constrains the output (plain text, no tools).
 
@@ -167,37 +144,67 @@ def build_guide(
     ``response_format`` (``{"type": "text"|"json_object"|"json_schema", "json_schema": {"schema": ...}}``) as in
     the Mistral/OpenAI chat API. With a forced call, ``response_format`` does not apply (the answer is the call).
     Raises ``GuideError`` for an invalid schema, an unknown tool name, tools on a vocabulary without
-    [TOOL_CALLS], or a schema keyword llguidance cannot enforce. Compiling may take a few ms (more for huge
-    schemas; repeated requests hit a cache): call it off the event loop.
+    [TOOL_CALLS], a schema past ``compiler``'s limits (size, depth), a schema keyword llguidance cannot enforce, or
+    a grammar that fails its trial walk (see ``guide_compiler``). Compiling may take a few ms (more for huge
+    schemas; repeated requests hit ``compiler``'s cache, the process's default one when None): call it off the
+    event loop.
     """
+    compiler = compiler or default_compiler()
     vocab = llg_vocab(tokenizer)
-    plan = plan_guide(
-        version=vocab.version,
-        has_tool_calls_token=vocab.tool_calls_id is not None,
-        tools=tools,
-        tool_choice=tool_choice,
-        response_format=response_format,
-        parallel_tool_calls=parallel_tool_calls,
-    )
-    if plan.json_schema is None and plan.mode in ("free", "none"):
-        if plan.mode == "none" and vocab.tool_calls_id is not None:
-            return BanTokensGuide(vocab.vocab_size, [vocab.tool_calls_id])
+    key = _request_key(vocab, compiler, tools, tool_choice, response_format, parallel_tool_calls)
+    template = compiler.cached(key) if key is not None else None
+    if template is None:
+        plan = plan_guide(
+            version=vocab.version,
+            has_tool_calls_token=vocab.tool_calls_id is not None,
+            tools=tools,
+            tool_choice=tool_choice,
+            response_format=response_format,
+            parallel_tool_calls=parallel_tool_calls,
+            limits=compiler.limits.schema,
+        )
+        if plan.json_schema is None and plan.mode in ("free", "none"):
+            if plan.mode == "none" and vocab.tool_calls_id is not None:
+                return BanTokensGuide(vocab.vocab_size, [vocab.tool_calls_id])
+            return None
+        grammar = lark_grammar(plan, vocab.tool_calls_id)
+        template = compiler.compile(vocab, grammar)
+        if key is not None:
+            compiler.store(key, len(key[1]), template, len(grammar))
+    on_error = (lambda: compiler.evict(key, template)) if key is not None else None
+    return LLGuide(template.deep_copy(), bitmask_words(vocab.vocab_size), vocab.eos_id, on_error)
+
+
+def _request_key(vocab: LLVocab, compiler: GuideCompiler, tools: Any, tool_choice: Any, response_format: Any,
+                 parallel_tool_calls: bool) -> tuple[Hashable, str] | None:
+    """The cache key of a request's constraint fields, or None when they are not plain JSON within the depth
+    limit (``plan_guide`` then says what is wrong)."""
+    fields = [tools, tool_choice, response_format, parallel_tool_calls]
+    # Each schema sits a few levels below the top (fields -> tools -> tool -> function -> parameters).
+    if value_depth(fields, compiler.limits.max_schema_depth + 8) > compiler.limits.max_schema_depth + 8:
         return None
-    grammar = lark_grammar(plan, vocab.tool_calls_id)
-    return LLGuide(_matchers.get(vocab, grammar), bitmask_words(vocab.vocab_size), vocab.eos_id)
-
-
-def build_lark_guide(tokenizer: Any, grammar: str) -> TokenGuide:
-    """A guide for a caller-written Lark grammar (llguidance's dialect): vLLM's regex / choice / grammar extras
-    (``structured.py``). Compiled and cached like ``build_guide``'s; raises ``GuideError`` when it does not compile."""
-    vocab = llg_vocab(tokenizer)
     try:
-        matcher = _matchers.get(vocab, grammar)
-    except (ValueError, RuntimeError) as exc:  # llguidance's own parse errors
-        if isinstance(exc, GuideError):
-            raise
-        raise GuideError(f"cannot build a grammar: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
-    return LLGuide(matcher, bitmask_words(vocab.vocab_size), vocab.eos_id)
+        return vocab, json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError):
+        return None
+
+
+def build_lark_guide(tokenizer: Any, grammar: str, compiler: GuideCompiler | None = None) -> TokenGuide:
+    """A guide for a caller-written Lark grammar (llguidance's dialect): vLLM's regex / choice / grammar extras
+    (``structured.py``). Compiled within the compiler's limits, trial-walked and cached like ``build_guide``'s;
+    raises ``GuideError`` when it does not compile or fails its trial walk."""
+    compiler = compiler or default_compiler()
+    vocab = llg_vocab(tokenizer)
+    if len(grammar) > compiler.limits.max_schema_bytes:
+        raise GuideError(f"the grammar is {len(grammar)} bytes; at most {compiler.limits.max_schema_bytes} are "
+                         f"accepted (--max-guided-schema-bytes)")
+    key = (vocab, "lark:" + grammar)
+    template = compiler.cached(key)
+    if template is None:
+        template = compiler.compile(vocab, grammar)
+        compiler.store(key, len(grammar), template, len(grammar))
+    return LLGuide(template.deep_copy(), bitmask_words(vocab.vocab_size), vocab.eos_id,
+                   lambda: compiler.evict(key, template))
 
 
 def parse_tool_calls(tokenizer: Any, token_ids: list[int]) -> list[dict[str, Any]] | None:

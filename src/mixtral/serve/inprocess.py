@@ -10,9 +10,12 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mixtral.serve.state import ServerSettings
+from mixtral.serve.state import ServerSettings, ServerState
+
+if TYPE_CHECKING:
+    from mixtral.engine.llm_engine import LLMEngine
 
 
 def free_port() -> int:
@@ -24,7 +27,8 @@ def free_port() -> int:
 class InProcessServer:
     """``mixtral serve`` over ``model`` (a name/folder for ``LLMEngine.from_config``, or a built LLMEngine)."""
 
-    def __init__(self, model: Any, *, served_model_name: str | None = None, settings: ServerSettings | None = None,
+    def __init__(self, model: str | LLMEngine, *, served_model_name: str | None = None,
+                 settings: ServerSettings | None = None,
                  aliases: list[str] | None = None, drain_timeout: float = 5.0, **engine_kwargs: Any) -> None:
         from mixtral.engine.async_engine import AsyncEngine
         from mixtral.serve.app import create_app
@@ -43,7 +47,7 @@ class InProcessServer:
                                   log_level="warning", access_log=False)
         self.thread = threading.Thread(target=self.server.run, name=f"mixtral-serve-{self.port}", daemon=True)
 
-    def build_engine(self) -> Any:
+    def build_engine(self) -> LLMEngine:
         """A fresh LLMEngine with this server's model and settings (the offline baseline of the benchmark)."""
         from mixtral.engine.llm_engine import LLMEngine
 
@@ -52,7 +56,7 @@ class InProcessServer:
         return LLMEngine.from_config(self._model, **{k: v for k, v in self._engine_kwargs.items() if v is not None})
 
     @property
-    def state(self) -> Any:
+    def state(self) -> ServerState:
         return self.app.state.server
 
     def start(self, timeout: float = 120.0) -> InProcessServer:

@@ -12,11 +12,16 @@ from __future__ import annotations
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from mixtral.serve.errors import APIError
 from mixtral.serve.metrics import ServerMetrics
 from mixtral.serve.models import ServedModel
+
+if TYPE_CHECKING:
+    from mixtral.engine.async_engine import AsyncEngine
+    from mixtral.serve.guide_compiler import GuideLimits
+    from mixtral.tokenizer import Tokenizer
 
 
 @dataclass
@@ -31,6 +36,25 @@ class ServerSettings:
     retry_after_s: int = 1
     # The web page at / (--no-ui turns it off; see ui_routes.py).
     ui: bool = True
+    # Seconds a client has to send a request's headers, then again its body; slower ones are dropped (408).
+    read_timeout: float = 30.0
+    # Seconds a stream may wait on a client that stopped reading before it is aborted (its KV blocks freed).
+    stall_timeout: float = 30.0
+    # Deepest JSON nesting a request body may have (deeper: 400 naming the depth).
+    max_json_depth: int = 64
+    # Constrained decoding: compiled-grammar cache size and per-schema bounds (None: GuideLimits' defaults). The
+    # compiler is one per process: the last server built sets it.
+    guide_limits: GuideLimits | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("read_timeout", "stall_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"ServerSettings.{name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.drain_timeout < 0:
+            raise ValueError(f"ServerSettings.drain_timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_json_depth < 1 or self.max_body_bytes < 1:
+            raise ValueError(f"ServerSettings.max_json_depth and max_body_bytes must be >= 1, got "
+                             f"{self.max_json_depth} and {self.max_body_bytes}")
 
 
 class RequestTracker:
@@ -64,7 +88,7 @@ class RequestTracker:
 class ServerState:
     """Shared by the handlers of one app (held in ``app.state.server``)."""
 
-    def __init__(self, engine: Any, tokenizer: Any, model: ServedModel, settings: ServerSettings,
+    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model: ServedModel, settings: ServerSettings,
                  metrics: ServerMetrics) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
@@ -74,6 +98,9 @@ class ServerState:
         self.num_queued = 0
         self.num_in_flight = 0
         self.draining = False
+        from mixtral.serve.guide_compiler import GuideLimits, configure
+
+        configure(settings.guide_limits or GuideLimits())  # the compiler every chat request's guide is built with
 
     def new_request_id(self, prefix: str) -> str:
         """A fresh id (the engine's request id too): random, so ids stay distinct across restarts in logs."""
