@@ -30,6 +30,9 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.gate_router",
     "mixtral.kernels.triton.skinny_gemm",
     "mixtral.kernels.triton.sorted_moe",
+    # FP8 (issue 19): quantization first, the GEMMs and the MoE paths import it
+    "mixtral.kernels.triton.fp8_quant", "mixtral.kernels.triton.fp8_gemm", "mixtral.kernels.triton.fp8_fused_moe",
+    "mixtral.kernels.triton.fp8_sorted_moe", "mixtral.kernels.triton.fp8_moe",
 ]
 
 
