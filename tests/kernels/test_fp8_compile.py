@@ -32,7 +32,7 @@ def _kernels(case: dict[str, object]) -> list[dict[str, object]]:
 
 def test_every_fp8_kernel_compiles_for_sm90_and_waits_for_its_predecessor(compiled) -> None:
     assert not {name: c["error"] for name, c in compiled.items() if "error" in c}
-    assert len(compiled) >= 9
+    assert len(compiled) >= 13
     kernels = [k for c in compiled.values() for k in _kernels(c)]
     assert kernels and all(k["pdl_wait"] for k in kernels), [k["name"] for k in kernels if not k["pdl_wait"]]
 
@@ -51,6 +51,12 @@ def test_decode_moe_skips_the_align_launch_and_quantizes_twice(compiled) -> None
     assert names == ["_quant_rows_kernel", "_fp8_w13_kernel", "_quant_rows_kernel", "_fp8_w2_kernel",
                      "_moe_sum_kernel"]
     assert "_moe_align_kernel" in [k["name"] for k in _kernels(compiled["fp8 fused_moe batch 64 (aligned)"])]
+
+
+def test_fp8_kv_cache_kernels_build(compiled) -> None:
+    names = {k["name"] for case in ("fp8 KV write_kv", "fp8 KV rope_qk + cache store", "fp8 KV decode attention",
+                                    "fp8 KV prefill attention") for k in _kernels(compiled[case])}
+    assert {"_write_kv_kernel", "_rope_qk_kernel", "_decode_kernel", "_prefill_kernel"} <= names
 
 
 def test_nothing_to_build_below_sm89() -> None:

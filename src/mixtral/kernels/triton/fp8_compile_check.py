@@ -29,11 +29,20 @@ def fp8_cases(arch: int) -> dict[str, Callable[[], object]]:
     """One call per FP8 kernel variant the decode and prefill steps launch (none below sm89)."""
     if arch < FP8_MIN_ARCH:
         return {}
-    from mixtral.kernels.triton import fp8_fused_moe, fp8_gemm, fp8_quant, fp8_sorted_moe, moe_configs
+    from mixtral.kernels.triton import (
+        fp8_fused_moe,
+        fp8_gemm,
+        fp8_quant,
+        fp8_sorted_moe,
+        moe_configs,
+        paged_attention,
+        rope,
+        write_kv,
+    )
     from mixtral.quant.fp8 import FP8
 
     bf16 = torch.bfloat16
-    d, f, e, qkv = 4096, 14336, 8, 6144
+    d, f, e, qkv, hd, heads, kv = 4096, 14336, 8, 6144, 128, 32, 8
 
     def empty(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
         return torch.empty(*shape, dtype=dtype)
@@ -48,6 +57,17 @@ def fp8_cases(arch: int) -> dict[str, Callable[[], object]]:
 
     def moe(n: int, direct: bool | None = None, config: moe_configs.MoEConfig | None = None) -> object:
         return fp8_fused_moe.fp8_fused_moe(empty(n, d), w13, s13, w2, s2, *routing(n), config=config, direct=direct)
+
+    blocks, page = 64, 16
+    k_cache, v_cache = empty(blocks, page, kv, hd, dtype=FP8), empty(blocks, page, kv, hd, dtype=FP8)
+
+    def attention(n_seqs: int, q_len: int) -> object:
+        ctx = 300
+        tables = torch.arange(n_seqs * 20, dtype=torch.int32).reshape(n_seqs, 20) % blocks
+        return paged_attention.paged_attention(
+            empty(n_seqs * q_len, heads, hd), k_cache, v_cache, tables, torch.full((n_seqs,), ctx, dtype=torch.int32),
+            torch.arange(n_seqs + 1, dtype=torch.int32) * q_len, max_query_len=q_len, max_context_len=ctx,
+            k_scale=0.5, v_scale=0.25)
 
     split_k = moe_configs.MoEConfig(16, moe_configs.GemmConfig(64, 128), moe_configs.GemmConfig(64, 256, split_k=2))
     return {
@@ -64,6 +84,13 @@ def fp8_cases(arch: int) -> dict[str, Callable[[], object]]:
         "fp8 fused_moe batch 1 (direct)": lambda: moe(1),
         "fp8 fused_moe batch 64 (aligned)": lambda: moe(64),
         "fp8 fused_moe batch 2, split-K w2": lambda: moe(2, True, split_k),
+        "fp8 KV write_kv": lambda: write_kv.write_kv(empty(4, kv, hd), empty(4, kv, hd), k_cache, v_cache,
+                                                     torch.arange(4, dtype=torch.int64), 0.5, 0.25),
+        "fp8 KV rope_qk + cache store": lambda: rope.rope_qk(
+            empty(1, heads, hd), empty(1, kv, hd), empty(1, hd), empty(1, hd),
+            cache=(empty(1, kv, hd), k_cache, v_cache, torch.zeros(1, dtype=torch.int64)), kv_scales=(0.5, 0.25)),
+        "fp8 KV decode attention": lambda: attention(4, 1),
+        "fp8 KV prefill attention": lambda: attention(2, 64),
         "fp8 sorted_moe 2048": lambda: fp8_sorted_moe.fp8_sorted_moe(empty(2048, d), w13, s13, w2, s2, *routing(2048),
                                                                      use_tma=arch >= 90),
     }
@@ -103,7 +130,7 @@ def main() -> int:
     results = check(args.arch)
     failed = 0
     for r in results:
-        kernels = ", ".join(f"{k['name']} {'/'.join(k['mma'])}{' tma' if k['tma'] else ''}"
+        kernels = ", ".join(" ".join(filter(None, [k["name"], "/".join(k["mma"]), "tma" if k["tma"] else ""]))
                             for k in r["kernels"])  # type: ignore[union-attr]
         failed += "error" in r
         print(f"{r['case']:40s} {r['seconds']:6.1f} s  {'FAILED ' + str(r['error']) if 'error' in r else 'ok'}"
