@@ -5,13 +5,12 @@ loads back unchanged."""
 
 from __future__ import annotations
 
+import functools
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
-from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, preset_name_to_scheme
-from compressed_tensors.quantization.utils import calculate_qparams
 
 from mixtral.checkpoint import fp8_formats as ff
 from mixtral.checkpoint.hf import hf_specs
@@ -21,39 +20,52 @@ from mixtral.model.args import preset
 from mixtral.quant.fp8 import FP8, Fp8Method
 
 ARGS = preset("tiny-odd").replace(n_layers=2, vocab_size=64)
-COMPRESSOR = BaseCompressor.get_value_from_registry("float-quantized")
 IGNORE = ["lm_head", "re:.*block_sparse_moe.gate"]
+
+
+@functools.cache
+def _lib() -> SimpleNamespace:
+    """compressed-tensors, imported on first use: it imports triton, and at collection that would come before
+    tests/kernels' conftest turns Triton's interpreter on (the interpreted kernel tests of a whole-suite run
+    would break)."""
+    from compressed_tensors.compressors import BaseCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    return SimpleNamespace(COMPRESSOR=BaseCompressor.get_value_from_registry("float-quantized"),
+                           QuantizationConfig=QuantizationConfig, preset_name_to_scheme=preset_name_to_scheme,
+                           calculate_qparams=calculate_qparams)
 
 
 def _ct_block(preset_name: str) -> dict:
     block = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
-             "config_groups": {"group_0": preset_name_to_scheme(preset_name, ["Linear"]).model_dump()},
+             "config_groups": {"group_0": _lib().preset_name_to_scheme(preset_name, ["Linear"]).model_dump()},
              "ignore": IGNORE}
     return json.loads(json.dumps(block, default=str))
 
 
-def _compress(w: torch.Tensor, scheme: QuantizationScheme, input_scale: float) -> dict[str, torch.Tensor]:
+def _compress(w: torch.Tensor, scheme, input_scale: float) -> dict[str, torch.Tensor]:
     """One module's tensors as llm-compressor saves them: min-max scales from the library, then its compressor."""
     wf = w.float()
     if scheme.weights.strategy == "channel":
         lo, hi = wf.amin(dim=1, keepdim=True), wf.amax(dim=1, keepdim=True)
     else:
         lo, hi = wf.amin().reshape(1), wf.amax().reshape(1)
-    scale, zero = calculate_qparams(lo, hi, scheme.weights)
+    scale, zero = _lib().calculate_qparams(lo, hi, scheme.weights)
     state = {"weight": w, "weight_scale": scale, "weight_zero_point": zero}
     if scheme.input_activations is not None and not scheme.input_activations.dynamic:
         state["input_scale"] = torch.tensor([input_scale])
-    return COMPRESSOR.compress(state, scheme)
+    return _lib().COMPRESSOR.compress(state, scheme)
 
 
 def _linear_specs() -> list[TensorSpec]:
     return [s for s in hf_specs(ARGS) if s.name.endswith("_proj.weight") or ".experts." in s.name]
 
 
-def _checkpoint(preset_name: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict, QuantizationScheme]:
+def _checkpoint(preset_name: str, seed: int = 0) -> tuple[dict[str, torch.Tensor], dict, object]:
     """Every linear of a 2-layer model compressed by the library (the router gates left bf16, as ignored)."""
     gen = torch.Generator().manual_seed(seed)
-    scheme = preset_name_to_scheme(preset_name, ["Linear"])
+    scheme = _lib().preset_name_to_scheme(preset_name, ["Linear"])
     tensors: dict[str, torch.Tensor] = {}
     for i, spec in enumerate(_linear_specs()):
         w = (torch.randn(spec.shape, generator=gen) * (0.5 + i % 5)).to(torch.bfloat16)
@@ -89,7 +101,7 @@ def test_loaded_pieces_dequantize_like_the_library(preset_name: str) -> None:
     for spec in _linear_specs():
         module = ff.module_name(spec)
         local = {k.removeprefix(module + "."): v for k, v in tensors.items() if k.startswith(module + ".")}
-        want = COMPRESSOR.decompress(local, scheme)["weight"].float()
+        want = _lib().COMPRESSOR.decompress(local, scheme)["weight"].float()
         got = spec.select(method.dequantize(canon[spec.param], torch.float32))
         assert torch.equal(got, want), spec.name
 
@@ -151,19 +163,19 @@ def test_header_problems_are_named() -> None:
 
 
 def test_a_quantized_router_gate_is_dequantized() -> None:
-    scheme = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    scheme = _lib().preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
     spec = next(s for s in hf_specs(ARGS) if s.name.endswith("block_sparse_moe.gate.weight"))
     local = _compress(torch.randn(spec.shape).to(torch.bfloat16), scheme, 0.0)
     module = ff.module_name(spec)
     tensors = {f"{module}.{k}": v for k, v in local.items()}
     got = ff.dequantize_piece(spec, parse_quantization_config(_ct_block("FP8_DYNAMIC")), tensors.__getitem__,
                               torch.float32)
-    assert torch.equal(got, COMPRESSOR.decompress(local, scheme)["weight"].float())
+    assert torch.equal(got, _lib().COMPRESSOR.decompress(local, scheme)["weight"].float())
 
 
 def test_written_checkpoint_decompresses_in_the_library_and_loads_back() -> None:
     block = ff.quantization_config_block()
-    config = QuantizationConfig.model_validate(block)  # the library reads the config we write
+    config = _lib().QuantizationConfig.model_validate(block)  # the library reads the config we write
     scheme = config.config_groups["group_0"]
     assert scheme.weights.strategy == "channel" and scheme.input_activations.dynamic
     gen = torch.Generator().manual_seed(5)
@@ -183,7 +195,7 @@ def test_written_checkpoint_decompresses_in_the_library_and_loads_back() -> None
         module = ff.module_name(spec)
         local = {k.removeprefix(module + "."): v for k, v in pieces.items()}
         want = spec.select(method.dequantize(canon[spec.param], torch.float32))
-        assert torch.equal(COMPRESSOR.decompress(local, scheme)["weight"].float(), want), spec.name
+        assert torch.equal(_lib().COMPRESSOR.decompress(local, scheme)["weight"].float(), want), spec.name
         written.update(pieces)
     loaded, qspec = _load(written, block)
     assert (qspec.method, qspec.weight_per_tensor, qspec.static_input_scale) == ("fp8", False, False)

@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 import pytest
-from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
 
 from mixtral.checkpoint.quant_config import (
     QuantConfigError,
@@ -22,12 +21,26 @@ from mixtral.checkpoint.quant_config import (
 from mixtral.model.args import preset
 
 
+# compressed-tensors imports triton: imported at collection it would come before tests/kernels' conftest turns
+# Triton's interpreter on, and the interpreted kernel tests of a whole-suite run would break.
+def QuantizationConfig():
+    from compressed_tensors.quantization import QuantizationConfig as cls
+
+    return cls
+
+
+def preset_name_to_scheme(name: str, targets: list[str]):
+    from compressed_tensors.quantization import preset_name_to_scheme as fn
+
+    return fn(name, targets)
+
+
 def _ct(scheme: str, ignore: list[str], fmt: str, **extra) -> dict:
     """A compressed-tensors config block as llm-compressor writes it, built through the library itself."""
     group = preset_name_to_scheme(scheme, ["Linear"]).model_dump()
     block = {"quant_method": "compressed-tensors", "format": fmt, "quantization_status": "compressed",
              "config_groups": {"group_0": group}, "ignore": ignore, **extra}
-    QuantizationConfig.model_validate(block)  # the library accepts what the test feeds the parser
+    QuantizationConfig().model_validate(block)  # the library accepts what the test feeds the parser
     return json.loads(json.dumps(block, default=str))
 
 
@@ -64,7 +77,7 @@ def test_compressed_tensors_preset_group_and_per_group_format() -> None:
     assert parse_quantization_config(json.loads(json.dumps(block, default=str))).checkpoint_format == "pack-quantized"
     preset_block = {"quant_method": "compressed-tensors", "format": "float-quantized",
                     "config_groups": {"FP8_DYNAMIC": ["Linear"]}}
-    QuantizationConfig.model_validate(preset_block)
+    QuantizationConfig().model_validate(preset_block)
     assert parse_quantization_config(preset_block).method == "fp8"
 
 

@@ -12,8 +12,8 @@ and against the bf16 weights they stand for:
 - timings printed next to bf16 (``-s`` shows them): FP8 GEMV / MoE at batch 1 and ``torch._scaled_mm``'s
   rowwise FP8 GEMM next to ``fp8_gemm`` at 2048 rows, for choosing paths later (no timing is asserted).
 
-Error bounds (relative Frobenius): against the quantized reference only the output roundings differ (bf16
-act and output: 1e-2); against the bf16 weights, FP8's 3 mantissa bits on both operands (measured on CPU
+Error bounds (relative Frobenius): against the quantized reference only roundings differ (``QUANT_TOL``);
+against the bf16 weights, FP8's 3 mantissa bits on both operands (measured on CPU
 with the same random layers: 3.8% for a projection, 6.5% for the MoE).
 Uses the ``cuda`` and ``gen`` fixtures of tests/gpu/conftest.py.
 """
@@ -31,7 +31,10 @@ pytestmark = pytest.mark.gpu
 
 D, F, E, QKV = 4096, 14336, 8, 6144
 BF16 = torch.bfloat16
-QUANT_TOL = 1e-2  # against the fp32 reference of the same codes: bf16 roundings of act and output
+# Against the fp32 reference of the same codes: bf16 roundings of act and output, and on sm90 the FP8 wgmma's
+# own accumulation (Triton's default there, like vLLM's CUTLASS "FP8FastAccum" kernels, promotes to fp32 only
+# between loop steps: ``max_num_imprecise_acc`` is the knob should this bound fail).
+QUANT_TOL = 1.5e-2
 LINEAR_TOL = 5e-2  # against the bf16 weights and activations
 MOE_TOL = 9e-2
 
