@@ -18,6 +18,7 @@ import pytest
 
 KERNEL_MODULES = [
     "mixtral.kernels.triton.pdl",  # first: the kernels below call its pdl_enter
+    "mixtral.kernels.triton.fp8_quant", "mixtral.kernels.triton.fp8_kv",  # FP8 helpers write_kv and rope call
     "mixtral.kernels.triton.moe_configs",
     "mixtral.kernels.triton.moe_align",
     "mixtral.kernels.triton.moe_sum",
@@ -32,6 +33,8 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.skinny_gemm",
     "mixtral.kernels.triton.persistent_moe",
     "mixtral.kernels.triton.sorted_moe",
+    "mixtral.kernels.triton.fp8_gemm", "mixtral.kernels.triton.fp8_fused_moe",
+    "mixtral.kernels.triton.fp8_sorted_moe", "mixtral.kernels.triton.fp8_moe",
 ]
 
 

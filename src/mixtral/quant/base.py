@@ -79,7 +79,16 @@ class QuantSpec:
     - ``act_order``: GPTQ's ``desc_act`` (groups are given per input column by ``g_idx``).
     - ``static_input_scale``: FP8 checkpoints that carry ``input_scale`` (activations quantized with it
       instead of per token).
-    - ``ignore``: checkpoint module names (or ``re:`` patterns) kept unquantized.
+    - ``ignore``: checkpoint module names (or ``re:`` patterns, matched with ``re.match``) kept unquantized.
+    - ``targets``: checkpoint module names, ``re:`` patterns or the class name ``"Linear"`` (every linear)
+      that the checkpoint quantized; ``ignore`` wins over ``targets``.
+    - ``checkpoint_format``: the source's own layout tag, where it has one: compressed-tensors' ``format``
+      ("float-quantized", "pack-quantized", "naive-quantized", "int-quantized"), AWQ's ``version``
+      ("gemm"), GPTQ's ``checkpoint_format`` ("gptq": zero points stored minus one, or "gptq_v2").
+    - ``weight_per_tensor``: the checkpoint holds one weight scale per tensor (compressed-tensors strategy
+      "tensor", AutoFP8); the loader broadcasts it to the canonical per-channel scales.
+    - ``kv_cache_scales``: the checkpoint carries per-layer FP8 KV-cache scales (compressed-tensors
+      ``kv_cache_scheme``; AutoFP8 ``kv_cache_scheme: "static"``).
     """
 
     method: str
@@ -89,6 +98,10 @@ class QuantSpec:
     act_order: bool = False
     static_input_scale: bool = False
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    targets: tuple[str, ...] = ("Linear",)
+    checkpoint_format: str = ""
+    weight_per_tensor: bool = False
+    kv_cache_scales: bool = False
 
 
 class QuantMethod(ABC):

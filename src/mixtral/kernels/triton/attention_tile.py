@@ -3,6 +3,9 @@
 One call attends a tile of rows to BLOCK_N consecutive keys of one sequence, gathering each key's physical
 block from the sequence's block table: key j lives at block_tables[j // PAGE], slot j % PAGE. Scores are in
 log2 units (the caller folds log2(e) into qk_scale) so the kernel uses exp2.
+
+An FP8 cache (kernels/kv_fp8.py) is read as codes widened to q's dtype (exact; a no-op for other caches):
+the caller folds ``k_scale`` into qk_scale and multiplies the output by ``v_scale``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi
         blk = tl.load(bt_ptr + kpos // PAGE).to(tl.int64)
     slot = kpos % PAGE
     k_ptrs = k_cache_ptr + blk[None, :] * stride_kb + slot[None, :] * stride_kt + g * stride_kh + d[:, None]
-    kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0)  # [BD, BN]
+    kt = tl.load(k_ptrs, mask=k_ok[None, :] & d_ok[:, None], other=0.0).to(q.dtype)  # [BD, BN]
     scores = tl.dot(q, kt) * qk_scale  # [BM, BN], log2 units
     if MASKED:
         visible = (kpos[None, :] <= qpos[:, None]) & k_ok[None, :]
@@ -41,6 +44,6 @@ def attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi
     p = tl.exp2(scores - m_use[:, None])  # [BM, BN]
     l_i = l_i * alpha + tl.sum(p, 1)
     v_ptrs = v_cache_ptr + blk[:, None] * stride_vb + slot[:, None] * stride_vt + g * stride_vh + d[None, :]
-    v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, BD]
+    v = tl.load(v_ptrs, mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [BN, BD]
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     return acc, m_new, l_i

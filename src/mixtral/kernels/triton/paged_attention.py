@@ -34,7 +34,7 @@ _LOG2E = 1.4426950408889634
 @triton.jit
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, qsl_ptr, out_ptr,
-    qk_scale, window,
+    qk_scale, v_scale, window,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bts,
     QG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -81,7 +81,7 @@ def _prefill_kernel(
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos,
                                      window, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                      stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING, True)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]  # v_scale: an FP8 cache's (1.0 otherwise)
     tl.store(out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
@@ -104,8 +104,10 @@ def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor, *, max_query_len: int,
-                    max_context_len: int, sliding_window: int | None = None, pdl: bool = True) -> torch.Tensor:
-    """q [N, H, hd] -> [N, H, hd]; see the module docstring. ``max_query_len`` <= 1 takes the decode path."""
+                    max_context_len: int, sliding_window: int | None = None, k_scale: float = 1.0,
+                    v_scale: float = 1.0, pdl: bool = True) -> torch.Tensor:
+    """q [N, H, hd] -> [N, H, hd]; see the module docstring. ``max_query_len`` <= 1 takes the decode path.
+    ``k_scale`` / ``v_scale``: the layer's scales when the caches hold FP8 codes (kernels/kv_fp8.py)."""
     _check(q, k_cache, v_cache, block_tables, context_lens, query_start_loc)
     out = torch.empty_like(q)
     num_seqs = block_tables.shape[0]
@@ -114,7 +116,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n_heads, head_dim = q.shape[1], q.shape[2]
     num_kv = k_cache.shape[2]
     qg = n_heads // num_kv
-    qk_scale = head_dim ** -0.5 * _LOG2E
+    qk_scale = head_dim ** -0.5 * _LOG2E * k_scale  # an FP8 cache's K scale folds into the softmax scale
     sliding = sliding_window is not None
     window = int(sliding_window) if sliding else 0
     common = dict(
@@ -127,12 +129,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     page = k_cache.shape[1]
     if max_query_len <= 1:
         paged_decode(q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window,
-                common, qg, block_d, page, sliding, max_context_len, pdl)
+                common, qg, block_d, page, sliding, max_context_len, v_scale, pdl)
         return out
     block_m, block_n, num_warps, num_stages = prefill_launch_config(max_query_len * qg, block_d)
     grid = (num_seqs, triton.cdiv(max_query_len * qg, block_m), num_kv)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, window, **common,
+        q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, qk_scale, v_scale, window, **common,
         QG=qg, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n,
         PAGE=page, SLIDING=sliding, num_warps=num_warps, num_stages=num_stages, **pdl_args(q, pdl),
     )

@@ -38,7 +38,7 @@ REDUCE_BLOCK_P = 32  # partitions merged per step of the reduction
 def _decode_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, qsl_ptr, out_ptr,
     part_out_ptr, part_lse_ptr,
-    qk_scale, window, partition_size,
+    qk_scale, v_scale, window, partition_size,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh, stride_bts,
     stride_pos, stride_poh, stride_pop, stride_pls, stride_plh,
@@ -80,7 +80,7 @@ def _decode_kernel(
         acc, m_i, l_i = attend_tile(q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, bt_ptr, g, start, hi, qpos,
                                      window, qk_scale, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
                                      stride_vh, d, d_ok, BLOCK_N, PAGE, SLIDING, True)
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = acc * v_scale / tl.where(l_i > 0, l_i, 1.0)[:, None]  # v_scale: an FP8 cache's (1.0 otherwise)
     mask = h_ok[:, None] & d_ok[None, :]
     if SPLIT:
         po = part_out_ptr + s * stride_pos + head[:, None] * stride_poh + part * stride_pop + d[None, :]
@@ -161,9 +161,9 @@ def decode_partition_size(num_seqs: int, num_kv_heads: int, max_context_len: int
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                  context_lens: torch.Tensor, query_start_loc: torch.Tensor, out: torch.Tensor, qk_scale: float,
                  window: int, common: dict[str, int], qg: int, block_d: int, page: int, sliding: bool,
-                 max_context_len: int, pdl: bool = True) -> None:
+                 max_context_len: int, v_scale: float = 1.0, pdl: bool = True) -> None:
     """Write out [N, H, hd] for one new token per sequence (``paged_attention`` checked the arguments and
-    gathered the strides in ``common``)."""
+    gathered the strides in ``common``; an FP8 cache's ``k_scale`` is already in ``qk_scale``)."""
     num_seqs, n_heads, num_kv = block_tables.shape[0], q.shape[1], k_cache.shape[2]
     part_size = decode_partition_size(num_seqs, num_kv, max_context_len, _num_sms(q.device))
     meta = dict(QG=qg, QG_PAD=max(16, triton.next_power_of_2(qg)), HEAD_DIM=q.shape[2], BLOCK_D=block_d,
@@ -172,7 +172,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         dummy = out.new_empty(1, dtype=torch.float32)
         _decode_kernel[(num_seqs, num_kv, 1)](
             q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, dummy, dummy,
-            qk_scale, window, 1 << 30, **common,
+            qk_scale, v_scale, window, 1 << 30, **common,
             stride_pos=0, stride_poh=0, stride_pop=0, stride_pls=0, stride_plh=0, SPLIT=False, **meta,
             **pdl_args(q, pdl),
         )
@@ -184,7 +184,8 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          stride_pop=part_out.stride(2), stride_pls=part_lse.stride(0), stride_plh=part_lse.stride(1))
     _decode_kernel[(num_seqs, num_kv, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, part_out, part_lse,
-        qk_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta, **pdl_args(q, pdl),
+        qk_scale, v_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta,
+            **pdl_args(q, pdl),
     )
     _decode_reduce_kernel[(num_seqs, n_heads)](
         part_out, part_lse, context_lens, query_start_loc, out, part_size, **split_strides,

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mixtral.kernels.triton.fp8_kv import to_cache
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 
 
@@ -38,11 +39,12 @@ def _rotate_heads(src, stride_h, n_heads, half, c_lo, c_hi, s_lo, s_hi, dt: tl.c
 
 
 @triton.jit
-def _store_halves(dst, stride_h, lo, hi, mask, half, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _store_halves(dst, stride_h, lo, hi, mask, half, scale, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """Store both halves in dst's dtype (an FP8 cache: codes of x / scale, see fp8_kv.to_cache)."""
     h = tl.arange(0, BLOCK_H)[:, None]
     d = tl.arange(0, BLOCK_HALF)[None, :]
-    tl.store(dst + h * stride_h + d, lo.to(dst.dtype.element_ty), mask=mask)
-    tl.store(dst + h * stride_h + half + d, hi.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + h * stride_h + d, to_cache(lo, scale, dst.dtype.element_ty), mask=mask)
+    tl.store(dst + h * stride_h + half + d, to_cache(hi, scale, dst.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def _rope_qk_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_cn, stride_sn,
     stride_qon, stride_qoh, stride_kon, stride_koh,
     stride_vn, stride_vh, stride_cb, stride_ct, stride_ch,
-    n_q_heads, n_k_heads, half, block_size,
+    n_q_heads, n_k_heads, half, block_size, k_scale, v_scale,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr, CACHE: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -69,29 +71,31 @@ def _rope_qk_kernel(
     s_hi = tl.load(sin_ptr + tok * stride_sn + half + d, mask=dm, other=0.0).to(tl.float32)
     q_lo, q_hi, q_mask = _rotate_heads(q_ptr + tok * stride_qn, stride_qh, n_q_heads, half, c_lo, c_hi, s_lo, s_hi,
                                        dt, BLOCK_HQ, BLOCK_HALF)
-    _store_halves(qo_ptr + tok * stride_qon, stride_qoh, q_lo, q_hi, q_mask, half, BLOCK_HQ, BLOCK_HALF)
+    _store_halves(qo_ptr + tok * stride_qon, stride_qoh, q_lo, q_hi, q_mask, half, 1.0, BLOCK_HQ, BLOCK_HALF)
     k_lo, k_hi, k_mask = _rotate_heads(k_ptr + tok * stride_kn, stride_kh, n_k_heads, half, c_lo, c_hi, s_lo, s_hi,
                                        dt, BLOCK_HK, BLOCK_HALF)
-    _store_halves(ko_ptr + tok * stride_kon, stride_koh, k_lo, k_hi, k_mask, half, BLOCK_HK, BLOCK_HALF)
+    _store_halves(ko_ptr + tok * stride_kon, stride_koh, k_lo, k_hi, k_mask, half, 1.0, BLOCK_HK, BLOCK_HALF)
     if CACHE:
         slot = tl.load(slot_ptr + tok).to(tl.int64)
         if slot >= 0:
             row = (slot // block_size) * stride_cb + (slot % block_size) * stride_ct  # the slot's [KV, hd] row
-            _store_halves(k_cache_ptr + row, stride_ch, k_lo, k_hi, k_mask, half, BLOCK_HK, BLOCK_HALF)
+            _store_halves(k_cache_ptr + row, stride_ch, k_lo, k_hi, k_mask, half, k_scale, BLOCK_HK, BLOCK_HALF)
             h = tl.arange(0, BLOCK_HK)[:, None]
             v_src = v_ptr + tok * stride_vn + h * stride_vh
             v_lo = tl.load(v_src + d, mask=k_mask)
             v_hi = tl.load(v_src + half + d, mask=k_mask)
-            _store_halves(v_cache_ptr + row, stride_ch, v_lo, v_hi, k_mask, half, BLOCK_HK, BLOCK_HALF)
+            _store_halves(v_cache_ptr + row, stride_ch, v_lo, v_hi, k_mask, half, v_scale, BLOCK_HK, BLOCK_HALF)
 
 
 def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None, pdl: bool = True
+            cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+            kv_scales: tuple[float, float] = (1.0, 1.0), pdl: bool = True
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H, hd], k [N, KV, hd], cos/sin [N, hd] (all one dtype) -> rotated (q, k), new contiguous tensors.
 
     ``cache`` = (v [N, KV, hd], k_cache, v_cache [blocks, block_size, KV, hd], slot_mapping [N]) also stores the
-    rotated k and v at each token's slot (-1 skips), the work of ``write_kv``, in the same launch."""
+    rotated k and v at each token's slot (-1 skips), the work of ``write_kv``, in the same launch; an FP8 cache
+    stores codes of k / kv_scales[0] and v / kv_scales[1]."""
     if q.dim() != 3 or k.dim() != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise ValueError(f"rope_qk: q {tuple(q.shape)} and k {tuple(k.shape)} must be [N, heads, hd] "
                          "with the same N and hd")
@@ -132,7 +136,7 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         v.stride(0), v.stride(1), k_cache.stride(0) if cached else 0, k_cache.stride(1) if cached else 0,
         k_cache.stride(2) if cached else 0,
-        q.shape[1], k.shape[1], half, k_cache.shape[1] if cached else 1,
+        q.shape[1], k.shape[1], half, k_cache.shape[1] if cached else 1, *kv_scales,
         BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, CACHE=cached,
         num_warps=4 if block_hq * block_half >= 1024 else 1,
         enable_fp_fusion=False, **pdl_args(q, pdl),
