@@ -181,13 +181,21 @@ def dequantize(t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- round to nearest
+def _round_up(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 scales -> ``dtype``, rounded up where rounding to nearest went down, so the grid still reaches the
+    group's extremes (no clipping beyond half a step)."""
+    r = s.to(dtype)
+    low = r.to(torch.float32) < s
+    return torch.where(low, torch.nextafter(r, torch.full_like(r, float("inf"))), r)
+
+
 def quantize_rtn(w: torch.Tensor, fmt: IntFormat) -> QuantTensors:
     """w [..., out, in] -> stored tensors, round to nearest per group (no act-order, no float offsets).
 
     Symmetric ("none"): s = absmax / 7 (4 bits) or / 127 (8 bits), codes clamp(round(w / s)): no clipping,
     the code -8 (or -128) unused. Asymmetric ("int"): s = (max - min) / (2^bits - 1) over the group's range
-    widened to include 0, z = round(-min / s). The scale is rounded to ``scale_dtype`` first and the codes are
-    computed with the rounded scale, so dequantization matches what was rounded. All-zero groups get s = 0.
+    widened to include 0, z = round(-min / s). The scale is rounded up to ``scale_dtype`` first and the codes
+    are computed with the rounded scale, so every weight is within half a step. All-zero groups get s = 0.
     """
     if fmt.zero == "float" or fmt.act_order:
         raise ValueError(f"round-to-nearest makes symmetric or integer-zero formats, not {fmt}")
@@ -198,7 +206,7 @@ def quantize_rtn(w: torch.Tensor, fmt: IntFormat) -> QuantTensors:
     qmax = (1 << fmt.bits) - 1
     if fmt.zero == "none":
         half = (1 << (fmt.bits - 1)) - 1  # 7 or 127
-        s = (wf.abs().amax(dim=-1) / half).to(fmt.scale_dtype)  # [..., out, G]
+        s = _round_up(wf.abs().amax(dim=-1) / half, fmt.scale_dtype)  # [..., out, G]
         sf = s.to(torch.float32)
         q = torch.round(wf / torch.where(sf == 0, 1.0, sf)[..., None]).clamp(-half, half)
         codes = (q + 8) if fmt.bits == 4 else q
@@ -206,7 +214,7 @@ def quantize_rtn(w: torch.Tensor, fmt: IntFormat) -> QuantTensors:
     else:
         lo = wf.amin(dim=-1).clamp(max=0.0)
         hi = wf.amax(dim=-1).clamp(min=0.0)
-        s = ((hi - lo) / qmax).to(fmt.scale_dtype)
+        s = _round_up((hi - lo) / qmax, fmt.scale_dtype)
         sf = torch.where(s.to(torch.float32) == 0, 1.0, s.to(torch.float32))
         z = torch.round(-lo / sf).clamp(0, qmax)  # [..., out, G] unsigned domain
         codes = (torch.round(wf / sf[..., None]) + z[..., None]).clamp(0, qmax)
@@ -313,7 +321,7 @@ def convert(t: QuantTensors, dst: IntFormat) -> QuantTensors:
     elif dst.zero == "int":
         out["zeros"] = z.to(dst.zero_dtype)
     else:  # symmetric dst: the code is the value (+ 8 for 4 bits)
-        c = c - z + (8 if dst.bits == 4 else 0)
+        c = c - _per_column(z, dst, c.shape[-1]) + (8 if dst.bits == 4 else 0)
     scales = s32.to(dst.scale_dtype)
     if not torch.equal(scales.to(torch.float32), s32) or (
             "offsets" in out and not torch.equal(out["offsets"].to(torch.float32), off32)):
