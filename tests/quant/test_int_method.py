@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from mixtral.kernels.reference import route_topk
-from mixtral.quant import QuantSpec, get_method
-from mixtral.quant import int_cpu
+from mixtral.quant import QuantSpec, get_method, int_cpu
 from mixtral.quant.int_layout import IntFormat, dequantize, quantize_rtn
 from mixtral.quant.int_method import method_for_format, reference_linear, reference_moe
 
@@ -46,7 +45,8 @@ def test_get_method_defaults() -> None:
     awq = get_method(QuantSpec("int4", "awq", group_size=128, symmetric=False))
     assert [s.name for s in awq.stored()] == ["qweight", "scales", "zeros"]
     gptq = get_method(QuantSpec("int4", "gptq", group_size=128, act_order=True, scale_dtype=torch.bfloat16))
-    assert [s.name for s in gptq.stored()] == ["qweight", "scales", "perm"] and gptq.format.scale_dtype == torch.bfloat16
+    assert [s.name for s in gptq.stored()] == ["qweight", "scales", "perm"]
+    assert gptq.format.scale_dtype == torch.bfloat16
     # 4096 x 14336 int4 g128 (8x7B w2 of one expert): codes 29.4 MB + fp16 scales 0.9 MB.
     assert m4.weight_bytes((), 4096, 14336) == 4096 * 7168 + 4096 * 112 * 2
     with pytest.raises(ValueError, match="cannot come from 'fp8-ish'"):
