@@ -46,6 +46,11 @@ def write_piece(dst: QuantTensors, stored: list[StoredTensor], index: tuple[Inde
         if view.shape != piece[s.name].shape:
             raise ValueError(f"piece {index}: {s.name} has shape {tuple(piece[s.name].shape)}, its place in the "
                              f"parameter {tuple(view.shape)}")
+        if s.in_only and bool(view.any()) and not torch.equal(view, piece[s.name]):
+            # Rows of one weight (q/k/v, an expert's w1/w3) share its input permutation: GPTQ derives it from
+            # the input's statistics, which those rows share; a checkpoint where they differ cannot be fused.
+            raise ValueError(f"piece {index}: its {s.name} differs from the one already placed for the same "
+                             "weight; act-order pieces of one fused weight must share their g_idx")
         view.copy_(piece[s.name])
 
 

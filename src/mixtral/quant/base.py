@@ -87,6 +87,9 @@ class QuantSpec:
     - ``static_input_scale``: FP8 checkpoints that carry ``input_scale`` (activations quantized with it
       instead of per token).
     - ``ignore``: checkpoint module names (or ``re:`` patterns) kept unquantized.
+    - ``checkpoint_format``: the source's own layout tag, where it has one: compressed-tensors' ``format``
+      ("float-quantized", "pack-quantized", "naive-quantized", "int-quantized"), AWQ's ``version``
+      ("gemm"), GPTQ's ``checkpoint_format`` ("gptq": zero points stored minus one, or "gptq_v2").
     - ``scale_dtype``: the dtype scales are kept in (int schemes: the checkpoint's, so loading is exact; None =
       the scheme's default).
     """
@@ -98,6 +101,7 @@ class QuantSpec:
     act_order: bool = False
     static_input_scale: bool = False
     ignore: tuple[str, ...] = field(default_factory=tuple)
+    checkpoint_format: str = ""
     scale_dtype: torch.dtype | None = None
 
 
