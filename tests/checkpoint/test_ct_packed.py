@@ -4,14 +4,10 @@ to its own decompression, bit for bit."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
-from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
-from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from compressed_tensors.quantization.utils import calculate_qparams
 from int_testing import saved_reader
 
 from mixtral.checkpoint import int_formats
@@ -19,19 +15,35 @@ from mixtral.checkpoint.specs import TensorSpec
 from mixtral.quant import QuantSpec, get_method
 from mixtral.quant.int_layout import IntFormat, dequantize
 
+
+def _ct() -> SimpleNamespace:
+    """compressed-tensors, imported on first use: it imports triton, which at collection time would come before
+    tests/kernels' conftest turns the interpreter on."""
+    from compressed_tensors.compressors.naive_quantized.base import IntQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    return SimpleNamespace(Int=IntQuantizationCompressor, Packed=PackedQuantizationCompressor,
+                           pack_to_int32=pack_to_int32, Args=QuantizationArgs, Scheme=QuantizationScheme,
+                           calculate_qparams=calculate_qparams)
+
+
 MODULE = "model.layers.1.block_sparse_moe.experts.2.w2"
 SPEC = TensorSpec(f"{MODULE}.weight", (48, 128), "layers.1.feed_forward.w2", (2,))
 
 
-def _compress(w: torch.Tensor, bits: int, group: int, symmetric: bool, compressor: type = PackedQuantizationCompressor
-              ) -> tuple[dict[str, torch.Tensor], QuantizationScheme]:
+def _compress(w: torch.Tensor, bits: int, group: int, symmetric: bool, compressor: type | None = None
+              ) -> tuple[dict[str, torch.Tensor], object]:
     """One linear compressed by compressed-tensors (its own qparams, quantize and packing)."""
+    ct = _ct()
+    compressor = compressor or ct.Packed
     strategy = "group" if group else "channel"
-    args = QuantizationArgs(num_bits=bits, type="int", strategy=strategy, group_size=group or None,
-                            symmetric=symmetric)
-    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    args = ct.Args(num_bits=bits, type="int", strategy=strategy, group_size=group or None, symmetric=symmetric)
+    scheme = ct.Scheme(targets=["Linear"], weights=args)
     g = w.float().reshape(w.shape[0], -1, group or w.shape[1])
-    scale, zp = calculate_qparams(g.amin(-1), g.amax(-1), args)  # [out, G]
+    scale, zp = ct.calculate_qparams(g.amin(-1), g.amax(-1), args)  # [out, G]
     state = {"weight": w, "weight_scale": scale.to(w.dtype)}
     if not symmetric:
         state["weight_zero_point"] = zp
@@ -47,7 +59,7 @@ def test_pack_quantized_matches_the_library(bits: int, group: int, symmetric: bo
                                             tmp_path: Path) -> None:
     w = (torch.randn(48, 128, generator=torch.Generator().manual_seed(bits + group)) * 0.05).to(dtype)
     compressed, scheme = _compress(w, bits, group, symmetric)
-    expected = PackedQuantizationCompressor.decompress(compressed, scheme)["weight"]  # [out, in] in dtype
+    expected = _ct().Packed.decompress(compressed, scheme)["weight"]  # [out, in] in dtype
     info, read = saved_reader({f"{MODULE}.{k}": v for k, v in compressed.items()}, tmp_path)
     qspec = QuantSpec(f"int{bits}", "compressed-tensors", group_size=group, symmetric=symmetric,
                       checkpoint_format="pack-quantized")
@@ -63,9 +75,10 @@ def test_pack_quantized_matches_the_library(bits: int, group: int, symmetric: bo
 
 def test_int_quantized_8bit_matches_the_library(tmp_path: Path) -> None:
     w = torch.randn(48, 128, dtype=torch.bfloat16) * 0.05
-    compressed, scheme = _compress(w, 8, 0, True, IntQuantizationCompressor)
+    ct = _ct()
+    compressed, scheme = _compress(w, 8, 0, True, ct.Int)
     assert compressed["weight"].dtype == torch.int8
-    expected = IntQuantizationCompressor.decompress(compressed, scheme)["weight"]
+    expected = ct.Int.decompress(compressed, scheme)["weight"]
     info, read = saved_reader({f"{MODULE}.{k}": v for k, v in compressed.items()}, tmp_path)
     qspec = QuantSpec("int8", "compressed-tensors", group_size=0, checkpoint_format="int-quantized")
     assert int_formats.check_piece(SPEC, qspec, info) == []
@@ -83,7 +96,7 @@ def test_group_act_order_g_idx(tmp_path: Path) -> None:
     g_idx[order] = (torch.arange(in_f) // group).to(torch.int32)
     q = torch.randint(-8, 8, (out_f, in_f), generator=gen, dtype=torch.int8)
     scale = (torch.rand(out_f, in_f // group, generator=gen) * 0.01 + 1e-3).to(torch.bfloat16)
-    tensors = {"weight_packed": pack_to_int32(q, 4), "weight_scale": scale, "weight_g_idx": g_idx,
+    tensors = {"weight_packed": _ct().pack_to_int32(q, 4), "weight_scale": scale, "weight_g_idx": g_idx,
                "weight_shape": torch.tensor([out_f, in_f])}
     info, read = saved_reader({f"{MODULE}.{k}": v for k, v in tensors.items()}, tmp_path)
     qspec = QuantSpec("int4", "compressed-tensors", group_size=group, act_order=True,
