@@ -8,6 +8,7 @@ gguf's own dequantization: the reference the reader is held to.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +34,22 @@ def random_blocks(type_name: str, rows: int, in_features: int, rng: np.random.Ge
         d = (rng.random((rows, in_features // block)) * 0.002 + 1e-4).astype(np.float16)
         raw[..., off:off + 2] = d.view(np.uint8).reshape(rows, in_features // block, 2)
     return raw.reshape(rows, -1)
+
+
+def float_weight(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """N(0, 0.05) weights drawn per expert (merged ``ffn_*_exps`` tensors stack the per-expert draws), so a
+    merged file and a per-expert file of one seed hold the same model."""
+    def draw(key: str, shape: tuple[int, ...]) -> np.ndarray:
+        rng = np.random.default_rng([seed, zlib.crc32(key.encode())])
+        return (rng.standard_normal(shape) * 0.05).astype(np.float32)
+
+    parts = name.split(".")
+    if len(parts) > 2 and parts[2].endswith("_exps"):  # blk.N.ffn_gate_exps.weight -> experts blk.N.ffn_gate.E
+        kind = parts[2].removesuffix("_exps")
+        return np.stack([draw(f"{parts[0]}.{parts[1]}.{kind}.{e}", shape[1:]) for e in range(shape[0])])
+    if len(parts) == 5:  # blk.N.ffn_gate.E.weight
+        return draw(".".join(parts[:4]), shape)
+    return draw(name, shape)
 
 
 def write_gguf(path: Path, args: ModelArgs, types: Callable[[str], str], merged: bool = True, seed: int = 0,
@@ -61,7 +78,7 @@ def write_gguf(path: Path, args: ModelArgs, types: Callable[[str], str], merged:
     expected: dict[str, torch.Tensor] = {}
     for spec in gguf_specs(args, merged):
         kind = types(spec.name)
-        weight = (rng.standard_normal(spec.shape) * 0.05).astype(np.float32)
+        weight = float_weight(spec.name, spec.shape, seed)
         if spec.rope_heads:  # llama.cpp's converter interleaves each head's RoPE pairs
             weight = half_to_interleaved(torch.from_numpy(weight), spec.rope_heads).numpy()
         if kind in ("F32", "F16"):

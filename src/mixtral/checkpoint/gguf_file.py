@@ -89,10 +89,10 @@ class GGUFCheckpoint:
     """A validated GGUF Mixtral: ``args``, ``tokenizer`` ("v1"/"v3"), ``tokenizer_file``, ``specs``, ``plan``
     (internal parameter -> IntFormat, or None for float) and ``read(spec)``.
 
-    ``quantized_output``: keep the lm_head quantized when the file has it quantized (False: float, e.g. where
-    the model's lm_head path takes only float weights)."""
+    ``quantized``: keep the projections quantized (False: every parameter float, dequantized exactly, for a
+    bf16/fp32 model from a GGUF file); ``quantized_output``: the same for the lm_head alone."""
 
-    def __init__(self, path: Path | str, quantized_output: bool = True) -> None:
+    def __init__(self, path: Path | str, quantized: bool = True, quantized_output: bool = True) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise CheckpointError(f"GGUF file {self.path} does not exist")
@@ -107,7 +107,7 @@ class GGUFCheckpoint:
         self.specs = gguf_specs(self.args, merged)
         self.type_of = {name: t.tensor_type.name for name, t in self.tensors.items()}
         self._validate()
-        self.plan = self._plan(quantized_output)
+        self.plan = self._plan(quantized, quantized and quantized_output)
 
     # ----------------------------------------------------------------- validation
     def shape_of(self, name: str) -> tuple[int, ...]:
@@ -133,13 +133,13 @@ class GGUFCheckpoint:
             raise CheckpointError(f"GGUF file {self.path} does not match its metadata ({len(problems)} problem(s)):"
                                   "\n  " + "\n  ".join(problems[:_MAX_LISTED]) + more)
 
-    def _plan(self, quantized_output: bool) -> dict[str, IntFormat | None]:
+    def _plan(self, quantized: bool, quantized_output: bool) -> dict[str, IntFormat | None]:
         types: dict[str, list[str]] = {}
         for s in self.specs:
             types.setdefault(s.param, []).append(self.type_of[s.name])
         plan: dict[str, IntFormat | None] = {}
         for param, kinds in types.items():
-            quantizable = param.endswith(QUANTIZABLE) or (param == "output.weight" and quantized_output)
+            quantizable = (quantized and param.endswith(QUANTIZABLE)) or (param == "output.weight" and quantized_output)
             if not quantizable or any(k in FLOAT_TYPES for k in kinds):
                 plan[param] = None
                 continue
