@@ -16,11 +16,12 @@ import gguf
 import numpy as np
 import torch
 
-from mixtral.checkpoint.gguf_file import gguf_specs
+from mixtral.checkpoint.gguf_file import GGUFCheckpoint, gguf_specs
 from mixtral.checkpoint.gguf_meta import packaged_pieces
 from mixtral.checkpoint.gguf_quants import GGUF_TYPES
 from mixtral.checkpoint.specs import half_to_interleaved, interleaved_to_half
 from mixtral.model.args import ModelArgs
+from mixtral.model.mixtral import Transformer
 
 PYTHON_QUANTIZABLE = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 F16_OFFSETS = {"Q2_K": [80, 82], "Q3_K": [108], "Q4_K": [0, 2], "Q5_K": [0, 2], "Q6_K": [208]}
@@ -120,3 +121,16 @@ def q4_k_m(name: str) -> str:
     if name == "output.weight" or name.startswith("blk.0.ffn_down"):
         return "Q6_K"
     return "Q4_K"
+
+
+def load_float_model(path: Path) -> Transformer:
+    """Our fp32 model with every weight read from the GGUF (dequantized where the file quantized it)."""
+    ckpt = GGUFCheckpoint(path, quantized=False)
+    model = Transformer(ckpt.args)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for spec in ckpt.specs:
+            piece = ckpt.read(spec)
+            assert isinstance(piece, torch.Tensor)
+            spec.select(params[spec.param]).copy_(piece)
+    return model.eval()

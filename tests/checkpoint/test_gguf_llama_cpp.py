@@ -12,30 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from gguf_testing import write_gguf
+from gguf_testing import load_float_model, write_gguf
 
-from mixtral.checkpoint.gguf_file import GGUFCheckpoint
 from mixtral.model.args import ModelArgs
-from mixtral.model.mixtral import Transformer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None,
                                 reason="llama-cpp-python is not installed (pip install -e '.[peers]')")
 
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=32000,
                  num_experts=4, max_seq_len=512, tokenizer="v1")
-
-
-def load_float_model(path: Path) -> Transformer:
-    """Our fp32 model with every weight read from the GGUF (dequantized where the file quantized it)."""
-    ckpt = GGUFCheckpoint(path, quantized=False)
-    model = Transformer(ckpt.args)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for spec in ckpt.specs:
-            piece = ckpt.read(spec)
-            assert isinstance(piece, torch.Tensor)
-            spec.select(params[spec.param]).copy_(piece)
-    return model.eval()
 
 
 def llama_cpp_logits(path: Path, tokens: list[int]) -> np.ndarray:
