@@ -164,14 +164,30 @@ def code_values(t: QuantTensors, fmt: IntFormat | None = None) -> torch.Tensor:
     return c
 
 
+def _grouped(t: torch.Tensor, fmt: IntFormat) -> torch.Tensor:
+    """A per-group tensor [..., out, G] (per channel: [..., out]) as [..., out, G, 1], to broadcast over the
+    [..., out, G, g] view of the codes."""
+    return t.unsqueeze(-1) if fmt.group_size else t[..., None, None]
+
+
 def dequantize(t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
-    """The stored tensors -> the logical weight [..., out, in] in ``dtype`` (computed in fp32, rounded once)."""
+    """The stored tensors -> the logical weight [..., out, in] in ``dtype`` (computed in fp32, rounded once).
+
+    Works on the [..., out, G, g] view of the codes with the group tensors broadcast (no per-column copies)."""
     fmt = IntFormat.of(t)
-    v = code_values(t, fmt)
-    in_features = v.shape[-1]
-    w = v.to(torch.float32) * _per_column(t["scales"].to(torch.float32), fmt, in_features)
+    codes = t["qweight"]
+    c = unpack_int4(codes) if fmt.bits == 4 else codes
+    *lead, out_features, in_features = c.shape
+    g = fmt.group_size or in_features
+    w = c.reshape(*lead, out_features, in_features // g, g).to(torch.float32)  # [..., out, G, g]
+    if fmt.zero == "int":
+        w = w - _grouped(t["zeros"].to(torch.float32), fmt)
+    elif fmt.zero == "none" and fmt.bits == 4:
+        w = w - 8.0
+    w = w * _grouped(t["scales"].to(torch.float32), fmt)
     if fmt.zero == "float":
-        w = w + _per_column(t["offsets"].to(torch.float32), fmt, in_features)
+        w = w + _grouped(t["offsets"].to(torch.float32), fmt)
+    w = w.reshape(*lead, out_features, in_features)
     if fmt.act_order:
         logical = torch.empty_like(w)
         perm = t["perm"].to(torch.int64)
