@@ -8,7 +8,7 @@ import torch
 from mixtral.kernels.reference import route_topk
 from mixtral.quant import QuantSpec, get_method, int_cpu
 from mixtral.quant.int_layout import IntFormat, dequantize, quantize_rtn
-from mixtral.quant.int_method import method_for_format, reference_linear, reference_moe
+from mixtral.quant.int_method import int4_group_for, method_for_format, reference_linear, reference_moe
 
 CPU_FORMATS = [
     IntFormat(4, 128, torch.float16, "none"),
@@ -51,6 +51,10 @@ def test_get_method_defaults() -> None:
     assert m4.weight_bytes((), 4096, 14336) == 4096 * 7168 + 4096 * 112 * 2
     with pytest.raises(ValueError, match="cannot come from 'fp8-ish'"):
         get_method(QuantSpec("int4", "fp8-ish"))
+    assert int4_group_for((4096, 14336, 4096)) == 128  # 8x7B
+    assert int4_group_for((192, 320, 192)) == 64  # the demo model
+    with pytest.raises(ValueError, match="divides the input widths"):
+        int4_group_for((100, 50))
 
 
 @pytest.mark.parametrize("fmt", CPU_FORMATS, ids=str)

@@ -41,6 +41,16 @@ def default_format(spec: QuantSpec, bits: int) -> IntFormat:
                      spec.act_order)
 
 
+def int4_group_for(widths: tuple[int, ...], want: int = DEFAULT_INT4_GROUP) -> int:
+    """The group size ``--quantization int4`` uses for a model whose linears have these input widths (dim,
+    hidden_dim, q_size): ``want`` when it divides them all, else the largest of 64, 32, 16 that does (the demo
+    model, dim 192 and hidden 320, gets 64). Raises when none does."""
+    for g in (want, 64, 32, 16):
+        if g <= want and all(w % g == 0 for w in widths):
+            return g
+    raise ValueError(f"no int4 group size of 16 to {want} divides the input widths {widths}")
+
+
 def drop_identity_perm(t: QuantTensors) -> QuantTensors:
     """Act-order weights whose permutation is the identity (a GPTQ layer without desc_act in an act-order
     checkpoint) lose it, so kernels take the plain path."""
