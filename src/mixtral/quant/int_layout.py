@@ -57,7 +57,7 @@ Not here: reading files (checkpoint/), the matmuls (quant/int_method.py and the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -350,7 +350,3 @@ def convert(t: QuantTensors, dst: IntFormat) -> QuantTensors:
     if src.act_order:
         out["perm"] = t["perm"]
     return {s.name: out[s.name] for s in dst.stored()}
-
-
-def with_group(fmt: IntFormat, group_size: int) -> IntFormat:
-    return replace(fmt, group_size=group_size)
