@@ -24,6 +24,7 @@ KERNEL_MODULES = [
     "mixtral.kernels.triton.moe_sum",
     "mixtral.kernels.triton.moe_glue",
     "mixtral.kernels.triton.fused_moe",
+    "mixtral.kernels.triton.int_dequant", "mixtral.kernels.triton.int_linear", "mixtral.kernels.triton.int_moe",
     "mixtral.kernels.triton.write_kv",
     "mixtral.kernels.triton.attention_tile",
     "mixtral.kernels.triton.paged_decode",

@@ -40,14 +40,19 @@ class StoredTensor:
       (a per-tensor value, shape ``[*lead]``; such a tensor is replicated, never sliced).
     - ``in_block``: logical input columns per stored column (1 plain, 2 two int4 codes a byte, the group
       size for group scales). 0: no in axis (a per-output-channel scale ``[*lead, out]``).
+    - ``in_only``: a per-input-column vector ``[*lead, in // in_block]`` with no out axis (GPTQ act-order's
+      input permutation, quant/int_layout.py): sliced by columns, never by rows.
     """
 
     name: str
     dtype: torch.dtype
     out_block: int = 1
     in_block: int = 1
+    in_only: bool = False
 
     def shape(self, lead: tuple[int, ...], out_features: int, in_features: int) -> tuple[int, ...]:
+        if self.in_only:
+            return (*lead, in_features // self.in_block)
         if self.out_block == 0:
             return lead
         rows = (*lead, out_features // self.out_block)
@@ -55,13 +60,15 @@ class StoredTensor:
 
     def rows(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """The view of ``t`` holding logical output rows [start, stop) (``t`` itself when it has no out axis)."""
-        if self.out_block == 0:
+        if self.out_block == 0 or self.in_only:
             return t
         axis = t.dim() - (1 if self.in_block == 0 else 2)
         return t.narrow(axis, start // self.out_block, (stop - start) // self.out_block)
 
     def cols(self, t: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """The view of ``t`` holding logical input columns [start, stop) (``t`` itself when it has no in axis)."""
+        if self.in_only:
+            return t.narrow(t.dim() - 1, start // self.in_block, (stop - start) // self.in_block)
         if self.out_block == 0 or self.in_block == 0:
             return t
         return t.narrow(t.dim() - 1, start // self.in_block, (stop - start) // self.in_block)
@@ -89,6 +96,8 @@ class QuantSpec:
       "tensor", AutoFP8); the loader broadcasts it to the canonical per-channel scales.
     - ``kv_cache_scales``: the checkpoint carries per-layer FP8 KV-cache scales (compressed-tensors
       ``kv_cache_scheme``; AutoFP8 ``kv_cache_scheme: "static"``).
+    - ``scale_dtype``: the dtype scales are kept in (int schemes: the checkpoint's, so loading is exact; None =
+      the scheme's default).
     """
 
     method: str
@@ -102,6 +111,7 @@ class QuantSpec:
     checkpoint_format: str = ""
     weight_per_tensor: bool = False
     kv_cache_scales: bool = False
+    scale_dtype: torch.dtype | None = None
 
 
 class QuantMethod(ABC):
@@ -126,8 +136,9 @@ class QuantMethod(ABC):
     def dequantize(self, t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
         """The stored tensors -> the logical weight [*lead, out, in] in ``dtype`` (the reference)."""
 
-    def process_after_loading(self, t: QuantTensors) -> QuantTensors:
-        """Repack the loaded canonical tensors for the kernels (once, on the target device). Default: as is."""
+    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None) -> QuantTensors:
+        """Repack the loaded canonical tensors for the kernels (once, on the target device). ``act_dtype`` is the
+        model's activation dtype when known (CPU packed matmuls take their scales in it). Default: as is."""
         return t
 
     @abstractmethod

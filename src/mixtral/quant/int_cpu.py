@@ -1,0 +1,163 @@
+"""CPU fast path of the integer schemes: PyTorch's packed CPU matmuls on weights repacked once at load.
+
+``torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, g, scale_and_zero)`` multiplies by a weight whose
+element is ``(q - 8) * S + Z`` (q 4-bit, S and Z per group of ``g`` in {32, 64, 128, 256} columns, in x's
+dtype, N a multiple of 16); ``_weight_int8pack_mm(x, w_int8, s)`` by ``w * s`` per output channel. Every
+canonical format maps onto them exactly in fp32 arithmetic (module docstring of int_layout.py for values):
+
+- int4: q = code; S = s; Z = 0 (symmetric), (8 - z) * s (integer zero), 8 s + o (float offset).
+- int8, symmetric per channel: ``_weight_int8pack_mm`` with the codes as they are.
+- int8 otherwise: the unsigned code u = c + 128 splits into nibbles h, l (u = 16 h + l), so
+  c = 16 (h - 8) + (l - 8) + 8 and the weight is two int4 weights: hi (q = h, S = 16 s, Z = 0) plus lo
+  (q = l, S = s, Z = 8 s - z s + o). Two packed matmuls, summed.
+
+S and Z are rounded once to the activation dtype (bf16: a relative 2^-9 on a weight, the size of rounding the
+weight itself to bf16, which the reference does). The packed kernels have no fast fp32 version (measured
+~30-100x slower than bf16 on this CPU), so only bf16 / fp16 activations are packed; other dtypes keep the
+canonical tensors and the reference path. Weights the kernels cannot take (groups of 16, as GGUF Q6_K; N not
+a multiple of 16) also stay canonical.
+
+Measured against bf16 ``F.linear`` and the reference (dequantize then matmul) in BENCHMARKS-style notes in
+docs/QUANT_INT.md. Not here: the GPU kernels (kernels/triton/int_*.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from mixtral.quant.base import QuantTensors
+from mixtral.quant.int_layout import IntFormat, dequantize, unpack_int4
+
+CPU_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu takes
+PACKED_DTYPES = (torch.bfloat16, torch.float16)
+# Rows of a weight dequantized at once by the fallback (bounds its temporary to ~64 MB of fp32).
+_FALLBACK_ROWS = 4096
+
+
+def cpu_group(fmt: IntFormat, in_features: int) -> int:
+    """The packed kernels' group for ``fmt``: the largest of CPU_GROUPS dividing its group (per channel: the
+    width), 0 when none does."""
+    g = fmt.group_size or in_features
+    return next((c for c in CPU_GROUPS if g % c == 0 and in_features % c == 0), 0)
+
+
+def _pack(qweight: torch.Tensor, nibble: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Canonical codes [*lead, N, *] -> the int4pack layout [*lead, N, K/2] of ``nibble(matrix)`` (uint8 codes
+    0..15 [N, K]), one 2-D matrix at a time so the int32 temporary stays one matrix."""
+    flat = qweight.reshape(-1, *qweight.shape[-2:])
+    packed = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(nibble(m).to(torch.int32).contiguous(), 1)
+              for m in flat]
+    return torch.stack(packed).reshape(*qweight.shape[:-2], *packed[0].shape)
+
+
+def _scale_zero(scale: torch.Tensor, zero: torch.Tensor, rep: int, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 S, Z [*lead, N, G] -> [*lead, G * rep, N, 2] in ``dtype`` (each group repeated ``rep`` times)."""
+    zero = zero.expand_as(scale)
+    sz = torch.stack((scale.repeat_interleave(rep, -1), zero.repeat_interleave(rep, -1)), dim=-1)  # [.., N, G', 2]
+    return sz.transpose(-3, -2).contiguous().to(dtype)
+
+
+def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None) -> QuantTensors:
+    """Canonical tensors -> the packed CPU layout for ``act_dtype`` activations, or ``t`` unchanged when no
+    packed kernel fits (see the module docstring). Keys: ``cpu_q8``/``cpu_s8`` (int8 per channel), else
+    ``cpu_q4``/``cpu_sz`` and for int8 also ``cpu_q4lo``/``cpu_szlo``; ``perm`` is kept."""
+    if act_dtype not in PACKED_DTYPES:
+        return t
+    fmt = IntFormat.of(t)
+    codes = t["qweight"]
+    n, k = codes.shape[-2], codes.shape[-1] * (2 if fmt.bits == 4 else 1)
+    out: QuantTensors = {"perm": t["perm"]} if fmt.act_order else {}
+    if fmt.bits == 8 and fmt.zero == "none" and fmt.group_size == 0:
+        out["cpu_q8"] = codes.contiguous()
+        out["cpu_s8"] = t["scales"].to(act_dtype)
+        return out
+    cpu_g = cpu_group(fmt, k)
+    if not cpu_g or n % 16:
+        return t
+    # Per-group fp32 S-terms [.., N, G]; per channel is one group spanning K.
+    unsq = (lambda v: v.unsqueeze(-1)) if fmt.group_size == 0 else (lambda v: v)
+    s = unsq(t["scales"].to(torch.float32))
+    rep = (fmt.group_size or k) // cpu_g
+    zero_term = torch.zeros_like(s)  # what (c - z) s + o adds to c s
+    if fmt.zero == "int":
+        zero_term = -unsq(t["zeros"].to(torch.float32)) * s
+    elif fmt.zero == "float":
+        zero_term = unsq(t["offsets"].to(torch.float32))
+    if fmt.bits == 4:
+        # (q - 8) S + Z: symmetric codes carry their zero 8 already (Z = 0); otherwise Z = 8 s - z s + o.
+        z_packed = zero_term + 8 * s if fmt.zero != "none" else zero_term
+        out["cpu_q4"] = _pack(codes, unpack_int4)
+        out["cpu_sz"] = _scale_zero(s, z_packed, rep, act_dtype)
+        return out
+    def unsigned(c: torch.Tensor) -> torch.Tensor:  # int8 code -> u = c + 128 as uint8
+        return c.view(torch.uint8) ^ 0x80
+
+    out["cpu_q4"] = _pack(codes, lambda c: unsigned(c) >> 4)
+    out["cpu_sz"] = _scale_zero(16 * s, torch.zeros_like(s), rep, act_dtype)
+    out["cpu_q4lo"] = _pack(codes, lambda c: unsigned(c) & 0xF)
+    out["cpu_szlo"] = _scale_zero(s, 8 * s + zero_term, rep, act_dtype)
+    return out
+
+
+def is_packed(t: QuantTensors) -> bool:
+    return "cpu_q4" in t or "cpu_q8" in t
+
+
+def _mm4(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
+    k = q.shape[-1] * 2
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, k // sz.shape[-3], sz)
+
+
+def packed_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> torch.Tensor:
+    """x [M, K] -> [M, N] through the packed layout (``expert`` picks one matrix of a stacked [E, ...] weight).
+    x is cast to the packed scales' dtype and the result back to x's dtype."""
+    pick = (lambda name: t[name]) if expert is None else (lambda name: t[name][expert])
+    if "perm" in t:
+        x = x.index_select(-1, pick("perm").to(torch.int64))  # stored column j reads input perm[j]
+    if "cpu_q8" in t:
+        s = pick("cpu_s8")
+        return torch.ops.aten._weight_int8pack_mm(x.to(s.dtype).contiguous(), pick("cpu_q8"), s).to(x.dtype)
+    sz = pick("cpu_sz")
+    xs = x.to(sz.dtype).contiguous()
+    y = _mm4(xs, pick("cpu_q4"), sz)
+    if "cpu_q4lo" in t:
+        y = (y.float() + _mm4(xs, pick("cpu_q4lo"), pick("cpu_szlo")).float())
+    return y.to(x.dtype)
+
+
+def reference_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> torch.Tensor:
+    """Dequantize then ``F.linear`` in x's dtype, in blocks of rows so a large weight never has a full fp32
+    copy (the path for weights no packed kernel takes)."""
+    sub = t if expert is None else {k: v[expert] for k, v in t.items()}
+    n = sub["qweight"].shape[-2]
+    if n <= _FALLBACK_ROWS:
+        return F.linear(x, dequantize(sub, x.dtype))
+    pieces = []
+    for r in range(0, n, _FALLBACK_ROWS):
+        rows = {k: (v if k == "perm" else v[r:r + _FALLBACK_ROWS]) for k, v in sub.items()}
+        pieces.append(F.linear(x, dequantize(rows, x.dtype)))
+    return torch.cat(pieces, dim=-1)
+
+
+def cpu_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> torch.Tensor:
+    return packed_linear(x, t, expert) if is_packed(t) else reference_linear(x, t, expert)
+
+
+def cpu_moe(x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    """The experts on CPU, one expert at a time over the tokens routed to it (as kernels/reference.py), each
+    GEMM through ``cpu_linear``: only the chosen experts' weights are read."""
+    num_local = (w13["cpu_q4"] if "cpu_q4" in w13 else w13["cpu_q8"] if "cpu_q8" in w13 else w13["qweight"]).shape[0]
+    out = torch.zeros_like(x)
+    local = topk_ids - expert_start  # [N, k]
+    for e in torch.unique(local).tolist():
+        if not 0 <= e < num_local:
+            continue
+        token_idx, slot = torch.where(local == e)  # [n], [n]
+        gate, up = cpu_linear(x[token_idx], w13, e).chunk(2, dim=-1)  # [n, F] each
+        y = cpu_linear(F.silu(gate) * up, w2, e)  # [n, D]
+        out.index_add_(0, token_idx, (y * topk_weights[token_idx, slot, None]).to(x.dtype))
+    return out

@@ -1,0 +1,53 @@
+"""The W4A16 / W8A16 kernels compile for Hopper (sm90, down to ptxas, PDL on) on this CPU at 8x7B and 8x22B
+shapes, into bf16 tensor-core instructions. Run in a subprocess (``python -m
+mixtral.kernels.triton.int_compile_check``) because this test process imported the kernels in interpreter
+mode (conftest)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
+    out = tmp_path_factory.mktemp("int_sm90") / "compile.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(out.parent / "cache"), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.int_compile_check", "--arch", "90",
+                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
+    assert out.exists(), f"int_compile_check wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+
+
+def _kernels(case: dict[str, object]) -> list[dict[str, object]]:
+    return case["kernels"]  # type: ignore[return-value]
+
+
+def test_every_int_kernel_compiles_for_sm90_and_waits_for_its_predecessor(compiled) -> None:
+    assert not {name: c["error"] for name, c in compiled.items() if "error" in c}
+    assert len(compiled) >= 9
+    kernels = [k for c in compiled.values() for k in _kernels(c)]
+    assert kernels and all(k["pdl_wait"] for k in kernels), [k["name"] for k in kernels if not k["pdl_wait"]]
+
+
+def test_dequantized_tiles_reach_the_tensor_cores_as_bf16(compiled) -> None:
+    gemms = [k for c in compiled.values() for k in _kernels(c) if k["name"].startswith("_int_")]
+    assert len(gemms) == 3 + 2 * 6  # three dense cases, six MoE cases of two GEMMs
+    for k in gemms:
+        assert k["mma"] and all("bf16.bf16" in m for m in k["mma"]), (k["name"], k["mma"])
+    prefill = _kernels(compiled["int8 fused_moe 8x22B prefill 2048"])
+    assert any("wgmma" in m for k in prefill for m in k["mma"])  # Hopper's async MMA at prefill tiles
+
+
+def test_decode_moe_skips_the_align_launch(compiled) -> None:
+    names = [k["name"] for k in _kernels(compiled["int4 fused_moe 8x7B batch 1 (direct)"])]
+    assert names == ["_int_w13_silu_kernel", "_int_w2_weighted_kernel", "_moe_sum_kernel"]
+    assert "_moe_align_kernel" in [k["name"] for k in _kernels(compiled["int4 zero-point fused_moe 8x7B batch 64 "
+                                                                         "(aligned)"])]
