@@ -1,0 +1,541 @@
+"""The driver side of tensor / expert parallelism: rank 0 starts (or joins) the workers and runs the engine's steps.
+
+``DistributedExecutor.start(model, parallel, ...)`` spawns ``tensor_parallel_size - 1`` worker processes on this
+host (``python -m mixtral.distributed.worker``), or joins the ranks ``torchrun`` started, loads rank 0's shard and
+has every worker load its own. ``make_runner(model, config, sampler)`` has ModelRunner's constructor signature and
+returns a :class:`DistributedModelRunner`: the object the engine steps instead of a ``ModelRunner``. The engine
+keeps its one scheduler; per step the driver
+
+1. broadcasts one control message (protocol.py: per sequence what changed since the last step, a few int64
+   per decode sequence) over the gloo control group;
+2. when the step was launched ahead of its inputs (async scheduling), broadcasts the previous step's sampled ids
+   from the device over the model group (NCCL), so no rank waits for the host to see them;
+3. runs its own ``ModelRunner.launch``: the forward pass, whose all-reduces pair with the workers', then the
+   sampling, on rank 0 only (after the last all-reduce every rank holds the same hidden states; rank 0's
+   replicated lm_head turns them into logits).
+
+Faults. A spawned worker that exits (killed, an exception, out of memory) is seen at once by a thread waiting on
+it: the executor records which rank died and how (its last words come through a pipe), kills the other workers
+(which also aborts any collective the driver is blocked in) and, with ``exit_on_worker_failure``, prints the
+reason and exits the process with status 1 after ``EXIT_GRACE_S``; otherwise every later call raises
+``WorkerFailedError`` naming the rank. Every wait of the driver on a collective is bounded by
+``collective_timeout_s``. An error on rank 0 between the step's broadcast and the end of its forward pass leaves
+the ranks out of step: it too marks the group failed. ``shutdown()`` (also at interpreter exit) stops the workers
+and reaps them; a worker whose driver disappears exits by itself.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mixtral.distributed.config import ParallelConfig
+from mixtral.distributed.groups import DistributedInit, ProcessGroups, init_process_groups
+from mixtral.distributed.protocol import Command, ControlChannel, StepMessage, command_message, json_message
+from mixtral.distributed.reduce import install_all_reduce, time_all_reduce
+from mixtral.distributed.status import WorkerFailedError, exchange_status, raise_failures
+
+logger = logging.getLogger("mixtral.distributed")
+
+EXIT_GRACE_S = 1.0  # between seeing a dead worker and exiting (exit_on_worker_failure): /health says so
+_FAILURE_WAIT_S = 3.0  # a collective error waits this long for the watcher to name the dead rank
+_STOP_WAIT_S = 10.0  # workers get this long to leave after STOP before they are killed
+# Sequences with at least this many new tokens send their ids as one tensor slice (a prompt chunk); decode
+# steps' single tokens are gathered in a list.
+_TENSOR_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    rank: int
+    pid: int | None
+    cause: str
+
+    def __str__(self) -> str:
+        pid = f" (pid {self.pid})" if self.pid is not None else ""
+        return f"tensor-parallel worker rank {self.rank}{pid} {self.cause}"
+
+
+@dataclass
+class _Worker:
+    rank: int
+    proc: subprocess.Popen[bytes]
+    error_read_fd: int
+
+
+class DistributedExecutor:
+    """Rank 0 of a tensor-parallel group. Create with :meth:`start`."""
+
+    _active: DistributedExecutor | None = None  # one group per process (torch.distributed's default group)
+
+    def __init__(self, parallel: ParallelConfig, groups: ProcessGroups, workers: list[_Worker], source: Any) -> None:
+        self.parallel = parallel
+        self.groups = groups
+        self.source = source
+        self.channel = ControlChannel(groups.control)
+        self.model: torch.nn.Module | None = None
+        self._workers = workers
+        self._failure: WorkerFailure | None = None
+        self._failed = threading.Event()
+        self._stopping = False
+        self._closed = False
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[WorkerFailure], None]] = []
+        for w in workers:
+            threading.Thread(target=self._watch, args=(w,), daemon=True, name=f"mixtral-watch-rank{w.rank}").start()
+
+    # ----------------------------------------------------------------- start
+    @classmethod
+    def start(cls, model: str, parallel: ParallelConfig, device: torch.device | str | None = None,
+              dtype: torch.dtype | str | None = None, *, seed: int = 0, allow_pickle: bool = False,
+              progress: bool | None = None) -> DistributedExecutor:
+        """Start the group for ``model`` (a folder, preset, "demo" or Hub repo id) and load every rank's shard.
+
+        On one host the workers are child processes; under ``torchrun`` this must be rank 0 (cli/parallel_args.py
+        sends the other ranks to the worker loop). ``device``: "cuda" (rank r uses cuda:r on its host) or "cpu".
+        """
+        from mixtral.checkpoint.loader import parse_dtype, resolve
+        from mixtral.distributed.sharded_loader import load_shard
+        from mixtral.engine.loading import default_device, default_dtype
+
+        if not parallel.is_distributed:
+            raise ValueError("DistributedExecutor needs tensor_parallel_size > 1; use ModelRunner for one process")
+        if cls._active is not None:
+            raise RuntimeError("a tensor-parallel group is already running in this process; shut it down first")
+        source = resolve(model)
+        parallel.check_model(source.args)
+        dev = torch.device(device) if device is not None else default_device()
+        if dev.index not in (None, 0):
+            raise ValueError(f"with tensor parallelism rank r uses cuda:r of its host; got device {dev} (choose the "
+                             "GPUs with CUDA_VISIBLE_DEVICES instead)")
+        torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
+        init = DistributedInit.from_env()
+        workers: list[_Worker] = []
+        if init is not None:  # torchrun started every rank
+            if init.world_size != parallel.world_size or init.rank != 0:
+                raise RuntimeError(f"torchrun rank {init.rank} of {init.world_size} cannot drive a group of "
+                                   f"{parallel.world_size}: --nnodes x --nproc-per-node must equal "
+                                   f"--tensor-parallel-size, and only rank 0 drives")
+            groups = init_process_groups(init, dev.type, parallel.collective_timeout_s)
+        else:
+            store = dist.TCPStore("127.0.0.1", 0, parallel.world_size, is_master=True,
+                                  timeout=_timedelta(parallel.collective_timeout_s), wait_for_workers=False)
+            workers = [_spawn(r, parallel, store.port, dev.type) for r in range(1, parallel.world_size)]
+            init = DistributedInit(0, parallel.world_size, 0, "127.0.0.1", store.port, "spawn")
+            try:
+                groups = _join(init, dev.type, parallel, store, workers)
+            except BaseException:
+                _reap(workers, kill=True)
+                raise
+        ex = cls(parallel, groups, workers, source)
+        cls._active = ex
+        atexit.register(_shutdown_at_exit, weakref.ref(ex))
+        # Workers resolve the name themselves: a Hub repo through their own cache, a folder by its path.
+        name = str(model) if source.repo_id is None else source.repo_id
+        try:
+            ex._load(name, dev.type, torch_dtype, seed, allow_pickle,
+                     lambda: load_shard(source, parallel, 0, groups.device, torch_dtype, seed=seed,
+                                        allow_pickle=allow_pickle, progress=progress).model)
+        except BaseException:
+            ex.shutdown()
+            raise
+        return ex
+
+    def _load(self, model: str, device_type: str, dtype: torch.dtype, seed: int, allow_pickle: bool,
+              load_own: Callable[[], torch.nn.Module]) -> None:
+        payload = {"model": model, "device_type": device_type, "dtype": str(dtype).removeprefix("torch."),
+                   "seed": seed, "allow_pickle": allow_pickle, "threads": torch.get_num_threads(),
+                   "parallel": dataclasses.asdict(self.parallel)}
+        with self._collective("sending the load command"):
+            self.channel.send(json_message(Command.LOAD, payload))
+        error = None
+        try:
+            own = load_own()
+            install_all_reduce(own, self.groups.model)
+            self.model = own
+        except Exception as exc:  # every rank must still hear how the load went
+            error = f"{type(exc).__name__}: {exc}"
+        with self._collective("loading the model"):
+            statuses = exchange_status(self.groups.control, error)
+        raise_failures(statuses, f"loading {model} ({self.parallel.describe()})")
+
+    # ----------------------------------------------------------------- the engine's side
+    @property
+    def device(self) -> torch.device:
+        return self.groups.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model().dtype  # type: ignore[return-value]
+
+    def make_runner(self, model: torch.nn.Module, config: Any, sampler: Any) -> DistributedModelRunner:
+        """ModelRunner's signature: the runner the engine steps. ``model`` must be this executor's ``model``
+        (rank 0's shard); ``config`` a resolved EngineConfig, sent to every worker."""
+        from mixtral.engine.model_runner import ModelRunner
+
+        if model is not self.model:
+            raise ValueError("the engine must run the executor's own shard (DistributedExecutor.model)")
+        payload = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                   if f.name not in ("device", "dtype")}
+        local = None
+        error = None
+        with self._collective("building the model runners"):
+            self.channel.send(json_message(Command.INIT_RUNNER, payload))
+            try:
+                local = ModelRunner(model, config, sampler)
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            raise_failures(exchange_status(self.groups.control, error), "building the model runners")
+        assert local is not None
+        return DistributedModelRunner(self, local)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, T, V] of a dense forward over ``input_ids`` [B, T] (no cache) on every rank; rank 0's."""
+        b, t = input_ids.shape
+        msg = torch.cat([command_message(Command.FORWARD, b, t), input_ids.reshape(-1).to("cpu", torch.int64)])
+        with self._collective("a forward pass"), torch.inference_mode():
+            self.channel.send(msg)
+            return self._model()(input_ids.to(self.device))
+
+    def bench_all_reduce(self, sizes: list[int], iters: int = 20) -> dict[int, float]:
+        """Median seconds of one [n, dim] all-reduce in the model dtype for each n, timed on every rank at once."""
+        with self._collective("timing all-reduces"):
+            self.channel.send(command_message(Command.BENCH_ALL_REDUCE, iters, len(sizes), *sizes))
+            model = self._model()
+            return time_all_reduce(self.groups.model, sizes, model.args.dim, model.dtype, self.device, iters)
+
+    def setup_command(self, cmd: Command, value: int, what: str, own: Callable[[], int]) -> list[int]:
+        """Run a setup command on every rank (``own`` on this one); each rank's returned value, rank order."""
+        error, mine = None, 0
+        with self._collective(what):
+            self.channel.send(command_message(cmd, value))
+            try:
+                mine = own()
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+            statuses = exchange_status(self.groups.control, error, mine)
+        raise_failures(statuses, what)
+        return [s.value for s in statuses]
+
+    # ----------------------------------------------------------------- faults
+    @property
+    def failure(self) -> WorkerFailure | None:
+        return self._failure
+
+    @property
+    def healthy(self) -> bool:
+        return self._failure is None and not self._closed
+
+    def add_failure_listener(self, listener: Callable[[WorkerFailure], None]) -> None:
+        """``listener(failure)`` runs on the watcher thread when a worker dies (e.g. a server marks itself down)."""
+        self._listeners.append(listener)
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise WorkerFailedError(str(self._failure))
+        if self._closed:
+            raise WorkerFailedError("the tensor-parallel group was shut down")
+
+    @contextlib.contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Around every exchange with the workers: a failed collective becomes ``WorkerFailedError`` naming the
+        rank that died (the watcher usually knows within milliseconds)."""
+        self.check()
+        try:
+            yield
+        except WorkerFailedError:
+            raise
+        except Exception as exc:
+            raise self._failed_from(exc, what) from exc
+
+    def _failed_from(self, exc: BaseException, what: str) -> WorkerFailedError:
+        if self._failed.wait(_FAILURE_WAIT_S if self._workers else 0.0):
+            return WorkerFailedError(f"{self._failure} while {what}")
+        self._fail(WorkerFailure(0, os.getpid(), f"(the driver) failed while {what}: {type(exc).__name__}: {exc}"))
+        return WorkerFailedError(f"{self._failure}")
+
+    def _fail(self, failure: WorkerFailure) -> None:
+        with self._lock:
+            if self._failure is not None or self._stopping:
+                return
+            self._failure = failure
+        logger.error("%s; stopping the tensor-parallel group", failure)
+        self._failed.set()
+        _reap(self._workers, kill=True)
+        for listener in self._listeners:
+            try:
+                listener(failure)
+            except Exception:
+                logger.exception("worker-failure listener failed")
+        if self.parallel.exit_on_worker_failure:
+            threading.Thread(target=_exit_after, args=(failure,), daemon=True, name="mixtral-exit").start()
+
+    def _watch(self, w: _Worker) -> None:
+        code = w.proc.wait()
+        if self._stopping:
+            return
+        words = _read_pipe(w.error_read_fd)
+        if code < 0:
+            cause = f"was killed by signal {-code}"
+        else:
+            cause = f"exited with status {code}"
+        if words:
+            cause += f": {words}"
+        self._fail(WorkerFailure(w.rank, w.proc.pid, cause))
+
+    # ----------------------------------------------------------------- stop
+    def shutdown(self) -> None:
+        """Stop every worker (STOP, then a kill after ``_STOP_WAIT_S``), reap them and leave the group."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            alive = self._failure is None
+            self._stopping = True
+        if alive:
+            with contextlib.suppress(Exception):
+                self.channel.send(command_message(Command.STOP))
+        _reap(self._workers, kill=not alive)
+        with contextlib.suppress(Exception):
+            self.groups.destroy()
+        for w in self._workers:
+            with contextlib.suppress(OSError):
+                os.close(w.error_read_fd)
+        if DistributedExecutor._active is self:
+            DistributedExecutor._active = None
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers]
+
+    def _model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError("the executor has no model loaded")
+        return self.model
+
+
+class DistributedModelRunner:
+    """What the engine steps in place of a ``ModelRunner``: each call runs on every rank, results come from
+    rank 0. Only the methods below exist: an engine that needs another one fails loudly, not out of step."""
+
+    def __init__(self, executor: DistributedExecutor, local: Any) -> None:
+        self.executor = executor
+        self.local = local  # rank 0's own ModelRunner
+        self._sent: dict[int, tuple[int, int]] = {}  # seq_id -> (block-table epoch, blocks the workers have)
+        self._released: list[int] = []
+
+    # Attributes of the local runner the engine and benchmarks read.
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.local.model
+
+    @property
+    def config(self) -> Any:
+        return self.local.config
+
+    @property
+    def sampler(self) -> Any:
+        return self.local.sampler
+
+    @property
+    def args(self) -> Any:
+        return self.local.args
+
+    @property
+    def device(self) -> torch.device:
+        return self.local.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.local.dtype
+
+    @property
+    def num_blocks(self) -> int:
+        return self.local.num_blocks
+
+    @property
+    def healthy(self) -> bool:
+        return self.executor.healthy
+
+    # ----------------------------------------------------------------- setup
+    def profile_activation_bytes(self) -> int:
+        """Rank 0's activation peak (the warm-up forward runs on every rank: its all-reduces need them)."""
+        return self.executor.setup_command(Command.PROFILE, 0, "profiling activation memory",
+                                           self.local.profile_activation_bytes)[0]
+
+    def plan_num_blocks(self) -> int:
+        """KV blocks every rank can hold: each rank plans with its own free memory; the smallest wins."""
+        from mixtral.engine.memory import plan_num_blocks
+
+        local = self.local
+        values = self.executor.setup_command(
+            Command.PLAN_BLOCKS, 0, "planning the KV cache",
+            lambda: plan_num_blocks(local.config, local.args, local.dtype, local.device,
+                                    local.profile_activation_bytes))
+        return min(values)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Allocate every rank's KV cache (its own KV heads) and capture its CUDA graphs, all at once."""
+        self.executor.setup_command(Command.ALLOCATE, num_blocks, f"allocating {num_blocks} KV blocks",
+                                    lambda: self.local.allocate_kv_cache(num_blocks) or 0)
+
+    # ----------------------------------------------------------------- steps
+    def launch(self, plan: Any, bitmask_fn: Callable[[], torch.Tensor | None] | None = None,
+               input_ids: torch.Tensor | None = None, input_rows: list[int] | None = None) -> Any:
+        """``ModelRunner.launch`` on every rank; the ``LaunchedStep`` of rank 0, which samples."""
+        ex = self.executor
+        msg = self._step_message(plan, input_ids, input_rows)
+        forward_done = False
+
+        def after_forward() -> torch.Tensor | None:
+            # ModelRunner calls this once the forward pass (and with it the step's all-reduces) is issued.
+            nonlocal forward_done
+            forward_done = True
+            return bitmask_fn() if bitmask_fn is not None else None
+
+        ex.check()
+        try:
+            ex.channel.send(msg.encode())
+            if input_ids is not None:
+                dist.broadcast(input_ids, src=0, group=ex.groups.model)
+            return self.local.launch(plan, after_forward, input_ids, input_rows)
+        except Exception as exc:
+            if forward_done and ex.healthy:
+                raise  # after the forward pass (a guide, the sampler): the ranks are still in step
+            raise ex._failed_from(exc, "running a step") from exc
+
+    def _step_message(self, plan: Any, input_ids: torch.Tensor | None, input_rows: list[int] | None
+                      ) -> StepMessage:
+        msg = StepMessage(released=self._released)
+        self._released = []
+        pending: list[int] = []  # single tokens (decode) gathered before they become one tensor
+        for s in plan.scheduled:
+            seq, start, n = s.seq, s.start, s.num_new_tokens
+            epoch, table = seq.block_table_epoch, seq.block_table
+            known = self._sent.get(seq.seq_id)
+            have = known[1] if known is not None and known[0] == epoch else 0
+            msg.seqs.append((seq.seq_id, epoch, start, n, len(table) - have))
+            msg.blocks += table[have:]
+            self._sent[seq.seq_id] = (epoch, len(table))
+            if input_ids is None:
+                if n < _TENSOR_TOKENS:
+                    pending += seq.token_ids[start:start + n]
+                else:
+                    if pending:
+                        msg.token_ids.append(torch.tensor(pending, dtype=torch.int64))
+                        pending = []
+                    msg.token_ids.append(seq.new_token_ids(start, n))
+        if pending:
+            msg.token_ids.append(torch.tensor(pending, dtype=torch.int64))
+        if input_ids is not None:
+            if input_ids.dtype != torch.int64 or not input_ids.is_contiguous():
+                raise ValueError(f"input_ids must be a contiguous int64 tensor, got {input_ids.dtype}")
+            msg.device_ids = input_ids.shape[0]
+            msg.input_rows = list(input_rows) if input_rows is not None else None
+        return msg
+
+    def release(self, seq_id: int) -> None:
+        """A sequence finished: forget it here, and on the workers with the next step."""
+        self.local.release(seq_id)
+        if self._sent.pop(seq_id, None) is not None:
+            self._released.append(seq_id)
+
+    def expert_counts(self) -> torch.Tensor:
+        """Routing counts [L, E] (every rank routes the same tokens alike; rank 0's count all experts)."""
+        return self.local.expert_counts()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+# --------------------------------------------------------------------------- process management
+def _timedelta(seconds: float):
+    from datetime import timedelta
+
+    return timedelta(seconds=seconds)
+
+
+def _spawn(rank: int, parallel: ParallelConfig, port: int, device_type: str) -> _Worker:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    cmd = [sys.executable, "-m", "mixtral.distributed.worker", "--rank", str(rank),
+           "--world-size", str(parallel.world_size), "--master-addr", "127.0.0.1", "--master-port", str(port),
+           "--device-type", device_type, "--timeout", str(parallel.collective_timeout_s),
+           "--parent-pid", str(os.getpid()), "--error-fd", str(write_fd)]
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
+    finally:
+        os.close(write_fd)
+    return _Worker(rank, proc, read_fd)
+
+
+def _join(init: DistributedInit, device_type: str, parallel: ParallelConfig, store: dist.Store,
+          workers: list[_Worker]) -> ProcessGroups:
+    """Join the group while watching the workers start: one that dies first is reported, not waited for."""
+    result: dict[str, Any] = {}
+
+    def join() -> None:
+        try:
+            result["groups"] = init_process_groups(init, device_type, parallel.collective_timeout_s, store=store)
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=join, daemon=True, name="mixtral-join")
+    t.start()
+    while t.is_alive():
+        t.join(0.1)
+        dead = [w for w in workers if w.proc.poll() is not None]
+        if dead and t.is_alive():
+            w = dead[0]
+            words = _read_pipe(w.error_read_fd)
+            raise WorkerFailedError(f"tensor-parallel worker rank {w.rank} (pid {w.proc.pid}) exited with status "
+                                    f"{w.proc.returncode} while starting" + (f": {words}" if words else ""))
+    if "error" in result:
+        raise result["error"]
+    return result["groups"]
+
+
+def _reap(workers: list[_Worker], kill: bool) -> None:
+    """Wait for the workers to exit (after STOP), killing any still there after ``_STOP_WAIT_S``; or kill now."""
+    deadline = time.monotonic() + (0.0 if kill else _STOP_WAIT_S)
+    for w in workers:
+        if w.proc.poll() is not None:
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            w.proc.wait(max(0.0, deadline - time.monotonic()))
+        if w.proc.poll() is None:
+            w.proc.kill()
+            w.proc.wait()
+
+
+def _read_pipe(fd: int) -> str:
+    try:
+        return os.read(fd, 4000).decode(errors="replace").strip()
+    except (BlockingIOError, OSError):
+        return ""
+
+
+def _exit_after(failure: WorkerFailure) -> None:
+    time.sleep(EXIT_GRACE_S)
+    print(f"mixtral: {failure}; exiting", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def _shutdown_at_exit(ref: weakref.ReferenceType[DistributedExecutor]) -> None:
+    ex = ref()
+    if ex is not None:
+        ex.shutdown()
