@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
+from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt + reply in tokens (default: the model's context length, as the KV cache "
                         "allows); lower it when the KV cache does not fit")
+    add_parallel_args(p)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
@@ -70,6 +72,7 @@ def build_llm(args: argparse.Namespace) -> Any:
 
     max_model_len = getattr(args, "max_model_len", None)
     engine_kwargs = {} if max_model_len is None else {"max_model_len": max_model_len}
+    engine_kwargs.update(parallel_engine_kwargs(args))
     return LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs, run_torchrun_worker_if_rank
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lora", type=Path, default=None, metavar="PATH",
                    help="LoRA adapter folder (from `mixtral train --lora-rank`) merged into the weights at load")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    add_parallel_args(p, server=True)
     return p
 
 
@@ -99,8 +101,12 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         enforce_eager=getattr(args, "enforce_eager", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
     )
+    parallel = parallel_engine_kwargs(args)
     if args.lora is None:
-        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
+        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs, **parallel)
+    if parallel:
+        raise ValueError("--lora merges the adapter into one process's weights; to serve it with "
+                         "--tensor-parallel-size, save the merged model as a checkpoint and serve that")
     from mixtral.engine.loading import load_for_engine
     from mixtral.train.lora import merge_lora_into
 
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"mixtral serve: {problem}", file=sys.stderr)
         return 2
+    run_torchrun_worker_if_rank(args)  # torchrun ranks > 0 follow rank 0 and exit here
     import logging
 
     from mixtral.serve.server import bind_socket

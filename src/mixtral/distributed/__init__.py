@@ -12,7 +12,7 @@
 Design, launch examples and measurements: docs/PARALLEL.md.
 """
 
-from mixtral.distributed.config import ParallelConfig, ParallelConfigError
-from mixtral.distributed.status import WorkerFailedError
+from mixtral.distributed.config import ParallelConfig
+from mixtral.distributed.errors import ParallelConfigError, WorkerFailedError
 
 __all__ = ["ParallelConfig", "ParallelConfigError", "WorkerFailedError"]

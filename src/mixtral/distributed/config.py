@@ -24,12 +24,12 @@ process groups (groups.py), loading (sharded_loader.py), the engine side (execut
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mixtral.model.args import ModelArgs
+from mixtral.distributed.errors import ParallelConfigError
 
-
-class ParallelConfigError(ValueError):
-    """A parallel layout that the flags or the model's shapes do not allow."""
+if TYPE_CHECKING:
+    from mixtral.model.args import ModelArgs
 
 
 @dataclass(frozen=True)

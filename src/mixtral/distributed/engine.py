@@ -58,7 +58,8 @@ def build_parallel_engine(engine_cls: type, model: Any, parallel: ParallelConfig
 
     if isinstance(model, Transformer):
         raise ValueError("tensor parallelism loads the model on every rank from its files: pass a model folder, "
-                         "preset or repo id, not a built Transformer")
+                         "preset or repo id, not a built Transformer (a LoRA adapter merged at load included: "
+                         "save the merged model as a checkpoint and serve that)")
     name = str(model) if model is not None else DEFAULT_MODEL
     executor = DistributedExecutor.start(name, parallel, device, dtype, seed=engine_kwargs.get("seed", 0))
     try:

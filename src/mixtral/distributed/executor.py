@@ -47,7 +47,7 @@ from mixtral.distributed.config import ParallelConfig
 from mixtral.distributed.groups import DistributedInit, ProcessGroups, init_process_groups
 from mixtral.distributed.protocol import Command, ControlChannel, StepMessage, command_message, json_message
 from mixtral.distributed.reduce import install_all_reduce, time_all_reduce
-from mixtral.distributed.status import WorkerFailedError, exchange_status, raise_failures
+from mixtral.distributed.status import RankStatus, WorkerFailedError, exchange_status, raise_failures
 
 logger = logging.getLogger("mixtral.distributed")
 
@@ -171,7 +171,7 @@ class DistributedExecutor:
             error = f"{type(exc).__name__}: {exc}"
         with self._collective("loading the model"):
             statuses = exchange_status(self.groups.control, error)
-        raise_failures(statuses, f"loading {model} ({self.parallel.describe()})")
+        self._raise_failures(statuses, f"loading {model} ({self.parallel.describe()})")
 
     # ----------------------------------------------------------------- the engine's side
     @property
@@ -199,7 +199,8 @@ class DistributedExecutor:
                 local = ModelRunner(model, config, sampler)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-            raise_failures(exchange_status(self.groups.control, error), "building the model runners")
+            statuses = exchange_status(self.groups.control, error)
+        self._raise_failures(statuses, "building the model runners")
         assert local is not None
         return DistributedModelRunner(self, local)
 
@@ -228,10 +229,19 @@ class DistributedExecutor:
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
             statuses = exchange_status(self.groups.control, error, mine)
-        raise_failures(statuses, what)
+        self._raise_failures(statuses, what)
         return [s.value for s in statuses]
 
     # ----------------------------------------------------------------- faults
+    def _raise_failures(self, statuses: list[RankStatus], what: str) -> None:
+        """After a setup command some rank failed: every worker leaves its loop, so the group is done."""
+        try:
+            raise_failures(statuses, what)
+        except WorkerFailedError:
+            first = next(s for s in statuses if s.error is not None)
+            self._fail(WorkerFailure(first.rank, None, f"failed {what}: {first.error}"), exit_process=False)
+            raise
+
     @property
     def failure(self) -> WorkerFailure | None:
         return self._failure
@@ -268,7 +278,9 @@ class DistributedExecutor:
         self._fail(WorkerFailure(0, os.getpid(), f"(the driver) failed while {what}: {type(exc).__name__}: {exc}"))
         return WorkerFailedError(f"{self._failure}")
 
-    def _fail(self, failure: WorkerFailure) -> None:
+    def _fail(self, failure: WorkerFailure, exit_process: bool = True) -> None:
+        """Record the group's first failure, kill the workers, tell the listeners and (``exit_on_worker_failure``)
+        exit the process. ``exit_process`` False: a setup command failed, and its caller raises instead."""
         with self._lock:
             if self._failure is not None or self._stopping:
                 return
@@ -281,7 +293,7 @@ class DistributedExecutor:
                 listener(failure)
             except Exception:
                 logger.exception("worker-failure listener failed")
-        if self.parallel.exit_on_worker_failure:
+        if exit_process and self.parallel.exit_on_worker_failure:
             threading.Thread(target=_exit_after, args=(failure,), daemon=True, name="mixtral-exit").start()
 
     def _watch(self, w: _Worker) -> None:

@@ -13,11 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mixtral.distributed.errors import WorkerFailedError
+
 STATUS_SLOTS = 512  # [failed, value, message length, message bytes...]
-
-
-class WorkerFailedError(RuntimeError):
-    """A rank of the tensor-parallel group failed or died; the group cannot run another step."""
 
 
 @dataclass(frozen=True)
