@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from tp_testing import TPEngine, mixed_requests, run_requests, token_ids
 
 from mixtral.checkpoint.loader import load_model
@@ -20,6 +21,7 @@ from mixtral.distributed.engine import engine_over
 from mixtral.distributed.executor import DistributedExecutor
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.llm_engine import LLMEngine
+from mixtral.sampling import SamplingParams
 from mixtral.tokenizer import Tokenizer
 
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -29,6 +31,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "async": dict(max_model_len=160, max_num_seqs=8, max_num_batched_tokens=128, num_kv_blocks=256,
                   block_size=16, async_scheduling=True),
 }
+# A prompt chunk longer than the control buffer (protocol.CONTROL_CAPACITY): its ids take a second broadcast.
+LONG = dict(max_model_len=2048, max_num_seqs=2, max_num_batched_tokens=2048, num_kv_blocks=140, block_size=16)
 _REFERENCE: dict[str, tuple[dict[str, list[list[int]]], Any]] = {}
 
 
@@ -60,3 +64,11 @@ def test_tokens_equal_single_process(executor: DistributedExecutor, tiny_hf_chec
     assert stats.num_free_blocks == stats.num_total_blocks  # every block back
     # Routing counts are rank 0's, and rank 0 sees every token: the same as one process.
     assert engine.expert_counts().sum() > 0
+
+
+def test_long_prompt_chunk(executor: DistributedExecutor, tiny_hf_checkpoint: Path) -> None:
+    prompt = torch.randint(10, 32768, (2040,), generator=torch.Generator().manual_seed(4)).tolist()
+    requests = [(prompt, SamplingParams(temperature=0.0, max_tokens=4))]
+    single = LLMEngine(load_model(str(tiny_hf_checkpoint)), EngineConfig(**LONG), Tokenizer.from_version("v3"))
+    tp = engine_over(executor, TPEngine, **LONG)
+    assert token_ids(run_requests(tp, requests)) == token_ids(run_requests(single, requests))

@@ -62,6 +62,7 @@ def build_parallel_engine(engine_cls: type, model: Any, parallel: ParallelConfig
                          "save the merged model as a checkpoint and serve that)")
     name = str(model) if model is not None else DEFAULT_MODEL
     executor = DistributedExecutor.start(name, parallel, device, dtype, seed=engine_kwargs.get("seed", 0))
+    executor.stop_with_engine = True
     try:
         return engine_over(executor, engine_cls, tokenizer, name, **engine_kwargs)
     except BaseException:

@@ -88,6 +88,9 @@ class DistributedExecutor:
         self.source = source
         self.channel = ControlChannel(groups.control)
         self.model: torch.nn.Module | None = None
+        # The engine's shutdown stops the group (an engine that started it); False: the group outlives engines
+        # built over it one after another (tests, benchmarks).
+        self.stop_with_engine = False
         self._workers = workers
         self._failure: WorkerFailure | None = None
         self._failed = threading.Event()
@@ -471,7 +474,9 @@ class DistributedModelRunner:
         return self.local.expert_counts()
 
     def shutdown(self) -> None:
-        self.executor.shutdown()
+        """The engine is done: stop the group if the engine owns it (``DistributedExecutor.stop_with_engine``)."""
+        if self.executor.stop_with_engine:
+            self.executor.shutdown()
 
 
 # --------------------------------------------------------------------------- process management
