@@ -89,19 +89,26 @@ def rank_device(device_type: str, local_rank: int) -> torch.device:
 
 def init_process_groups(init: DistributedInit, device_type: str, timeout_s: float,
                         store: dist.Store | None = None) -> ProcessGroups:
-    """Join the default (model) group and create the control group. ``store``: the driver's own TCPStore
-    (rank 0 of a spawned group created it before starting the workers); others connect to ``master_addr``."""
+    """Join the default (model) group and create the control group. Spawned: rank 0 passes the TCPStore it
+    created before starting the workers, which connect to it at ``master_addr:master_port``. torchrun: env://."""
     device = rank_device(device_type, init.local_rank)
     timeout = timedelta(seconds=timeout_s)
-    if store is None:
-        store = dist.TCPStore(init.master_addr, init.master_port, init.world_size, is_master=init.rank == 0,
-                              timeout=timeout)
+    where: dict[str, object]
+    if init.launcher == "torchrun":
+        # torchrun's agent may host the store itself (TORCHELASTIC_USE_AGENT_STORE): env:// knows which.
+        where = {"init_method": "env://"}
+    else:
+        if store is None:
+            store = dist.TCPStore(init.master_addr, init.master_port, init.world_size, is_master=False,
+                                  timeout=timeout)
+        where = {"store": store}
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", store=store, rank=init.rank, world_size=init.world_size, timeout=timeout,
-                                device_id=device)
+        dist.init_process_group("nccl", rank=init.rank, world_size=init.world_size, timeout=timeout,
+                                device_id=device, **where)  # type: ignore[arg-type]
     else:
-        dist.init_process_group("gloo", store=store, rank=init.rank, world_size=init.world_size, timeout=timeout)
+        dist.init_process_group("gloo", rank=init.rank, world_size=init.world_size, timeout=timeout,
+                                **where)  # type: ignore[arg-type]
     control_timeout = timeout if init.rank == 0 else WORKER_CONTROL_TIMEOUT
     control = dist.new_group(backend="gloo", timeout=control_timeout)
     model = dist.group.WORLD
