@@ -5,9 +5,10 @@
 - ``sharded_loader.py``: each rank builds its shard and reads only its slices of the checkpoint;
 - ``reduce.py``: the all-reduce hook after attention and after the MoE;
 - ``protocol.py`` / ``status.py``: what the driver tells the workers, and how setup failures are reported;
-- ``executor.py``: rank 0 — starts the workers, runs the engine's steps on every rank;
+- ``executor.py``: rank 0 — starts the workers (``processes.py``), loads, watches, stops;
+- ``runner.py``: the ModelRunner the engine steps, running every call on every rank;
 - ``worker.py``: ranks > 0 — the loop that follows the driver;
-- ``engine.py``: an ``LLMEngine`` over a tensor-parallel group.
+- ``engine.py``: an ``LLMEngine`` over a tensor-parallel group; ``memory.py``: each rank's share (``mixtral info``).
 
 Design, launch examples and measurements: docs/PARALLEL.md.
 """

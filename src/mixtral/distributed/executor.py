@@ -3,8 +3,8 @@
 ``DistributedExecutor.start(model, parallel, ...)`` spawns ``tensor_parallel_size - 1`` worker processes on this
 host (``python -m mixtral.distributed.worker``), or joins the ranks ``torchrun`` started, loads rank 0's shard and
 has every worker load its own. ``make_runner(model, config, sampler)`` has ModelRunner's constructor signature and
-returns a :class:`DistributedModelRunner`: the object the engine steps instead of a ``ModelRunner``. The engine
-keeps its one scheduler; per step the driver
+returns a ``DistributedModelRunner`` (runner.py): the object the engine steps instead of a ``ModelRunner``. The
+engine keeps its one scheduler; per step the driver
 
 1. broadcasts one control message (protocol.py: per sequence what changed since the last step, a few int64
    per decode sequence) over the gloo control group;
@@ -31,32 +31,34 @@ import contextlib
 import dataclasses
 import logging
 import os
-import subprocess
 import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from mixtral.distributed.config import ParallelConfig
 from mixtral.distributed.groups import DistributedInit, ProcessGroups, init_process_groups
-from mixtral.distributed.protocol import Command, ControlChannel, StepMessage, command_message, json_message
+from mixtral.distributed.processes import WorkerProcess, join_watching, reap, spawn_worker
+from mixtral.distributed.protocol import Command, ControlChannel, command_message, json_message
 from mixtral.distributed.reduce import install_all_reduce, time_all_reduce
 from mixtral.distributed.status import RankStatus, WorkerFailedError, exchange_status, raise_failures
+
+if TYPE_CHECKING:
+    from mixtral.distributed.runner import DistributedModelRunner
+    from mixtral.engine.config import EngineConfig
+    from mixtral.engine.sampler import Sampler
 
 logger = logging.getLogger("mixtral.distributed")
 
 EXIT_GRACE_S = 1.0  # between seeing a dead worker and exiting (exit_on_worker_failure): /health says so
 _FAILURE_WAIT_S = 3.0  # a collective error waits this long for the watcher to name the dead rank
-_STOP_WAIT_S = 10.0  # workers get this long to leave after STOP before they are killed
-# Sequences with at least this many new tokens send their ids as one tensor slice (a prompt chunk); decode
-# steps' single tokens are gathered in a list.
-_TENSOR_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -70,19 +72,13 @@ class WorkerFailure:
         return f"tensor-parallel worker rank {self.rank}{pid} {self.cause}"
 
 
-@dataclass
-class _Worker:
-    rank: int
-    proc: subprocess.Popen[bytes]
-    error_read_fd: int
-
-
 class DistributedExecutor:
     """Rank 0 of a tensor-parallel group. Create with :meth:`start`."""
 
     _active: DistributedExecutor | None = None  # one group per process (torch.distributed's default group)
 
-    def __init__(self, parallel: ParallelConfig, groups: ProcessGroups, workers: list[_Worker], source: Any) -> None:
+    def __init__(self, parallel: ParallelConfig, groups: ProcessGroups, workers: list[WorkerProcess],
+                 source: Any) -> None:
         self.parallel = parallel
         self.groups = groups
         self.source = source
@@ -127,7 +123,7 @@ class DistributedExecutor:
                              "GPUs with CUDA_VISIBLE_DEVICES instead)")
         torch_dtype = parse_dtype(dtype) if dtype is not None else default_dtype(dev)
         init = DistributedInit.from_env()
-        workers: list[_Worker] = []
+        workers: list[WorkerProcess] = []
         if init is not None:  # torchrun started every rank
             if init.world_size != parallel.world_size or init.rank != 0:
                 raise RuntimeError(f"torchrun rank {init.rank} of {init.world_size} cannot drive a group of "
@@ -136,13 +132,13 @@ class DistributedExecutor:
             groups = init_process_groups(init, dev.type, parallel.collective_timeout_s)
         else:
             store = dist.TCPStore("127.0.0.1", 0, parallel.world_size, is_master=True,
-                                  timeout=_timedelta(parallel.collective_timeout_s), wait_for_workers=False)
-            workers = [_spawn(r, parallel, store.port, dev.type) for r in range(1, parallel.world_size)]
+                                  timeout=timedelta(seconds=parallel.collective_timeout_s), wait_for_workers=False)
+            workers = [spawn_worker(r, parallel, store.port, dev.type) for r in range(1, parallel.world_size)]
             init = DistributedInit(0, parallel.world_size, 0, "127.0.0.1", store.port, "spawn")
             try:
-                groups = _join(init, dev.type, parallel, store, workers)
+                groups = join_watching(init, dev.type, parallel, store, workers)
             except BaseException:
-                _reap(workers, kill=True)
+                reap(workers, kill=True)
                 raise
         ex = cls(parallel, groups, workers, source)
         cls._active = ex
@@ -185,7 +181,7 @@ class DistributedExecutor:
     def dtype(self) -> torch.dtype:
         return self._model().dtype  # type: ignore[return-value]
 
-    def make_runner(self, model: torch.nn.Module, config: Any, sampler: Any) -> DistributedModelRunner:
+    def make_runner(self, model: torch.nn.Module, config: EngineConfig, sampler: Sampler) -> DistributedModelRunner:
         """ModelRunner's signature: the runner the engine steps. ``model`` must be this executor's ``model``
         (rank 0's shard); ``config`` a resolved EngineConfig, sent to every worker."""
         from mixtral.engine.model_runner import ModelRunner
@@ -205,6 +201,8 @@ class DistributedExecutor:
             statuses = exchange_status(self.groups.control, error)
         self._raise_failures(statuses, "building the model runners")
         assert local is not None
+        from mixtral.distributed.runner import DistributedModelRunner
+
         return DistributedModelRunner(self, local)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -273,9 +271,11 @@ class DistributedExecutor:
         except WorkerFailedError:
             raise
         except Exception as exc:
-            raise self._failed_from(exc, what) from exc
+            raise self.failed_from(exc, what) from exc
 
-    def _failed_from(self, exc: BaseException, what: str) -> WorkerFailedError:
+    def failed_from(self, exc: BaseException, what: str) -> WorkerFailedError:
+        """The error to raise for ``exc`` from an exchange with the workers: the dead worker's, when the watcher
+        names one in time; else rank 0's own, which leaves the ranks out of step, so the group fails too."""
         if self._failed.wait(_FAILURE_WAIT_S if self._workers else 0.0):
             return WorkerFailedError(f"{self._failure} while {what}")
         self._fail(WorkerFailure(0, os.getpid(), f"(the driver) failed while {what}: {type(exc).__name__}: {exc}"))
@@ -290,7 +290,7 @@ class DistributedExecutor:
             self._failure = failure
         logger.error("%s; stopping the tensor-parallel group", failure)
         self._failed.set()
-        _reap(self._workers, kill=True)
+        reap(self._workers, kill=True)
         for listener in self._listeners:
             try:
                 listener(failure)
@@ -299,11 +299,11 @@ class DistributedExecutor:
         if exit_process and self.parallel.exit_on_worker_failure:
             threading.Thread(target=_exit_after, args=(failure,), daemon=True, name="mixtral-exit").start()
 
-    def _watch(self, w: _Worker) -> None:
+    def _watch(self, w: WorkerProcess) -> None:
         code = w.proc.wait()
         if self._stopping:
             return
-        words = _read_pipe(w.error_read_fd)
+        words = w.last_words()
         if code < 0:
             cause = f"was killed by signal {-code}"
         else:
@@ -324,12 +324,11 @@ class DistributedExecutor:
         if alive:
             with contextlib.suppress(Exception):
                 self.channel.send(command_message(Command.STOP))
-        _reap(self._workers, kill=not alive)
+        reap(self._workers, kill=not alive)
         with contextlib.suppress(Exception):
             self.groups.destroy()
         for w in self._workers:
-            with contextlib.suppress(OSError):
-                os.close(w.error_read_fd)
+            w.close()
         if DistributedExecutor._active is self:
             DistributedExecutor._active = None
 
@@ -343,209 +342,7 @@ class DistributedExecutor:
         return self.model
 
 
-class DistributedModelRunner:
-    """What the engine steps in place of a ``ModelRunner``: each call runs on every rank, results come from
-    rank 0. Only the methods below exist: an engine that needs another one fails loudly, not out of step."""
-
-    def __init__(self, executor: DistributedExecutor, local: Any) -> None:
-        self.executor = executor
-        self.local = local  # rank 0's own ModelRunner
-        self._sent: dict[int, tuple[int, int]] = {}  # seq_id -> (block-table epoch, blocks the workers have)
-        self._released: list[int] = []
-
-    # Attributes of the local runner the engine and benchmarks read.
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.local.model
-
-    @property
-    def config(self) -> Any:
-        return self.local.config
-
-    @property
-    def sampler(self) -> Any:
-        return self.local.sampler
-
-    @property
-    def args(self) -> Any:
-        return self.local.args
-
-    @property
-    def device(self) -> torch.device:
-        return self.local.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.local.dtype
-
-    @property
-    def num_blocks(self) -> int:
-        return self.local.num_blocks
-
-    @property
-    def healthy(self) -> bool:
-        return self.executor.healthy
-
-    # ----------------------------------------------------------------- setup
-    def profile_activation_bytes(self) -> int:
-        """Rank 0's activation peak (the warm-up forward runs on every rank: its all-reduces need them)."""
-        return self.executor.setup_command(Command.PROFILE, 0, "profiling activation memory",
-                                           self.local.profile_activation_bytes)[0]
-
-    def plan_num_blocks(self) -> int:
-        """KV blocks every rank can hold: each rank plans with its own free memory; the smallest wins."""
-        from mixtral.engine.memory import plan_num_blocks
-
-        local = self.local
-        values = self.executor.setup_command(
-            Command.PLAN_BLOCKS, 0, "planning the KV cache",
-            lambda: plan_num_blocks(local.config, local.args, local.dtype, local.device,
-                                    local.profile_activation_bytes))
-        return min(values)
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        """Allocate every rank's KV cache (its own KV heads) and capture its CUDA graphs, all at once."""
-        self.executor.setup_command(Command.ALLOCATE, num_blocks, f"allocating {num_blocks} KV blocks",
-                                    lambda: self.local.allocate_kv_cache(num_blocks) or 0)
-
-    # ----------------------------------------------------------------- steps
-    def launch(self, plan: Any, bitmask_fn: Callable[[], torch.Tensor | None] | None = None,
-               input_ids: torch.Tensor | None = None, input_rows: list[int] | None = None) -> Any:
-        """``ModelRunner.launch`` on every rank; the ``LaunchedStep`` of rank 0, which samples."""
-        ex = self.executor
-        msg = self._step_message(plan, input_ids, input_rows)
-        forward_done = False
-
-        def after_forward() -> torch.Tensor | None:
-            # ModelRunner calls this once the forward pass (and with it the step's all-reduces) is issued.
-            nonlocal forward_done
-            forward_done = True
-            return bitmask_fn() if bitmask_fn is not None else None
-
-        ex.check()
-        try:
-            ex.channel.send(msg.encode())
-            if input_ids is not None:
-                dist.broadcast(input_ids, src=0, group=ex.groups.model)
-            return self.local.launch(plan, after_forward, input_ids, input_rows)
-        except Exception as exc:
-            if forward_done and ex.healthy:
-                raise  # after the forward pass (a guide, the sampler): the ranks are still in step
-            raise ex._failed_from(exc, "running a step") from exc
-
-    def _step_message(self, plan: Any, input_ids: torch.Tensor | None, input_rows: list[int] | None
-                      ) -> StepMessage:
-        msg = StepMessage(released=self._released)
-        self._released = []
-        pending: list[int] = []  # single tokens (decode) gathered before they become one tensor
-        for s in plan.scheduled:
-            seq, start, n = s.seq, s.start, s.num_new_tokens
-            epoch, table = seq.block_table_epoch, seq.block_table
-            known = self._sent.get(seq.seq_id)
-            have = known[1] if known is not None and known[0] == epoch else 0
-            msg.seqs.append((seq.seq_id, epoch, start, n, len(table) - have))
-            msg.blocks += table[have:]
-            self._sent[seq.seq_id] = (epoch, len(table))
-            if input_ids is None:
-                if n < _TENSOR_TOKENS:
-                    pending += seq.token_ids[start:start + n]
-                else:
-                    if pending:
-                        msg.token_ids.append(torch.tensor(pending, dtype=torch.int64))
-                        pending = []
-                    msg.token_ids.append(seq.new_token_ids(start, n))
-        if pending:
-            msg.token_ids.append(torch.tensor(pending, dtype=torch.int64))
-        if input_ids is not None:
-            if input_ids.dtype != torch.int64 or not input_ids.is_contiguous():
-                raise ValueError(f"input_ids must be a contiguous int64 tensor, got {input_ids.dtype}")
-            msg.device_ids = input_ids.shape[0]
-            msg.input_rows = list(input_rows) if input_rows is not None else None
-        return msg
-
-    def release(self, seq_id: int) -> None:
-        """A sequence finished: forget it here, and on the workers with the next step."""
-        self.local.release(seq_id)
-        if self._sent.pop(seq_id, None) is not None:
-            self._released.append(seq_id)
-
-    def expert_counts(self) -> torch.Tensor:
-        """Routing counts [L, E] (every rank routes the same tokens alike; rank 0's count all experts)."""
-        return self.local.expert_counts()
-
-    def shutdown(self) -> None:
-        """The engine is done: stop the group if the engine owns it (``DistributedExecutor.stop_with_engine``)."""
-        if self.executor.stop_with_engine:
-            self.executor.shutdown()
-
-
-# --------------------------------------------------------------------------- process management
-def _timedelta(seconds: float):
-    from datetime import timedelta
-
-    return timedelta(seconds=seconds)
-
-
-def _spawn(rank: int, parallel: ParallelConfig, port: int, device_type: str) -> _Worker:
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    cmd = [sys.executable, "-m", "mixtral.distributed.worker", "--rank", str(rank),
-           "--world-size", str(parallel.world_size), "--master-addr", "127.0.0.1", "--master-port", str(port),
-           "--device-type", device_type, "--timeout", str(parallel.collective_timeout_s),
-           "--parent-pid", str(os.getpid()), "--error-fd", str(write_fd)]
-    try:
-        proc = subprocess.Popen(cmd, pass_fds=(write_fd,), stdin=subprocess.DEVNULL)
-    finally:
-        os.close(write_fd)
-    return _Worker(rank, proc, read_fd)
-
-
-def _join(init: DistributedInit, device_type: str, parallel: ParallelConfig, store: dist.Store,
-          workers: list[_Worker]) -> ProcessGroups:
-    """Join the group while watching the workers start: one that dies first is reported, not waited for."""
-    result: dict[str, Any] = {}
-
-    def join() -> None:
-        try:
-            result["groups"] = init_process_groups(init, device_type, parallel.collective_timeout_s, store=store)
-        except BaseException as exc:
-            result["error"] = exc
-
-    t = threading.Thread(target=join, daemon=True, name="mixtral-join")
-    t.start()
-    while t.is_alive():
-        t.join(0.1)
-        dead = [w for w in workers if w.proc.poll() is not None]
-        if dead and t.is_alive():
-            w = dead[0]
-            words = _read_pipe(w.error_read_fd)
-            raise WorkerFailedError(f"tensor-parallel worker rank {w.rank} (pid {w.proc.pid}) exited with status "
-                                    f"{w.proc.returncode} while starting" + (f": {words}" if words else ""))
-    if "error" in result:
-        raise result["error"]
-    return result["groups"]
-
-
-def _reap(workers: list[_Worker], kill: bool) -> None:
-    """Wait for the workers to exit (after STOP), killing any still there after ``_STOP_WAIT_S``; or kill now."""
-    deadline = time.monotonic() + (0.0 if kill else _STOP_WAIT_S)
-    for w in workers:
-        if w.proc.poll() is not None:
-            continue
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            w.proc.wait(max(0.0, deadline - time.monotonic()))
-        if w.proc.poll() is None:
-            w.proc.kill()
-            w.proc.wait()
-
-
-def _read_pipe(fd: int) -> str:
-    try:
-        return os.read(fd, 4000).decode(errors="replace").strip()
-    except (BlockingIOError, OSError):
-        return ""
-
-
+# --------------------------------------------------------------------------- helpers
 def _exit_after(failure: WorkerFailure) -> None:
     time.sleep(EXIT_GRACE_S)
     print(f"mixtral: {failure}; exiting", file=sys.stderr, flush=True)
