@@ -8,14 +8,16 @@ mis-shaped or truncated tensor — with its name and file — before a single we
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mixtral.checkpoint.consolidated import consolidated_specs, consolidated_weight_files
 from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.hf import hf_specs, hf_weight_files
-from mixtral.checkpoint.safetensors_io import SafetensorsReader, TensorInfo, read_header
+from mixtral.checkpoint.safetensors_io import LazySlice, SafetensorsReader, TensorInfo, read_header
 from mixtral.checkpoint.specs import PieceKey, TensorSpec
 from mixtral.model.args import ModelArgs
 
@@ -141,6 +143,24 @@ class CheckpointReader:
             if self._last_in_file.get(entry.file) == spec.name:
                 self._safetensors.close_file(entry.file)
         return spec.to_internal(t)
+
+    def read_part(self, spec: TensorSpec, select: Callable[[Any], Any], device: torch.device | str = "cpu"
+                  ) -> torch.Tensor:
+        """Only the part of ``spec``'s tensor that ``select`` narrows out, on ``device``, in the on-disk layout
+        (a tensor-parallel rank's slice). ``select`` gets an object with ``dim()`` and ``narrow()``: for
+        safetensors a lazy slice, so just those bytes are read."""
+        entry = self.info[spec.name]
+        if entry.file in self._pickles:
+            return select(self._pickles[entry.file][spec.name]).to(device)
+        t = select(LazySlice(self._safetensors.get_slice(entry.file, spec.name), entry.shape)).load().to(device)
+        self.done(spec)
+        return t
+
+    def done(self, spec: TensorSpec) -> None:
+        """Close ``spec``'s file if it is the file's last tensor (a sharded load skips the pieces other ranks hold)."""
+        file = self.info[spec.name].file
+        if self._last_in_file.get(file) == spec.name and file not in self._pickles:
+            self._safetensors.close_file(file)
 
     def read_key(self, key: PieceKey, device: torch.device | str = "cpu") -> torch.Tensor:
         """The piece ``key`` (shared by both formats) in the internal layout."""

@@ -88,6 +88,36 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+class LazySlice:
+    """A safetensors tensor seen through ``narrow``: the ranges are recorded, and ``load()`` reads only them.
+
+    What a tensor-parallel rank hands to ``StoredTensor.rows`` / ``cols`` (quant/base.py) in place of the tensor,
+    so the same slicing rules pick the bytes to read.
+    """
+
+    def __init__(self, source: Any, shape: tuple[int, ...], ranges: tuple[tuple[int, int], ...] | None = None) -> None:
+        self.source = source
+        self.ranges = ranges if ranges is not None else tuple((0, n) for n in shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(b - a for a, b in self.ranges)
+
+    def dim(self) -> int:
+        return len(self.ranges)
+
+    def narrow(self, dim: int, start: int, length: int) -> LazySlice:
+        a, b = self.ranges[dim]
+        if start < 0 or length < 0 or a + start + length > b:
+            raise IndexError(f"narrow({dim}, {start}, {length}) is outside a dimension of size {b - a}")
+        ranges = list(self.ranges)
+        ranges[dim] = (a + start, a + start + length)
+        return LazySlice(self.source, (), tuple(ranges))
+
+    def load(self) -> torch.Tensor:
+        return self.source[tuple(slice(a, b) for a, b in self.ranges)] if self.ranges else self.source[:]
+
+
 class SafetensorsReader:
     """Open safetensors files lazily and read single tensors through mmap.
 
@@ -106,6 +136,13 @@ class SafetensorsReader:
             handle = safe_open(str(path), framework="pt", device=dev).__enter__()
             self._handles[(path, dev)] = handle
         return handle.get_tensor(name).to(device)
+
+    def get_slice(self, path: Path, name: str) -> Any:
+        """safetensors' lazy slice of one tensor: indexing it with slices reads only those bytes (sharded loads)."""
+        handle = self._handles.get((path, "cpu"))
+        if handle is None:
+            handle = self._handles[(path, "cpu")] = safe_open(str(path), framework="pt", device="cpu").__enter__()
+        return handle.get_slice(name)
 
     def close_file(self, path: Path) -> None:
         for key in [k for k in self._handles if k[0] == path]:

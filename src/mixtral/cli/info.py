@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from mixtral.cli.convert import report_errors
+from mixtral.cli.parallel_args import add_parallel_args, parallel_config_from_args
 
 # Bytes per weight of each storage type (int4 ignores its small per-group scales).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -23,6 +24,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="a model folder (Hugging Face or Mistral format), a preset name, 'demo', or a Hugging Face "
                         "repo id (resolved through the local cache; only configs are fetched)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_parallel_args(p)  # --tensor-parallel-size N: also what each of the N GPUs holds
     return p
 
 
@@ -68,9 +70,20 @@ def model_info(name: str) -> dict[str, Any]:
     return info
 
 
+def resolve_args(name: str) -> Any:
+    from mixtral.checkpoint.loader import resolve
+
+    return resolve(name).args
+
+
 @report_errors
 def run(args: argparse.Namespace) -> int:
     info = model_info(args.model)
+    parallel = parallel_config_from_args(args)
+    if parallel.is_distributed:
+        from mixtral.distributed.memory import rank_memory
+
+        info["per_rank"] = rank_memory(resolve_args(args.model), parallel)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -92,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     print("KV cache")
     print(f"  per token              {kv['bf16']:,} B (bf16), {kv['fp8']:,} B (fp8)")
     print(f"  max_seq_len, bf16      {gib(info['kv_bytes_max_seq_len_bf16'])} per sequence")
+    if "per_rank" in info:
+        r = info["per_rank"]
+        print(f"per rank   {r['layout']} over {r['ranks']} GPUs: {count(r['parameters'])} parameters "
+              f"({r['replicated_parameters']:,} replicated), KV {r['kv_bytes_per_token']['bf16']:,} B/token (bf16)")
+        print("  weights  " + ", ".join(f"{k} {gib(v)}" for k, v in r["weight_bytes"].items()))
     if "checkpoint_bytes" in info:
         print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk, "
               f"dtype {'/'.join(info['checkpoint_dtypes']) or 'unknown'}")

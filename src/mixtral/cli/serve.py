@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs, run_torchrun_worker_if_rank
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -103,6 +104,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-ui", action="store_true",
                    help="do not serve the web page (chat playground and live expert-routing dashboard) at /; the "
                         "API, including GET /v1/stats, is unchanged")
+    add_parallel_args(p, server=True)
     return p
 
 
@@ -219,7 +221,12 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         _check_tokenizer(llm)
         return llm
     import logging
-
+    parallel = parallel_engine_kwargs(args)
+    if args.lora is None:
+        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs, **parallel)
+    if parallel:
+        raise ValueError("--lora merges the adapter into one process's weights; to serve it with "
+                         "--tensor-parallel-size, save the merged model as a checkpoint and serve that")
     from mixtral.engine.loading import load_for_engine
     from mixtral.train.lora import find_adapter, merge_lora_into
 
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"mixtral serve: {problem}", file=sys.stderr)
         return 2
+    run_torchrun_worker_if_rank(args)  # torchrun ranks > 0 follow rank 0 and exit here
     import logging
 
     from mixtral.serve.server import bind_socket

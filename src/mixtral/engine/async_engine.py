@@ -107,7 +107,8 @@ class AsyncEngine:
     @property
     def is_running(self) -> bool:
         """True while the engine thread serves requests (False once shut down or crashed)."""
-        return self._error is None and self._thread is not None and self._thread.is_alive()
+        return (self._error is None and self._thread is not None and self._thread.is_alive()
+                and getattr(self.engine.model_runner, "healthy", True))  # a parallel runner: every worker alive
 
     @property
     def error(self) -> BaseException | None:

@@ -15,12 +15,13 @@ it from a background thread for the server.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
+from mixtral.distributed.engine import build_parallel_engine, pop_parallel_config
 from mixtral.engine.admission import Admission, RequestTooLongError
 from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
@@ -65,7 +66,9 @@ class EngineStats:
 
 class LLMEngine:
     def __init__(self, model: Transformer, config: EngineConfig, tokenizer: Tokenizer | None = None,
-                 model_name: str = "model") -> None:
+                 model_name: str = "model", runner_factory: Callable[..., ModelRunner] | None = None) -> None:
+        """``runner_factory``: builds the model runner (default ``ModelRunner``); tensor / expert parallelism passes
+        one whose runner drives the worker ranks too (distributed/engine.py)."""
         self.config = config.resolve(model.args.max_seq_len)
         self.model = model
         self.model_args = model.args
@@ -73,7 +76,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         eos = tokenizer.eos_id if tokenizer is not None else model.args.eos_id
         self.sampler = Sampler(model.args.vocab_size, eos)
-        self.model_runner = ModelRunner(model, self.config, self.sampler)
+        self.model_runner = (runner_factory or ModelRunner)(model, self.config, self.sampler)
         num_blocks = plan_num_blocks(self.config, model.args, model.dtype, model.device,
                                      self.model_runner.profile_activation_bytes)
         self.model_runner.allocate_kv_cache(num_blocks)
@@ -98,6 +101,10 @@ class LLMEngine:
                     **engine_kwargs: Any) -> LLMEngine:
         """Load ``model`` (a folder, preset, "demo", Hub repo id, None = the default model, or a built
         ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``."""
+        parallel = pop_parallel_config(engine_kwargs)  # tensor_parallel_size=, enable_expert_parallel=, ...
+        if parallel.is_distributed:
+            return build_parallel_engine(cls, model, parallel, device=device, dtype=dtype, tokenizer=tokenizer,
+                                         **engine_kwargs)
         loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0),
                                             max_model_len=engine_kwargs.get("max_model_len"))
         config = EngineConfig(device=loaded.device, dtype=loaded.dtype, **engine_kwargs)
@@ -235,3 +242,6 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.planner.shutdown()
+        runner_shutdown = getattr(self.model_runner, "shutdown", None)  # a parallel runner stops its workers
+        if runner_shutdown is not None:
+            runner_shutdown()

@@ -13,6 +13,8 @@ feed_forward.gate, feed_forward.w13, feed_forward.w2}``, ``norm``, ``output``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -25,14 +27,20 @@ from mixtral.model.layers import Attention, RMSNorm, rope_cos_sin
 from mixtral.model.moe import MoE
 
 
+def _no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_idx: int) -> None:
+    def __init__(self, args: ModelArgs, layer_idx: int, ep_rank: int = 0, ep_size: int = 1) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.attention = Attention(args, layer_idx)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
-        self.feed_forward = MoE(args, layer_idx)
+        self.feed_forward = MoE(args, layer_idx, ep_rank, ep_size)
         self.kernels: Kernels = default_kernels()
+        # Sums a rank's partial attention / MoE output over the tensor-parallel group (distributed/reduce.py).
+        self.all_reduce: Callable[[torch.Tensor], torch.Tensor] = _no_reduce
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext,
                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -47,19 +55,20 @@ class TransformerBlock(nn.Module):
             normed = self.attention_norm(x)
         else:
             normed, h = self.kernels.add_rms_norm(x, residual, self.attention_norm.weight, self.attention_norm.eps)
-        attn_out = self.attention(normed, cos, sin, ctx)  # [N, D]
+        attn_out = self.all_reduce(self.attention(normed, cos, sin, ctx))  # [N, D]
         # h = h + attn_out, then ffn_norm(h): one kernel on CUDA at inference (Kernels.add_rms_norm).
         normed, h = self.kernels.add_rms_norm(h, attn_out, self.ffn_norm.weight, self.ffn_norm.eps)
         moe_out, router_logits = self.feed_forward(normed, ctx)
-        return moe_out, h, router_logits
+        return self.all_reduce(moe_out), h, router_logits
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, kernels: KernelConfig | None = None) -> None:
+    def __init__(self, args: ModelArgs, kernels: KernelConfig | None = None, ep_rank: int = 0,
+                 ep_size: int = 1) -> None:
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, i, ep_rank, ep_size) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.gradient_checkpointing = False
