@@ -190,6 +190,7 @@ class DistributedExecutor:
             raise ValueError("the engine must run the executor's own shard (DistributedExecutor.model)")
         payload = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
                    if f.name not in ("device", "dtype")}
+        payload["kernels"] = dataclasses.asdict(config.kernels)  # a nested config: sent as its fields
         local = None
         error = None
         with self._collective("building the model runners"):

@@ -118,7 +118,10 @@ class Worker:
         from mixtral.engine.model_runner import ModelRunner
         from mixtral.engine.sampler import Sampler
 
+        from mixtral.kernels.config import KernelConfig
+
         model = self._model()
+        payload = {**payload, "kernels": KernelConfig(**payload["kernels"])}
         config = EngineConfig(**payload, device=model.device, dtype=model.dtype)
         # The sampler is never used here (rank 0 samples); ModelRunner wants one.
         self.runner = ModelRunner(model, config, Sampler(model.args.vocab_size, model.args.eos_id))
