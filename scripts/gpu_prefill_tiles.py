@@ -1,7 +1,7 @@
 """Prefill MoE tiles compared inside the engine, and the winner adopted into this GPU's table.
 
 The last step of tuning the prefill MoE for a new GPU (docs/KERNELS.md, "Tuning tiles for a new GPU"): after
-``python -m mixtral.kernels.triton.tune_sorted_moe`` has written this GPU's ``sorted_`` table from short bursts
+``python -m mixtral.bench.tune_sorted_moe`` has written this GPU's ``sorted_`` table from short bursts
 of the GEMMs alone, this times whole prefills, where the board's power limit sets the clock. It captures one
 prompt-prefill CUDA graph per candidate ``sorted_moe`` config and alternates them over rounds in one process,
 so sustained clocks and power hit every candidate alike (the tuner's bursts ran ~10% faster than the same
@@ -36,7 +36,7 @@ from mixtral.engine.llm_engine import LLMEngine
 from mixtral.kernels.triton import moe_configs
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.sorted_moe import layout_problem
-from mixtral.model.args import PRESETS
+from mixtral.model.presets import PRESETS
 from mixtral.sampling import SamplingParams
 
 
