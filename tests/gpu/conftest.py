@@ -39,8 +39,8 @@ import torch
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.dispatch import Kernels
 from mixtral.model.args import ModelArgs
-from mixtral.model.presets import preset
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 # Kernel modules in dependency order: a module that imports a @triton.jit function by name from another
 # (pdl_enter, attend_tile) or a config class must be reloaded after it.

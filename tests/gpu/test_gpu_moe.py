@@ -255,8 +255,11 @@ def test_model_prefill_with_each_moe_choice(cuda: torch.device, build_model, ker
                                             monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
     """A 2-layer model (8x7B attention and D, experts narrowed to F 1024) over one 1536-token prompt in bf16,
     its MoE layers at a prefill size: with ``moe_prefill=choice`` the layers ran the chosen kernel (the sorted
-    GEMMs with the table's or persistent tiles, or never, for ``triton``), and the logits' error against the
-    fp32 reference backend is no worse than the bf16 reference backend's own (slack for routing near-ties)."""
+    GEMMs with the table's or persistent tiles, or never, for ``triton``), and each token's logits are as close
+    to the fp32 reference backend's as the bf16 reference backend's are. Compared per token, by median and 99th
+    percentile: a token whose top-2 experts sit at a near-tie can flip to other experts under any rounding (one
+    of 1536 did in a CPU rehearsal, 0.39 off where the rest were 1e-3), and one such token would dominate a
+    whole-tensor error."""
     assert sm90(cuda), "the prefill MoE GEMMs need sm90+"
     args = dataclasses.replace(preset("mixtral-8x7b"), n_layers=2, hidden_dim=1024, vocab_size=512)
     model = build_model(args, 0.02, seed=4).to(cuda)
@@ -273,15 +276,21 @@ def test_model_prefill_with_each_moe_choice(cuda: torch.device, build_model, ker
 
     def logits(dt: torch.dtype, **choices: str) -> torch.Tensor:
         with kernel_choice(model, **choices), torch.inference_mode():
-            return model.to(dt)(tokens).double()
+            return model.to(dt)(tokens)[0].double()  # [T, V]
 
     truth = logits(torch.float32, backend="reference")
-    ref_err = rel_err(logits(torch.bfloat16, backend="reference"), truth)
+
+    def per_token_err(out: torch.Tensor) -> torch.Tensor:
+        return (out - truth).norm(dim=-1) / truth.norm(dim=-1)  # [T]
+
+    ref = per_token_err(logits(torch.bfloat16, backend="reference"))
     assert not tiles_seen
-    fast = logits(torch.bfloat16, moe_prefill=choice)
+    fast_logits = logits(torch.bfloat16, moe_prefill=choice)
     table = get_sorted_config(8, args.hidden_dim, args.dim, tokens.numel(), torch.bfloat16, cuda)
     want = {"sorted": [table] * 2, "persistent": [all_persistent(table)] * 2, "triton": []}[choice]
     assert tiles_seen == want, f"moe_prefill={choice}: sorted_moe ran with {tiles_seen}"
-    assert torch.isfinite(fast).all()
-    fast_err = rel_err(fast, truth)
-    assert fast_err <= 1.25 * ref_err + 1e-3, f"moe_prefill={choice}: kernels {fast_err:.2e}, reference {ref_err:.2e}"
+    assert torch.isfinite(fast_logits).all()
+    fast = per_token_err(fast_logits)
+    for q in (0.5, 0.99):
+        f, r = fast.quantile(q).item(), ref.quantile(q).item()
+        assert f <= 1.25 * r + 1e-3, f"moe_prefill={choice}: per-token error quantile {q} {f:.2e}, reference {r:.2e}"

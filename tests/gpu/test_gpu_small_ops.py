@@ -25,8 +25,8 @@ from gpu_testing import NAME, STEP, capture, randn, rel_err, within_steps
 from mixtral.kernels import reference
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.dispatch import GATE_FUSED_MAX_TOKENS, SKINNY_MAX_ROWS, Kernels
-from mixtral.model.presets import preset
 from mixtral.model.layers import rope_cos_sin
+from mixtral.model.presets import preset
 
 pytestmark = pytest.mark.gpu
 
