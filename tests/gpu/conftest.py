@@ -1,4 +1,4 @@
-"""Fixtures of the GPU test suite: the CUDA device, tolerances, model builders, and the one kernel-choice switch.
+"""Fixtures of the GPU test suite: the CUDA device, the kernel modules, the dispatch and kernel choice, model builders.
 
 Every module here sets ``pytestmark = pytest.mark.gpu``; pyproject's addopts deselect that marker, so the
 default ``python -m pytest`` never runs them. On a CUDA machine: ``python -m pytest -m gpu`` (README, "GPU
