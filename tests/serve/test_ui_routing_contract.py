@@ -11,7 +11,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mixtral.serve.protocol import ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest
+from mixtral.serve.protocol import ChatCompletionRequest, CompletionRequest
+from mixtral.serve.responses import ChatCompletionChunk, ChatCompletionResponse
 from mixtral.serve.routing import RoutingBuilder, token_routing
 
 L, K, E = 3, 2, 8
