@@ -1,7 +1,8 @@
 """mixtral: self-hosted inference and serving for Mistral's Mixtral-8x7B and Mixtral-8x22B.
 
 Public API (imported lazily so ``import mixtral`` stays cheap):
-``load_model``, ``LLM``, ``SamplingParams``, ``ModelArgs``.
+``load_model``, ``LLM``, ``SamplingParams``, ``ModelArgs``, ``KernelConfig`` (which implementation runs each
+fused op: ``LLM(..., kernels=KernelConfig(...))``), ``RequestOutput``, ``CompletionOutput``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ _LAZY = {
     "load_model": "mixtral.checkpoint.loader",
     "LLM": "mixtral.llm",
     "SamplingParams": "mixtral.sampling",
+    "KernelConfig": "mixtral.kernels.config",
     "RequestOutput": "mixtral.engine.outputs",
     "CompletionOutput": "mixtral.engine.outputs",
 }

@@ -1,4 +1,4 @@
-"""Fixtures of the GPU test suite: the CUDA device, tolerances, model builders, and the one kernel-choice switch.
+"""Fixtures of the GPU test suite: the CUDA device, the kernel modules, the dispatch and kernel choice, model builders.
 
 Every module here sets ``pytestmark = pytest.mark.gpu``; pyproject's addopts deselect that marker, so the
 default ``python -m pytest`` never runs them. On a CUDA machine: ``python -m pytest -m gpu`` (README, "GPU
@@ -11,13 +11,15 @@ Two things happen once, before the first GPU test runs (the ``cuda`` fixture):
 - The Triton kernel modules are re-imported compiled if the CPU kernel tests' conftest (tests/kernels) imported
   them under the interpreter while pytest collected the whole tree.
 
-Test modules never import a Triton kernel module at collection: they take the ``kernels`` fixture. Pytest
-collects tests/gpu before tests/kernels, and a compiled import of ``triton.language`` ahead of that folder's
-conftest (which switches Triton's interpreter on) would leave the CPU kernel tests calling compiled language
-functions (tests/unit/test_gpu_suite_collects.py holds this).
+Test modules never import a Triton kernel module at collection: they take the ``kernels`` fixture (the kernel
+modules) or a ``Kernels`` dispatch (``mixtral.kernels.dispatch``, which imports its kernels only when a call
+needs them). Pytest collects tests/gpu before tests/kernels, and a compiled import of ``triton.language`` ahead
+of that folder's conftest (which switches Triton's interpreter on) would leave the CPU kernel tests calling
+compiled language functions (tests/unit/test_gpu_suite_collects.py holds this).
 
-``kernel_choice`` is the only place these tests choose implementations (backend, prefill MoE path, dense
-prefill attention, fused router, PDL); everything else calls the ops as the engine does.
+Implementations are chosen as the product chooses them, by a ``KernelConfig`` (backend, prefill MoE path, dense
+prefill attention, fused router, PDL): ``kernel_ops`` is the default config's dispatch, ``kernel_choice`` gives a
+config to an engine or a bare model; a kernel called directly takes PDL on or off by its ``pdl=`` argument.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ from typing import Any
 import pytest
 import torch
 
-from mixtral.model.args import ModelArgs, preset
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import Kernels
+from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.presets import preset
 
 # Kernel modules in dependency order: a module that imports a @triton.jit function by name from another
 # (pdl_enter, attend_tile) or a config class must be reloaded after it.
@@ -107,66 +112,41 @@ def _free_gpu_memory() -> Iterator[None]:
 
 # ----------------------------------------------------------------- kernel choice
 
-BACKENDS = ("auto", "triton", "reference")
-MOE_PREFILL = ("sorted", "persistent", "triton")
+@pytest.fixture(scope="session")
+def kernel_ops(cuda: torch.device) -> Kernels:
+    """The dispatch of the default ``KernelConfig()``, the one the engine runs: its methods (``rms_norm``,
+    ``moe_experts``, ``dense_prefill_attention``, ...) are the ops as a model calls them."""
+    return Kernels(KernelConfig())
 
 
 @contextlib.contextmanager
-def _kernel_choice(model: Transformer | None = None, *, backend: str = "auto", moe_prefill: str = "sorted",
-                   dense_prefill: bool = True, fused_gate: bool = True, pdl: bool = True
-                   ) -> Iterator[dict[str, Any]]:
-    """Run the body with these kernel choices (the names of ``KernelConfig``'s fields); yields the keyword
-    arguments an ``LLMEngine`` built inside the body needs to get the same choices.
+def _kernel_choice(model: Transformer | None = None, **choices: Any) -> Iterator[KernelConfig]:
+    """``KernelConfig(**choices)`` for the body (its fields: ``backend``, ``moe_prefill``, ``dense_prefill``,
+    ``fused_gate``, ``pdl``; a field not named keeps the default the engine runs). A bad name or value fails
+    at once, from the config's own validation.
 
-    - ``backend``: ``auto`` (Triton on CUDA), ``triton``, or ``reference`` (the PyTorch reference for every op);
-    - ``moe_prefill``: the prefill-sized MoE path, ``sorted`` (the table's tiles, persistent where the table
-      says), ``persistent`` or ``triton`` (the decode kernel at every size);
-    - ``dense_prefill``: cuDNN attention for fresh prompts; ``fused_gate``: the one-kernel router; ``pdl``:
-      programmatic dependent launch.
-
-    ``model``, when given, gets the matching experts path for its own forward; its previous one comes back
-    afterwards. Implemented with the MIXTRAL_* environment variables the ops read today.
+    - an engine built in the body: ``LLMEngine.from_config(..., kernels=cfg)``; its model runner gives the
+      engine's model the config (leave ``model`` out: the engine owns its model);
+    - a bare model: name it, and its forward passes in the body run with the config; the config it had comes
+      back when the body ends, also when it fails;
+    - the dispatch alone: ``Kernels(cfg)``.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: use one of {', '.join(BACKENDS)}")
-    if moe_prefill not in MOE_PREFILL:
-        raise ValueError(f"moe_prefill={moe_prefill!r}: use one of {', '.join(MOE_PREFILL)}")
-    if moe_prefill == "persistent":
-        raise ValueError("moe_prefill='persistent' is not selectable through the environment variables; "
-                         "test persistent tiles by passing their config to sorted_moe")
-    env = {
-        "MIXTRAL_KERNELS": "reference" if backend == "reference" else None,
-        "MIXTRAL_MOE_PREFILL": moe_prefill,
-        "MIXTRAL_DENSE_PREFILL": None if dense_prefill else "0",
-        "MIXTRAL_FUSED_GATE": None if fused_gate else "0",
-        "MIXTRAL_PDL": None if pdl else "0",
-    }
-    saved_env = {k: os.environ.get(k) for k in env}
-    saved_paths = [layer.feed_forward.experts_fn for layer in model.layers] if model is not None else []
+    cfg = KernelConfig(**choices)
+    if model is None:
+        yield cfg
+        return
+    saved = model.kernels.config
+    model.set_kernel_config(cfg)
     try:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if model is not None:
-            model.set_moe_path("reference" if backend == "reference" else "triton")
-        yield {}
+        yield cfg
     finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        if model is not None:
-            for layer, fn in zip(model.layers, saved_paths, strict=True):
-                layer.feed_forward.experts_fn = fn
+        model.set_kernel_config(saved)
 
 
 @pytest.fixture(scope="session")
-def kernel_choice() -> Callable[..., contextlib.AbstractContextManager[dict[str, Any]]]:
+def kernel_choice() -> Callable[..., contextlib.AbstractContextManager[KernelConfig]]:
     """``with kernel_choice(model_or_None, backend=..., moe_prefill=..., dense_prefill=..., fused_gate=...,
-    pdl=...) as engine_kwargs:`` (see ``_kernel_choice``)."""
+    pdl=...) as cfg:`` (see ``_kernel_choice``)."""
     return _kernel_choice
 
 

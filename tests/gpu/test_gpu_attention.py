@@ -5,8 +5,8 @@
   1..512, contexts across block boundaries, a graph bound four times the longest context, ragged prefill
   after cached prefixes, block size 8, a sliding window;
 - ``write_kv`` (exact, padding slots skipped);
-- the cuDNN prefill (``ops.dense_prefill_attention``) in bf16 and fp16, and where it must decline (fp32, a
-  sliding window, short prompts, the choice turned off) so the paged kernel runs instead.
+- the cuDNN prefill (``Kernels.dense_prefill_attention``) in bf16 and fp16, and where it must decline (fp32, a
+  sliding window, short prompts, ``KernelConfig(dense_prefill=False)``) so the paged kernel runs instead.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from gpu_testing import TOL, paged_batch, randn, rel_err
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import DENSE_PREFILL_MIN_TOKENS, Kernels
 from mixtral.kernels.reference import paged_attention_reference, write_kv_reference
 
 pytestmark = pytest.mark.gpu
@@ -112,28 +113,29 @@ def causal_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_lens
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("model", list(HEADS))
-def test_dense_prefill(gen: torch.Generator, dtype: torch.dtype, model: str) -> None:
+def test_dense_prefill(kernel_ops: Kernels, gen: torch.Generator, dtype: torch.dtype, model: str) -> None:
     """Two fresh prompts back to back through cuDNN's SDPA (GQA without repeated K/V)."""
     h, kv = HEADS[model]
     seq_lens = [2048, 1536]
     q = randn(gen, sum(seq_lens), h, 128, dtype=dtype)
     k, v = (randn(gen, sum(seq_lens), kv, 128, dtype=dtype) for _ in range(2))
     with torch.inference_mode():
-        out = ops.dense_prefill_attention(q, k, v, seq_lens, min_tokens=1024)
+        out = kernel_ops.dense_prefill_attention(q, k, v, seq_lens, min_tokens=1024)
     assert out is not None, "the dense path declined a bf16/fp16 prompt above its threshold"
     err = rel_err(out, causal_reference(q, k, v, seq_lens))
     assert out.dtype == dtype and err < TOL[dtype], f"rel err {err:.2e}"
 
 
-def test_dense_prefill_declines_where_the_paged_kernel_must_run(gen: torch.Generator, kernel_choice) -> None:
+def test_dense_prefill_declines_where_the_paged_kernel_must_run(kernel_ops: Kernels, gen: torch.Generator) -> None:
     """fp32 prompts, a sliding window, prompts under the threshold, or the choice off: None (the caller then
     runs the paged kernel, which the tests above hold to the reference in fp32 too)."""
     q16, k16 = randn(gen, 2048, 32, 128, dtype=torch.bfloat16), randn(gen, 2048, 8, 128, dtype=torch.bfloat16)
     q32, k32 = q16.float(), k16.float()
+    assert DENSE_PREFILL_MIN_TOKENS > 2048  # the eager threshold (4096 tokens) that the fourth call relies on
     with torch.inference_mode():
-        assert ops.dense_prefill_attention(q16, k16, k16, [2048], min_tokens=1024) is not None
-        assert ops.dense_prefill_attention(q32, k32, k32, [2048], min_tokens=1024) is None
-        assert ops.dense_prefill_attention(q16, k16, k16, [2048], sliding_window=512, min_tokens=1024) is None
-        assert ops.dense_prefill_attention(q16, k16, k16, [2048]) is None  # eager threshold: 4096 tokens
-        with kernel_choice(dense_prefill=False):
-            assert ops.dense_prefill_attention(q16, k16, k16, [2048], min_tokens=1024) is None
+        assert kernel_ops.dense_prefill_attention(q16, k16, k16, [2048], min_tokens=1024) is not None
+        assert kernel_ops.dense_prefill_attention(q32, k32, k32, [2048], min_tokens=1024) is None
+        assert kernel_ops.dense_prefill_attention(q16, k16, k16, [2048], sliding_window=512, min_tokens=1024) is None
+        assert kernel_ops.dense_prefill_attention(q16, k16, k16, [2048]) is None  # eager threshold: 4096 tokens
+        off = Kernels(KernelConfig(dense_prefill=False))
+        assert off.dense_prefill_attention(q16, k16, k16, [2048], min_tokens=1024) is None

@@ -74,10 +74,11 @@ class Runs:
     def _run(self, backend: str = "auto", dtype: str = "fp32", eager: bool = False, async_scheduling: bool = True,
              sampled: bool = False, pdl: bool = True, logprobs: bool = False) -> Run:
         model = copy.deepcopy(self.base)
-        with self.kernel_choice(model, backend=backend, pdl=pdl) as engine_kwargs:
+        with self.kernel_choice(backend=backend, pdl=pdl) as kernels:
             engine = LLMEngine.from_config(model, device="cuda", dtype=dtype, max_model_len=1024, max_num_seqs=32,
                                            num_kv_blocks=2048, enforce_eager=eager, seed=0,
-                                           async_scheduling=async_scheduling, **engine_kwargs)
+                                           async_scheduling=async_scheduling, kernels=kernels)
+            assert engine.model_runner.model.kernels.config == kernels
             for i, p in enumerate(self.prompts):
                 params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
                                         logprobs=1 if logprobs else None)

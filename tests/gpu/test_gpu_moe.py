@@ -5,11 +5,15 @@
 - the prefill GEMMs (``triton/sorted_moe.py``, ``persistent_moe.py``) with every entry of every shipped tile
   table at its token count (persistent, joint w13, paired w2 short tiles, warp specialisation), with pointer
   loads instead of TMA, and expert parallel;
-- the dispatch in ``ops.fused_moe`` following the prefill-path choice.
+- ``Kernels.moe_experts`` following ``KernelConfig.moe_prefill`` at a prefill size (``sorted``: the table's
+  tiles; ``persistent``: the same GEMMs with persistent tiles on both, held to the reference at every token
+  count the tables list and expert parallel; ``triton``: the decode kernel), bit for bit the kernel it chose;
+- a 2-layer model at a prefill size with each ``moe_prefill`` choice against the reference backend.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from dataclasses import replace
@@ -19,9 +23,11 @@ import pytest
 import torch
 from gpu_testing import TOL, randn, rel_err
 
-from mixtral.kernels import ops
+from mixtral.kernels.config import MOE_PREFILL, KernelConfig
+from mixtral.kernels.dispatch import SORTED_MIN_TOKENS, Kernels
 from mixtral.kernels.reference import moe_reference, route_topk
 from mixtral.kernels.triton.moe_configs import CONFIG_DIR, MoEConfig, get_config, get_sorted_config
+from mixtral.model.presets import preset
 
 pytestmark = pytest.mark.gpu
 
@@ -166,16 +172,125 @@ def test_prefill_gemms_expert_parallel(sorted_moe: Kernel, experts_8x7b: Experts
     assert rel_err(halves[0] + halves[1], whole) < TOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("choice", ["sorted", "triton"])
+def all_persistent(cfg: MoEConfig) -> MoEConfig:
+    """What ``moe_prefill='persistent'`` must run: ``cfg`` with persistent tiles on both GEMMs, and without
+    w2's paired short tiles (a feature of the non-persistent kernel). Written out here, not taken from the
+    dispatch, so the test checks the dispatch's own version."""
+    return replace(cfg, w13=replace(cfg.w13, persistent=True), w2=replace(cfg.w2, persistent=True, pair_small=False))
+
+
+def sm90(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@pytest.mark.parametrize("choice", MOE_PREFILL)
 def test_dispatch_follows_the_prefill_choice(fused_moe: Kernel, sorted_moe: Kernel, experts_8x7b: Experts,
-                                             gen: torch.Generator, kernel_choice, choice: str) -> None:
-    """``ops.fused_moe`` at 2048 tokens runs the prefill GEMMs (sm90+) or, asked for ``triton``, the decode
-    kernel at every size: its output is that kernel's, bit for bit."""
+                                             gen: torch.Generator, choice: str) -> None:
+    """``Kernels.moe_experts`` at 2048 tokens with ``KernelConfig(moe_prefill=choice)`` runs the prefill GEMMs
+    (sm90+) with the table's tiles (``sorted``) or with persistent tiles forced (``persistent``), or, asked for
+    ``triton``, the decode kernel at every size: its output is that kernel's, bit for bit."""
     e = experts_8x7b
     x, w, ids = routed(gen, 2048, e.d, torch.bfloat16)
-    with kernel_choice(moe_prefill=choice):
-        out = ops.fused_moe(x, e.w13, e.w2, w, ids)
-    sm90 = torch.cuda.get_device_capability(x.device)[0] >= 9
-    expect = sorted_moe(x, e.w13, e.w2, w, ids) if choice == "sorted" and sm90 else fused_moe(x, e.w13, e.w2, w, ids)
+    dispatch = Kernels(KernelConfig(moe_prefill=choice))
+    with torch.inference_mode():
+        out = dispatch.moe_experts(x, e.w13, e.w2, w, ids)
+    if choice != "triton" and sm90(x.device):
+        table = get_sorted_config(8, e.f, e.d, 2048, torch.bfloat16, x.device)
+        tiles = all_persistent(table) if choice == "persistent" else table
+        assert dispatch.sorted_config(x, e.w13, e.w2) == tiles
+        expect = sorted_moe(x, e.w13, e.w2, w, ids, config=tiles)
+    else:  # the decode kernel: asked for, or no sorted GEMMs before sm90
+        expect = fused_moe(x, e.w13, e.w2, w, ids)
     assert torch.equal(out, expect)
-    assert_matches_reference(out, x, e, w, ids, what=f"ops.fused_moe, {choice}")
+    assert_matches_reference(out, x, e, w, ids, what=f"Kernels.moe_experts, moe_prefill={choice}")
+
+
+def _prefill_sizes() -> list[int]:
+    """Every token count a shipped prefill table lists (each GPU's entries differ), and one none lists."""
+    listed = {m for _, m in _table_entries() if m >= SORTED_MIN_TOKENS}
+    return sorted(listed | {3000})
+
+
+@pytest.mark.parametrize("tokens", _prefill_sizes())
+def test_persistent_choice_holds_to_the_reference(sorted_moe: Kernel, experts_8x7b: Experts, gen: torch.Generator,
+                                                  tokens: int) -> None:
+    """``moe_prefill='persistent'`` at prefill sizes: the dispatch takes the table's entry for the token count
+    with persistent tiles on both GEMMs (sm90+: the persistent kernels, TMA), and the result holds to the
+    reference; the same bits as ``sorted_moe`` given those tiles."""
+    e = experts_8x7b
+    assert sm90(e.w13.device), "the persistent MoE kernels need sm90+ (TMA)"
+    x, w, ids = routed(gen, tokens, e.d, torch.bfloat16)
+    dispatch = Kernels(KernelConfig(moe_prefill="persistent"))
+    tiles = dispatch.sorted_config(x, e.w13, e.w2)
+    want = all_persistent(get_sorted_config(8, e.f, e.d, tokens, torch.bfloat16, x.device))
+    assert tiles == want and tiles.w13.persistent and tiles.w2.persistent and not tiles.w2.pair_small, tiles
+    with torch.inference_mode():
+        out = dispatch.moe_experts(x, e.w13, e.w2, w, ids)
+    assert_matches_reference(out, x, e, w, ids, what=f"persistent at {tokens} tokens: {tiles}")
+    assert torch.equal(out, sorted_moe(x, e.w13, e.w2, w, ids, config=tiles))
+
+
+def test_persistent_choice_expert_parallel(experts_8x7b: Experts, gen: torch.Generator) -> None:
+    """Two ranks of four experts through ``moe_prefill='persistent'``: each rank's share matches the reference's,
+    and the shares sum to the whole."""
+    e = experts_8x7b
+    x, w, ids = routed(gen, 2048, e.d, torch.bfloat16)
+    dispatch = Kernels(KernelConfig(moe_prefill="persistent"))
+    halves = []
+    for start in (0, 4):
+        w13, w2 = e.w13[start:start + 4].contiguous(), e.w2[start:start + 4].contiguous()
+        tiles = dispatch.sorted_config(x, w13, w2)
+        assert tiles is not None and tiles.w13.persistent and tiles.w2.persistent
+        with torch.inference_mode():
+            half = dispatch.moe_experts(x, w13, w2, w, ids, start)
+        ref = moe_reference(x.float(), e.w13_ref[start:start + 4], e.w2_ref[start:start + 4], w, ids, start)
+        assert rel_err(half, ref) < TOL[torch.bfloat16], f"experts {start}..{start + 3}"
+        halves.append(half.float())
+    whole = moe_reference(x.float(), e.w13_ref, e.w2_ref, w, ids)
+    assert rel_err(halves[0] + halves[1], whole) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("choice", MOE_PREFILL)
+def test_model_prefill_with_each_moe_choice(cuda: torch.device, build_model, kernel_choice, kernels: SimpleNamespace,
+                                            monkeypatch: pytest.MonkeyPatch, choice: str) -> None:
+    """A 2-layer model (8x7B attention and D, experts narrowed to F 1024) over one 1536-token prompt in bf16,
+    its MoE layers at a prefill size: with ``moe_prefill=choice`` the layers ran the chosen kernel (the sorted
+    GEMMs with the table's or persistent tiles, or never, for ``triton``), and each token's logits are as close
+    to the fp32 reference backend's as the bf16 reference backend's are. Compared per token, by median and 99th
+    percentile: a token whose top-2 experts sit at a near-tie can flip to other experts under any rounding (one
+    of 1536 did in a CPU rehearsal, 0.39 off where the rest were 1e-3), and one such token would dominate a
+    whole-tensor error."""
+    assert sm90(cuda), "the prefill MoE GEMMs need sm90+"
+    args = dataclasses.replace(preset("mixtral-8x7b"), n_layers=2, hidden_dim=1024, vocab_size=512)
+    model = build_model(args, 0.02, seed=4).to(cuda)
+    tokens = torch.randint(0, args.vocab_size, (1, 1536), device=cuda, generator=torch.Generator(cuda).manual_seed(6))
+    assert tokens.numel() >= SORTED_MIN_TOKENS
+    tiles_seen: list[MoEConfig] = []
+    real = kernels.sorted_moe.sorted_moe
+
+    def spy(*a: object, config: MoEConfig, **k: object) -> torch.Tensor:
+        tiles_seen.append(config)
+        return real(*a, config=config, **k)
+
+    monkeypatch.setattr(kernels.sorted_moe, "sorted_moe", spy)  # the dispatch imports it at each call
+
+    def logits(dt: torch.dtype, **choices: str) -> torch.Tensor:
+        with kernel_choice(model, **choices), torch.inference_mode():
+            return model.to(dt)(tokens)[0].double()  # [T, V]
+
+    truth = logits(torch.float32, backend="reference")
+
+    def per_token_err(out: torch.Tensor) -> torch.Tensor:
+        return (out - truth).norm(dim=-1) / truth.norm(dim=-1)  # [T]
+
+    ref = per_token_err(logits(torch.bfloat16, backend="reference"))
+    assert not tiles_seen
+    fast_logits = logits(torch.bfloat16, moe_prefill=choice)
+    table = get_sorted_config(8, args.hidden_dim, args.dim, tokens.numel(), torch.bfloat16, cuda)
+    want = {"sorted": [table] * 2, "persistent": [all_persistent(table)] * 2, "triton": []}[choice]
+    assert tiles_seen == want, f"moe_prefill={choice}: sorted_moe ran with {tiles_seen}"
+    assert torch.isfinite(fast_logits).all()
+    fast = per_token_err(fast_logits)
+    for q in (0.5, 0.99):
+        f, r = fast.quantile(q).item(), ref.quantile(q).item()
+        assert f <= 1.25 * r + 1e-3, f"moe_prefill={choice}: per-token error quantile {q} {f:.2e}, reference {r:.2e}"

@@ -18,7 +18,7 @@ import torch
 
 from mixtral.engine.cuda_graphs import PrefillGraph
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.kernels import ops
+from mixtral.kernels import dispatch
 from mixtral.model.mixtral import Transformer
 from mixtral.sampling import SamplingParams
 
@@ -45,9 +45,9 @@ def generate(base: Transformer, kernel_choice: Callable[..., Any], prompts: list
              ) -> tuple[list[list[int]], LLMEngine]:
     """Greedy tokens of each prompt (8 each) from an engine on a copy of ``base``; the engine comes back too."""
     model = copy.deepcopy(base)
-    with kernel_choice(model, backend=backend) as choice_kwargs:
+    with kernel_choice(backend=backend) as kernels:
         engine = LLMEngine.from_config(model, device="cuda", dtype=dtype, max_num_seqs=8, num_kv_blocks=1024,
-                                       seed=0, **engine_kwargs, **choice_kwargs)
+                                       seed=0, kernels=kernels, **engine_kwargs)
         out: dict[str, list[int]] = {}
         ids = [str(i) for i in range(len(prompts))]
         for batch in ([[i] for i in ids] if one_at_a_time else [ids]):
@@ -94,7 +94,8 @@ def test_bf16_prefill_graphs_equal_eager_prefill(cuda: torch.device, build_model
     del engine
     seen = dict(replays)
     # Eager prefill steps with the graph's attention choices: cuDNN for a fresh chunk from 1024 tokens.
-    monkeypatch.setattr(ops, "DENSE_PREFILL_MIN_TOKENS", ops.GRAPH_DENSE_PREFILL_MIN_TOKENS)
+    # (dispatch.Kernels.dense_prefill_attention reads the module's threshold at each call.)
+    monkeypatch.setattr(dispatch, "DENSE_PREFILL_MIN_TOKENS", dispatch.GRAPH_DENSE_PREFILL_MIN_TOKENS)
     eager, _ = generate(base, kernel_choice, prompts, dtype="bf16", one_at_a_time=True, prefill_cuda_graph=False,
                         **limits)
     assert replays == seen, "the eager engine replayed a prefill graph"

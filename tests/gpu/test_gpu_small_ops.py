@@ -7,7 +7,9 @@ fp16 / fp32, N = 1..512 tokens:
 - top-k routing: ids equal (either id where the reference's probabilities tie exactly), weights within 1e-5;
 - the fused router (gate GEMV + routing + expert counts) at D 4096 and 6144, with and without a padding mask;
 - the weight-streaming GEMM (decode-sized rows) within one rounding of an fp32 product;
-- ``ops`` dispatching to each kernel under inference mode; a CUDA graph of them replayed on new inputs;
+- the default ``KernelConfig``'s dispatch (``Kernels``) running each kernel under inference mode; the fused
+  router's choice off (``fused_gate=False``) giving the Linear + routing path; a CUDA graph of the kernels
+  replayed on new inputs;
 - a 2-layer model at 8x7B attention shapes: logits with the kernels against the reference backend.
 """
 
@@ -20,9 +22,11 @@ import pytest
 import torch
 from gpu_testing import NAME, STEP, capture, randn, rel_err, within_steps
 
-from mixtral.kernels import ops, reference
-from mixtral.model.args import preset
+from mixtral.kernels import reference
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.dispatch import GATE_FUSED_MAX_TOKENS, SKINNY_MAX_ROWS, Kernels
 from mixtral.model.layers import rope_cos_sin
+from mixtral.model.presets import preset
 
 pytestmark = pytest.mark.gpu
 
@@ -56,7 +60,8 @@ def routing_agrees(ids: torch.Tensor, weights: torch.Tensor, logits: torch.Tenso
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, kernel_ops: Kernels, gen: torch.Generator,
+                                   dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         x, res = randn(gen, n, DIM, dtype=dtype, scale=3.0), randn(gen, n, DIM, dtype=dtype)  # [N, D]
@@ -67,8 +72,8 @@ def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, gen: torch.Generato
         ref_normed, ref_sum = reference.add_rms_norm_reference(x, res, w, EPS)
         ok2, err2 = within_steps(normed, ref_normed, dtype)
         with torch.inference_mode():
-            dispatched = torch.equal(ops.rms_norm(x, w, EPS), out) and torch.equal(
-                ops.add_rms_norm(x, res, w, EPS)[0], normed)
+            dispatched = torch.equal(kernel_ops.rms_norm(x, w, EPS), out) and torch.equal(
+                kernel_ops.add_rms_norm(x, res, w, EPS)[0], normed)
         if not (ok and ok2 and torch.equal(summed, ref_sum) and dispatched):
             bad.append(f"N {n}: rms_norm {err:.2e}, add_rms_norm {err2:.2e}, sum exact "
                        f"{torch.equal(summed, ref_sum)}, dispatched {dispatched}")
@@ -76,14 +81,15 @@ def test_rms_norm_and_add_rms_norm(kernels: SimpleNamespace, gen: torch.Generato
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rope_bit_identical(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_rope_bit_identical(kernels: SimpleNamespace, kernel_ops: Kernels, gen: torch.Generator,
+                            dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         q, k, _, cos, sin = qk_inputs(gen, n, dtype)
         q_out, k_out = kernels.rope.rope_qk(q, k, cos, sin)
         q_ref, k_ref = reference.rope_qk_reference(q, k, cos, sin)
         with torch.inference_mode():
-            dispatched = torch.equal(ops.rope_qk(q, k, cos, sin)[0], q_out)
+            dispatched = torch.equal(kernel_ops.rope_qk(q, k, cos, sin)[0], q_out)
         if not (torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref) and dispatched):
             bad.append(f"N {n}: q {(q_out.double() - q_ref.double()).abs().max().item():.2e}, "
                        f"k {(k_out.double() - k_ref.double()).abs().max().item():.2e}, dispatched {dispatched}")
@@ -91,8 +97,8 @@ def test_rope_bit_identical(kernels: SimpleNamespace, gen: torch.Generator, dtyp
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_rope_with_kv_store_equals_rope_then_write_kv(kernels: SimpleNamespace, gen: torch.Generator,
-                                                      dtype: torch.dtype) -> None:
+def test_rope_with_kv_store_equals_rope_then_write_kv(kernels: SimpleNamespace, kernel_ops: Kernels,
+                                                      gen: torch.Generator, dtype: torch.dtype) -> None:
     """One kernel rotates q/k and stores k/v at their slots (-1 skips): the same bits as the two steps."""
     blocks, bs = 64, 16
     for n in (1, 8, 300):
@@ -108,19 +114,19 @@ def test_rope_with_kv_store_equals_rope_then_write_kv(kernels: SimpleNamespace, 
         assert torch.equal(caches[0], expect[0]) and torch.equal(caches[1], expect[1]), f"N {n}: K/V store"
         with torch.inference_mode():
             again = [c.clone() for c in expect]
-            ops.rope_qk_store(q, k, v, cos, sin, again[0], again[1], slots)
-        assert torch.equal(again[0], expect[0]) and torch.equal(again[1], expect[1]), f"N {n}: ops.rope_qk_store"
+            kernel_ops.rope_qk_store(q, k, v, cos, sin, again[0], again[1], slots)
+        assert torch.equal(again[0], expect[0]) and torch.equal(again[1], expect[1]), f"N {n}: Kernels.rope_qk_store"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
-def test_route_topk(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_route_topk(kernels: SimpleNamespace, kernel_ops: Kernels, gen: torch.Generator, dtype: torch.dtype) -> None:
     bad = []
     for n in BATCHES:
         logits = randn(gen, n, N_EXPERTS, dtype=dtype, scale=2.0)  # [N, E] in the model dtype, as the gate gives
         w, ids = kernels.router.route_topk_fused(logits, TOP_K)
         ids_ok, w_ok = routing_agrees(ids, w, logits)
         with torch.inference_mode():
-            dispatched = torch.equal(ops.route_topk(logits, TOP_K)[1], ids)
+            dispatched = torch.equal(kernel_ops.route_topk(logits, TOP_K)[1], ids)
         if not (ids_ok and w_ok and dispatched):
             bad.append(f"N {n}: ids {ids_ok}, weights {w_ok}, dispatched {dispatched}")
     assert not bad, "\n".join(bad)
@@ -128,11 +134,14 @@ def test_route_topk(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=NAME.get)
 @pytest.mark.parametrize("dim", [4096, 6144])
-def test_fused_router(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype, dim: int) -> None:
+def test_fused_router(kernels: SimpleNamespace, kernel_ops: Kernels, gen: torch.Generator, dtype: torch.dtype,
+                      dim: int) -> None:
     """Gate GEMV + routing + counts in one kernel: logits within two rounding steps of the Linear's, routing
-    exactly that of its own logits, counts exactly the (unmasked) choices."""
+    exactly that of its own logits, counts exactly the (unmasked) choices. The default dispatch runs it;
+    ``KernelConfig(fused_gate=False)`` runs the Linear, the routing kernel and an ``index_add`` instead."""
     bad = []
-    for n in [b for b in BATCHES if b <= ops.GATE_FUSED_MAX_TOKENS]:
+    gate_off = Kernels(KernelConfig(fused_gate=False))
+    for n in [b for b in BATCHES if b <= GATE_FUSED_MAX_TOKENS]:
         x = randn(gen, n, dim, dtype=dtype)  # [N, D]
         gw = randn(gen, N_EXPERTS, dim, dtype=dtype, scale=dim**-0.5)  # [E, D]
         for mask in (None, (torch.arange(n, device=x.device) % 5 != 4).long()):  # every fifth row padding
@@ -148,24 +157,33 @@ def test_fused_router(kernels: SimpleNamespace, gen: torch.Generator, dtype: tor
                            f"counts {counts.tolist()} want {want.tolist()}")
         with torch.inference_mode():
             counts = torch.zeros(N_EXPERTS, dtype=torch.int64, device=x.device)
-            dispatched = torch.equal(ops.gate_route(x, gw, TOP_K, counts)[2], ids)
+            dispatched = torch.equal(kernel_ops.gate_route(x, gw, TOP_K, counts)[2], ids)
+            # fused_gate=False: the Linear, then route_topk's kernel on its logits, and the counts by index_add
+            off_counts = torch.zeros_like(counts)
+            off = gate_off.gate_route(x, gw, TOP_K, off_counts)
+            linear = torch.nn.functional.linear(x, gw)  # [N, E]
+            want_off = (linear, *kernels.router.route_topk_fused(linear, TOP_K))
         if not dispatched:
-            bad.append(f"N {n}: ops.gate_route did not run the fused kernel")
+            bad.append(f"N {n}: Kernels.gate_route did not run the fused kernel")
+        if not (all(torch.equal(a, b) for a, b in zip(off, want_off, strict=True))
+                and torch.equal(off_counts, torch.bincount(off[2].reshape(-1), minlength=N_EXPERTS))):
+            bad.append(f"N {n}: Kernels(fused_gate=False).gate_route is not the Linear + routing path")
     assert not bad, "\n".join(bad)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=NAME.get)
-def test_skinny_gemm(kernels: SimpleNamespace, gen: torch.Generator, dtype: torch.dtype) -> None:
+def test_skinny_gemm(kernels: SimpleNamespace, kernel_ops: Kernels, gen: torch.Generator, dtype: torch.dtype) -> None:
     """Decode-size GEMM at 8x7B's wqkv and wo shapes: relative error of one rounding of the output."""
     bad = []
-    for n in [b for b in BATCHES if b <= kernels.skinny_gemm.MAX_ROWS]:
+    assert SKINNY_MAX_ROWS <= kernels.skinny_gemm.MAX_ROWS  # the dispatch never asks the kernel for more rows
+    for n in [b for b in BATCHES if b <= SKINNY_MAX_ROWS]:
         for rows, cols in ((6144, 4096), (4096, 4096)):
             x = randn(gen, n, cols, dtype=dtype)
             w = randn(gen, rows, cols, dtype=dtype, scale=cols**-0.5)
             out = kernels.skinny_gemm.skinny_gemm(x, w)
             err = rel_err(out, x.float() @ w.float().T)
             with torch.inference_mode():
-                dispatched = torch.equal(ops.linear(x, w), out)
+                dispatched = torch.equal(kernel_ops.linear(x, w), out)
             if not (err < STEP[dtype] and dispatched):
                 bad.append(f"N {n} [{rows}, {cols}]: rel err {err:.2e}, dispatched {dispatched}")
     assert not bad, "\n".join(bad)

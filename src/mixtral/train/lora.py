@@ -9,7 +9,7 @@ unchanged and sees W + delta, ``merge_lora`` bakes the delta in, and the saved f
 
 Cost: the parametrization materialises W + delta for the whole stacked expert tensor at each forward, i.e.
 one extra copy of a layer's expert weights at a time (with gradient checkpointing, again in backward).
-That keeps every experts path (reference, grouped, gather, GPU kernels) usable unchanged.
+That keeps every experts path (the reference, the grouped PyTorch path, the Triton kernels) usable unchanged.
 
 On disk (a folder): ``adapter_model.safetensors`` (``<param path>.lora_A`` / ``.lora_B``, e.g.
 ``layers.0.feed_forward.w13.lora_A``) and ``adapter_config.json`` (rank, alpha, targets).
