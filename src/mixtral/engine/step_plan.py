@@ -182,10 +182,13 @@ class StepPlanner:
             bm.allocate_slots(seq, seq.num_tokens + 1)
         scheduled = [ScheduledSequence(seq, 1) for seq in seqs]
         rows = [SampleRow(seq.params, seq.seed, seq.num_output_tokens + 1) for seq in seqs]
-        # Each row samples: a sequence with return_routing keeps its one row (the position it feeds).
-        routing = [seq.num_computed_tokens if seq.routing is not None else None for seq in seqs]
-        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs),
-                         routing if any(r is not None for r in routing) else None)
+        routing = None
+        if plan.routing is not None:  # ``current`` sampled every sequence: without routing there, none asked
+            # Each row samples: a sequence with return_routing keeps its one row (the position it feeds).
+            routing = [seq.num_computed_tokens if seq.routing is not None else None for seq in seqs]
+            if all(r is None for r in routing):
+                routing = None
+        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs), routing)
         return AheadStep(ahead, seqs, keep if len(keep) != len(plan.rows) else None)
 
     def shutdown(self) -> None:
