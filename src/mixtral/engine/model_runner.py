@@ -197,13 +197,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
-        if eager:
-            hidden = self.model.forward_tokens(ids, ctx)  # [N, D]
-        elif self.graphs is not None and ctx.max_query_len == 1 and self.graphs.graph_size(len(plan.scheduled)):
+        if (not eager and self.graphs is not None and ctx.max_query_len == 1
+                and self.graphs.graph_size(len(plan.scheduled))):
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
             hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)  # [N, D]
-        elif (prefill_graph := self._prefill_graph_for(plan, ids.shape[0], ctx)) is not None:
+        elif not eager and (prefill_graph := self._prefill_graph_for(plan, ids.shape[0], ctx)) is not None:
             # One sequence's full chunk: the captured forward instead of ~20 launches a layer from Python.
             hidden = prefill_graph.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                        ctx.context_lens)  # [N, D]
