@@ -3,7 +3,8 @@
 The reference is ``analysis.routing_capture.capture_routing``: one dense forward of prompt + generated tokens with
 ``router_logits=[]`` and ``reference.route_topk``. Prompt row j must be the reference's row j; generated row i the
 row of the position before token i (the pass whose logits sampled it). Checked for a mixed batch (with requests that
-asked for nothing beside them), n > 1, preemption by recompute, chunked prefill, the prefix cache and cumulative
+asked for nothing beside them), n > 1, preemption by recompute (also between a prompt's chunks), chunked prefill, the
+prefix cache and cumulative
 outputs while streaming; each test runs with synchronous and async scheduling (conftest's ``make_engine``).
 """
 
@@ -143,6 +144,29 @@ def test_preemption_keeps_rows_aligned(make_engine: Callable[..., LLMEngine], ti
     assert engine.get_stats().num_preemptions > 0, "the tiny KV budget should have forced preemption"
     for i in range(len(prompts)):
         check_routing(tiny_model, done[f"r{i}"], prompt=i % 2 == 0)
+
+
+def test_preemption_in_the_middle_of_a_chunked_prompt(make_engine: Callable[..., LLMEngine],
+                                                      tiny_model: Transformer) -> None:
+    """A prompt preempted after some of its chunks: the recompute records only the positions it lacks."""
+    prompts = random_prompts(8, 20, 40, seed=34)
+    engine = make_engine(num_kv_blocks=24, block_size=4, max_num_batched_tokens=8)
+    partial = []
+    preempt = engine.scheduler._preempt
+
+    def spy(seq: Any) -> None:
+        if seq.prompt_routing is not None and 0 < seq.prompt_routing.num_rows < seq.num_prompt_tokens:
+            partial.append(seq.request_id)
+        preempt(seq)
+
+    engine.scheduler._preempt = spy  # type: ignore[method-assign]
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"r{i}", prompt, routed(temperature=0.0, max_tokens=4 + (5 * i) % 17, ignore_eos=True,
+                                                   return_prompt_routing=True))
+    done = run_to_completion(engine, lambda e: e.block_manager.check_invariants())
+    assert partial, "no prompt was preempted between its chunks"
+    for i in range(len(prompts)):
+        check_routing(tiny_model, done[f"r{i}"], prompt=True)
 
 
 def test_chunked_prefill_captures_each_prompt_position_once(make_engine: Callable[..., LLMEngine],
