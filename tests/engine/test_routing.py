@@ -4,7 +4,8 @@ The reference is ``analysis.routing_capture.capture_routing``: one dense forward
 ``router_logits=[]`` and ``reference.route_topk``. Prompt row j must be the reference's row j; generated row i the
 row of the position before token i (the pass whose logits sampled it). Checked for a mixed batch (with requests that
 asked for nothing beside them), n > 1, preemption by recompute (also between a prompt's chunks), chunked prefill, the
-prefix cache and cumulative outputs while streaming; each test runs with synchronous and async scheduling (conftest's ``make_engine``).
+prefix cache and cumulative outputs while streaming; each test runs with synchronous and async scheduling
+(conftest's ``make_engine``).
 """
 
 from __future__ import annotations
