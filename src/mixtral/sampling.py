@@ -43,6 +43,10 @@ class SamplingParams:
     Logprobs are of the model's raw distribution (before temperature, penalties and filters).
     ``logit_bias`` ({token id: bias in [-100, 100]}) is added to those tokens' logits before sampling.
     ``guide`` constrains decoding (tool calls, JSON schema); with n > 1 each sample gets ``guide.copy()``.
+    ``return_routing`` returns, per generated token, every MoE layer's top-k experts and weights
+    (``CompletionOutput.routing_experts`` / ``routing_weights``, row i: the forward pass that sampled token i);
+    ``return_prompt_routing`` the same per prompt token (``RequestOutput.prompt_routing_*``); the two are
+    independent (engine/routing.py). A step holding such a request runs without CUDA graphs.
     """
 
     n: int = 1
@@ -64,6 +68,8 @@ class SamplingParams:
     repetition_penalty: float = DEFAULT_REPETITION_PENALTY
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
+    return_routing: bool = False
+    return_prompt_routing: bool = False
     guide: TokenGuide | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +126,9 @@ class SamplingParams:
             raise bad("logit_bias", f"must map token ids (>= 0) to biases in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         if not 0.0 < self.repetition_penalty <= 2.0:
             raise bad("repetition_penalty", "must be in (0, 2] (1 switches it off)")
+        for name in ("return_routing", "return_prompt_routing"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be True or False")
         if self.guide is not None and not all(
             callable(getattr(self.guide, m, None)) for m in ("fill_bitmask", "accept_token", "is_finished", "copy")
         ):
@@ -133,6 +142,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def needs_full_prompt(self) -> bool:
+        """Prompt logprobs and prompt routing need every prompt position computed: no prefix-cache hits."""
+        return self.prompt_logprobs is not None or self.return_prompt_routing
 
     @property
     def effective_top_k(self) -> int:

@@ -6,14 +6,17 @@ back as a ``tool`` message, a reply forced (by a JSON-schema enum) to be a scrip
 no element created and no script run, the dashboard equal to ``/metrics``, and the key prompt of a server with
 ``--api-key``. Every page is checked for requests leaving the server, script errors and console errors.
 
-The routing-colour test feeds the page an API response in the routing contract of ``serve/routing.py`` (the
-engine does not capture routing yet): it proves the page colours each token by the expert ids the response
-gives. Screenshots are written under the session's pytest temporary folder (printed with ``-s``).
+Routing colours, twice: end to end (a real streamed reply from the engine, asked for with the page's routing boxes:
+each token's colour is the palette colour of the first expert the API returned for it in the chosen layer, the hover
+shows that token's routing in every layer), and with a hand-made stream in the routing contract of
+``serve/routing.py`` (exact ids and weights chosen by the test: the heatmap counts and a layer switch). Screenshots
+are written under the session's pytest temporary folder (printed with ``-s``).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -367,6 +370,63 @@ def test_tokens_are_coloured_by_the_expert_ids_the_api_returned(page: Any, ui_se
     assert len(rows) == num_layers
     for lay, text in enumerate(rows):
         assert f"e{entries[1]['experts'][lay][0]} 70.0%" in text
+
+
+def _rgb(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
+def _shown_tokens(reply: Any, selector: str) -> list[tuple[str, int, str]]:
+    """(text, data-expert, background colour) of each token span under ``selector`` in ``reply``."""
+    return reply.locator(selector).evaluate_all(
+        "spans => spans.map(s => [s.textContent, Number(s.dataset.expert), getComputedStyle(s).backgroundColor])")
+
+
+def test_a_real_streamed_reply_is_coloured_by_the_routing_the_api_returned(page: Any, ui_server: Any) -> None:
+    num_layers = httpx.get(ui_server.url + "/v1/stats").json()["num_layers"]
+    wait_until(lambda: page.locator("#layer option").count() == num_layers, page)
+    greedy(page, 16)
+    page.fill("#stop", "")
+    page.check("#routing")
+    page.check("#prompt-routing")
+    layer = num_layers - 1
+    page.select_option("#layer", str(layer))
+    with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions")) as answer:
+        reply = send(page, "Name a colour.")
+    response = answer.value
+    assert response.request.post_data_json["stream"] is True
+    assert response.request.post_data_json["return_prompt_routing"] is True
+    # What the API sent the page: routing in several chunks (a real stream), the prompt's once.
+    chunks = [json.loads(line[6:]) for line in response.text().splitlines() if line.startswith("data: {")]
+    routed = [c["choices"][0]["routing"] for c in chunks if c["choices"] and "routing" in c["choices"][0]]
+    assert len(routed) > 1
+    tokens = [entry for r in routed for entry in r["tokens"]]
+    prompt = [entry for r in routed for entry in r.get("prompt_tokens") or []]
+    usage = next(c["usage"] for c in chunks if c.get("usage"))
+    assert len(tokens) == usage["completion_tokens"] and len(prompt) == usage["prompt_tokens"]
+
+    palette = page.evaluate("import('/ui/static/routing.js').then(m => m.PALETTE)")
+    shown = _shown_tokens(reply, ".tokens:not(.prompt-tokens) .tok")
+    assert [s[0] for s in shown] == [e["token"] for e in tokens]
+    assert [s[1] for s in shown] == [e["experts"][layer][0] for e in tokens]
+    assert [s[2] for s in shown] == [_rgb(palette[e["experts"][layer][0]]) for e in tokens]
+    shown_prompt = _shown_tokens(reply, ".prompt-tokens .tok")
+    assert [s[1] for s in shown_prompt] == [e["experts"][layer][0] for e in prompt]
+    assert [s[2] for s in shown_prompt] == [_rgb(palette[e["experts"][layer][0]]) for e in prompt]
+    # The hover shows that token's routing: every layer's experts with their weights, as the API gave them.
+    pick = len(tokens) // 2
+    reply.locator(".tokens:not(.prompt-tokens) .tok").nth(pick).hover()
+    tip = page.locator("#tooltip")
+    tip.wait_for(state="visible")
+    assert f"(id {tokens[pick]['token_id']})" in tip.inner_text()
+    rows = tip.locator("tr").all_inner_texts()
+    assert len(rows) == num_layers
+    for lay, text in enumerate(rows):
+        picks = re.findall(r"e(\d+) ([\d.]+)%", text)  # the page rounds to 0.1% (JavaScript's toFixed)
+        assert [int(e) for e, _ in picks] == tokens[pick]["experts"][lay]
+        assert [float(w) for _, w in picks] == pytest.approx([w * 100 for w in tokens[pick]["weights"][lay]],
+                                                             abs=0.051)
 
 
 def test_with_an_api_key_the_page_asks_for_it(browser: Any, server_factory: Any, shots: Path) -> None:

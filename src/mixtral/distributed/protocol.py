@@ -19,6 +19,10 @@ A step (``STEP``) carries, per scheduled sequence, what changed since the driver
     B        block ids to append to each sequence's table (a new ``epoch`` first clears the table)
     W        rows of the device ids tensor that feed this step (a step launched ahead of its inputs)
 
+A step that rank 0 runs without CUDA graphs (it captures a request's routing: engine/routing.py) is sent as
+``STEP_EAGER`` with the same layout: every rank must run it eagerly too, or the all-reduces of a graph padded to
+its batch size would not pair with rank 0's.
+
 Example: sequence 7 decoding its 10th token (position 9), which needs a new block 42 of 4 slots, and
 sequence 9 finished: ``[1, 1, 1, 1, 1, 0, -1,  7, 0, 9, 1, 1,  9,  t9,  42]``.
 """
@@ -49,6 +53,7 @@ class Command(IntEnum):
     BENCH_ALL_REDUCE = 7  # time all-reduces of given sizes (bench/parallel.py)
     STOP = 8  # leave the loop and exit
     LOAD = 9  # load the rank's shard (JSON: model, dtype, device type, seed)
+    STEP_EAGER = 10  # a STEP every rank runs without CUDA graphs (rank 0 captures routing in it)
 
 
 class ControlChannel:
@@ -111,11 +116,13 @@ class StepMessage:
     blocks: list[int] = field(default_factory=list)
     device_ids: int = 0
     input_rows: list[int] | None = None
+    eager: bool = False  # sent as STEP_EAGER
 
     def encode(self) -> torch.Tensor:
         tokens = torch.cat(self.token_ids) if self.token_ids else torch.empty(0, dtype=torch.int64)
         rows = self.input_rows if self.input_rows is not None else []
-        header = [int(Command.STEP), len(self.seqs), len(self.released), tokens.shape[0], len(self.blocks),
+        cmd = Command.STEP_EAGER if self.eager else Command.STEP
+        header = [int(cmd), len(self.seqs), len(self.released), tokens.shape[0], len(self.blocks),
                   self.device_ids, len(rows) if self.input_rows is not None else -1]
         flat = [v for rec in self.seqs for v in rec]
         return torch.cat([torch.tensor(header + flat + self.released, dtype=torch.int64), tokens,
@@ -123,7 +130,7 @@ class StepMessage:
 
     @classmethod
     def decode(cls, msg: torch.Tensor) -> StepMessage:
-        _, s, r, t, b, d, w = msg[:_STEP_HEADER].tolist()
+        cmd, s, r, t, b, d, w = msg[:_STEP_HEADER].tolist()
         pos = _STEP_HEADER
         flat = msg[pos:pos + s * _SEQ_FIELDS].tolist()
         pos += s * _SEQ_FIELDS
@@ -141,4 +148,4 @@ class StepMessage:
             for rec in seqs:
                 token_ids.append(tokens[at:at + rec[3]])
                 at += rec[3]
-        return cls(seqs, released, token_ids, blocks, d, rows)  # type: ignore[arg-type]
+        return cls(seqs, released, token_ids, blocks, d, rows, cmd == Command.STEP_EAGER)  # type: ignore[arg-type]

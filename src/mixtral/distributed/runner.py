@@ -118,7 +118,7 @@ class DistributedModelRunner:
 
     def _step_message(self, plan: StepPlan, input_ids: torch.Tensor | None, input_rows: list[int] | None
                       ) -> StepMessage:
-        msg = StepMessage(released=self._released)
+        msg = StepMessage(released=self._released, eager=plan.routing is not None)
         self._released = []
         pending: list[int] = []  # single tokens (decode) gathered before they become one tensor
         for s in plan.scheduled:

@@ -56,7 +56,7 @@ class Worker:
             cmd = Command(int(msg[0]))
             if cmd == Command.STOP:
                 return
-            if cmd == Command.STEP:
+            if cmd in (Command.STEP, Command.STEP_EAGER):
                 self.step(msg)
             elif cmd == Command.FORWARD:
                 self.forward(msg)
@@ -159,7 +159,8 @@ class Worker:
         if m.device_ids:
             input_ids = torch.empty(m.device_ids, dtype=torch.int64, device=self.groups.device)
             dist.broadcast(input_ids, src=0, group=self.groups.model)
-        plan = StepPlan(scheduled, [], [], [None] * len(scheduled))
+        # An eager step (rank 0 captures routing in it) runs eagerly here too; this rank keeps no routing.
+        plan = StepPlan(scheduled, [], [], [None] * len(scheduled), [None] * len(scheduled) if m.eager else None)
         runner.launch(plan, None, input_ids=input_ids, input_rows=m.input_rows)
 
     @torch.inference_mode()

@@ -5,7 +5,8 @@ buffers and the cumulative expert-routing counts. Inputs are built on the host a
 into fixed device buffers, so a decode step launches no host syncs before sampling, and its inputs keep
 stable addresses. The model gets ``config.kernels`` (which implementation runs each fused op) once, here. On
 CUDA with the Triton kernels, pure decode steps replay CUDA graphs (engine/cuda_graphs.py) unless
-``enforce_eager``.
+``enforce_eager``, and except for steps that capture routing (engine/routing.py: ``StepPlan.routing``), which run
+eagerly with the context's ``routing_capture`` set.
 
 Flat layout of one step (block_size 4), sequence A decoding its 7th token, sequence B prefilling a
 3-token chunk starting at position 4:
@@ -26,6 +27,7 @@ from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
+from mixtral.engine.routing import CapturedRouting, RoutingCapture, RoutingSpan
 from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
@@ -43,13 +45,16 @@ class StepPlan:
 
     ``rows[i]`` samples from the logits of ``scheduled[row_owner[i]]``'s last token (several rows may share
     one sequence: the first tokens of n > 1 samples). ``prompt_logprobs[j]`` is k (or None) for
-    ``scheduled[j]``.
+    ``scheduled[j]``. ``routing[j]`` (engine/routing.py ``capture_start``) is the first position of ``scheduled[j]``'s
+    chunk whose routing to keep, or None; ``routing`` itself is None when no sequence of the step asked, and then
+    the step runs as it would without routing (CUDA graphs included). Not None: the step runs eagerly.
     """
 
     scheduled: list[ScheduledSequence]
     rows: list[SampleRow]
     row_owner: list[int]
     prompt_logprobs: list[int | None]
+    routing: list[int | None] | None = None
 
 
 @dataclass
@@ -57,6 +62,8 @@ class StepResult:
     sampled: SamplerOutput | None
     # Per scheduled sequence that asked: {index in prompt: {token_id: logprob}} for this chunk's positions.
     prompt_logprobs: dict[int, dict[int, dict[int, float]]]
+    # Per scheduled sequence that asked: its captured routing rows (None: the step captured none).
+    routing: dict[int, RoutingSpan] | None = None
 
 
 @dataclass
@@ -65,6 +72,7 @@ class LaunchedStep:
 
     sampled: SampledBatch | None
     prompt_logprobs: dict[int, dict[int, dict[int, float]]]
+    routing: CapturedRouting | None = None
 
     @property
     def token_ids(self) -> torch.Tensor | None:
@@ -72,7 +80,8 @@ class LaunchedStep:
         return self.sampled.token_ids if self.sampled is not None else None
 
     def result(self) -> StepResult:
-        return StepResult(self.sampled.fetch() if self.sampled is not None else None, self.prompt_logprobs)
+        return StepResult(self.sampled.fetch() if self.sampled is not None else None, self.prompt_logprobs,
+                          self.routing.fetch() if self.routing is not None else None)
 
 
 class ModelRunner:
@@ -175,6 +184,12 @@ class ModelRunner:
             # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
             input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
         ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
+        eager = plan.routing is not None  # the graphs would not keep the router's outputs
+        capture = None
+        if eager:
+            capture = RoutingCapture.for_step(plan.scheduled, plan.routing, last_index, self.args.n_layers,
+                                              self._put)  # None on a TP worker, which keeps nothing
+            ctx.routing_capture = capture  # type: ignore[attr-defined]  # read by each MoE layer
         index = sampling = None
         if plan.rows:
             index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
@@ -182,11 +197,12 @@ class ModelRunner:
         if self.device.type == "cuda":
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
-        if self.graphs is not None and ctx.max_query_len == 1 and self.graphs.graph_size(len(plan.scheduled)):
+        if (not eager and self.graphs is not None and ctx.max_query_len == 1
+                and self.graphs.graph_size(len(plan.scheduled))):
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
             hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                      ctx.context_lens)  # [N, D]
-        elif (prefill_graph := self._prefill_graph_for(plan, ids.shape[0], ctx)) is not None:
+        elif not eager and (prefill_graph := self._prefill_graph_for(plan, ids.shape[0], ctx)) is not None:
             # One sequence's full chunk: the captured forward instead of ~20 launches a layer from Python.
             hidden = prefill_graph.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
                                        ctx.context_lens)  # [N, D]
@@ -198,8 +214,9 @@ class ModelRunner:
         if index is not None:
             logits = self.model.compute_logits(hidden[index])  # [R, V]
             sampled = self.sampler.sample(logits, plan.rows, bitmask, sampling)
+        routing = capture.gather() if capture is not None else None
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
-        return LaunchedStep(sampled, prompt_lp)
+        return LaunchedStep(sampled, prompt_lp, routing)
 
     def _prefill_graph_for(self, plan: StepPlan, num_tokens: int, ctx: PagedAttentionContext
                            ) -> PrefillGraph | None:

@@ -2,11 +2,20 @@
 
 Everything here is cumulative (text and token ids so far), as in vLLM; streaming consumers take the
 difference between successive outputs. Plain dataclasses, no tensors: safe to pass between threads.
+
+Routing (only for requests whose ``SamplingParams`` ask; None otherwise), the hook ``serve/routing.py`` reads:
+``CompletionOutput.routing_experts`` int16 [T, L, k] (each layer's top-k expert ids, best first) and
+``routing_weights`` float32 [T, L, k] (their weights, renormalised over the k), row i aligned with ``token_ids[i]``:
+the routing of the forward pass whose logits sampled token i (row 0: the last prompt position). On
+``RequestOutput``, ``prompt_routing_experts`` / ``prompt_routing_weights`` [P, L, k], row j the routing at prompt
+position j (set once the whole prompt is computed). Read-only numpy views, not copied per step.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import numpy as np
 
 # Per position: {token_id: logprob} for the top-k alternatives and the chosen token.
 Logprobs = list[dict[int, float]]
@@ -26,6 +35,8 @@ class CompletionOutput:
     logprobs: Logprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    routing_experts: np.ndarray | None = None  # numpy int16 [T, L, k] with return_routing (see the module docstring)
+    routing_weights: np.ndarray | None = None  # numpy float32 [T, L, k]
 
     @property
     def finished(self) -> bool:
@@ -82,3 +93,5 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     error: RequestError | None = None  # set (with finish_reason "error") when the engine failed this request
+    prompt_routing_experts: np.ndarray | None = None  # int16 [P, L, k] with return_prompt_routing (see above)
+    prompt_routing_weights: np.ndarray | None = None  # numpy float32 [P, L, k]

@@ -206,7 +206,7 @@ class Sampler:
             vals, idx = torch.topk(raw_logprobs, k_max, dim=-1)  # [R, k_max]
             parts += [vals.double().T, idx.double().T]
         packed = torch.cat([p.reshape(-1, len(rows)) for p in parts])  # [2 + 2k, R]
-        return SampledBatch(token_ids, _to_host_async(packed), want, k_max)
+        return SampledBatch(token_ids, to_host_async(packed), want, k_max)
 
     def __call__(self, logits: torch.Tensor, rows: list[SampleRow], bitmask: torch.Tensor | None = None,
                  tensors: SamplingTensors | None = None) -> SamplerOutput:
@@ -248,7 +248,7 @@ class Sampler:
         return (probs / q).argmax(dim=-1)
 
 
-def _to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+def to_host_async(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
     """Start copying ``t`` to (pinned) host memory; returns the host tensor and an event marking the copy done.
 
     Enqueued right after the sampling kernels, so it waits for this step only: a blocking ``.tolist()`` later

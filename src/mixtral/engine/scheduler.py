@@ -128,8 +128,8 @@ class Scheduler:
             seq = self.waiting[0]
             if 1 + seq.fork_count > seats:
                 break
-            # Prompt logprobs need every prompt position's logits, so such prompts are computed in full.
-            use_cache = seq.params.prompt_logprobs is None
+            # Prompt logprobs (and prompt routing) need every prompt position computed: no cache hits for them.
+            use_cache = not seq.params.needs_full_prompt
             cached = bm.find_cached_prefix(seq) if use_cache else []
             num_cached = len(cached) * bm.block_size
             num_new = min(seq.num_tokens - num_cached, budget)

@@ -4,7 +4,8 @@ A request (``SequenceGroup``) starts as one ``Sequence`` holding its prompt. Wit
 prefilled once; when its first tokens are sampled the group forks into n sequences that share the
 prompt's full KV blocks (see ``BlockManager.fork``). Each Sequence tracks how many of its tokens already
 have K/V in the cache (``num_computed_tokens``): the scheduler feeds it the rest, a chunk at a time.
-The only tensor here is the prompt's CPU copy (``prompt_tensor``), which the model runner slices.
+The only tensor here is the prompt's CPU copy (``prompt_tensor``), which the model runner slices. A sequence whose
+params ask for routing keeps it in ``RoutingRows`` (engine/routing.py says which row belongs to which token).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mixtral.engine.outputs import CompletionOutput, Logprobs, RequestError, RequestMetrics, RequestOutput
+from mixtral.engine.routing import RoutingRows
 from mixtral.guide import TokenGuide
 from mixtral.sampling import SamplingParams
 
@@ -78,6 +80,16 @@ class Sequence:
     # The prompt as an int64 CPU tensor, built once at admission: a 2048-token prefill chunk then slices it
     # instead of converting 2048 Python ints while the GPU waits for the step (~80 us).
     prompt_tensor: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # Routing rows (engine/routing.py), when the params ask: of the generated tokens (row i: the pass that sampled
+    # token i), and of the prompt (row j: prompt position j; recorded by a request's first sequence only).
+    routing: RoutingRows | None = field(default=None, repr=False, compare=False)
+    prompt_routing: RoutingRows | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.params.return_routing:
+            self.routing = RoutingRows()
+        if self.params.return_prompt_routing and self.index == 0:
+            self.prompt_routing = RoutingRows()
 
     def new_token_ids(self, start: int, n: int) -> torch.Tensor:
         """Token ids start .. start + n - 1 as an int64 CPU tensor (a view of ``prompt_tensor`` inside the
@@ -131,6 +143,7 @@ class Sequence:
         self.num_preemptions += 1
 
     def completion(self) -> CompletionOutput:
+        experts, weights = self.routing.arrays() if self.routing is not None else (None, None)
         return CompletionOutput(
             index=self.index,
             text=self.text[:len(self.text) - self.text_holdback] if self.text_holdback else self.text,
@@ -139,6 +152,8 @@ class Sequence:
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
             finish_reason=self.status.finish_reason,
             stop_reason=self.stop_reason,
+            routing_experts=experts,
+            routing_weights=weights,
         )
 
 
@@ -169,6 +184,10 @@ class SequenceGroup:
         return not self.pending_samples and all(s.is_finished for s in self.seqs)
 
     def to_output(self) -> RequestOutput:
+        prompt_rows = self.seqs[0].prompt_routing
+        experts = weights = None
+        if prompt_rows is not None and prompt_rows.num_rows == len(self.prompt_token_ids):  # complete
+            experts, weights = prompt_rows.arrays()
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
@@ -181,4 +200,6 @@ class SequenceGroup:
             num_cached_tokens=self.num_cached_tokens,
             metrics=self.metrics,
             error=self.error,
+            prompt_routing_experts=experts,
+            prompt_routing_weights=weights,
         )

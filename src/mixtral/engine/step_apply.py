@@ -6,6 +6,9 @@ fails that request alone: its sequences finish with ``FINISHED_ERROR``, their KV
 output carries a ``RequestError`` (``invalid_request`` for a ``ValueError``, such as a grammar past its limits;
 otherwise an internal error, logged with its traceback). Every other request of the step goes on. An exception
 outside any one request's work is an engine bug and propagates.
+
+Routing (engine/routing.py): the prompt rows a step captured are appended to the sequence's ``prompt_routing`` in
+position order, once; each sampled token appends the last captured row of its sequence's chunk, with the token.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from mixtral.engine.model_runner import StepPlan
 from mixtral.engine.output_processor import OutputProcessor
 from mixtral.engine.outputs import RequestError, RequestOutput
 from mixtral.engine.requests import RequestTable
+from mixtral.engine.routing import RoutingSpan
 from mixtral.engine.sampler import SamplerOutput
 from mixtral.engine.scheduler import Scheduler
 from mixtral.engine.sequence import Sequence, SequenceGroup, SequenceStatus
@@ -61,8 +65,10 @@ class StepApplier:
             for pos, entry in sorted(entries.items()):
                 if seq.prompt_logprobs is not None and pos == len(seq.prompt_logprobs):
                     seq.prompt_logprobs.append(entry)
+        if result.routing:
+            self._apply_prompt_routing(plan, result.routing, touched)
         if result.sampled is not None:
-            self._apply_samples(plan, targets, result.sampled, touched)
+            self._apply_samples(plan, targets, result.sampled, result.routing, touched)
         for s in plan.scheduled:
             if not s.seq.is_finished:
                 # Publish blocks now full and computed; with a step launched ahead, their last token has just
@@ -81,8 +87,30 @@ class StepApplier:
                 outputs.append(group.to_output())
         return outputs
 
+    def _apply_prompt_routing(self, plan: StepPlan, routing: dict[int, RoutingSpan],
+                              touched: dict[str, SequenceGroup]) -> None:
+        """Append the captured prompt positions not recorded yet (a recompute's chunks bring none)."""
+        for j, span in routing.items():
+            seq = plan.scheduled[j].seq
+            rows = seq.prompt_routing
+            if rows is None or seq.is_finished:
+                continue
+            stop = min(span.end, seq.num_prompt_tokens)
+            if stop <= rows.num_rows:
+                continue
+            if span.first > rows.num_rows:  # positions never captured: would misalign every later row
+                group = self.requests.group(seq)
+                self.fail_request(group, RuntimeError(
+                    f"prompt routing of positions {rows.num_rows}..{span.first - 1} was never captured"),
+                    "recording its prompt routing")
+                touched[group.request_id] = group
+                continue
+            lo = rows.num_rows - span.first
+            hi = stop - span.first
+            rows.append(span.experts[lo:hi], span.weights[lo:hi])
+
     def _apply_samples(self, plan: StepPlan, targets: Targets, sampled: SamplerOutput,
-                       touched: dict[str, SequenceGroup]) -> None:
+                       routing: dict[int, RoutingSpan] | None, touched: dict[str, SequenceGroup]) -> None:
         now = time.monotonic()
         forked: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, new samples)
         seqs: list[tuple[int, Sequence]] = []
@@ -101,6 +129,14 @@ class StepApplier:
                     continue
                 forked.setdefault(seq.seq_id, (seq, []))[1].append(child)
                 seq = child
+            if seq.routing is not None:
+                # The token's routing row: the last captured row of its sequence's chunk (whose logits it came from).
+                span = routing.get(plan.row_owner[i]) if routing is not None else None
+                if span is None:
+                    failed[group.request_id] = (group, RuntimeError("the step captured no routing for its "
+                                                                    "sampled token"), "recording its routing")
+                    continue
+                seq.routing.append(span.experts[-1:], span.weights[-1:])
             seq.append_token(sampled.token_ids[i], sampled.top_logprobs[i], sampled.logprobs[i])
             self.requests.counters.num_generation_tokens += 1
             seqs.append((i, seq))

@@ -20,6 +20,7 @@ from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.model_runner import LaunchedStep, StepPlan
 from mixtral.engine.requests import RequestTable
+from mixtral.engine.routing import capture_start
 from mixtral.engine.sampler import SampleRow
 from mixtral.engine.scheduler import ScheduledSequence, Scheduler, SchedulerOutput
 from mixtral.engine.sequence import Sequence
@@ -98,13 +99,21 @@ class StepPlanner:
         self._guide_pool: ThreadPoolExecutor | None = None
 
     def plan(self, sched: SchedulerOutput) -> tuple[StepPlan, Targets]:
-        """Sample rows for every sequence that reaches its last token; fork rows for n > 1 prompts."""
+        """Sample rows for every sequence that reaches its last token; fork rows for n > 1 prompts; the routing
+        rows to keep for sequences that asked (engine/routing.py)."""
         rows: list[SampleRow] = []
         owner: list[int] = []
         targets: Targets = []
         prompt_lp: list[int | None] = []
+        routing: list[int | None] | None = None
         for j, s in enumerate(sched.scheduled):
             seq = s.seq
+            if seq.routing is not None or seq.prompt_routing is not None:
+                first = capture_start(s)
+                if first is not None:
+                    if routing is None:
+                        routing = [None] * len(sched.scheduled)
+                    routing[j] = first
             want_plp = seq.prompt_logprobs is not None and len(seq.prompt_logprobs) < seq.num_prompt_tokens
             prompt_lp.append(seq.params.prompt_logprobs if want_plp else None)
             if not s.samples:
@@ -121,7 +130,7 @@ class StepPlanner:
                     rows.append(SampleRow(p, seed, 0, prompt_ids, []))
                     owner.append(j)
                     targets.append((seq, k))
-        return StepPlan(sched.scheduled, rows, owner, prompt_lp), targets
+        return StepPlan(sched.scheduled, rows, owner, prompt_lp, routing), targets
 
     def guide_masks(self, rows: list[SampleRow]) -> GuideMasks | None:
         """Start filling guided rows' bitmasks on worker threads (overlapping the forward pass)."""
@@ -173,7 +182,13 @@ class StepPlanner:
             bm.allocate_slots(seq, seq.num_tokens + 1)
         scheduled = [ScheduledSequence(seq, 1) for seq in seqs]
         rows = [SampleRow(seq.params, seq.seed, seq.num_output_tokens + 1) for seq in seqs]
-        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs))
+        routing = None
+        if plan.routing is not None:  # ``current`` sampled every sequence: without routing there, none asked
+            # Each row samples: a sequence with return_routing keeps its one row (the position it feeds).
+            routing = [seq.num_computed_tokens if seq.routing is not None else None for seq in seqs]
+            if all(r is None for r in routing):
+                routing = None
+        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs), routing)
         return AheadStep(ahead, seqs, keep if len(keep) != len(plan.rows) else None)
 
     def shutdown(self) -> None:

@@ -11,6 +11,9 @@ its ``KernelConfig``) routes (``gate_route``) and runs the experts (``moe_expert
 - the grouped PyTorch path (kernels/moe_grouped.py): CPU, and training (autograd);
 - the reference (kernels/reference.py ``moe_reference``): the ground truth, with ``backend='reference'``.
 Tests hold each of them to the reference.
+
+Routing capture: a context with a ``routing_capture`` (the engine's, engine/routing.py, set only on steps where a
+request asked for its routing) is handed each layer's top-k ids and weights, the tensors the experts run with.
 """
 
 from __future__ import annotations
@@ -53,5 +56,8 @@ class MoE(nn.Module):
         counts, mask = routing_counter(ctx, self.layer_idx) if ctx is not None else (None, None)
         router_logits, topk_weights, topk_ids = self.kernels.gate_route(x, self.gate.weight, self.top_k, counts,
                                                                         mask)
+        capture = getattr(ctx, "routing_capture", None)
+        if capture is not None:
+            capture.record(self.layer_idx, topk_ids, topk_weights)
         out = self.kernels.moe_experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
         return out, router_logits

@@ -8,6 +8,8 @@ context checks -> admission -> engine. Outputs that open with ``[TOOL_CALLS]`` b
 sent whole in one delta once it is complete (as Mistral's API does), followed by the chunk with the finish reason
 and usage (with ``stream_options.include_usage``, the usage comes in a last chunk of its own with ``choices: []``,
 as OpenAI's clients expect). ``prompt_logprobs`` (vLLM's) come in the response, or in a choice-less chunk.
+``return_routing`` / ``return_prompt_routing`` (serve/routing.py) add ``routing`` to each choice, and to each
+streamed delta the routing of its new tokens (a tool call's with the call; the prompt's with a choice's first).
 
 A reply continues the last message instead of opening a new one when that message is an assistant one marked
 ``prefix`` (Mistral) or the request says ``continue_final_message`` / ``add_generation_prompt: false`` (vLLM).
@@ -63,6 +65,7 @@ from mixtral.serve.responses import (
     UsageInfo,
     wire,
 )
+from mixtral.serve.routing import RoutingBuilder, RoutingStream, routing_params
 from mixtral.serve.sse import DONE, sse_event
 from mixtral.serve.state import ServerState
 from mixtral.serve.structured import structured_guide
@@ -206,6 +209,7 @@ class ChatHandler:
         # ("▁Paris"), which is not part of the message: Mistral's API and `mixtral chat` drop it. A prefix
         # message is continued instead, so there the space is real text.
         self.strip_space = not req.continues_last_message
+        self.routing = RoutingBuilder.for_request(req, state.tokenizer, state.model.args)  # None: not asked
 
     async def run(self) -> Response:
         state, req = self.state, self.req
@@ -215,6 +219,7 @@ class ChatHandler:
         params = sampling_params(req, prompt_tokens=len(prompt_ids), max_model_len=state.model.max_model_len,
                                  vocab_size=state.tokenizer.vocab_size, max_num_seqs=state.model.max_num_seqs,
                                  logprobs=self.top_logprobs if req.logprobs else None, guide=guide)
+        params = routing_params(req, params)
         final = await run_request(state, self.request, prompt_ids, params, self.id, bool(req.stream), self._events)
         if isinstance(final, Response):
             return final
@@ -260,17 +265,20 @@ class ChatHandler:
             if self.req.logprobs:
                 logprobs = ChoiceLogprobs(content=_logprob_entries(self.state, out.token_ids, out.logprobs,
                                                                    self.top_logprobs))
-            choices.append(ChatChoice(index=out.index, message=message, finish_reason=reason, logprobs=logprobs))
+            routing = self.routing.choice(final, out) if self.routing is not None else None
+            choices.append(ChatChoice(index=out.index, message=message, finish_reason=reason, logprobs=logprobs,
+                                      routing=routing))
         completion = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.req.model, choices=choices,
                                       usage=_usage(prompt_tokens, completion, final.num_cached_tokens or 0))
 
     # ---------------------------------------------------------------- streaming
     def _chunk(self, index: int, delta: DeltaMessage, finish_reason: str | None = None,
-               logprobs: ChoiceLogprobs | None = None, usage: UsageInfo | None = None) -> bytes:
+               logprobs: ChoiceLogprobs | None = None, usage: UsageInfo | None = None,
+               routing: dict[str, Any] | None = None) -> bytes:
         chunk = ChatCompletionChunk(id=self.id, created=self.created, model=self.req.model, usage=usage,
                                     choices=[ChatChunkChoice(index=index, delta=delta, finish_reason=finish_reason,
-                                                             logprobs=logprobs)])
+                                                             logprobs=logprobs, routing=routing)])
         return sse_event(wire(chunk))
 
     def _bare_chunk(self, usage: UsageInfo | None = None, prompt_logprobs: PromptLogprobs | None = None) -> bytes:
@@ -290,6 +298,7 @@ class ChatHandler:
         # OpenAI's clients ask for the usage in a last chunk of its own; Mistral's API sends it unasked, on the
         # chunk that finishes the reply.
         usage_apart = self.req.include_usage
+        routing: RoutingStream | None = self.routing.stream(n) if self.routing is not None else None
         try:
             for i in range(n):
                 yield self._chunk(i, DeltaMessage(role="assistant", content=""))
@@ -297,7 +306,8 @@ class ChatHandler:
                 if not prompt_logprobs_sent and out.prompt_logprobs is not None:
                     prompt_logprobs_sent = True
                     yield self._bare_chunk(prompt_logprobs=self._prompt_logprobs(out))
-                pending: list[tuple[int, DeltaMessage, str | None, ChoiceLogprobs | None]] = []
+                # (choice, delta, finish reason, logprobs, routing of the delta's tokens)
+                pending: list[tuple[int, DeltaMessage, str | None, ChoiceLogprobs | None, dict[str, Any] | None]] = []
                 for o in out.outputs:
                     i = o.index
                     if done[i]:
@@ -312,8 +322,10 @@ class ChatHandler:
                             logprobs = ChoiceLogprobs(content=_logprob_entries(
                                 self.state, o.token_ids[sent_tokens[i]:], (o.logprobs or [])[sent_tokens[i]:],
                                 self.top_logprobs))
-                        if delta_text or logprobs is not None:
-                            pending.append((i, DeltaMessage(content=delta_text), None, logprobs))
+                        # Routing goes with the tokens as they come, also while their text is held back.
+                        token_routing = routing.delta(out, o) if routing is not None else None
+                        if delta_text or logprobs is not None or token_routing is not None:
+                            pending.append((i, DeltaMessage(content=delta_text), None, logprobs, token_routing))
                             sent_text[i] = text
                             sent_tokens[i] = len(o.token_ids)
                     if o.finished:
@@ -321,19 +333,21 @@ class ChatHandler:
                         if tool_mode[i]:
                             message, reason = self._message(o)
                             delta = DeltaMessage(content=message.content, tool_calls=message.tool_calls)
-                            pending.append((i, delta, None, None))
-                            pending.append((i, DeltaMessage(content=""), reason, None))
+                            call_routing = routing.delta(out, o) if routing is not None else None
+                            pending.append((i, delta, None, None, call_routing))
+                            pending.append((i, DeltaMessage(content=""), reason, None, None))
                         else:
-                            pending.append((i, DeltaMessage(content=""), finish_reason_of(o.finish_reason), None))
+                            pending.append((i, DeltaMessage(content=""), finish_reason_of(o.finish_reason), None,
+                                            None))
                 usage = None
                 if out.finished:
                     completion = sum(len(o.token_ids) for o in out.outputs)
                     usage = _usage(prompt_tokens, completion, out.num_cached_tokens or 0)
                     if not pending and not usage_apart:  # every sample already finished: usage needs a chunk
-                        pending.append((0, DeltaMessage(), None, None))
-                for k, (i, delta, reason, logprobs) in enumerate(pending):
+                        pending.append((0, DeltaMessage(), None, None, None))
+                for k, (i, delta, reason, logprobs, token_routing) in enumerate(pending):
                     last = usage is not None and not usage_apart and k == len(pending) - 1
-                    yield self._chunk(i, delta, reason, logprobs, usage if last else None)
+                    yield self._chunk(i, delta, reason, logprobs, usage if last else None, token_routing)
                 if usage is not None and usage_apart:
                     yield self._bare_chunk(usage=usage)
         except APIError as exc:

@@ -6,7 +6,10 @@ What scoring clients (lm-evaluation-harness's ``local-completions``) rely on, as
 - ``echo`` puts the prompt before each choice's text; with ``logprobs: k`` the legacy ``logprobs`` then cover the
   prompt's tokens too (the first one null: nothing predicts it), with ``text_offset``;
 - ``max_tokens: 0`` scores without generating: the prompt runs through the model once and no token is returned;
-- ``prompt_logprobs: k`` (vLLM's) returns, per choice, each prompt token's logprob with the top k alternatives.
+- ``prompt_logprobs: k`` (vLLM's) returns, per choice, each prompt token's logprob with the top k alternatives;
+- ``return_routing`` / ``return_prompt_routing`` (serve/routing.py) add each choice's ``routing`` (streamed: the
+  routing of each chunk's new tokens, the prompt's with a choice's first chunk); scoring returns no generated token,
+  so its ``routing.tokens`` is empty and only the prompt's routing says anything.
 Text prompts are encoded with ``<s>`` first, as the model saw documents in pre-training. FIM (``suffix``) and
 ``best_of`` are not supported (422).
 """
@@ -38,6 +41,7 @@ from mixtral.serve.responses import (
     UsageInfo,
     wire,
 )
+from mixtral.serve.routing import RoutingBuilder, routing_params
 from mixtral.serve.sse import DONE, EventStreamResponse, sse_event
 from mixtral.serve.state import ServerState
 from mixtral.serve.structured import structured_guide
@@ -85,6 +89,7 @@ class CompletionHandler:
         self.prompt_k: int | None = None
         if req.prompt_logprobs is not None or echo_logprobs:
             self.prompt_k = max(req.prompt_logprobs or 0, (req.logprobs or 0) if echo_logprobs else 0)
+        self.routing = RoutingBuilder.for_request(req, state.tokenizer, state.model.args)  # None: not asked
 
     def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -104,7 +109,7 @@ class CompletionHandler:
                                      max_tokens=1 if self.scoring else None)
             if params.prompt_logprobs != self.prompt_k:
                 params = dataclasses.replace(params, prompt_logprobs=self.prompt_k)
-            out.append(params)
+            out.append(routing_params(req, params))
         return out
 
     async def run(self) -> Response:
@@ -190,10 +195,18 @@ class CompletionHandler:
                 choices.append(CompletionChoice(
                     index=p * self.n + o.index, text=self.echo[p] + ("" if self.scoring else o.text),
                     finish_reason=reason, logprobs=self._logprobs(ids, entries, 0),
-                    prompt_logprobs=self._prompt_logprobs(final)))
+                    prompt_logprobs=self._prompt_logprobs(final), routing=self._choice_routing(final, o)))
         cached = sum(final.num_cached_tokens or 0 for final in finals)
         return CompletionResponse(id=self.id, created=self.created, model=self.req.model, choices=choices,
                                   usage=self._usage(prompts, completion, cached))
+
+    def _choice_routing(self, final: Any, sample: Any) -> dict[str, Any] | None:
+        if self.routing is None:
+            return None
+        if self.scoring:  # the one token the engine ran is not returned: neither is its routing
+            return {"num_layers": self.routing.num_layers, "top_k": self.routing.top_k, "tokens": [],
+                    "prompt_tokens": self.routing.prompt_entries(final)}
+        return self.routing.choice(final, sample)
 
     # ---------------------------------------------------------------- streaming
     def _chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None = None) -> bytes:
@@ -212,6 +225,7 @@ class CompletionHandler:
         generated = [0] * len(prompts)
         cached = [0] * len(prompts)
         usage_apart = req.include_usage
+        routing = [self.routing.stream(n) for _ in prompts] if self.routing is not None else None
         try:
             async for p, out in outputs:
                 chunks: list[CompletionChoice] = []
@@ -231,7 +245,10 @@ class CompletionHandler:
                     if self.scoring:
                         if o.finished:
                             done[k] = True
-                            chunks.append(CompletionChoice(index=k, text="", finish_reason="length"))
+                            scored = None
+                            if self.routing is not None and self.routing.include_prompt:
+                                scored = {"tokens": [], "prompt_tokens": self.routing.prompt_entries(out)}
+                            chunks.append(CompletionChoice(index=k, text="", finish_reason="length", routing=scored))
                         continue
                     delta = o.text[len(sent_text[k]):] if o.text.startswith(sent_text[k]) else ""
                     new_ids = o.token_ids[sent_tokens[k]:]
@@ -240,8 +257,10 @@ class CompletionHandler:
                         logprobs = self._logprobs(list(new_ids), list((o.logprobs or [])[sent_tokens[k]:]), offset[k])
                     reason = finish_reason_of(o.finish_reason) if o.finished else None
                     done[k] = o.finished
+                    token_routing = routing[p].delta(out, o) if routing is not None and new_ids else None
                     if delta or reason or new_ids:
-                        chunks.append(CompletionChoice(index=k, text=delta, finish_reason=reason, logprobs=logprobs))
+                        chunks.append(CompletionChoice(index=k, text=delta, finish_reason=reason, logprobs=logprobs,
+                                                       routing=token_routing))
                     sent_text[k], sent_tokens[k] = o.text, len(o.token_ids)
                     offset[k] += len(delta)
                 if out.finished:

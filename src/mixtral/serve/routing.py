@@ -16,7 +16,9 @@ Wire shape (``ChoiceRouting``; one per choice)::
 In a stream each chunk's choice carries ``"routing": {"tokens": [...the tokens of this delta...]}`` and the first
 routing chunk of a choice also ``prompt_tokens`` when asked (``DeltaRouting``); ``RoutingStream`` keeps count.
 
-What the engine hands over (the hook; see ``ENGINE_HOOK``): for each sample (``CompletionOutput``), cumulative like
+The handlers (chat.py, completions.py) pass the fields to the engine with ``routing_params`` and build the
+objects with ``RoutingBuilder``. What the engine hands over (the hook; see ``ENGINE_HOOK``; engine/routing.py
+captures it, engine/outputs.py documents it): for each sample (``CompletionOutput``), cumulative like
 ``token_ids``, ``routing_experts`` int [T, L, k] and ``routing_weights`` float [T, L, k], row i belonging to
 ``token_ids[i]``; for the request (``RequestOutput``), ``prompt_routing_experts`` / ``prompt_routing_weights``
 [P, L, k] aligned with ``prompt_token_ids``. Any array-like (numpy, torch on the CPU, nested lists) works.
@@ -26,16 +28,20 @@ so generated row 0 is the last prompt position's routing). Every token then has 
 is what a stream needs; the routing of the pass that processed generated token i is row i + 1.
 
 Weights are sent rounded to 4 decimals (they are router probabilities renormalised over the k chosen experts).
-This module knows nothing about the engine; it does not capture routing (the model runner does).
+This module knows nothing about the engine beyond ``SamplingParams``; it does not capture routing (the model runner
+does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from mixtral.sampling import SamplingParams
 
 # Names of the attributes the engine's outputs carry (see the module docstring).
 ENGINE_HOOK = {
@@ -69,6 +75,14 @@ class RoutingRequestFields(BaseModel):
     @property
     def routing_wanted(self) -> bool:
         return self.return_routing or self.return_prompt_routing
+
+
+def routing_params(req: RoutingRequestFields, params: SamplingParams) -> SamplingParams:
+    """``params`` asking the engine for the routing ``req`` wants (the same object when it wants none). The engine
+    then returns generated-token routing whenever any is asked (``return_prompt_routing`` implies it here)."""
+    if not req.routing_wanted:
+        return params
+    return dataclasses.replace(params, return_routing=True, return_prompt_routing=req.return_prompt_routing)
 
 
 # --------------------------------------------------------------------------- response objects (OpenAPI schema)
@@ -116,6 +130,8 @@ def token_routing(token_ids: Sequence[int], experts: Any, weights: Any, piece_te
     Raises ValueError naming the shape or value when the arrays do not fit the tokens and the model (an engine
     bug: the handler turns it into a 500 rather than sending wrong routing).
     """
+    if len(token_ids) == 0:  # (the engine's arrays have no shape to check before their first row)
+        return []
     ids = _as_array(experts, np.int64, "routing experts")  # [T, L, k]
     w = _as_array(weights, np.float64, "routing weights")  # [T, L, k]
     expected = (len(token_ids), num_layers, top_k)
