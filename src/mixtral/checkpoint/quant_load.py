@@ -104,6 +104,24 @@ def model_methods(args: ModelArgs, spec: QuantSpec | None, reader: CheckpointRea
     return {p: method for p in params}
 
 
+def planned_methods(source: ModelSource, spec: QuantSpec | None) -> dict[str, QuantMethod]:
+    """What a load of ``source`` with ``spec`` will quantize, from the config and headers alone (memory planning:
+    model/footprint.py). Pre-quantized int checkpoints are counted with the spec's default scale dtype."""
+    if source.format == "gguf":
+        from mixtral.checkpoint.gguf_file import GGUFCheckpoint
+
+        assert source.file is not None
+        return gguf_methods(GGUFCheckpoint(source.file, quantized_output=False))
+    if spec is None:
+        return {}
+    if spec.source == "bf16":
+        return model_methods(source.args, spec)
+    from mixtral.checkpoint.quant_config import quantized_params
+
+    method = get_method(spec)
+    return {p: method for p, on in quantized_params(spec, source.args).items() if on and p.endswith(QUANTIZABLE)}
+
+
 def gguf_methods(ckpt: GGUFCheckpoint) -> dict[str, QuantMethod]:
     """The GGUF plan's quantized weights (each in the narrowest format holding its pieces exactly)."""
     from mixtral.quant.int_method import method_for_format
