@@ -190,8 +190,11 @@ def empty_model(args: ModelArgs, device: torch.device | str, dtype: torch.dtype,
         quantize_modules(model, methods)
     model = model.to_empty(device=device)
     for _, qw in quant_weights(model):
-        if "input_scale" in qw.tensors:  # static FP8 input scales merge by maximum over the pieces: start at 0
-            qw.tensors["input_scale"].zero_()
+        # Start at 0 what pieces merge into: static FP8 input scales (maximum over the pieces) and act-order
+        # permutations (write_piece checks that the pieces of one weight agree with what is already placed).
+        for s in qw.method.stored():
+            if s.name == "input_scale" or s.in_only:
+                qw.tensors[s.name].zero_()
     return model
 
 

@@ -44,21 +44,23 @@ if TYPE_CHECKING:
 QUANTIZATION_CHOICES = ("fp8", "int8", "int4", "awq", "gptq", "compressed-tensors", "gguf")
 
 
-def flag_spec(flag: str, args: ModelArgs) -> QuantSpec:
-    """``--quantization`` on an unquantized checkpoint: quantize while loading, int4 in groups that fit."""
+def flag_spec(flag: str, args: ModelArgs, tp_size: int = 1) -> QuantSpec:
+    """``--quantization`` on an unquantized checkpoint: quantize while loading, int4 in groups that fit every
+    input width (a tensor-parallel rank's too: wo and w2 are cut by input columns)."""
     spec = spec_from_flag(flag)
     if spec.method == "int4":
         try:
-            group = int4_group_for((args.dim, args.hidden_dim, args.q_size))
+            group = int4_group_for((args.dim, args.hidden_dim // tp_size, args.q_size // tp_size))
         except ValueError as exc:
             raise QuantConfigError(f"--quantization int4: {exc}") from exc
         spec = replace(spec, group_size=group)
     return spec
 
 
-def quant_spec_for(source: ModelSource, flag: str | None) -> QuantSpec | None:
+def quant_spec_for(source: ModelSource, flag: str | None, tp_size: int = 1) -> QuantSpec | None:
     """The QuantSpec a load of ``source`` uses (None: float, or a GGUF file, whose plan is per tensor). Raises
-    QuantConfigError for an unsupported config or a flag that conflicts with the checkpoint, naming both."""
+    QuantConfigError for an unsupported config or a flag that conflicts with the checkpoint, naming both.
+    ``tp_size``: the tensor-parallel size the weights will be cut for (int4's group must fit a rank's share)."""
     if flag is not None and flag not in QUANTIZATION_CHOICES:
         raise QuantConfigError(f"--quantization {flag!r} is not one of {', '.join(QUANTIZATION_CHOICES)}")
     if source.format == "gguf":
@@ -75,7 +77,7 @@ def quant_spec_for(source: ModelSource, flag: str | None) -> QuantSpec | None:
             return spec
     if flag is None:
         return None
-    return flag_spec(flag, source.args)
+    return flag_spec(flag, source.args, tp_size)
 
 
 def model_methods(args: ModelArgs, spec: QuantSpec | None, reader: CheckpointReader | None = None

@@ -232,7 +232,7 @@ def load_shard(source: ModelSource, parallel: ParallelConfig, rank: int, device:
     if source.format == "gguf":
         raise CheckpointError(f"{source.name}: GGUF files are not loaded with tensor parallelism yet; load it in "
                               "one process (a Q4 8x22B fits one 80 GB GPU)")
-    spec = quant_spec_for(source, quantization)  # refused before anything is allocated
+    spec = quant_spec_for(source, quantization, parallel.tensor_parallel_size)  # refused before allocating
     kernels = kernels if kernels is not None else KernelConfig()
     if source.format == "preset":
         model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec))
