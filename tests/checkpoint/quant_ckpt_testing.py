@@ -186,12 +186,14 @@ def write_quantized(folder: Path, fmt: str, seed: int = 0, args: ModelArgs = ARG
     return expected
 
 
-def float_model(args: ModelArgs, expected: dict[str, torch.Tensor], specs: list[TensorSpec] | None = None
-                ) -> Transformer:
-    """The fp32 model whose every weight is ``expected`` (by checkpoint name)."""
+def float_model(args: ModelArgs, expected: dict[str, torch.Tensor], specs: list[TensorSpec] | None = None,
+                internal: bool = False) -> Transformer:
+    """The fp32 model whose every weight is ``expected`` (by checkpoint name; ``internal``: already in the
+    internal layout, as gguf_testing returns it)."""
     model = Transformer(args)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for spec in specs if specs is not None else hf_specs(args):
-            spec.select(params[spec.param]).copy_(spec.to_internal(expected[spec.name].float()))
+            w = expected[spec.name].float()
+            spec.select(params[spec.param]).copy_(w if internal else spec.to_internal(w))
     return model.eval()
