@@ -29,7 +29,7 @@ from mixtral.model.config_formats import args_from_hf_config, args_from_params_j
 from mixtral.kernels.config import KernelConfig
 from mixtral.model.mixtral import Transformer, init_random_weights
 from mixtral.model.presets import PRESETS
-from mixtral.model.quantized import process_quantized, quant_weights, quantize_modules
+from mixtral.model.quantized import packed_act_dtype, process_quantized, quant_weights, quantize_modules
 from mixtral.quant.base import QuantMethod, QuantSpec
 
 CheckpointFormat = Literal["hf", "mistral", "preset", "gguf"]
@@ -261,5 +261,5 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu",
             else:
                 load_weights(model, reader, progress)
     model.set_kernel_config(kernels)
-    process_quantized(model, None if kernels.backend == "reference" else torch_dtype)
+    process_quantized(model, packed_act_dtype(kernels, torch_dtype))
     return model.eval()

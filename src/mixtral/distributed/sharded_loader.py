@@ -51,7 +51,14 @@ from mixtral.distributed.config import ParallelConfig, RankLayout
 from mixtral.kernels.config import KernelConfig
 from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer
-from mixtral.model.quantized import QUANTIZABLE, QuantWeight, module_path, process_quantized, quant_weights
+from mixtral.model.quantized import (
+    QUANTIZABLE,
+    QuantWeight,
+    module_path,
+    packed_act_dtype,
+    process_quantized,
+    quant_weights,
+)
 from mixtral.quant.base import QuantMethod, QuantTensors, StoredTensor
 
 # A plain (unquantized) weight: one stored tensor, one row per output row and one column per input column.
@@ -242,7 +249,7 @@ def load_shard(source: ModelSource, parallel: ParallelConfig, rank: int, device:
         with open_checkpoint(source, allow_pickle, spec) as reader:  # validates every header before allocating
             model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec, reader))
             read = load_shard_weights(model, reader, layout, progress)
-    process_quantized(model, None if kernels.backend == "reference" else dtype)
+    process_quantized(model, packed_act_dtype(kernels, dtype))
     return ShardLoad(model.eval(), read)
 
 

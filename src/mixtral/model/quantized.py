@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.dispatch import Kernels, default_kernels
 from mixtral.quant.base import QuantMethod, QuantTensors
 
@@ -151,6 +152,13 @@ def process_quantized(model: nn.Module, act_dtype: torch.dtype | None) -> None:
     keep the canonical layout, which the reference backend reads)."""
     for _, module in quant_weights(model):
         module.process(act_dtype)
+
+
+def packed_act_dtype(config: KernelConfig, dtype: torch.dtype) -> torch.dtype | None:
+    """The ``act_dtype`` to repack quantized weights for under ``config``: the model dtype where the PyTorch paths
+    run (backend ``auto``: CPU packed matmuls where the scheme has them; on CUDA nothing is repacked), None
+    where only the canonical layout is read (``reference``, and ``triton``, whose kernels run on CPU too)."""
+    return dtype if config.backend == "auto" else None
 
 
 def quantized_bytes(model: nn.Module) -> int:

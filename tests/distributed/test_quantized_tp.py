@@ -1,0 +1,103 @@
+"""Quantized weights under tensor parallelism (gloo on CPU): each rank quantizes (or repacks) whole pieces and
+keeps its part through ``StoredTensor.rows`` / ``cols``, so TP 2 holds the one-process model's tensors, cut.
+
+Weight-only int schemes compute the same products, only summed over ranks: logits equal to fp32 rounding. FP8
+quantizes activations per token, and a row-parallel rank (wo, w2) sees only its half of each activation row,
+so its scale is the half's: close, not equal (vLLM's behaviour too). A GPTQ act-order checkpoint, whose stored
+column permutation cannot be cut by input columns, is refused clearly."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))  # the quantized-checkpoint writers live there
+from quant_ckpt_testing import ARGS as QARGS  # noqa: E402
+from quant_ckpt_testing import write_quantized  # noqa: E402
+
+from mixtral.checkpoint.errors import CheckpointError  # noqa: E402
+from mixtral.checkpoint.loader import load_model, resolve  # noqa: E402
+from mixtral.checkpoint.writer import save_checkpoint  # noqa: E402
+from mixtral.distributed.config import ParallelConfig  # noqa: E402
+from mixtral.distributed.executor import DistributedExecutor  # noqa: E402
+from mixtral.distributed.sharded_loader import load_shard  # noqa: E402
+from mixtral.model.args import ModelArgs  # noqa: E402
+from mixtral.model.mixtral import Transformer, init_random_weights  # noqa: E402
+from mixtral.model.quantized import quant_weights  # noqa: E402
+
+# A TP-2 rank's input widths (q_size / 2 = hidden / 2 = 128) take int4 groups of 128, as one process does.
+ARGS = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
+                 num_experts=4, num_experts_per_tok=2, max_seq_len=256)
+IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+
+
+@pytest.fixture(scope="module")
+def bf16_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model = Transformer(ARGS)
+    init_random_weights(model, seed=1, std=0.08)
+    return save_checkpoint(model, ARGS, tmp_path_factory.mktemp("tpq"), "hf", dtype=torch.bfloat16)
+
+
+@pytest.fixture
+def tp2() -> Iterator[list[DistributedExecutor]]:
+    held: list[DistributedExecutor] = []
+    yield held
+    for ex in held:
+        ex.shutdown()
+
+
+def _start(name: str, quantization: str | None, held: list[DistributedExecutor]) -> DistributedExecutor:
+    torch.set_num_threads(1)
+    ex = DistributedExecutor.start(name, ParallelConfig(tensor_parallel_size=2), "cpu", "fp32",
+                                   quantization=quantization)
+    held.append(ex)
+    return ex
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp8"])
+def test_tp2_from_bf16_equals_one_process(scheme: str, bf16_folder: Path, tp2: list) -> None:
+    full = load_model(str(bf16_folder), "cpu", torch.float32, quantization=scheme)
+    with torch.inference_mode():
+        want = full(IDS)
+    ex = _start(str(bf16_folder), scheme, tp2)
+    got = ex.forward(IDS)
+    rank0 = dict(quant_weights(ex.model))
+    assert rank0["layers.0.feed_forward.w2"].in_features == ARGS.hidden_dim // 2  # a shard, quantized
+    if scheme == "int4":
+        assert rank0["layers.0.attention.wo"].method.format.group_size == 128
+    if scheme == "fp8":  # per-rank activation scales on wo / w2 (module docstring): FP8's own noise, no more
+        assert ((got - want).norm() / want.norm()).item() < 0.2
+    else:
+        assert (got - want).abs().max().item() < 1e-4
+
+
+def test_tp2_from_a_quantized_checkpoint_equals_one_process(tmp_path: Path, tp2: list) -> None:
+    write_quantized(tmp_path / "awq", "awq-g64", args=QARGS)
+    full = load_model(str(tmp_path / "awq"), "cpu", torch.float32)
+    with torch.inference_mode():
+        want = full(IDS % QARGS.vocab_size)
+    got = _start(str(tmp_path / "awq"), None, tp2).forward(IDS % QARGS.vocab_size)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+def test_rank_shards_are_the_one_process_tensors_cut(bf16_folder: Path) -> None:
+    """Without processes: each rank's stored tensors are the TP-1 model's rows / columns."""
+    full = dict(quant_weights(load_model(str(bf16_folder), "cpu", torch.float32, quantization="int4")))
+    source = resolve(str(bf16_folder))
+    for rank in (0, 1):
+        shard = dict(quant_weights(load_shard(source, ParallelConfig(tensor_parallel_size=2), rank, "cpu",
+                                              torch.float32, quantization="int4").model))
+        w2, w2_full = shard["layers.1.feed_forward.w2"], full["layers.1.feed_forward.w2"]
+        for s in w2.method.stored():
+            cut = s.cols(w2_full.tensors[s.name], rank * 128, (rank + 1) * 128)
+            assert torch.equal(w2.tensors[s.name], cut), s.name
+
+
+def test_act_order_row_parallel_is_refused(tmp_path: Path) -> None:
+    write_quantized(tmp_path / "g", "gptq-4bit-act-order-g32", args=QARGS)
+    with pytest.raises(CheckpointError, match="act-order weights .* cannot be split by input columns"):
+        load_shard(resolve(str(tmp_path / "g")), ParallelConfig(tensor_parallel_size=2), 0, "cpu", torch.float32)
