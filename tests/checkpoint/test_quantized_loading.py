@@ -12,9 +12,8 @@ import pytest
 import torch
 from quant_ckpt_testing import ARGS, FORMATS, float_model, write_quantized
 
-from mixtral.checkpoint.hf import hf_specs
-
 from mixtral.checkpoint.errors import CheckpointError
+from mixtral.checkpoint.hf import hf_specs
 from mixtral.checkpoint.loader import load_model
 from mixtral.checkpoint.quant_config import QuantConfigError
 from mixtral.kernels.config import KernelConfig
@@ -34,7 +33,7 @@ def test_checkpoint_loads_as_the_library_dequantizes_it(fmt: str, tmp_path: Path
     ref = float_model(ARGS, expected)
     qweights = dict(quant_weights(model))
     assert len(qweights) == 4 * ARGS.n_layers  # wqkv, wo, w13, w2 of every layer; router, embeddings, lm_head float
-    assert model.output.weight.dtype == torch.float32 and model.layers[0].feed_forward.gate.weight.dtype == torch.float32
+    assert model.output.weight.dtype == model.layers[0].feed_forward.gate.weight.dtype == torch.float32
     # Every piece's dequantization is the library's weight bit for bit.
     for spec in hf_specs(ARGS):
         path = spec.param.removesuffix(".weight")

@@ -16,18 +16,18 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "checkpoint"))  # the quantized-checkpoint writers live there
-from quant_ckpt_testing import ARGS as QARGS  # noqa: E402
-from quant_ckpt_testing import write_quantized  # noqa: E402
+from quant_ckpt_testing import ARGS as QARGS
+from quant_ckpt_testing import write_quantized
 
-from mixtral.checkpoint.errors import CheckpointError  # noqa: E402
-from mixtral.checkpoint.loader import load_model, resolve  # noqa: E402
-from mixtral.checkpoint.writer import save_checkpoint  # noqa: E402
-from mixtral.distributed.config import ParallelConfig  # noqa: E402
-from mixtral.distributed.executor import DistributedExecutor  # noqa: E402
-from mixtral.distributed.sharded_loader import load_shard  # noqa: E402
-from mixtral.model.args import ModelArgs  # noqa: E402
-from mixtral.model.mixtral import Transformer, init_random_weights  # noqa: E402
-from mixtral.model.quantized import quant_weights  # noqa: E402
+from mixtral.checkpoint.errors import CheckpointError
+from mixtral.checkpoint.loader import load_model, resolve
+from mixtral.checkpoint.writer import save_checkpoint
+from mixtral.distributed.config import ParallelConfig
+from mixtral.distributed.executor import DistributedExecutor
+from mixtral.distributed.sharded_loader import load_shard
+from mixtral.model.args import ModelArgs
+from mixtral.model.mixtral import Transformer, init_random_weights
+from mixtral.model.quantized import quant_weights
 
 # A TP-2 rank's input widths (q_size / 2 = hidden / 2 = 128) take int4 groups of 128, as one process does.
 ARGS = ModelArgs(dim=128, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=32, hidden_dim=256, vocab_size=512,
@@ -99,5 +99,5 @@ def test_rank_shards_are_the_one_process_tensors_cut(bf16_folder: Path) -> None:
 
 def test_act_order_row_parallel_is_refused(tmp_path: Path) -> None:
     write_quantized(tmp_path / "g", "gptq-4bit-act-order-g32", args=QARGS)
-    with pytest.raises(CheckpointError, match="act-order weights .* cannot be split by input columns"):
+    with pytest.raises(CheckpointError, match=r"act-order weights .* cannot be split by input columns"):
         load_shard(resolve(str(tmp_path / "g")), ParallelConfig(tensor_parallel_size=2), 0, "cpu", torch.float32)

@@ -25,8 +25,8 @@ from typing import Any
 from mixtral.bench.args import fraction, non_negative_float, positive_int
 from mixtral.bench.report import print_table
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
-from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 from mixtral.sampling import DEFAULT_TEMPERATURE
 

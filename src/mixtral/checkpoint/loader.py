@@ -24,9 +24,9 @@ from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.progress import track
 from mixtral.checkpoint.reader import CheckpointReader
 from mixtral.checkpoint.tokenizer_files import find_tokenizer, packaged_tokenizer
+from mixtral.kernels.config import KernelConfig
 from mixtral.model.args import ConfigError, ModelArgs
 from mixtral.model.config_formats import args_from_hf_config, args_from_params_json, read_json
-from mixtral.kernels.config import KernelConfig
 from mixtral.model.mixtral import Transformer, init_random_weights
 from mixtral.model.presets import PRESETS
 from mixtral.model.quantized import packed_act_dtype, process_quantized, quant_weights, quantize_modules

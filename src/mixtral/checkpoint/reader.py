@@ -51,7 +51,8 @@ class CheckpointReader:
         # A checkpoint quantized by its producer: which internal parameters it holds quantized.
         self.quant = quant if quant is not None and quant.source != "bf16" else None
         if self.quant is not None and fmt != "hf":
-            raise CheckpointError(f"{self.folder}: quantized checkpoints are read in the Hugging Face layout, not {fmt!r}")
+            raise CheckpointError(f"{self.folder}: quantized checkpoints are read in the Hugging Face layout, "
+                                  f"not {fmt!r}")
         from mixtral.checkpoint.quant_config import quantized_params
 
         self.quantized: dict[str, bool] = quantized_params(self.quant, args) if self.quant is not None else {}

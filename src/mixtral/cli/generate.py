@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
-from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:

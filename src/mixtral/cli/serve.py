@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
-from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs, run_torchrun_worker_if_rank
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:

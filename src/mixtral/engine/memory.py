@@ -102,7 +102,8 @@ def check_model_fits(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
         return
     raise InsufficientMemoryError(
         f"{name} does not fit: it needs {_gib(need)} ({_gib(weights)} of "
-        f"{scheme or str(dtype).removeprefix('torch.')} weights + {_gib(kv)} of KV cache for one {seq_len}-token sequence), but {where} is {_gib(have)}. "
+        f"{scheme or str(dtype).removeprefix('torch.')} weights + {_gib(kv)} of KV cache for one "
+        f"{seq_len}-token sequence), but {where} is {_gib(have)}. "
         f"Ways out: quantized weights (--quantization fp8, or int8 / int4), more GPUs (--tensor-parallel-size N), "
         f"a smaller --max-model-len (the KV part), or a smaller model."
     )
