@@ -9,7 +9,8 @@ Three measurements, each scheme (fp8, int8, int4) against bf16, reproducible on 
 2. **Greedy agreement** on ``--prompts`` chat prompts (the user turn of fresh synthetic conversations, tools
    offered where the conversation had them), decoded by the engine (``LLM``): the share of prompts whose
    ``--max-tokens`` greedy tokens equal bf16's, and the share of all generated tokens before the first
-   difference.
+   difference. ``--schemes ...,fp32`` adds the unquantized model in fp32 as a calibration row: how often bf16's
+   own rounding already changes this model's greedy output.
 3. **Per-layer output error on real-shaped random layers** (Mixtral-8x7B: wqkv [6144, 4096], wo [4096, 4096],
    one expert's w13 [28672, 4096] and w2 [4096, 14336]; N(0, 0.02) weights in bf16, N(0, 1) inputs):
    ||y - y_fp32|| / ||y_fp32|| of each scheme's multiplication against the fp32 product of the same bf16
@@ -33,14 +34,17 @@ from typing import Any
 import torch
 
 SCHEMES = ("fp8", "int8", "int4")
+# Not a quantization: the unquantized model in fp32, against bf16: how far any rounding moves this model.
+CALIBRATION = "fp32"
 # Mixtral-8x7B's projection shapes [out, in]: wqkv, wo, one expert's w13 (w1 and w3 rows) and w2.
 LAYER_SHAPES = {"wqkv": (6144, 4096), "wo": (4096, 4096), "expert_w13": (28672, 4096), "expert_w2": (4096, 14336)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="demo", help="model to measure (default: the bundled demo model)")
-    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma-separated schemes (default: all of "
-                                                                 f"{','.join(SCHEMES)})")
+    p.add_argument("--schemes", default=",".join(SCHEMES),
+                   help=f"comma-separated schemes, from {','.join(SCHEMES)} and {CALIBRATION} (the unquantized model "
+                        f"in fp32: how much bf16's own rounding moves the results) (default: {','.join(SCHEMES)})")
     p.add_argument("--chats", type=int, default=200, metavar="N",
                    help="fresh synthetic chats scored for perplexity (default: 200, as docs/DEMO_MODEL.md)")
     p.add_argument("--texts", type=Path, default=None, metavar="FILE",
@@ -151,9 +155,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from mixtral import LLM
 
     schemes = [s for s in args.schemes.split(",") if s]
-    bad = [s for s in schemes if s not in SCHEMES]
+    bad = [s for s in schemes if s not in (*SCHEMES, CALIBRATION)]
     if bad:
-        raise ValueError(f"--schemes: {bad[0]!r} is not one of {', '.join(SCHEMES)}")
+        raise ValueError(f"--schemes: {bad[0]!r} is not one of {', '.join((*SCHEMES, CALIBRATION))}")
     sets = {"synthetic_chats": chat_docs(args.chats)}
     if args.texts is not None:
         sets["texts"] = text_docs(args.texts)
@@ -164,8 +168,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     ref_tokens: list[list[int]] = []
     for scheme in ["bf16", *schemes]:
         t0 = time.perf_counter()
-        kwargs = {} if scheme == "bf16" else {"quantization": scheme}
-        llm = LLM(args.model, device="cpu", dtype="bf16", kv_cache_bytes=2**28, **kwargs)
+        kwargs = {} if scheme in ("bf16", CALIBRATION) else {"quantization": scheme}
+        dtype = "fp32" if scheme == CALIBRATION else "bf16"
+        llm = LLM(args.model, device="cpu", dtype=dtype, kv_cache_bytes=2**28, **kwargs)
         model = llm.llm_engine.model
         row: dict[str, Any] = {"perplexity": {k: perplexity(model, v) for k, v in sets.items()}}
         tokens = greedy(llm, prompts, args.max_tokens)
@@ -180,7 +185,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["schemes"][scheme] = row
         print(f"{scheme}: {json.dumps(row)}", file=sys.stderr)
     if not args.skip_layers:
-        results["layers"] = layer_errors(schemes, args.layer_scale, args.layer_tokens)
+        results["layers"] = layer_errors([s for s in schemes if s in SCHEMES], args.layer_scale, args.layer_tokens)
         results["layer_scale"] = args.layer_scale
     return results
 
