@@ -60,3 +60,11 @@ def test_gguf_loads_as_gguf_dequantizes_it(args: ModelArgs, types, merged: bool,
     assert resolve(str(folder)).format == "gguf"
     with pytest.raises(QuantConfigError, match=r"--quantization 'int4' conflicts with .*GGUF"):
         load_model(str(folder), quantization="int4")
+    # info plans the same quantized weights, from the header alone
+    from mixtral.cli.info import model_info
+    from mixtral.model.footprint import weight_bytes
+
+    info = model_info(str(path))
+    methods = {p + (".weight" if p.endswith(("wqkv", "wo")) else ""): q.method for p, q in qweights.items()}
+    assert info["memory_plan"]["weight_bytes"]["total"] == weight_bytes(args, torch.bfloat16, methods)["total"]
+    assert info["checkpoint_bytes"] == path.stat().st_size

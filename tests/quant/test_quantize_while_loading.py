@@ -143,3 +143,16 @@ def test_llm_greedy_output_on_a_quantized_model(scheme: str, tiny_hf_checkpoint:
                 ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
         assert out.outputs[0].token_ids == ids[len(prompt):]
     llm.llm_engine.shutdown()
+
+
+def test_consolidated_checkpoint_quantizes_to_the_same_model(tiny_hf_checkpoint: Path,
+                                                            tiny_consolidated_checkpoint: Path) -> None:
+    """Mistral's consolidated layout (RoPE rows permuted at load) quantizes to the HF checkpoint's tensors."""
+    hf = dict(quant_weights(load_model(str(tiny_hf_checkpoint), quantization="int4",
+                                       kernels=KernelConfig(backend="reference"))))
+    mistral = dict(quant_weights(load_model(str(tiny_consolidated_checkpoint), quantization="int4",
+                                            kernels=KernelConfig(backend="reference"))))
+    assert hf.keys() == mistral.keys()
+    for path, qw in hf.items():
+        for name, t in qw.tensors.items():
+            assert torch.equal(mistral[path].tensors[name], t), (path, name)

@@ -98,7 +98,11 @@ def model_info(name: str, quantization: str | None = None, dtype: str = "bf16",
     }
     info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
     info["memory_plan"] = memory_plan(source, quantization, dtype, gpu_memory_utilization)
-    if source.folder is not None and source.repo_id is None and source.format != "gguf":
+    if source.format == "gguf" and source.file is not None:
+        info["checkpoint_files"] = 1
+        info["checkpoint_bytes"] = source.file.stat().st_size
+        info["checkpoint_dtypes"] = ["gguf"]
+    elif source.folder is not None and source.repo_id is None:
         folder = source.folder
         files = hf_weight_files(folder)[0] if source.format == "hf" else consolidated_weight_files(folder)
         info["checkpoint_files"] = len(files)
