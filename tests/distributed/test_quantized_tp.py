@@ -92,6 +92,13 @@ def test_rank_shards_are_the_one_process_tensors_cut(bf16_folder: Path) -> None:
         for s in w2.method.stored():
             cut = s.cols(w2_full.tensors[s.name], rank * 128, (rank + 1) * 128)
             assert torch.equal(w2.tensors[s.name], cut), s.name
+        # expert parallelism: the rank holds whole experts, its range of the stacked [E, ...] tensors
+        ep = dict(quant_weights(load_shard(source, ParallelConfig(tensor_parallel_size=2, enable_expert_parallel=True),
+                                           rank, "cpu", torch.float32, quantization="int4").model))
+        half = ARGS.num_experts // 2
+        for name in ("layers.0.feed_forward.w13", "layers.1.feed_forward.w2"):
+            for key, t in ep[name].tensors.items():
+                assert torch.equal(t, full[name].tensors[key][rank * half:(rank + 1) * half]), (name, key)
 
 
 def test_act_order_row_parallel_is_refused(tmp_path: Path) -> None:
