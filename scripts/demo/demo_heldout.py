@@ -73,6 +73,9 @@ def main() -> int:
     p.add_argument("--fortunes-dir", default="/usr/share/games/fortunes",
                    help="folder of fortune files to draw the held-out texts from (Debian's fortunes packages)")
     p.add_argument("--max-docs", type=int, default=400, help="held-out fortunes to score")
+    p.add_argument("--dump-texts", type=Path, default=None, metavar="FILE",
+                   help="also write the held-out fortunes to FILE, one JSON string a line (what `mixtral bench "
+                        "quality --texts FILE` scores)")
     args = p.parse_args()
     root = Path(args.fortunes_dir)
     enc = Encoder("v3")
@@ -93,6 +96,8 @@ def main() -> int:
     candidates = sorted(unseen1 - seen2)
     rng = random.Random(0)
     pick = rng.sample(candidates, min(args.max_docs, len(candidates)))
+    if args.dump_texts is not None:
+        args.dump_texts.write_text("".join(json.dumps(t) + "\n" for t in pick))
     model = load_model(args.model, "cpu", torch.float32, progress=False)
     fort_ppl, fort_tokens = perplexity(model, [enc.encode_text(t) for t in pick])
     fresh = ConversationGenerator(12345, {"en": ["A new saying."]}, 0.7).generate(200)

@@ -1,9 +1,7 @@
-"""FP8 on the bundled demo model (fp32 on CPU, through quant/fp8.py's reference path, which computes what the
-kernels compute): each layer's projections and experts against fp32 on the same inputs, and the whole model's
-next-token predictions on held-out-style text. The figures are printed (``-s``) and bounded.
-
-Until the model wiring exists the FP8 forward is assembled here: every layer's ``kernels`` (the dispatch) is
-wrapped so ``linear`` and ``moe_experts`` run the method's, keyed by the weight they multiply."""
+"""FP8 on the bundled demo model (fp32 on CPU, loaded with ``quantization="fp8"``: the real quantized model,
+whose CPU path is quant/fp8.py's reference, which computes what the kernels compute): each layer's projections
+and experts against fp32 on the same inputs, and the whole model's next-token predictions on held-out-style
+text. The figures are printed (``-s``) and bounded."""
 
 from __future__ import annotations
 
@@ -13,7 +11,8 @@ import pytest
 import torch
 
 from mixtral.checkpoint.loader import demo_folder, load_model
-from mixtral.quant.fp8 import Fp8Method
+from mixtral.model.moe import MoE
+from mixtral.model.quantized import QuantLinear
 from mixtral.tokenizer import Tokenizer
 
 TEXTS = [
@@ -33,69 +32,43 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def setup():
     model = load_model("demo", "cpu", torch.float32)
+    fp8 = load_model("demo", "cpu", torch.float32, quantization="fp8")
     tok = Tokenizer.from_file(demo_folder() / "tokenizer.model.v3")
-    method = Fp8Method()
-    quantized = {}  # id(weight) -> stored tensors
-    for layer in model.layers:
-        for w in (layer.attention.wqkv.weight, layer.attention.wo.weight, layer.feed_forward.w13,
-                  layer.feed_forward.w2):
-            quantized[id(w)] = method.process_after_loading(method.quantize(w.detach()))
-    return model, tok, method, quantized
+    return model, fp8, tok
 
 
-def _forward(model, tokens: list[int], fp8: tuple | None, record: dict | None = None) -> torch.Tensor:
-    """Logits [T, V] of one sequence; with ``fp8`` = (method, quantized) the layers multiply in FP8;
-    ``record`` collects each linear's and each MoE's input (keyed by the weight's id)."""
-    base = model.kernels
-
-    class Wrapped:
-        """The model's dispatch, with linear and the experts swapped for FP8 (and recorded)."""
-
-        def __getattr__(self, name: str):
-            return getattr(base, name)
-
-        def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-            if record is not None:
-                record[id(weight)] = x.detach().clone()
-            if fp8 is not None and id(weight) in fp8[1]:
-                return fp8[0].linear(x, fp8[1][id(weight)])
-            return base.linear(x, weight)
-
-        def moe_experts(self, x, w13, w2, topk_weights, topk_ids, expert_start=0):
-            if record is not None:
-                record[id(w13)] = (x.detach().clone(), topk_weights.clone(), topk_ids.clone())
-            if fp8 is not None:
-                return fp8[0].moe(x, fp8[1][id(w13)], fp8[1][id(w2)], topk_weights, topk_ids, expert_start)
-            return base.moe_experts(x, w13, w2, topk_weights, topk_ids, expert_start)
-
-    holders = [m for m in model.modules() if hasattr(m, "kernels")]
-    wrapped = Wrapped()
-    for m in holders:
-        m.kernels = wrapped
-    try:
-        with torch.no_grad():
-            return model(torch.tensor([tokens]))[0]
-    finally:
-        for m in holders:
-            m.kernels = base
+def _forward(model, tokens: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([tokens]))[0]
 
 
 def test_each_layer_against_fp32_on_the_same_inputs(setup, capsys) -> None:
-    model, tok, method, quantized = setup
-    record: dict = {}
-    tokens = [t for text in TEXTS for t in tok.encode(text)]
-    _forward(model, tokens, None, record)
+    """Forward hooks on the FP8 model's quantized projections and MoE layers record what each received and
+    returned; the fp32 weights multiply the same inputs (and the same routing) for the reference."""
+    model, fp8, tok = setup
+    seen: dict[str, tuple] = {}
+    hooks = []
+    for name, module in fp8.named_modules():
+        if isinstance(module, (QuantLinear, MoE)):
+            hooks.append(module.register_forward_hook(
+                lambda m, args, out, name=name: seen.__setitem__(name, (args[0].detach().clone(), out))))
+    try:
+        _forward(fp8, [t for text in TEXTS for t in tok.encode(text)])
+    finally:
+        for h in hooks:
+            h.remove()
     rows = []
-    for layer in model.layers:
+    for i, layer in enumerate(model.layers):
         att, ff = layer.attention, layer.feed_forward
         errs = {}
-        for name, w in (("wqkv", att.wqkv.weight), ("wo", att.wo.weight)):
-            x = record[id(w)]
-            errs[name] = _rel(method.linear(x, quantized[id(w)]), x @ w.detach().T)
-        x, weights, ids = record[id(ff.w13)]
+        for proj in ("wqkv", "wo"):
+            x, y = seen[f"layers.{i}.attention.{proj}"]
+            errs[proj] = _rel(y, x @ getattr(att, proj).weight.detach().T)
+        x, (y, _) = seen[f"layers.{i}.feed_forward"]
         with torch.no_grad():
+            _, weights, ids = ff.kernels.gate_route(x, ff.gate.weight, ff.top_k)  # the same gate weights
             exact = ff.kernels.moe_experts(x, ff.w13, ff.w2, weights, ids, ff.expert_start)
-        errs["experts"] = _rel(method.moe(x, quantized[id(ff.w13)], quantized[id(ff.w2)], weights, ids), exact)
+        errs["experts"] = _rel(y, exact)
         rows.append(errs)
     with capsys.disabled():
         print("\nFP8 vs fp32, relative output error per layer (demo model, same inputs):")
@@ -112,13 +85,13 @@ def test_whole_model_predictions(setup, capsys) -> None:
     that any rounding flips (bf16 against fp32 agrees on 93% of these positions); agreement is bounded where
     fp32's first choice leads the second by more than 0.1 in probability. Measured when written: perplexity
     -0.3%, KL 0.060 nats a token (bf16: 0.0095), agreement 83% overall and 94% (60 of 64) where decisive."""
-    model, tok, method, quantized = setup
+    model, fp8, tok = setup
     nll = {"fp32": 0.0, "fp8": 0.0}
     kl, same, total, decisive, decisive_same = 0.0, 0, 0, 0, 0
     for text in TEXTS:
         tokens = tok.encode(text)
-        ref = _forward(model, tokens, None)[:-1].float()  # [T-1, V]
-        got = _forward(model, tokens, (method, quantized))[:-1].float()
+        ref = _forward(model, tokens)[:-1].float()  # [T-1, V]
+        got = _forward(fp8, tokens)[:-1].float()
         target = torch.tensor(tokens[1:])
         nll["fp32"] += torch.nn.functional.cross_entropy(ref, target, reduction="sum").item()
         nll["fp8"] += torch.nn.functional.cross_entropy(got, target, reduction="sum").item()

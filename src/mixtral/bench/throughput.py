@@ -26,6 +26,7 @@ from mixtral.bench.args import fraction, non_negative_float, positive_int
 from mixtral.bench.report import print_table
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 from mixtral.sampling import DEFAULT_TEMPERATURE
 
@@ -65,6 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's own choice); 1 is fastest for tiny models on busy hosts")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
+    add_quantization_arg(p)
     add_kernel_args(p)
 
 
@@ -212,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager, kernels=kernel_config_from_args(args),
-            **parallel_engine_kwargs(args),
+            **parallel_engine_kwargs(args), **quantization_kwargs(args),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
         return _fail(f"cannot load {args.model!r}: {exc}")

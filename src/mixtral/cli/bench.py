@@ -10,6 +10,7 @@ BENCHMARKS = {
     "throughput": ("throughput", "offline engine throughput, TTFT and ITL over N requests"),
     "gpu": ("gpu", "GPU decode/prefill speed on real shapes against the bandwidth/FLOP roofline and peers"),
     "serve": ("serve", "HTTP load against a running `mixtral serve`: throughput, TTFT, ITL, server overhead"),
+    "quality": ("quant_quality", "what fp8 / int8 / int4 cost in quality: perplexity, greedy agreement, layer error"),
 }
 
 

@@ -83,6 +83,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="format to write: 'hf' (Hugging Face, loadable by transformers) or 'mistral' (consolidated)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow reading pickle .bin/.pt/.pth source files (only for sources you trust)")
+    p.add_argument("--quantization", choices=("fp8",), default=None,
+                   help="write the attention projections and experts as FP8 in the compressed-tensors "
+                        "'float-quantized' layout (e4m3 weights, one scale per output channel, activations "
+                        "quantized per token at run time), which vLLM and SGLang load too; the router, "
+                        "embeddings, norms and lm_head keep --dtype. Needs --to hf (default: no quantization)")
     add_common_write_flags(p)
     return p
 
@@ -95,9 +100,12 @@ def run(args: argparse.Namespace) -> int:
     source = resolve(args.src)  # a bad source fails before the output folder is touched
     if source.folder is not None and Path(args.dst).resolve() == source.folder.resolve():
         raise ValueError(f"destination {args.dst} is the source folder; write the conversion somewhere else")
+    if getattr(args, "quantization", None) is not None and args.to != "hf":
+        raise ValueError("--quantization fp8 writes the Hugging Face layout: pass --to hf")
     prepare_output(args.dst, args.overwrite)
     dtype = parse_dtype(args.dtype) if args.dtype else None
     out = convert_checkpoint(args.src, args.dst, args.to, dtype, allow_pickle=args.allow_pickle,
-                             max_shard_bytes=args.max_shard_size, progress=args.progress)
+                             max_shard_bytes=args.max_shard_size, progress=args.progress,
+                             quantization=getattr(args, "quantization", None))
     print(f"wrote {args.to} checkpoint to {out}")
     return 0

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, metavar="N",
                    help="longest prompt + reply in tokens (default: the model's context length, as the KV cache "
                         "allows); lower it when the KV cache does not fit")
+    add_quantization_arg(p)
     add_kernel_args(p)
     add_parallel_args(p)
 
@@ -80,7 +82,7 @@ def build_llm(args: argparse.Namespace) -> Any:
     engine_kwargs: dict[str, Any] = {"kernels": kernel_config_from_args(args)}
     if max_model_len is not None:
         engine_kwargs["max_model_len"] = max_model_len
-    engine_kwargs.update(parallel_engine_kwargs(args))
+    engine_kwargs.update(parallel_engine_kwargs(args), **quantization_kwargs(args))
     return LLM(args.model, device=args.device, dtype=args.dtype, **engine_kwargs)
 
 

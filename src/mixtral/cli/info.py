@@ -1,4 +1,9 @@
-"""``mixtral info MODEL``: config, parameter counts, memory per dtype and KV-cache size, without loading weights."""
+"""``mixtral info MODEL``: config, parameter counts, memory per dtype and KV-cache size, without loading weights.
+
+With ``--quantization`` (or a quantized checkpoint, detected from its files): the weight bytes per part as the
+loader will allocate them (model/footprint.py), and what that leaves for the KV cache on one 80 GB GPU at
+``--gpu-memory-utilization``: bytes, and the longest context (tokens of KV) that fits, with bf16 and FP8 KV.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,10 @@ from typing import Any
 
 from mixtral.cli.convert import report_errors
 from mixtral.cli.parallel_args import add_parallel_args, parallel_config_from_args
+from mixtral.cli.quant_args import add_quantization_arg
+
+# What torch.cuda.mem_get_info reports as the total of an H100 80GB HBM3 (79.2 GiB).
+GPU_80GB_BYTES = 85_032_370_176
 
 # Bytes per weight of each storage type (int4 ignores its small per-group scales).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -24,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="a model folder (Hugging Face or Mistral format), a preset name, 'demo', or a Hugging Face "
                         "repo id (resolved through the local cache; only configs are fetched)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    add_quantization_arg(p)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="the dtype of the weights that stay unquantized and of the activations, for the weight "
+                        "bytes per part (default: bf16)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
+                   help="fraction of the 80 GB GPU (an H100's 79.2 GiB) the engine may use, for the KV room and "
+                        "the longest context that fits beside the weights (default: 0.9)")
     add_parallel_args(p)  # --tensor-parallel-size N: also what each of the N GPUs holds
     return p
 
@@ -36,7 +52,30 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def model_info(name: str) -> dict[str, Any]:
+def memory_plan(source: Any, quantization: str | None, dtype: str, utilization: float) -> dict[str, Any]:
+    """Weight bytes per part as a load of ``source`` with ``quantization`` allocates them, and the KV room they
+    leave on one 80 GB GPU at ``utilization`` (activations not counted: the engine measures them at start)."""
+    from mixtral.checkpoint.loader import parse_dtype
+    from mixtral.checkpoint.quant_load import planned_methods, quant_spec_for
+    from mixtral.model.footprint import weight_bytes
+
+    if not 0 < utilization <= 1:
+        raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
+    methods = planned_methods(source, quant_spec_for(source, quantization))
+    parts = weight_bytes(source.args, parse_dtype(dtype), methods)
+    room = int(GPU_80GB_BYTES * utilization) - parts["total"]
+    per_token = {"bf16": source.args.kv_bytes_per_token(2), "fp8": source.args.kv_bytes_per_token(1)}
+    return {
+        "scheme": "+".join(sorted({m.name for m in methods.values()})) or dtype,
+        "weight_bytes": parts,
+        "gpu_bytes": GPU_80GB_BYTES, "gpu_memory_utilization": utilization,
+        "kv_room_bytes": room,
+        "max_context_tokens": {k: max(room, 0) // v for k, v in per_token.items()},
+    }
+
+
+def model_info(name: str, quantization: str | None = None, dtype: str = "bf16",
+               gpu_memory_utilization: float = 0.9) -> dict[str, Any]:
     """Everything `info` prints, as a dict."""
     from mixtral.checkpoint.consolidated import consolidated_weight_files
     from mixtral.checkpoint.hf import hf_weight_files
@@ -58,7 +97,12 @@ def model_info(name: str) -> dict[str, Any]:
         "kv_bytes_per_token": {"bf16": args.kv_bytes_per_token(2), "fp8": args.kv_bytes_per_token(1)},
     }
     info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
-    if source.folder is not None and source.repo_id is None:
+    info["memory_plan"] = memory_plan(source, quantization, dtype, gpu_memory_utilization)
+    if source.format == "gguf" and source.file is not None:
+        info["checkpoint_files"] = 1
+        info["checkpoint_bytes"] = source.file.stat().st_size
+        info["checkpoint_dtypes"] = ["gguf"]
+    elif source.folder is not None and source.repo_id is None:
         folder = source.folder
         files = hf_weight_files(folder)[0] if source.format == "hf" else consolidated_weight_files(folder)
         info["checkpoint_files"] = len(files)
@@ -78,7 +122,8 @@ def resolve_args(name: str) -> Any:
 
 @report_errors
 def run(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
+    info = model_info(args.model, getattr(args, "quantization", None), getattr(args, "dtype", "bf16"),
+                      getattr(args, "gpu_memory_utilization", 0.9))
     parallel = parallel_config_from_args(args)
     if parallel.is_distributed:
         from mixtral.distributed.memory import rank_memory
@@ -110,6 +155,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"per rank   {r['layout']} over {r['ranks']} GPUs: {count(r['parameters'])} parameters "
               f"({r['replicated_parameters']:,} replicated), KV {r['kv_bytes_per_token']['bf16']:,} B/token (bf16)")
         print("  weights  " + ", ".join(f"{k} {gib(v)}" for k, v in r["weight_bytes"].items()))
+    plan = info["memory_plan"]
+    print(f"weights as loaded ({plan['scheme']})")
+    for part, n in plan["weight_bytes"].items():
+        print(f"  {part:22s} {gib(n)}")
+    ctx = plan["max_context_tokens"]
+    print(f"on one 80 GB GPU at {plan['gpu_memory_utilization']:g}: KV room {gib(max(plan['kv_room_bytes'], 0))}"
+          + (f", longest context {ctx['bf16']:,} tokens (bf16 KV), {ctx['fp8']:,} (fp8 KV)" if plan["kv_room_bytes"] > 0
+             else f": the weights do not fit ({gib(-plan['kv_room_bytes'])} over)"))
     if "checkpoint_bytes" in info:
         print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk, "
               f"dtype {'/'.join(info['checkpoint_dtypes']) or 'unknown'}")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs, run_torchrun_worker_if_rank
+from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "--lora-rank R --output-dir PATH` (its adapter/, else its latest checkpoint), or an adapter "
                         "folder; it must be trained on this base model")
     p.add_argument("--no-access-log", action="store_true", help="do not log one line per HTTP request")
+    add_quantization_arg(p)
     add_kernel_args(p)
     _add_vllm_arguments(p)
     p.add_argument("--no-ui", action="store_true",
@@ -212,18 +214,22 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         kernels=kernel_config_from_args(args),
         block_size=getattr(args, "block_size", 16),
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
+        **quantization_kwargs(args),
     )
     name = model_name(args)
     dtype = None if args.dtype in (None, "auto") else args.dtype
     tokenizer = load_tokenizer(getattr(args, "tokenizer", None))
+    if args.lora is not None and getattr(args, "quantization", None) is not None:
+        raise ValueError(f"--lora merges an adapter into bf16 weights; it cannot be merged into --quantization "
+                         f"{args.quantization} weights. Merge it first (mixtral train's merged model, or serve "
+                         "without --quantization), then quantize the merged checkpoint")
+    parallel = parallel_engine_kwargs(args)
     if args.lora is None:
-        llm = LLMEngine.from_config(name, device=args.device, dtype=dtype, tokenizer=tokenizer, **engine_kwargs)
+        llm = LLMEngine.from_config(name, device=args.device, dtype=dtype, tokenizer=tokenizer, **engine_kwargs,
+                                    **parallel)
         _check_tokenizer(llm)
         return llm
     import logging
-    parallel = parallel_engine_kwargs(args)
-    if args.lora is None:
-        return LLMEngine.from_config(args.model, device=args.device, dtype=args.dtype, **engine_kwargs, **parallel)
     if parallel:
         raise ValueError("--lora merges the adapter into one process's weights; to serve it with "
                          "--tensor-parallel-size, save the merged model as a checkpoint and serve that")
@@ -233,6 +239,11 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
     adapter = find_adapter(args.lora)  # before the (long) load: a wrong path fails at once
     model, tokenizer, _ = load_for_engine(name, args.device, dtype, tokenizer, seed=args.seed,
                                           max_model_len=args.max_model_len)
+    from mixtral.model.quantized import quant_scheme
+
+    if quant_scheme(model) is not None:  # a pre-quantized checkpoint: no bf16 weights to merge into
+        raise ValueError(f"--lora merges an adapter into bf16 weights, but {name} is a {quant_scheme(model)} "
+                         "checkpoint; merge the adapter into the bf16 base, then quantize that")
     config = merge_lora_into(model, adapter)
     logging.getLogger("mixtral.serve").info(
         "LoRA adapter %s merged (rank %d, alpha %g, targets %s)%s", adapter, config.rank, config.alpha,

@@ -50,7 +50,7 @@ def engine_over(executor: DistributedExecutor, engine_cls: type, tokenizer: Any 
 
 def build_parallel_engine(engine_cls: type, model: Any, parallel: ParallelConfig, *,
                           device: torch.device | str | None = None, dtype: torch.dtype | str | None = None,
-                          tokenizer: Any = None, **engine_kwargs: Any) -> Any:
+                          tokenizer: Any = None, quantization: str | None = None, **engine_kwargs: Any) -> Any:
     """Start the group for ``model`` (a folder, preset, "demo", Hub repo id or None = the default model) and
     build ``engine_cls`` over it. A built ``Transformer`` cannot be spread: every rank loads its own slices."""
     from mixtral.defaults import DEFAULT_MODEL
@@ -61,7 +61,8 @@ def build_parallel_engine(engine_cls: type, model: Any, parallel: ParallelConfig
                          "preset or repo id, not a built Transformer (a LoRA adapter merged at load included: "
                          "save the merged model as a checkpoint and serve that)")
     name = str(model) if model is not None else DEFAULT_MODEL
-    executor = DistributedExecutor.start(name, parallel, device, dtype, seed=engine_kwargs.get("seed", 0))
+    executor = DistributedExecutor.start(name, parallel, device, dtype, seed=engine_kwargs.get("seed", 0),
+                                         quantization=quantization, kernels=engine_kwargs.get("kernels"))
     executor.stop_with_engine = True
     try:
         return engine_over(executor, engine_cls, tokenizer, name, **engine_kwargs)

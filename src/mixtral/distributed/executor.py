@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from mixtral.distributed.runner import DistributedModelRunner
     from mixtral.engine.config import EngineConfig
     from mixtral.engine.sampler import Sampler
+    from mixtral.kernels.config import KernelConfig
 
 logger = logging.getLogger("mixtral.distributed")
 
@@ -101,11 +102,13 @@ class DistributedExecutor:
     @classmethod
     def start(cls, model: str, parallel: ParallelConfig, device: torch.device | str | None = None,
               dtype: torch.dtype | str | None = None, *, seed: int = 0, allow_pickle: bool = False,
-              progress: bool | None = None) -> DistributedExecutor:
+              progress: bool | None = None, quantization: str | None = None,
+              kernels: KernelConfig | None = None) -> DistributedExecutor:
         """Start the group for ``model`` (a folder, preset, "demo" or Hub repo id) and load every rank's shard.
 
         On one host the workers are child processes; under ``torchrun`` this must be rank 0 (cli/parallel_args.py
         sends the other ranks to the worker loop). ``device``: "cuda" (rank r uses cuda:r on its host) or "cpu".
+        ``quantization`` / ``kernels``: as ``load_model``'s (every rank quantizes its own slices).
         """
         from mixtral.checkpoint.loader import parse_dtype, resolve
         from mixtral.distributed.sharded_loader import load_shard
@@ -148,17 +151,20 @@ class DistributedExecutor:
         try:
             ex._load(name, dev.type, torch_dtype, seed, allow_pickle,
                      lambda: load_shard(source, parallel, 0, groups.device, torch_dtype, seed=seed,
-                                        allow_pickle=allow_pickle, progress=progress).model)
+                                        allow_pickle=allow_pickle, progress=progress, quantization=quantization,
+                                        kernels=kernels).model,
+                     {"quantization": quantization,
+                      "kernels": dataclasses.asdict(kernels) if kernels is not None else None})
         except BaseException:
             ex.shutdown()
             raise
         return ex
 
     def _load(self, model: str, device_type: str, dtype: torch.dtype, seed: int, allow_pickle: bool,
-              load_own: Callable[[], torch.nn.Module]) -> None:
+              load_own: Callable[[], torch.nn.Module], extra: dict | None = None) -> None:
         payload = {"model": model, "device_type": device_type, "dtype": str(dtype).removeprefix("torch."),
                    "seed": seed, "allow_pickle": allow_pickle, "threads": torch.get_num_threads(),
-                   "parallel": dataclasses.asdict(self.parallel)}
+                   "parallel": dataclasses.asdict(self.parallel), **(extra or {})}
         with self._collective("sending the load command"):
             self.channel.send(json_message(Command.LOAD, payload))
         error = None

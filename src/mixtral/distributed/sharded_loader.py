@@ -21,6 +21,14 @@ rank's share plus the replicated embeddings, norms, routers and lm_head.
 Presets (random weights) draw each piece in full from a generator seeded by (seed, piece) and keep the rank's
 slice: every rank agrees on replicated weights and the shards of a layout put together give the TP 1 model of
 :func:`init_random_pieces`. (That is not ``init_random_weights``'s model, which draws whole parameters.)
+
+Quantized weights (``quantization=``, or a pre-quantized checkpoint): a rank reads each of its pieces whole,
+makes the piece's canonical stored tensors (quantizing a float piece on the device, or repacking the
+checkpoint's format), and keeps its part of each through ``StoredTensor.rows`` / ``cols``: the same tensors
+the one-process model holds, cut (a piece is at most one expert's matrix, so host and device memory stay near
+one piece). Quantizing the whole piece before cutting matters for FP8, whose weight scale is per output row
+over all its columns. GPTQ act-order weights (a stored column permutation) cannot be cut by input columns:
+row-parallel wo / w2 of such a checkpoint are refused. GGUF files are not loaded sharded yet.
 """
 
 from __future__ import annotations
@@ -31,15 +39,27 @@ from typing import Any
 
 import torch
 
+from mixtral.checkpoint.errors import CheckpointError
 from mixtral.checkpoint.hf import hf_specs
-from mixtral.checkpoint.loader import ModelSource, open_checkpoint
+from mixtral.checkpoint.loader import ModelSource, empty_model, open_checkpoint
 from mixtral.checkpoint.progress import track
+from mixtral.checkpoint.quant_entries import dequantize_quantized_piece, piece_tensors, place_piece
+from mixtral.checkpoint.quant_load import model_methods, quant_spec_for
 from mixtral.checkpoint.reader import CheckpointReader
 from mixtral.checkpoint.specs import TensorSpec
 from mixtral.distributed.config import ParallelConfig, RankLayout
+from mixtral.kernels.config import KernelConfig
 from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer
-from mixtral.quant.base import StoredTensor
+from mixtral.model.quantized import (
+    QUANTIZABLE,
+    QuantWeight,
+    module_path,
+    packed_act_dtype,
+    process_quantized,
+    quant_weights,
+)
+from mixtral.quant.base import QuantMethod, QuantTensors, StoredTensor
 
 # A plain (unquantized) weight: one stored tensor, one row per output row and one column per input column.
 PLAIN = StoredTensor("weight", torch.float32)
@@ -98,11 +118,26 @@ def piece_part(spec: TensorSpec, args: ModelArgs, layout: RankLayout) -> PiecePa
     return PiecePart(spec)
 
 
-def empty_shard(args: ModelArgs, layout: RankLayout, device: torch.device | str, dtype: torch.dtype) -> Transformer:
-    """The rank's model (its shard args, its experts), allocated uninitialised on ``device``: built on meta first."""
-    with torch.device("meta"):
-        model = Transformer(layout.shard_args(args), ep_rank=layout.ep_rank, ep_size=layout.ep_size)
-    return model.to(dtype=dtype).to_empty(device=device)
+def empty_shard(args: ModelArgs, layout: RankLayout, device: torch.device | str, dtype: torch.dtype,
+                methods: dict[str, QuantMethod] | None = None) -> Transformer:
+    """The rank's model (its shard args, its experts), allocated uninitialised on ``device``: built on meta first,
+    the weights in ``methods`` quantized."""
+    return empty_model(layout.shard_args(args), device, dtype, methods, layout.ep_rank, layout.ep_size)
+
+
+def _target(qweights: dict[str, QuantWeight], spec: TensorSpec) -> QuantWeight | None:
+    return qweights.get(module_path(spec.param)) if spec.param.endswith(QUANTIZABLE) else None
+
+
+def place_part(target: QuantWeight, part: PiecePart, piece: QuantTensors, device: torch.device) -> None:
+    """Cut the rank's part out of a whole piece's canonical stored tensors and place it in ``target``."""
+    stored = target.method.stored()
+    if part.cols is not None and any(s.in_only for s in stored):
+        raise CheckpointError(f"{part.local.name}: act-order weights (a stored column permutation) cannot be split "
+                              "by input columns, which tensor parallelism does to wo and the experts' w2; load this "
+                              "checkpoint in one process, or use a checkpoint without act-order (desc_act)")
+    local = {s.name: part.select(piece[s.name], s).to(device) for s in stored}
+    place_piece(target.tensors, stored, part.local.index, len(target.lead), local)
 
 
 @dataclass(frozen=True)
@@ -115,9 +150,12 @@ class ShardLoad:
 
 def load_shard_weights(model: Transformer, reader: CheckpointReader, layout: RankLayout,
                        progress: bool | None = None) -> int:
-    """Copy the rank's part of every checkpoint piece into ``model``; returns the bytes read."""
+    """Copy the rank's part of every checkpoint piece into ``model``; returns the bytes read. Quantized weights
+    (see the module docstring) are read whole per piece and cut after quantizing or repacking."""
     params = dict(model.named_parameters())
+    qweights = dict(quant_weights(model))
     device = model.device
+    dtype = model.dtype
     covered = bytes_read = 0
     with torch.no_grad():
         for spec in track(reader.specs, len(reader.specs), f"loading {reader.folder.name} (rank {layout.rank})",
@@ -126,11 +164,31 @@ def load_shard_weights(model: Transformer, reader: CheckpointReader, layout: Ran
             if part is None:
                 reader.done(spec)
                 continue
+            target = _target(qweights, part.local)
+
+            def read(name: str) -> torch.Tensor:
+                return reader.read_name(name, device)
+
+            if target is not None or reader.is_quantized(spec):
+                if reader.is_quantized(spec):
+                    assert reader.quant is not None
+                    if target is None:  # a quantized router / lm_head the model keeps float
+                        t = part.select(dequantize_quantized_piece(spec, reader.quant, read, dtype))
+                        part.local.select(params[spec.param]).copy_(t)
+                        covered += t.numel()
+                        continue
+                    piece = piece_tensors(spec, reader.quant, read)
+                else:
+                    piece = target.method.quantize(reader.read(spec, device))
+                bytes_read += sum(v.numel() * v.element_size() for v in piece.values())
+                place_part(target, part, piece, device)
+                covered += _part_numel(part, spec)
+                continue
             t = reader.read_part(spec, part.select, device)
             bytes_read += t.numel() * t.element_size()
             part.local.select(params[spec.param]).copy_(part.local.to_internal(t))
             covered += t.numel()
-    expected = sum(p.numel() for p in params.values())
+    expected = sum(p.numel() for p in params.values()) + sum(m.logical_numel for m in qweights.values())
     if covered != expected:  # a rule that missed part of a parameter would leave garbage behind
         raise RuntimeError(f"rank {layout.rank} loaded {covered} weights but its shard has {expected}")
     return bytes_read
@@ -140,33 +198,58 @@ def init_random_pieces(model: Transformer, args: ModelArgs, layout: RankLayout, 
                        std: float = 0.02) -> None:
     """Random weights by piece: N(0, std) from a generator seeded by (seed, piece index), norms at 1."""
     params = dict(model.named_parameters())
+    qweights = dict(quant_weights(model))
     gen = torch.Generator(device=model.device)
     with torch.no_grad():
         for i, spec in enumerate(hf_specs(args)):
             part = piece_part(spec, args, layout)
             if part is None:
                 continue
-            dst = part.local.select(params[spec.param])
-            if spec.param.endswith("norm.weight"):
-                dst.fill_(1.0)
+            target = _target(qweights, part.local)
+            if target is None and spec.param.endswith("norm.weight"):
+                part.local.select(params[spec.param]).fill_(1.0)
                 continue
             gen.manual_seed(seed * 1_000_003 + i)
             full = torch.randn(spec.shape, generator=gen, device=model.device, dtype=torch.float32)
-            dst.copy_(part.select(full).mul_(std))
+            if target is not None:  # as quant_load.init_random_quantized: rounded to the model dtype, quantized whole
+                place_part(target, part, target.method.quantize(full.mul_(std).to(model.dtype)), model.device)
+                continue
+            part.local.select(params[spec.param]).copy_(part.select(full).mul_(std))
+
+
+def _part_numel(part: PiecePart, spec: TensorSpec) -> int:
+    rows, cols = spec.shape[-2], spec.shape[-1]
+    lead = 1
+    for d in spec.shape[:-2]:
+        lead *= d
+    if part.rows is not None:
+        rows = part.rows[1] - part.rows[0]
+    if part.cols is not None:
+        cols = part.cols[1] - part.cols[0]
+    return lead * rows * cols
 
 
 def load_shard(source: ModelSource, parallel: ParallelConfig, rank: int, device: torch.device | str,
                dtype: torch.dtype, *, seed: int = 0, allow_pickle: bool = False,
-               progress: bool | None = None) -> ShardLoad:
-    """Rank ``rank``'s model of ``source`` under ``parallel``, in eval mode, with only its slices read."""
+               progress: bool | None = None, quantization: str | None = None,
+               kernels: KernelConfig | None = None) -> ShardLoad:
+    """Rank ``rank``'s model of ``source`` under ``parallel``, in eval mode, with only its slices read.
+    ``quantization`` and ``kernels`` as ``load_model``'s."""
     layout = parallel.layout(source.args, rank)
+    if source.format == "gguf":
+        raise CheckpointError(f"{source.name}: GGUF files are not loaded with tensor parallelism yet; load it in "
+                              "one process (a Q4 8x22B fits one 80 GB GPU)")
+    spec = quant_spec_for(source, quantization, parallel.tensor_parallel_size)  # refused before allocating
+    kernels = kernels if kernels is not None else KernelConfig()
     if source.format == "preset":
-        model = empty_shard(source.args, layout, device, dtype)
+        model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec))
         init_random_pieces(model, source.args, layout, seed)
-        return ShardLoad(model.eval(), 0)
-    with open_checkpoint(source, allow_pickle) as reader:  # validates every header before allocating
-        model = empty_shard(source.args, layout, device, dtype)
-        read = load_shard_weights(model, reader, layout, progress)
+        read = 0
+    else:
+        with open_checkpoint(source, allow_pickle, spec) as reader:  # validates every header before allocating
+            model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec, reader))
+            read = load_shard_weights(model, reader, layout, progress)
+    process_quantized(model, packed_act_dtype(kernels, dtype))
     return ShardLoad(model.eval(), read)
 
 

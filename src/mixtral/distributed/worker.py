@@ -108,8 +108,12 @@ class Worker:
             torch.set_num_threads(int(payload["threads"]))
         parallel = ParallelConfig(**payload["parallel"])
         source = resolve(payload["model"])
+        from mixtral.kernels.config import KernelConfig
+
+        kernels = KernelConfig(**payload["kernels"]) if payload.get("kernels") else None
         shard = load_shard(source, parallel, self.groups.rank, self.groups.device, parse_dtype(payload["dtype"]),
-                           seed=int(payload["seed"]), allow_pickle=bool(payload["allow_pickle"]), progress=False)
+                           seed=int(payload["seed"]), allow_pickle=bool(payload["allow_pickle"]), progress=False,
+                           quantization=payload.get("quantization"), kernels=kernels)
         install_all_reduce(shard.model, self.groups.model)
         self.model = shard.model
 

@@ -99,14 +99,17 @@ class LLMEngine:
     def from_config(cls, model: str | Transformer | None = None, *, device: torch.device | str | None = None,
                     dtype: torch.dtype | str | None = None, tokenizer: Tokenizer | None = None,
                     **engine_kwargs: Any) -> LLMEngine:
-        """Load ``model`` (a folder, preset, "demo", Hub repo id, None = the default model, or a built
-        ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``."""
+        """Load ``model`` (a folder, GGUF file, preset, "demo", Hub repo id, None = the default model, or a built
+        ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``. ``quantization=`` ("fp8",
+        "int8", "int4"; None: as the checkpoint is) is taken out first and applied while loading."""
         parallel = pop_parallel_config(engine_kwargs)  # tensor_parallel_size=, enable_expert_parallel=, ...
+        quantization = engine_kwargs.pop("quantization", None)  # applied while loading, not an engine setting
         if parallel.is_distributed:
             return build_parallel_engine(cls, model, parallel, device=device, dtype=dtype, tokenizer=tokenizer,
-                                         **engine_kwargs)
+                                         quantization=quantization, **engine_kwargs)
         loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0),
-                                            max_model_len=engine_kwargs.get("max_model_len"))
+                                            max_model_len=engine_kwargs.get("max_model_len"),
+                                            quantization=quantization, kernels=engine_kwargs.get("kernels"))
         config = EngineConfig(device=loaded.device, dtype=loaded.dtype, **engine_kwargs)
         return cls(loaded, config, tok, name)
 

@@ -85,12 +85,15 @@ def _gib(n: float) -> str:
 
 
 def check_model_fits(args: ModelArgs, dtype: torch.dtype, device: torch.device, *, name: str = "the model",
-                     max_model_len: int | None = None, probe: MemoryProbe | None = None) -> None:
+                     max_model_len: int | None = None, probe: MemoryProbe | None = None,
+                     weight_bytes: int | None = None, scheme: str | None = None) -> None:
     """Fail at once, before any weight is allocated, when the weights plus the KV cache of one
     ``max_model_len``-token sequence exceed what ``device`` has: the error gives both numbers and the ways out
-    (the OS would otherwise kill the process part-way through loading, or CUDA fail with an opaque OOM)."""
+    (the OS would otherwise kill the process part-way through loading, or CUDA fail with an opaque OOM).
+    ``weight_bytes``: what the weights take when quantized (model/footprint.py; default: every parameter in
+    ``dtype``), ``scheme`` its name for the message."""
     element = torch.empty((), dtype=dtype).element_size()
-    weights = args.num_parameters()["total"] * element
+    weights = args.num_parameters()["total"] * element if weight_bytes is None else weight_bytes
     seq_len = max_model_len or args.max_seq_len
     kv = args.kv_bytes_per_token(element) * seq_len
     need = weights + kv
@@ -98,8 +101,9 @@ def check_model_fits(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
     if need <= have:
         return
     raise InsufficientMemoryError(
-        f"{name} does not fit: it needs {_gib(need)} ({_gib(weights)} of {str(dtype).removeprefix('torch.')} "
-        f"weights + {_gib(kv)} of KV cache for one {seq_len}-token sequence), but {where} is {_gib(have)}. "
+        f"{name} does not fit: it needs {_gib(need)} ({_gib(weights)} of "
+        f"{scheme or str(dtype).removeprefix('torch.')} weights + {_gib(kv)} of KV cache for one "
+        f"{seq_len}-token sequence), but {where} is {_gib(have)}. "
         f"Ways out: quantized weights (--quantization fp8, or int8 / int4), more GPUs (--tensor-parallel-size N), "
         f"a smaller --max-model-len (the KV part), or a smaller model."
     )

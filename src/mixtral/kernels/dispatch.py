@@ -11,6 +11,10 @@ The Triton kernels have no backward: where autograd records (training) an op tak
 MoE experts: the sorted-row TMA GEMMs (``triton/sorted_moe.py``) at prefill-sized token counts on sm90+,
 the Triton decode kernel (``triton/fused_moe.py``) below them, the grouped PyTorch path
 (``moe_grouped.py``) where Triton does not run, ``moe_reference`` with the reference backend.
+
+Quantized weights (quant/): ``quant_linear`` / ``quant_moe`` take the weight's ``QuantMethod`` and pick one of
+its three entry points: the reference with the reference backend, its Triton kernels (given the config's
+``pdl``) where Triton serves the tensor's device, its PyTorch fast path (CPU packed matmuls) elsewhere.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from mixtral.kernels import reference
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.moe_grouped import moe_grouped
 from mixtral.kernels.triton.moe_configs import MoEConfig
+from mixtral.quant.base import QuantMethod, QuantTensors
 
 # From this many new tokens in every sequence, a step of fresh prompts (nothing cached before them) takes its
 # attention from PyTorch's SDPA with cuDNN first. The kernel alone is faster from ~1024 tokens (H100, 32/8
@@ -89,6 +94,7 @@ class Kernels:
         self._sorted = config.moe_prefill in ("sorted", "persistent")
         self._persistent = config.moe_prefill == "persistent"
         self._moe_fallback = reference.moe_reference if config.backend == "reference" else moe_grouped
+        self._reference = config.backend == "reference"
 
     def __repr__(self) -> str:
         return f"Kernels({self.config})"
@@ -285,6 +291,28 @@ class Kernels:
         from mixtral.kernels.triton.fused_moe import fused_moe
 
         return fused_moe(x, w13, w2, topk_weights, topk_ids, expert_start, pdl=self._pdl)
+
+    # ----------------------------------------------------------------- quantized weights
+    def quant_linear(self, method: QuantMethod, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
+        """x [M, in] times a quantized weight [out, in] (``method``'s stored tensors ``t``) -> [M, out] in x's
+        dtype: the method's reference with the reference backend, its Triton kernel where Triton serves x's
+        device (no autograd), else its PyTorch path (quant/base.py lists the entry points)."""
+        if self._reference:
+            return method.reference_linear(x, t)
+        if method.triton_linear is not None and self.triton_on(x) and _no_autograd(x):
+            return method.triton_linear(x, t, pdl=self._pdl)
+        return method.torch_linear(x, t)
+
+    def quant_moe(self, method: QuantMethod, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors,
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+        """``moe_experts``'s contract with quantized experts (w13 logical [E, 2F, D], w2 logical [E, D, F] as
+        ``method``'s stored tensors; w2 may be in another format of the same family, e.g. a GGUF layer's Q6_K
+        down projections beside Q4_K gate/up): the paths of ``quant_linear``."""
+        if self._reference:
+            return method.reference_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+        if method.triton_moe is not None and self.triton_on(x) and _no_autograd(x):
+            return method.triton_moe(x, w13, w2, topk_weights, topk_ids, expert_start, pdl=self._pdl)
+        return method.torch_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
 
 
 @functools.lru_cache(maxsize=1)

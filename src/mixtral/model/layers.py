@@ -5,7 +5,8 @@ Linear weights are stored [out, in] like every checkpoint. Attention keeps q, k 
 (each rank owns H/tp query heads and KV/tp key/value heads), which the loader does per slice.
 RoPE uses the Hugging Face "rotate_half" layout; the consolidated loader permutes Mistral's rows.
 Each layer calls its fused ops through ``self.kernels`` (``kernels/dispatch.Kernels``), which the model sets
-once (``Transformer.set_kernel_config``).
+once (``Transformer.set_kernel_config``). Quantized models swap ``wqkv`` and ``wo`` for ``QuantLinear`` modules
+(model/quantized.py) and set ``quantized``; the layer then calls them, and they ask the same ``Kernels``.
 """
 
 from __future__ import annotations
@@ -60,13 +61,15 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, self.q_size + 2 * self.kv_size, bias=False)
         self.wo = nn.Linear(self.q_size, args.dim, bias=False)
         self.kernels: Kernels = default_kernels()
+        self.quantized = False  # wqkv / wo are QuantLinear modules (model/quantized.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ctx: AttentionContext
                 ) -> torch.Tensor:
         n = x.shape[0]
         # kernels.linear: a weight-streaming Triton kernel at decode sizes on CUDA (LoRA's parametrised weight
         # included: .weight is W + delta while an adapter is attached).
-        qkv = self.kernels.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
+        # Quantized: the QuantLinear asks kernels.quant_linear (one flag test; the bf16 path is unchanged).
+        qkv = self.wqkv(x) if self.quantized else self.kernels.linear(x, self.wqkv.weight)  # [N, (H + 2KV) * hd]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(n, self.n_heads, self.head_dim)  # [N, H, hd]
         k = k.view(n, self.n_kv_heads, self.head_dim)  # [N, KV, hd]
@@ -78,4 +81,5 @@ class Attention(nn.Module):
             # one fused kernel for q and k on CUDA at inference (kernels.rope_qk)
             q, k = self.kernels.rope_qk(q, k, cos, sin)
             out = ctx.attend(self.layer_idx, q, k, v)  # [N, H, hd]
-        return self.kernels.linear(out.reshape(n, self.q_size), self.wo.weight)
+        out = out.reshape(n, self.q_size)  # [N, H * hd]
+        return self.wo(out) if self.quantized else self.kernels.linear(out, self.wo.weight)

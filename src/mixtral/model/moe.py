@@ -10,7 +10,8 @@ its ``KernelConfig``) routes (``gate_route``) and runs the experts (``moe_expert
 - the Triton sorted-row GEMMs (kernels/triton/sorted_moe.py): CUDA sm90+, prefill-sized token counts;
 - the grouped PyTorch path (kernels/moe_grouped.py): CPU, and training (autograd);
 - the reference (kernels/reference.py ``moe_reference``): the ground truth, with ``backend='reference'``.
-Tests hold each of them to the reference.
+Tests hold each of them to the reference. Quantized experts (``w13`` and ``w2`` swapped for ``QuantWeight``
+modules, model/quantized.py, ``quantized`` set) run through ``kernels.quant_moe`` with the weights' method.
 
 Routing capture: a context with a ``routing_capture`` (the engine's, engine/routing.py, set only on steps where a
 request asked for its routing) is handed each layer's top-k ids and weights, the tensors the experts run with.
@@ -46,6 +47,7 @@ class MoE(nn.Module):
         # Router jitter (training only): multiply inputs by U(1 - j, 1 + j) before routing, as transformers.
         self.jitter = 0.0
         self.kernels: Kernels = default_kernels()
+        self.quantized = False  # w13 / w2 are QuantWeight modules (model/quantized.py)
 
     def forward(self, x: torch.Tensor, ctx: object = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D] -> (out [N, D], router_logits [N, E] in model dtype, for the aux loss)."""
@@ -59,5 +61,10 @@ class MoE(nn.Module):
         capture = getattr(ctx, "routing_capture", None)
         if capture is not None:
             capture.record(self.layer_idx, topk_ids, topk_weights)
-        out = self.kernels.moe_experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
+        if self.quantized:
+            w13, w2 = self.w13, self.w2
+            out = self.kernels.quant_moe(w13.method, x, w13.tensors, w2.tensors, topk_weights, topk_ids,
+                                         self.expert_start)
+        else:
+            out = self.kernels.moe_experts(x, self.w13, self.w2, topk_weights, topk_ids, self.expert_start)
         return out, router_logits

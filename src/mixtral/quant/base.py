@@ -14,8 +14,16 @@ Worked example, int4 with group size 128 on a logical [4096, 14336] weight (w2 o
 scales[:, 56:112].
 
 The stored ("canonical") layout is the one loading and slicing see. ``process_after_loading`` may then
-repack into whatever layout the kernels read (e.g. transposed or interleaved); after it only ``linear`` and
-``moe`` touch the tensors.
+repack into whatever layout the kernels read (e.g. transposed or interleaved); after it only the multiplying
+entry points touch the tensors.
+
+Each method offers its multiplications three ways, and never chooses among them itself:
+``reference_linear`` / ``reference_moe`` (the ground truth, anywhere), ``torch_linear`` / ``torch_moe`` (the
+PyTorch fast path where Triton does not run, e.g. CPU packed matmuls; default: the reference) and
+``triton_linear`` / ``triton_moe`` (the GPU kernels, given the config's ``pdl``; None where the scheme has none).
+The choice is the model's ``Kernels`` (kernels/dispatch.py ``quant_linear`` / ``quant_moe``), from its
+``KernelConfig``; ``linear`` / ``moe`` here are conveniences that ask a ``Kernels`` (the default one unless
+given).
 
 What is not here: reading checkpoint formats (checkpoint/ maps each format's tensors onto the canonical
 ones) and the choice of kernel (kernels/dispatch.py).
@@ -24,9 +32,14 @@ ones) and the choice of kernel (kernels/dispatch.py).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mixtral.kernels.dispatch import Kernels
 
 QuantTensors = dict[str, torch.Tensor]
 
@@ -117,8 +130,8 @@ class QuantSpec:
 class QuantMethod(ABC):
     """How one scheme stores, creates, restores and multiplies weights.
 
-    The reference path (``dequantize`` then a matmul in the activation dtype) runs anywhere, CPU included,
-    and is what every kernel is held to. ``linear`` and ``moe`` pick the fast path where it applies.
+    The reference path (``reference_linear`` / ``reference_moe``) runs anywhere, CPU included, and is what every
+    kernel is held to. Which path runs is decided by kernels/dispatch.py, never here (module docstring).
     """
 
     name: str = ""
@@ -138,19 +151,48 @@ class QuantMethod(ABC):
 
     def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None) -> QuantTensors:
         """Repack the loaded canonical tensors for the kernels (once, on the target device). ``act_dtype`` is the
-        model's activation dtype when known (CPU packed matmuls take their scales in it). Default: as is."""
+        model's activation dtype when known (CPU packed matmuls take their scales in it); None keeps the
+        canonical layout (the reference backend reads it). Default: as is."""
         return t
 
+    # ----------------------------------------------------------------- the multiplications, by path
     @abstractmethod
-    def linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
-        """x [M, in] -> [M, out] in x's dtype (a dense projection)."""
+    def reference_linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
+        """x [M, in] -> [M, out] in x's dtype (a dense projection): the reference computation."""
 
     @abstractmethod
-    def moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    def reference_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
         """The experts of a MoE layer: x [N, D], w13 logical [E, 2F, D], w2 logical [E, D, F], topk_weights
         [N, k] fp32, topk_ids [N, k] global ids -> [N, D] in x's dtype (experts outside
-        [expert_start, expert_start + E) contribute nothing: another rank holds them)."""
+        [expert_start, expert_start + E) contribute nothing: another rank holds them). The reference."""
+
+    def torch_linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
+        """``reference_linear``'s contract on the PyTorch fast path (where Triton does not run)."""
+        return self.reference_linear(x, t)
+
+    def torch_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+        """``reference_moe``'s contract on the PyTorch fast path."""
+        return self.reference_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+
+    # Triton entry points: same contracts plus ``pdl`` (KernelConfig.pdl); None when the scheme has no kernels.
+    triton_linear: Callable[..., torch.Tensor] | None = None
+    triton_moe: Callable[..., torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- conveniences (dispatch decides)
+    def linear(self, x: torch.Tensor, t: QuantTensors, kernels: Kernels | None = None) -> torch.Tensor:
+        """``reference_linear``'s contract through ``kernels`` (default: ``KernelConfig()``'s dispatch)."""
+        from mixtral.kernels.dispatch import default_kernels
+
+        return (kernels or default_kernels()).quant_linear(self, x, t)
+
+    def moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+            topk_ids: torch.Tensor, expert_start: int = 0, kernels: Kernels | None = None) -> torch.Tensor:
+        """``reference_moe``'s contract through ``kernels`` (default: ``KernelConfig()``'s dispatch)."""
+        from mixtral.kernels.dispatch import default_kernels
+
+        return (kernels or default_kernels()).quant_moe(self, x, w13, w2, topk_weights, topk_ids, expert_start)
 
     def weight_bytes(self, lead: tuple[int, ...], out_features: int, in_features: int) -> int:
         """Bytes one weight takes in the canonical layout (memory planning, ``mixtral info``)."""

@@ -131,21 +131,20 @@ class Fp8Method(QuantMethod):
             out["input_scale"] = t["input_scale"].float().amax().reshape(1)
         return out
 
-    def linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
-        from mixtral.kernels.dispatch import default_kernels
-
-        if default_kernels().triton_on(x):
-            from mixtral.kernels.triton.fp8_gemm import fp8_linear
-
-            return fp8_linear(x, t["weight"], t["weight_scale"], t.get("input_scale"))
+    def reference_linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
         return qlinear_reference(x, t)
 
-    def moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
-        from mixtral.kernels.dispatch import default_kernels
-
-        if default_kernels().triton_on(x):
-            from mixtral.kernels.triton.fp8_moe import fp8_moe
-
-            return fp8_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+    def reference_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
         return qmoe_reference(x, w13, w2, topk_weights, topk_ids, expert_start)
+
+    def triton_linear(self, x: torch.Tensor, t: QuantTensors, pdl: bool = True) -> torch.Tensor:
+        from mixtral.kernels.triton.fp8_gemm import fp8_linear
+
+        return fp8_linear(x, t["weight"], t["weight_scale"], t.get("input_scale"), pdl=pdl)
+
+    def triton_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, expert_start: int = 0, pdl: bool = True) -> torch.Tensor:
+        from mixtral.kernels.triton.fp8_moe import fp8_moe
+
+        return fp8_moe(x, w13, w2, topk_weights, topk_ids, expert_start, pdl=pdl)

@@ -18,7 +18,7 @@ canonical tensors and the reference path. Weights the kernels cannot take (group
 a multiple of 16) also stay canonical.
 
 Measured against bf16 ``F.linear`` and the reference (dequantize then matmul) in BENCHMARKS-style notes in
-docs/QUANT_INT.md. Not here: the GPU kernels (kernels/triton/int_*.py).
+docs/QUANTIZATION.md. Not here: the GPU kernels (kernels/triton/int_*.py).
 """
 
 from __future__ import annotations

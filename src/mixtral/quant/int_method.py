@@ -5,11 +5,13 @@ method's own :class:`IntFormat` decides what it allocates (``stored``) and makes
 ``moe`` and ``dequantize`` read each weight's format from its tensors instead, so the two weights of one MoE
 layer may differ (a GGUF Q4_K_M file has Q4_K gate/up experts and Q6_K down experts in some layers).
 
-Dispatch, decided per call from the tensors' device (no configuration read on the hot path):
-- CUDA: the Triton kernels (kernels/triton/int_linear.py, int_moe.py) on the canonical layout;
-- CPU: PyTorch's packed CPU matmuls on the layout ``process_after_loading`` made (quant/int_cpu.py), else
-  the reference;
-- reference (anywhere): dequantize in the activation dtype, then matmul (kernels/reference.py for the MoE).
+The paths (kernels/dispatch.py chooses among them from the model's KernelConfig):
+- ``triton_*``: the Triton kernels (kernels/triton/int_linear.py, int_moe.py) on the canonical layout;
+- ``torch_*``: on CPU, PyTorch's packed CPU matmuls on the layout ``process_after_loading`` made
+  (quant/int_cpu.py), else (and on other devices) the reference;
+- ``reference_*`` (anywhere): dequantize in the activation dtype, then matmul (kernels/reference.py for the
+  MoE). Weights repacked for the CPU matmuls have no canonical tensors left: the loader keeps the canonical
+  layout when the backend is ``reference`` (``act_dtype=None``).
 
 Not here: reading checkpoint formats (checkpoint/awq.py, gptq.py, ct_packed.py, gguf_file.py).
 """
@@ -96,25 +98,44 @@ class IntMethod(QuantMethod):
         return t
 
     # ----------------------------------------------------------------- matmuls
-    def linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
-        if x.is_cuda:
-            from mixtral.kernels.triton.int_linear import int_linear
+    def reference_linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
+        return reference_linear(x, _canonical(t))
 
-            return int_linear(x, t)
+    def reference_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                      topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+        return reference_moe(x, _canonical(w13), _canonical(w2), topk_weights, topk_ids, expert_start)
+
+    def torch_linear(self, x: torch.Tensor, t: QuantTensors) -> torch.Tensor:
         if x.device.type == "cpu":
             return cpu_linear(x, t)
-        return F.linear(x, dequantize(t, x.dtype))
+        return self.reference_linear(x, t)
 
-    def moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
-        if x.is_cuda:
-            from mixtral.kernels.triton.int_moe import int_fused_moe
-
-            return int_fused_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+    def torch_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
         if x.device.type == "cpu":
             return cpu_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
-        return moe_reference(x, dequantize(w13, x.dtype), dequantize(w2, x.dtype), topk_weights, topk_ids,
-                             expert_start)
+        return self.reference_moe(x, w13, w2, topk_weights, topk_ids, expert_start)
+
+    def triton_linear(self, x: torch.Tensor, t: QuantTensors, pdl: bool = True) -> torch.Tensor:
+        from mixtral.kernels.triton.int_linear import int_linear
+
+        return int_linear(x, _canonical(t), pdl=pdl)
+
+    def triton_moe(self, x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor, expert_start: int = 0, pdl: bool = True) -> torch.Tensor:
+        from mixtral.kernels.triton.int_moe import int_fused_moe
+
+        return int_fused_moe(x, _canonical(w13), _canonical(w2), topk_weights, topk_ids, expert_start, pdl=pdl)
+
+
+def _canonical(t: QuantTensors) -> QuantTensors:
+    """``t`` itself when it is in the canonical layout; a clear error when it was repacked for the CPU matmuls
+    (the reference and the Triton kernels read only the canonical layout)."""
+    if "qweight" not in t:
+        raise ValueError("these int weights were repacked for PyTorch's CPU matmuls when they were loaded, so only "
+                         "the CPU path can multiply them; load the model with KernelConfig(backend='reference') "
+                         "(--kernel-backend reference) to keep the canonical layout")
+    return t
 
 
 def reference_linear(x: torch.Tensor, t: QuantTensors) -> torch.Tensor:

@@ -151,7 +151,8 @@ def fp8_config(e_local: int, f: int, d: int, num_tokens: int, device: torch.devi
 
 
 def invoke_fp8_w13(xq: torch.Tensor, x_scale: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor,
-                   act: torch.Tensor, layout: PairLayout, top_k: int, block_m: int, cfg: GemmConfig) -> None:
+                   act: torch.Tensor, layout: PairLayout, top_k: int, block_m: int, cfg: GemmConfig,
+                   pdl: bool = True) -> None:
     """act [N*k, F] (x's dtype) = silu(gate) * up per pair, for the pairs of ``layout``."""
     f, d = w13.shape[1] // 2, xq.shape[1]
     _fp8_w13_kernel[(layout.num_blocks, triton.cdiv(f, cfg.block_n))](
@@ -159,13 +160,13 @@ def invoke_fp8_w13(xq: torch.Tensor, x_scale: torch.Tensor, w13: torch.Tensor, w
         act.shape[0], f, d, layout.expert_start, layout.num_local,
         xq.stride(0), w13.stride(0), w13.stride(1), w13_scale.stride(0), act.stride(0),
         TOP_K=top_k, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=d % cfg.block_k == 0,
-        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq),
+        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(xq, pdl),
     )
 
 
 def invoke_fp8_w2(aq: torch.Tensor, a_scale: torch.Tensor, w2: torch.Tensor, w2_scale: torch.Tensor,
                   out_partials: torch.Tensor, weights: torch.Tensor, layout: PairLayout, block_m: int,
-                  cfg: GemmConfig) -> None:
+                  cfg: GemmConfig, pdl: bool = True) -> None:
     """out_partials [split_k, N*k, D] = weight * act w2^T per pair and slice of F."""
     d, f = w2.shape[1], w2.shape[2]
     k_per_split = triton.cdiv(triton.cdiv(f, cfg.split_k), cfg.block_k) * cfg.block_k
@@ -174,14 +175,14 @@ def invoke_fp8_w2(aq: torch.Tensor, a_scale: torch.Tensor, w2: torch.Tensor, w2_
         aq.shape[0], d, f, k_per_split, layout.expert_start, layout.num_local,
         aq.stride(0), w2.stride(0), w2.stride(1), w2_scale.stride(0), out_partials.stride(0), out_partials.stride(1),
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=f % cfg.block_k == 0,
-        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(aq),
+        DIRECT=layout.direct, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(aq, pdl),
     )
 
 
 def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int = 0,
                   a13_scale: torch.Tensor | None = None, a2_scale: torch.Tensor | None = None,
-                  config: MoEConfig | None = None, direct: bool | None = None) -> torch.Tensor:
+                  config: MoEConfig | None = None, direct: bool | None = None, pdl: bool = True) -> torch.Tensor:
     """x [N, D]; w13 codes [E, 2F, D] fp8 with w13_scale [E, 2F]; w2 codes [E, D, F] with w2_scale [E, D];
     topk_weights [N, k] fp32; topk_ids [N, k] global ids; a13_scale / a2_scale: static input scales (one
     element) or None (per token) -> [N, D] in x's dtype, as ``quant.fp8.qmoe_reference``."""
@@ -200,14 +201,14 @@ def fp8_fused_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w
         return x.new_zeros(0, d)
     top_k = topk_ids.shape[1]
     cfg = config or fp8_config(e_local, f, d, n, x.device)
-    xq, x_scale = quantize_rows(x, a13_scale)  # [N, D] fp8, [N]
+    xq, x_scale = quantize_rows(x, a13_scale, pdl=pdl)  # [N, D] fp8, [N]
     weights = topk_weights.reshape(-1).float().contiguous()  # [N*k]
-    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct)
+    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct, pdl)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
-    invoke_fp8_w13(xq, x_scale, w13, w13_scale, act, layout, top_k, cfg.block_m, cfg.w13)
+    invoke_fp8_w13(xq, x_scale, w13, w13_scale, act, layout, top_k, cfg.block_m, cfg.w13, pdl)
     # Rows of pairs routed to other ranks' experts were never written: skipped, and never read by w2.
     aq, a_scale = quantize_rows(act, a2_scale, row_experts=(layout.topk_ids.view(-1), expert_start,
-                                                             expert_start + e_local))  # [N*k, F] fp8, [N*k]
+                                                             expert_start + e_local), pdl=pdl)  # [N*k, F] fp8, [N*k]
     partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
-    invoke_fp8_w2(aq, a_scale, w2, w2_scale, partials, weights, layout, cfg.block_m, cfg.w2)
-    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype)
+    invoke_fp8_w2(aq, a_scale, w2, w2_scale, partials, weights, layout, cfg.block_m, cfg.w2, pdl)
+    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype, pdl)

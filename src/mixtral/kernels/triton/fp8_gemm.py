@@ -72,7 +72,8 @@ def _fp8_gemm_kernel(
 
 
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             out_dtype: torch.dtype, config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+             out_dtype: torch.dtype, config: tuple[int, int, int, int, int, int] | None = None, pdl: bool = True
+             ) -> torch.Tensor:
     """a codes [M, K] fp8, a_scale [M] fp32, weight codes [N, K] fp8, weight_scale [N] fp32 -> [M, N] in
     ``out_dtype``; ``config`` overrides the tile (block_m, block_n, block_k, warps, stages, group_m)."""
     m, k = a.shape
@@ -91,15 +92,15 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, weight: torch.Tensor, weigh
     _fp8_gemm_kernel[grid](
         a, a_scale, weight, weight_scale, out, m, n, k, a.stride(0), weight.stride(0), out.stride(0),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group, EVEN_K=k % bk == 0, num_warps=warps,
-        num_stages=stages, **pdl_args(a),
+        num_stages=stages, **pdl_args(a, pdl),
     )
     return out
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None = None,
-               config: tuple[int, int, int, int, int, int] | None = None) -> torch.Tensor:
+               config: tuple[int, int, int, int, int, int] | None = None, pdl: bool = True) -> torch.Tensor:
     """x [M, K] (bf16/fp16/fp32) -> [M, N] in x's dtype: per-token (or static ``input_scale``) activation
     codes times the FP8 weight, as ``quant.fp8.qlinear_reference``."""
-    xq, xs = quantize_rows(x, input_scale)
-    return fp8_gemm(xq, xs, weight, weight_scale, x.dtype, config)
+    xq, xs = quantize_rows(x, input_scale, pdl=pdl)
+    return fp8_gemm(xq, xs, weight, weight_scale, x.dtype, config, pdl)

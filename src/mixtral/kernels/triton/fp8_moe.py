@@ -23,9 +23,9 @@ def takes_sorted(x: torch.Tensor, w13: torch.Tensor) -> bool:
 
 
 def fp8_moe(x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
-            topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+            topk_ids: torch.Tensor, expert_start: int = 0, pdl: bool = True) -> torch.Tensor:
     """``Fp8Method.moe`` on CUDA: x [N, D], the experts' stored FP8 tensors (``weight``, ``weight_scale``,
-    optional ``input_scale``) -> [N, D] in x's dtype."""
+    optional ``input_scale``) -> [N, D] in x's dtype; ``pdl``: KernelConfig.pdl."""
     path = fp8_sorted_moe if takes_sorted(x, w13["weight"]) else fp8_fused_moe
     return path(x, w13["weight"], w13["weight_scale"], w2["weight"], w2["weight_scale"], topk_weights, topk_ids,
-                expert_start, w13.get("input_scale"), w2.get("input_scale"))
+                expert_start, w13.get("input_scale"), w2.get("input_scale"), pdl=pdl)

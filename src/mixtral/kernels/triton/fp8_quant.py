@@ -82,13 +82,14 @@ def _quant_rows_kernel(x_ptr, q_ptr, scale_ptr, static_ptr, num_rows_ptr, ids_pt
 
 
 def quantize_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None, num_rows: torch.Tensor | None = None,
-                  row_experts: tuple[torch.Tensor, int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  row_experts: tuple[torch.Tensor, int, int] | None = None, pdl: bool = True
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (contiguous rows) -> (codes fp8 [M, K], scales fp32 [M]); ``static_scale`` (one fp32 element on
     x's device) quantizes every row with it.
 
     Rows that were never written (other expert-parallel ranks' pairs) can be skipped, left uninitialised in
     the outputs, without a host sync: ``num_rows`` (one element on the device) stops at that row;
-    ``row_experts`` = (ids [M], lo, hi) skips row r unless lo <= ids[r] < hi."""
+    ``row_experts`` = (ids [M], lo, hi) skips row r unless lo <= ids[r] < hi. ``pdl``: KernelConfig.pdl."""
     if x.dim() != 2:
         raise ValueError(f"quantize_rows: expected x [M, K], got {tuple(x.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
@@ -107,6 +108,6 @@ def quantize_rows(x: torch.Tensor, static_scale: torch.Tensor | None = None, num
         x, codes, scales, scales if static_scale is None else static_scale, scales if num_rows is None else num_rows,
         ids, k, x.stride(0), codes.stride(0), AMAX_FLOOR, lo, hi, STATIC=static_scale is not None,
         BOUNDED=num_rows is not None, BY_EXPERT=row_experts is not None, BLOCK=block,
-        num_warps=4 if block >= 1024 else 1, **pdl_args(x),
+        num_warps=4 if block >= 1024 else 1, **pdl_args(x, pdl),
     )
     return codes, scales

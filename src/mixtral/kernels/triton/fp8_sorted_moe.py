@@ -118,7 +118,7 @@ def fp8_layout_problem(d: int, f: int, cfg: MoEConfig) -> str | None:
 
 def _gemm(gated: bool, a: torch.Tensor, a_scale: torch.Tensor, w_rows: torch.Tensor, w_scale: torch.Tensor,
           out: torch.Tensor, offs: torch.Tensor, rows_per_expert: int, up_offset: int, n_tiles: int, e_local: int,
-          cfg: MoEConfig, tile: GemmConfig, use_tma: bool) -> None:
+          cfg: MoEConfig, tile: GemmConfig, use_tma: bool, pdl: bool = True) -> None:
     small = cfg.small_m or cfg.block_m
     a_big = _operand(a, [cfg.block_m, tile.block_k], use_tma)
     a_small = _operand(a, [small, tile.block_k], use_tma) if small != cfg.block_m else a_big
@@ -128,7 +128,7 @@ def _gemm(gated: bool, a: torch.Tensor, a_scale: torch.Tensor, w_rows: torch.Ten
         a_big, a_small, w_tiles, out, a_scale, w_scale, offs, a.shape[0], rows_per_expert, up_offset, a.shape[1],
         a.stride(0), w_rows.stride(0), out.stride(0), E=e_local, N_TILES=n_tiles, BLOCK_M=cfg.block_m,
         SMALL_M=small, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GATED=gated, STAGES=tile.num_stages,
-        USE_TMA=use_tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(a),
+        USE_TMA=use_tma, num_warps=tile.num_warps, num_stages=tile.num_stages, **pdl_args(a, pdl),
     )
 
 
@@ -140,7 +140,7 @@ def gather_rows(codes: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def fp8_sorted_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int = 0,
                    a13_scale: torch.Tensor | None = None, a2_scale: torch.Tensor | None = None,
-                   config: MoEConfig | None = None, use_tma: bool | None = None) -> torch.Tensor:
+                   config: MoEConfig | None = None, use_tma: bool | None = None, pdl: bool = True) -> torch.Tensor:
     """x [N, D]; w13 codes [E, 2F, D] with w13_scale [E, 2F]; w2 codes [E, D, F] with w2_scale [E, D];
     topk_weights [N, k] fp32; topk_ids [N, k] global ids; a13_scale / a2_scale static input scales or None
     -> [N, D] in x's dtype, as ``quant.fp8.qmoe_reference``. ``use_tma`` None: where the device has it."""
@@ -161,16 +161,16 @@ def fp8_sorted_moe(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, 
         return x.new_zeros(0, d)
     use_tma = _has_tma(x.device) if use_tma is None else use_tma
     k = topk_ids.shape[1]
-    order, row_of_pair, offs = sort_pairs(topk_ids, e_local, expert_start)  # [P], [P], [E]
+    order, row_of_pair, offs = sort_pairs(topk_ids, e_local, expert_start, pdl)  # [P], [P], [E]
     num_local = offs[-1:]  # [1] rows from here on are other ranks' pairs: never multiplied
-    xq, x_scale = quantize_rows(x, a13_scale)  # [N, D] fp8, [N]
+    xq, x_scale = quantize_rows(x, a13_scale, pdl=pdl)  # [N, D] fp8, [N]
     tokens = order // k
     xs, xs_scale = gather_rows(xq, tokens), x_scale.index_select(0, tokens)  # [P, D], [P] in sorted order
     act = torch.empty(xs.shape[0], f, dtype=x.dtype, device=x.device)  # [P, F]
     _gemm(True, xs, xs_scale, w13.view(e_local * two_f, d), w13_scale.reshape(-1), act, offs, two_f, f,
-          f // cfg.w13.block_n, e_local, cfg, cfg.w13, use_tma)
-    aq, a_scale = quantize_rows(act, a2_scale, num_local)  # [P, F] fp8, [P]; other ranks' rows skipped
+          f // cfg.w13.block_n, e_local, cfg, cfg.w13, use_tma, pdl)
+    aq, a_scale = quantize_rows(act, a2_scale, num_local, pdl=pdl)  # [P, F] fp8, [P]; other ranks' rows skipped
     y = torch.empty(xs.shape[0], d, dtype=x.dtype, device=x.device)  # [P, D] rows in sorted order
     _gemm(False, aq, a_scale, w2.view(e_local * d, f), w2_scale.reshape(-1), y, offs, d, 0, d // cfg.w2.block_n,
-          e_local, cfg, cfg.w2, use_tma)
-    return combine(y, row_of_pair, topk_weights, num_local)  # [N, D]
+          e_local, cfg, cfg.w2, use_tma, pdl)
+    return combine(y, row_of_pair, topk_weights, num_local, pdl)  # [N, D]

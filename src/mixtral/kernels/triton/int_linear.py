@@ -61,8 +61,8 @@ def linear_tiles(m: int) -> tuple[int, int, int, int, int]:
     return 64, 128, 64, 8, 3
 
 
-def int_linear(x: torch.Tensor, t: QuantTensors, tiles: tuple[int, int, int, int, int] | None = None
-               ) -> torch.Tensor:
+def int_linear(x: torch.Tensor, t: QuantTensors, tiles: tuple[int, int, int, int, int] | None = None,
+               pdl: bool = True) -> torch.Tensor:
     """x [M, K] (bf16 / fp16 / fp32) @ dequant(t)^T, t a canonical int weight [N, K] -> [M, N] in x's dtype."""
     w = IntWeight.of(t)
     if w.qweight.dim() != 2:
@@ -82,6 +82,6 @@ def int_linear(x: torch.Tensor, t: QuantTensors, tiles: tuple[int, int, int, int
         x.stride(0), w.qweight.stride(0), w.scale_row_stride, out.stride(0),
         BITS=w.fmt.bits, GROUP=w.fmt.group_size, ZERO=w.zero_code, HAS_PERM=perm is not None,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages, **pdl_args(x),
+        num_warps=warps, num_stages=stages, **pdl_args(x, pdl),
     )
     return out

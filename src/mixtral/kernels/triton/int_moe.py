@@ -148,7 +148,7 @@ def _perm_args(w: IntWeight) -> tuple[torch.Tensor, int]:
 
 
 def invoke_int_w13(x: torch.Tensor, w13: IntWeight, act: torch.Tensor, layout: PairLayout, top_k: int, block_m: int,
-                   cfg: GemmConfig) -> None:
+                   cfg: GemmConfig, pdl: bool = True) -> None:
     """act [N*k, F] = silu(x w1^T) * (x w3^T) per pair, for the pairs of ``layout``."""
     f, d = w13.n // 2, x.shape[1]
     block_k = w13.block_k(cfg.block_k)
@@ -160,12 +160,12 @@ def invoke_int_w13(x: torch.Tensor, w13: IntWeight, act: torch.Tensor, layout: P
         stride_pe, act.stride(0),
         TOP_K=top_k, BITS=w13.fmt.bits, GROUP=w13.fmt.group_size, ZERO=w13.zero_code, HAS_PERM=w13.perm is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DIRECT=layout.direct, IEEE=x.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(x, pdl),
     )
 
 
 def invoke_int_w2(act: torch.Tensor, w2: IntWeight, out_partials: torch.Tensor, weights: torch.Tensor,
-                  layout: PairLayout, block_m: int, cfg: GemmConfig) -> None:
+                  layout: PairLayout, block_m: int, cfg: GemmConfig, pdl: bool = True) -> None:
     """out_partials [split_k, N*k, D] = weight * (act w2^T) per pair and slice of F."""
     d, f = w2.n, w2.k
     block_k = w2.block_k(cfg.block_k)
@@ -178,13 +178,13 @@ def invoke_int_w2(act: torch.Tensor, w2: IntWeight, out_partials: torch.Tensor, 
         stride_pe, out_partials.stride(0), out_partials.stride(1),
         BITS=w2.fmt.bits, GROUP=w2.fmt.group_size, ZERO=w2.zero_code, HAS_PERM=w2.perm is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=block_k, DIRECT=layout.direct, IEEE=act.dtype == torch.float32,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(act),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pdl_args(act, pdl),
     )
 
 
 def int_fused_moe(x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, expert_start: int = 0, config: IntMoEConfig | None = None,
-                  direct: bool | None = None) -> torch.Tensor:
+                  direct: bool | None = None, pdl: bool = True) -> torch.Tensor:
     """x [N, D]; w13 canonical int [E, 2F, D]; w2 canonical int [E, D, F]; topk_weights [N, k] fp32; topk_ids
     [N, k] global ids -> [N, D] in x's dtype: sum over each token's local experts of weight * w2(silu(w1 x) * w3 x).
     """
@@ -202,9 +202,9 @@ def int_fused_moe(x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_wei
     cfg = config or default_int_config(n)
     x = x if x.stride(-1) == 1 else x.contiguous()
     weights = topk_weights.reshape(-1).float().contiguous()  # [N*k] fp32
-    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct)
+    layout = layout_pairs(topk_ids, e_local, cfg.block_m, expert_start, direct, pdl)
     act = torch.empty(n * top_k, f, dtype=x.dtype, device=x.device)  # [N*k, F] by pair
-    invoke_int_w13(x, a, act, layout, top_k, cfg.block_m, cfg.w13)
+    invoke_int_w13(x, a, act, layout, top_k, cfg.block_m, cfg.w13, pdl)
     partials = w2_partials(n * top_k, d, cfg.w2, x.dtype, x.device)  # [S, N*k, D]
-    invoke_int_w2(act, b, partials, weights, layout, cfg.block_m, cfg.w2)
-    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype)
+    invoke_int_w2(act, b, partials, weights, layout, cfg.block_m, cfg.w2, pdl)
+    return moe_sum(partials, topk_ids, expert_start, e_local, x.dtype, pdl)
