@@ -60,7 +60,8 @@ def triton_available() -> bool:
 
 @functools.lru_cache(maxsize=16)
 def _sm90(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    """A Hopper-or-newer CUDA device (a CPU tensor under the Triton interpreter is not one)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _no_autograd(*tensors: torch.Tensor) -> bool:
