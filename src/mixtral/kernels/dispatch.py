@@ -265,7 +265,7 @@ class Kernels:
         """The tiles ``moe_experts`` runs the sorted-row TMA GEMMs with, or None where it does not take them
         (the caller checked Triton): from ``SORTED_MIN_TOKENS`` tokens, 2-byte dtypes, sm90+ and shapes that
         fit the tiles; ``moe_prefill='persistent'`` forces persistent tiles."""
-        if x.shape[0] < SORTED_MIN_TOKENS or x.element_size() != 2 or not x.is_cuda or not _sm90(x.device):
+        if x.shape[0] < SORTED_MIN_TOKENS or x.element_size() != 2 or not _sm90(x.device):
             return None
         from mixtral.kernels.triton import moe_configs
         from mixtral.kernels.triton.sorted_moe import layout_problem
