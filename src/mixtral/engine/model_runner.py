@@ -26,7 +26,7 @@ from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
-from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
+from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow, SamplingTensors
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
 from mixtral.model.context import DenseContext
@@ -171,17 +171,7 @@ class ModelRunner:
         if self._inputs_copied is not None:
             # Last step's host-to-device copies must finish before their pinned staging is overwritten.
             self._inputs_copied.synchronize()
-        if input_ids is not None and input_rows is not None:
-            # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
-            input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
-        ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
-        index = sampling = None
-        if plan.rows:
-            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
-            sampling = self.sampler.prepare(plan.rows, self.device, self._put)
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
+        ctx, ids, last_index, index, sampling = self._prepare_launch(plan, input_ids, input_rows)
         if self.graphs is not None and ctx.max_query_len == 1 and self.graphs.graph_size(len(plan.scheduled)):
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
             hidden = self.graphs.run(ids, ctx.positions, ctx.slot_mapping, ctx.block_tables,
@@ -200,6 +190,24 @@ class ModelRunner:
             sampled = self.sampler.sample(logits, plan.rows, bitmask, sampling)
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
         return LaunchedStep(sampled, prompt_lp)
+
+    def _prepare_launch(self, plan: StepPlan, input_ids: torch.Tensor | None, input_rows: list[int] | None
+                        ) -> tuple[PagedAttentionContext, torch.Tensor, list[int], torch.Tensor | None,
+                                   SamplingTensors | None]:
+        """The step's host work before the forward pass: its inputs, sampled-row index [R] and sampling settings,
+        copied to the device. Returns (context, input ids [N], each sequence's last flat index, index, sampling)."""
+        if input_ids is not None and input_rows is not None:
+            # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
+            input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
+        ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
+        index = sampling = None
+        if plan.rows:
+            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
+            sampling = self.sampler.prepare(plan.rows, self.device, self._put)
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+        return ctx, ids, last_index, index, sampling
 
     def _prefill_graph_for(self, plan: StepPlan, num_tokens: int, ctx: PagedAttentionContext
                            ) -> PrefillGraph | None:

@@ -63,12 +63,19 @@ class StepApplier:
                     seq.prompt_logprobs.append(entry)
         if result.sampled is not None:
             self._apply_samples(plan, targets, result.sampled, touched)
+        self._publish_blocks(plan)
+        return self._build_outputs(touched, finished_only)
+
+    def _publish_blocks(self, plan: StepPlan) -> None:
         for s in plan.scheduled:
             if not s.seq.is_finished:
                 # Publish blocks now full and computed; with a step launched ahead, their last token has just
                 # arrived (the block manager hashes known tokens only).
                 self.block_manager.cache_full_blocks(s.seq)
 
+    def _build_outputs(self, touched: dict[str, SequenceGroup], finished_only: bool) -> list[RequestOutput]:
+        """The RequestOutputs of the step's requests (only the finished ones with ``finished_only``); finished
+        requests leave the table."""
         outputs = []
         now = time.monotonic()
         for group in touched.values():
@@ -117,6 +124,15 @@ class StepApplier:
             group.pending_seeds = []
             self.scheduler.add_running_after(parent, kids)
         # Stop checks after forking, so a sample that finishes at once is freed like any other.
+        self._check_stops(seqs, sampled, failed)
+        for group, exc, stage in failed.values():
+            self.fail_request(group, exc, stage)
+            touched[group.request_id] = group
+
+    def _check_stops(self, seqs: list[tuple[int, Sequence]], sampled: SamplerOutput,
+                     failed: dict[str, tuple[SequenceGroup, Exception, str]]) -> None:
+        """Detokenize each new token and finish the sequences it stops; a request that raises goes to
+        ``failed``."""
         for i, seq in seqs:
             group = self.requests.group(seq)
             if group.request_id in failed:
@@ -128,9 +144,6 @@ class StepApplier:
                 continue
             if status is not None:
                 self.finish_seq(seq, status)
-        for group, exc, stage in failed.values():
-            self.fail_request(group, exc, stage)
-            touched[group.request_id] = group
 
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
         self.scheduler.finish(seq, status)
