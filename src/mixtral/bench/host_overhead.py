@@ -81,6 +81,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stream", action="store_true",
                    help="build every running request's output each step, as a streaming server does "
                         "(default: finished requests only, as offline callers do)")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="time phases in the engine thread's CPU time (steady on a shared machine, where other "
+                        "processes' load lands in wall-clock phases) or in wall time (default: cpu)")
     p.add_argument("--profile", type=Path, default=None, metavar="OUT",
                    help="also run the last batch size under cProfile, write its stats to OUT and print the top "
                         "functions by own time")
@@ -141,7 +144,7 @@ def _warm_up(engine: Any) -> None:
 def measure(max_num_seqs: int, args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     engine = build_engine(max_num_seqs, args)
     _warm_up(engine)
-    timer = StepTimer.attach(engine)
+    timer = StepTimer.attach(engine, time.thread_time if args.clock == "cpu" else time.perf_counter)
     elapsed = run_workload(engine, args, progress)
     timer.close()
     stats = engine.get_stats()

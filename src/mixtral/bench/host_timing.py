@@ -62,6 +62,10 @@ class StepRecord:
 class StepTimer:
     """Phase timings of every ``step()`` of the engine it is attached to."""
 
+    # What a phase's time is measured with: wall time by default; ``time.thread_time`` (CPU time of the engine's
+    # thread) on a shared host, where other processes' load would otherwise land in whichever phase it hit.
+    # Waits on the device take no CPU time: measure them on the wall clock.
+    clock: Callable[[], float] = time.perf_counter
     records: list[StepRecord] = field(default_factory=list)
     # A stack of "time spent in nested phases" accumulators, one per wrapped call in progress.
     _stack: list[float] = field(default_factory=list)
@@ -73,9 +77,9 @@ class StepTimer:
     _ahead: bool = False
 
     @classmethod
-    def attach(cls, engine: Any) -> StepTimer:
+    def attach(cls, engine: Any, clock: Callable[[], float] = time.perf_counter) -> StepTimer:
         """Wrap ``engine``'s step and phase methods; returns the timer collecting their times."""
-        timer = cls()
+        timer = cls(clock=clock)
         runner = engine.model_runner
         local = getattr(runner, "local", runner)  # a parallel runner's rank-0 ModelRunner prepares the inputs
         timer._wrap(engine.scheduler, "schedule", "schedule")
@@ -99,18 +103,18 @@ class StepTimer:
 
     def _on_gc(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
-            self._gc_start = time.perf_counter()
+            self._gc_start = self.clock()
         else:
-            self._gc_total += time.perf_counter() - self._gc_start
+            self._gc_total += self.clock() - self._gc_start
 
     # ----------------------------------------------------------------- wrappers
     def _timed(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         self._stack.append(0.0)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         try:
             return fn(*args, **kwargs)
         finally:
-            elapsed = time.perf_counter() - t0
+            elapsed = self.clock() - t0
             nested = self._stack.pop()
             self._current[phase] = self._current.get(phase, 0.0) + elapsed - nested
             if self._stack:
@@ -167,12 +171,12 @@ class StepTimer:
             self._scheduled = self._prefill_tokens = 0
             self._ahead = False
             gc_before = self._gc_total
-            t0 = time.perf_counter()
+            t0 = self.clock()
             self._stack.append(0.0)
             try:
                 return original(*args, **kwargs)
             finally:
-                wall = time.perf_counter() - t0
+                wall = self.clock() - t0
                 self._current["other"] = wall - self._stack.pop()
                 self.records.append(StepRecord(wall, self._current, len(engine.scheduler.running),
                                                self._scheduled, self._prefill_tokens, self._gc_total - gc_before,

@@ -26,6 +26,7 @@ from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
+from mixtral.engine.host_tensors import host_tensor
 from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow, SamplingTensors
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
@@ -198,11 +199,11 @@ class ModelRunner:
         copied to the device. Returns (context, input ids [N], each sequence's last flat index, index, sampling)."""
         if input_ids is not None and input_rows is not None:
             # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
-            input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
+            input_ids = input_ids.index_select(0, self._put("input_rows", host_tensor(input_rows)))
         ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
         index = sampling = None
         if plan.rows:
-            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
+            index = self._put("sample_index", host_tensor([last_index[o] for o in plan.row_owner]))  # [R]
             sampling = self.sampler.prepare(plan.rows, self.device, self._put)
         if self.device.type == "cuda":
             self._inputs_copied = torch.cuda.Event()
@@ -222,12 +223,21 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
                  ) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:
         bs = self.config.block_size
+        # One pass for the per-sequence lengths: this runs for every sequence of every step.
         qsl = [0]
         ctx_lens: list[int] = []
+        total = max_new = 0
+        fresh = True  # no sequence has K/V cached before this step's tokens
         for s in scheduled:
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            ctx_lens.append(s.start + s.num_new_tokens)
-        if max(s.num_new_tokens for s in scheduled) >= _VECTOR_MIN_TOKENS:
+            n, start = s.num_new_tokens, s.start
+            total += n
+            qsl.append(total)
+            ctx_lens.append(start + n)
+            if n > max_new:
+                max_new = n
+            if start:
+                fresh = False
+        if max_new >= _VECTOR_MIN_TOKENS:
             ids_t, positions_t, slots_t = self._step_tokens_vectorized(scheduled, input_ids is None, bs)
         else:
             ids_t, positions_t, slots_t = self._step_tokens(scheduled, input_ids is None, bs)
@@ -240,7 +250,7 @@ class ModelRunner:
                                                     else [ids_t, positions_t, slots_t]))
         if input_ids is None:
             input_ids, tokens = tokens[:n], tokens[n:]
-        lens = self._put("step_lens", torch.tensor(ctx_lens + qsl, dtype=torch.int32))
+        lens = self._put("step_lens", host_tensor(ctx_lens + qsl, torch.int32))
         block_tables = self.block_tables.gather([s.seq for s in scheduled], self._put)  # [S, max_blocks_per_seq]
         ctx = PagedAttentionContext(
             positions=tokens[:n],
@@ -248,14 +258,13 @@ class ModelRunner:
             block_tables=block_tables,
             context_lens=lens[:len(ctx_lens)],
             query_start_loc=lens[len(ctx_lens):],
-            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_query_len=max_new,
             max_context_len=max(ctx_lens),
             kv_caches=self.kv_caches,
             kernels=self.model.kernels,
             sliding_window=self.args.sliding_window,
             expert_counts=self.expert_counts_buf,
-            fresh_prompt_lens=([s.num_new_tokens for s in scheduled]
-                               if all(s.start == 0 for s in scheduled) else None),
+            fresh_prompt_lens=[s.num_new_tokens for s in scheduled] if fresh else None,
         )
         return ctx, input_ids, [q - 1 for q in qsl[1:]]
 
@@ -270,13 +279,18 @@ class ModelRunner:
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             table = seq.block_table
+            if n == 1:  # a decode token: no slices, ranges or comprehensions
+                if want_ids:
+                    ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                continue
             if want_ids:
                 ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
             positions += pos
             slots += [table[p // bs] * bs + p % bs for p in pos]
-        return (torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                torch.tensor(slots, dtype=torch.int64))
+        return host_tensor(ids), host_tensor(positions), host_tensor(slots)
 
     @staticmethod
     def _step_tokens_vectorized(scheduled: list[ScheduledSequence], want_ids: bool, bs: int

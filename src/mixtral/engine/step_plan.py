@@ -149,30 +149,39 @@ class StepPlanner:
             return None  # a prefill chunk that samples nothing, or n > 1 forking: the scheduler decides
         max_len = self.config.max_model_len
         assert max_len is not None
+        bm = self.block_manager
+        bs = bm.block_size
+        group_of = self.requests.group_of
+        # One pass over the batch (this runs every decode step for every running sequence).
         keep: list[int] = []
+        seqs: list[Sequence] = []
+        new_blocks = 0
         for i, s in enumerate(plan.scheduled):
             seq = s.seq
             params = seq.params
             if params.guide is not None or params.has_penalties:
                 return None  # both read the previous token on the host
-            if seq.is_finished:
+            if seq.status.finished:
                 continue
             # After ``current`` the sequence holds num_tokens + 1 tokens.
-            if (seq.num_output_tokens + 1 >= self.requests.group(seq).max_output_tokens
-                    or seq.num_tokens + 1 >= max_len):
+            num_tokens = len(seq.token_ids) + 1
+            if (num_tokens - seq.num_prompt_tokens >= group_of[seq.seq_id].max_output_tokens
+                    or num_tokens >= max_len):
                 continue
             keep.append(i)
+            seqs.append(seq)
+            new_blocks += -(-num_tokens // bs) - len(seq.block_table)
         if not keep:
             return None
-        seqs = [plan.scheduled[i].seq for i in keep]
-        bm = self.block_manager
-        new_blocks = sum(bm.blocks_needed(seq.num_tokens + 1) - len(seq.block_table) for seq in seqs)
         if new_blocks > bm.num_free_blocks:
             return None  # memory is short: let the scheduler preempt
+        scheduled = []
+        rows = []
         for seq in seqs:
-            bm.allocate_slots(seq, seq.num_tokens + 1)
-        scheduled = [ScheduledSequence(seq, 1) for seq in seqs]
-        rows = [SampleRow(seq.params, seq.seed, seq.num_output_tokens + 1) for seq in seqs]
+            num_tokens = len(seq.token_ids) + 1
+            bm.allocate_slots(seq, num_tokens)
+            scheduled.append(ScheduledSequence(seq, 1))
+            rows.append(SampleRow(seq.params, seq.seed, num_tokens - seq.num_prompt_tokens))
         ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs))
         return AheadStep(ahead, seqs, keep if len(keep) != len(plan.rows) else None)
 
