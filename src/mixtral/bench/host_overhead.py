@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--no-async-scheduling", action="store_true",
                    help="apply each step before launching the next (default: launched ahead, as on a GPU)")
+    p.add_argument("--no-freeze-gc-heap", action="store_true",
+                   help="leave the startup heap to the garbage collector (default: frozen, as on a GPU; see "
+                        "EngineConfig.freeze_gc_heap)")
     p.add_argument("--tokenizer", choices=("v1", "v3", "none"), default="v1",
                    help="vocabulary detokenized (v1: Mixtral-8x7B's; none: no detokenization) (default: v1)")
     p.add_argument("--stream", action="store_true",
@@ -105,6 +108,7 @@ def build_engine(max_num_seqs: int, args: argparse.Namespace) -> Any:
         max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
         max_model_len=args.input_len + args.output_len, num_kv_blocks=(max_num_seqs + 1) * per_seq + 16,
         enable_prefix_caching=not args.no_prefix_caching, async_scheduling=not args.no_async_scheduling,
+        freeze_gc_heap=not args.no_freeze_gc_heap,
     )
     return LLMEngine(model, config, tokenizer, model_name=f"host-only ({model_preset})",
                      runner_factory=HostOnlyRunner)
@@ -144,6 +148,7 @@ def _warm_up(engine: Any) -> None:
 def measure(max_num_seqs: int, args: argparse.Namespace, progress: bool) -> dict[str, Any]:
     engine = build_engine(max_num_seqs, args)
     _warm_up(engine)
+    before = engine.get_stats()
     timer = StepTimer.attach(engine, time.thread_time if args.clock == "cpu" else time.perf_counter)
     elapsed = run_workload(engine, args, progress)
     timer.close()
@@ -154,9 +159,9 @@ def measure(max_num_seqs: int, args: argparse.Namespace, progress: bool) -> dict
     return {
         "max_num_seqs": max_num_seqs,
         "elapsed_s": elapsed,
-        "steps": stats.num_steps,
-        "output_tokens": stats.num_generation_tokens,
-        "preemptions": stats.num_preemptions,
+        "steps": stats.num_steps - before.num_steps,
+        "output_tokens": stats.num_generation_tokens - before.num_generation_tokens,
+        "preemptions": stats.num_preemptions - before.num_preemptions,
         "all_steps_ms": timer.summary(),
         "decode_steps_ms": timer.summary(decode),
         "prefill_steps_ms": timer.summary(timer.prefill_steps()),

@@ -88,6 +88,8 @@ class BlockTables:
         def to_device(name: str, host: torch.Tensor) -> torch.Tensor:
             if put is not None:
                 return put(name, host)
+            if self.device.type == "cpu":
+                return host
             return host.pin_memory().to(self.device, non_blocking=True)
 
         if upd_rows:

@@ -25,6 +25,7 @@ from mixtral.distributed.engine import build_parallel_engine, pop_parallel_confi
 from mixtral.engine.admission import Admission, RequestTooLongError
 from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
+from mixtral.engine.gc_freeze import HeapFreezer
 from mixtral.engine.loading import load_for_engine
 from mixtral.engine.memory import plan_num_blocks
 from mixtral.engine.model_runner import ModelRunner
@@ -94,6 +95,10 @@ class LLMEngine:
         self._overlap = (self.config.async_scheduling if self.config.async_scheduling is not None
                          else model.device.type == "cuda")
         self._inflight: Inflight | None = None
+        # The garbage collector skips the heap while requests run (gc_freeze.py): on by default where a device
+        # waits for the host.
+        self._heap = HeapFreezer(self.config.freeze_gc_heap if self.config.freeze_gc_heap is not None
+                                 else model.device.type == "cuda")
 
     @classmethod
     def from_config(cls, model: str | Transformer | None = None, *, device: torch.device | str | None = None,
@@ -122,6 +127,7 @@ class LLMEngine:
         group = self.admission.new_request(request_id, prompt, sampling_params or SamplingParams(), now)
         first = group.seqs[0]
         self.output_processor.start(first, group)
+        self._heap.busy()
         self.requests.add(group)
         self.scheduler.add(first)
 
@@ -141,6 +147,8 @@ class LLMEngine:
                     self.applier.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
             self.requests.remove(group, now)
             outs.append(group.to_output())
+        if not self.requests:
+            self._heap.idle()
         return outs
 
     def has_unfinished_requests(self) -> bool:
@@ -172,7 +180,10 @@ class LLMEngine:
                 return []
         if self._overlap:
             self._inflight = self._launch_ahead(current)
-        return self.applier.apply(current, finished_only)
+        outputs = self.applier.apply(current, finished_only)
+        if not self.requests:
+            self._heap.idle()
+        return outputs
 
     def _launch_scheduled(self) -> Inflight | None:
         """Schedule and launch a step (the scheduler's choice); None when there is nothing to run."""
@@ -241,6 +252,7 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        self._heap.idle()
         self.planner.shutdown()
         runner_shutdown = getattr(self.model_runner, "shutdown", None)  # a parallel runner stops its workers
         if runner_shutdown is not None:
