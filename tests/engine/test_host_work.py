@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from engine_testing import assert_no_leaks, random_prompts, run_to_completion
 
 from mixtral.bench import host_overhead
 from mixtral.bench.host_timing import PHASES, StepTimer
@@ -16,9 +17,13 @@ from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.host_tensors import host_tensor
 from mixtral.engine.llm_engine import LLMEngine
+from mixtral.engine.model_runner import ModelRunner
+from mixtral.engine.sampler import Sampler
+from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.engine.sequence import Sequence
 from mixtral.model.mixtral import Transformer
 from mixtral.sampling import SamplingParams
+from mixtral.tokenizer import Tokenizer
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float32, torch.float64])
@@ -129,3 +134,47 @@ def test_step_timer_counts_what_the_engine_returns(tiny_model: Transformer) -> N
     # The first call launches the prompt and the first decode step ahead of it; the last, nothing.
     assert [r.num_prefill_tokens for r in timer.records] == [3, 0, 0, 0]
     assert [r.launched_ahead for r in timer.records] == [True, True, True, False]
+
+
+def test_mixed_input_ids_scatter_device_rows_among_host_chunks(tiny_model: Transformer) -> None:
+    config = EngineConfig(num_kv_blocks=64, max_model_len=256).resolve(tiny_model.args.max_seq_len)
+    runner = ModelRunner(tiny_model, config, Sampler(tiny_model.args.vocab_size))
+    a = Sequence("a", 0, [11, 12, 13], 3, SamplingParams(), 0.0)
+    b = Sequence("b", 0, list(range(100, 200)), 100, SamplingParams(), 0.0)  # a long chunk: sliced, not listed
+    b.prompt_tensor = torch.tensor(b.token_ids)
+    c = Sequence("c", 0, [7, 8], 2, SamplingParams(), 0.0)
+    a.num_computed_tokens, b.num_computed_tokens, c.num_computed_tokens = 3, 10, 0
+    scheduled = [ScheduledSequence(a, 1), ScheduledSequence(b, 70), ScheduledSequence(c, 2)]
+    sampled = torch.tensor([900, 901, 902, 903])
+    ids = runner._mixed_input_ids(scheduled, sampled, [3, -1, -1])
+    assert ids.tolist() == [903, *range(110, 180), 7, 8]
+    assert b.prompt_tensor.tolist() == list(range(100, 200))  # the scatter wrote a copy
+
+
+def test_admissions_and_prompt_chunks_go_ahead_without_changing_outputs(tiny_model: Transformer,
+                                                                         tokenizer: Tokenizer) -> None:
+    """More requests than seats, prompts longer than the step budget: with async scheduling the steps that
+    admit requests and continue prompts are launched ahead too, and every request's tokens are the synchronous
+    engine's."""
+    prompts = random_prompts(10, 5, 60, seed=31)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=4 + 3 * i, ignore_eos=True)
+              for i in range(10)]
+    outputs = {}
+    for async_scheduling in (False, True):
+        engine = LLMEngine(tiny_model, EngineConfig(num_kv_blocks=256, max_model_len=128, max_num_seqs=4,
+                                                    max_num_batched_tokens=24, block_size=4,
+                                                    async_scheduling=async_scheduling), tokenizer)
+        timer = StepTimer.attach(engine)
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            engine.add_request(f"r{i}", prompt, p)
+        done = run_to_completion(engine, lambda e: e.block_manager.check_invariants())
+        timer.close()
+        assert_no_leaks(engine)
+        engine.shutdown()
+        outputs[async_scheduling] = {rid: o.outputs[0].token_ids for rid, o in done.items()}
+        if async_scheduling:
+            # After the first step every step was launched ahead, prompt-carrying ones included.
+            assert all(r.launched_ahead for r in timer.records[:-1])
+            assert sum(r.num_prefill_tokens > 0 and r.num_scheduled > 1 for r in timer.records[1:]) >= 5
+            assert engine.get_stats().num_prompt_tokens == sum(len(p) for p in prompts)
+    assert outputs[True] == outputs[False]

@@ -77,6 +77,9 @@ class LaunchedStep:
 
 
 class ModelRunner:
+    # ``launch`` takes steps launched ahead that mix device-fed decoding sequences with host-fed prompt chunks.
+    mixed_ahead = True
+
     def __init__(self, model: Transformer, config: EngineConfig, sampler: Sampler) -> None:
         assert config.max_model_len is not None, "resolve() the config first"
         model.set_kernel_config(config.kernels)
@@ -167,7 +170,9 @@ class ModelRunner:
         ``bitmask_fn`` returns the guided-decoding bitmask [R, W] (int32, CPU); it is called after the forward
         pass is launched, so masks computed on worker threads overlap the model. ``input_ids`` [N] (on the
         device) replaces the tokens read from the sequences: a step launched before the previous step's samples
-        reached the host feeds on them directly; ``input_rows`` picks the rows of ``input_ids`` to use.
+        reached the host feeds on them directly; ``input_rows`` picks the rows of ``input_ids`` to use, one per
+        scheduled sequence, or -1 for a sequence whose tokens are read from the host (a prompt's chunk in a step
+        launched ahead: ``mixed_ahead``).
         """
         if self._inputs_copied is not None:
             # Last step's host-to-device copies must finish before their pinned staging is overwritten.
@@ -197,7 +202,9 @@ class ModelRunner:
                                    SamplingTensors | None]:
         """The step's host work before the forward pass: its inputs, sampled-row index [R] and sampling settings,
         copied to the device. Returns (context, input ids [N], each sequence's last flat index, index, sampling)."""
-        if input_ids is not None and input_rows is not None:
+        if input_rows is not None and min(input_rows, default=0) < 0:
+            input_ids = self._mixed_input_ids(plan.scheduled, input_ids, input_rows)
+        elif input_ids is not None and input_rows is not None:
             # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
             input_ids = input_ids.index_select(0, self._put("input_rows", host_tensor(input_rows)))
         ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
@@ -209,6 +216,46 @@ class ModelRunner:
             self._inputs_copied = torch.cuda.Event()
             self._inputs_copied.record()
         return ctx, ids, last_index, index, sampling
+
+    def _mixed_input_ids(self, scheduled: list[ScheduledSequence], sampled: torch.Tensor | None,
+                         input_rows: list[int]) -> torch.Tensor:
+        """The input ids [N] (device) of a step whose sequences are fed partly by ``sampled`` (the previous step's
+        sampled ids, still on the device: ``input_rows[j]`` >= 0 for a decoding sequence j) and partly by the
+        host (-1: a prompt's chunk). The host's ids go in one copy, the sampled ones are scattered in on the
+        device.
+
+        Example: sequences [A decoding (row 3), B a 2-token chunk (host), C decoding (row 0)]: the host copy is
+        [0, b0, b1, 0] and flat positions [0, 3] take sampled[3], sampled[0].
+        """
+        parts: list[torch.Tensor] = []
+        pending: list[int] = []  # host ids of short sequences, packed together
+        dst: list[int] = []  # flat positions fed from the device
+        src: list[int] = []  # their rows of ``sampled``
+        flat = 0
+        for s, row in zip(scheduled, input_rows, strict=True):
+            n = s.num_new_tokens
+            if row >= 0:
+                dst.append(flat)
+                src.append(row)
+                pending.append(0)  # replaced on the device
+            elif n >= _VECTOR_MIN_TOKENS:
+                if pending:
+                    parts.append(host_tensor(pending))
+                    pending = []
+                parts.append(s.seq.new_token_ids(s.start, n))
+            else:
+                pending += s.seq.token_ids[s.start:s.start + n]
+            flat += n
+        if pending:
+            parts.append(host_tensor(pending))
+        # cat copies even a single part: on the CPU ``_put`` returns the host tensor, which is written below.
+        ids = self._put("mixed_input_ids", torch.cat(parts))  # [N]
+        if dst:
+            assert sampled is not None, "a sequence fed by a previous step that sampled nothing"
+            k = len(dst)
+            index = self._put("mixed_input_feed", host_tensor(dst + src))  # [2K]
+            ids.index_copy_(0, index[:k], sampled.index_select(0, index[k:]))
+        return ids
 
     def _prefill_graph_for(self, plan: StepPlan, num_tokens: int, ctx: PagedAttentionContext
                            ) -> PrefillGraph | None:

@@ -16,6 +16,7 @@ The scheduler moves sequences between its queues and the block manager; the engi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mixtral.engine.block_manager import BlockManager
@@ -135,11 +136,25 @@ class Scheduler:
 
         if out.preempted:
             return out  # memory is short: admit nobody new this step
+        self._admit(out, budget)
+        return out
+
+    def admit_ahead(self, budget: int, accept: Callable[[Sequence], bool]) -> SchedulerOutput:
+        """Admit waiting sequences into a step launched ahead (the engine's async scheduling) after its running
+        sequences took their share of the budget and blocks; the rules are ``schedule``'s (first come, first
+        served, seats, memory, ``budget`` tokens), and admission also stops at the first sequence ``accept``
+        refuses: the step launched ahead cannot take it, the next scheduled step will."""
+        out = SchedulerOutput()
+        self._admit(out, budget, accept)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, accept: Callable[[Sequence], bool] | None = None) -> None:
+        bm = self.block_manager
         # Running prompts that will fork into n samples hold seats for all of them.
         seats = self.config.max_num_seqs - sum(1 + s.fork_count for s in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if 1 + seq.fork_count > seats:
+            if 1 + seq.fork_count > seats or (accept is not None and not accept(seq)):
                 break
             # Prompt logprobs need every prompt position's logits, so such prompts are computed in full.
             use_cache = seq.params.prompt_logprobs is None
@@ -158,7 +173,6 @@ class Scheduler:
             seats -= 1 + seq.fork_count
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        return out
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: free the KV; the sequence re-enters at the front of the waiting queue."""
