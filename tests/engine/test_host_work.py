@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from engine_testing import assert_no_leaks, random_prompts, run_to_completion
 
-from mixtral.bench import host_overhead
+from mixtral.bench import host_overhead, throughput
 from mixtral.bench.host_timing import PHASES, StepTimer
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
@@ -178,3 +180,22 @@ def test_admissions_and_prompt_chunks_go_ahead_without_changing_outputs(tiny_mod
             assert sum(r.num_prefill_tokens > 0 and r.num_scheduled > 1 for r in timer.records[1:]) >= 5
             assert engine.get_stats().num_prompt_tokens == sum(len(p) for p in prompts)
     assert outputs[True] == outputs[False]
+
+
+def test_bench_throughput_reports_host_time(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    throughput.add_arguments(parser)
+    args = parser.parse_args(["--num-prompts", "6", "--input-len", "12", "--output-len", "5", "--max-model-len", "64",
+                              "--kv-cache-bytes", str(1 << 22), "--json", str(tmp_path / "out.json"),
+                              "--report-host-time"])
+    assert throughput.run(args) == 0
+    host = json.loads((tmp_path / "out.json").read_text())["results"]["host_time"]
+    assert host["steps"] >= 5 and host["wait_ms"] == 0  # CPU: nothing runs asynchronously
+    assert host["host_ms"] == pytest.approx(host["step_ms"]) and host["host_share"] == pytest.approx(1.0)
+    assert sum(host["phases_ms"].values()) == pytest.approx(host["step_ms"])
+    assert host["phases_ms"]["prepare"] > 0 and host["phases_ms"]["stops"] > 0
+    assert "host time per step" in capsys.readouterr().out
+    # Without the flag: no timing, no field.
+    args.report_host_time = False
+    assert throughput.run(args) == 0
+    assert json.loads((tmp_path / "out.json").read_text())["results"]["host_time"] is None
