@@ -172,10 +172,13 @@ class StepPlanner:
         bm = self.block_manager
         bs = bm.block_size
         group_of = self.requests.group_of
-        row_of = {j: i for i, j in enumerate(plan.row_owner)}  # scheduled index -> the row it samples
+        owner = plan.row_owner
+        # Scheduled index -> the row it samples; None when they are the same (every sequence sampled, in order).
+        row_of = None if len(owner) == len(plan.scheduled) and (not owner or owner[-1] == len(owner) - 1) else {
+            j: i for i, j in enumerate(owner)}
         # One pass over the batch (this runs every decode step for every running sequence): who goes on, and how.
         going: list[tuple[Sequence, int]] = []  # (sequence, the row feeding it or -1: a prompt chunk from the host)
-        num_unfinished = 0
+        num_unfinished = num_decoding = 0
         for j, s in enumerate(plan.scheduled):
             seq = s.seq
             params = seq.params
@@ -184,7 +187,7 @@ class StepPlanner:
             if seq.status.finished:
                 continue
             num_unfinished += 1
-            row = row_of.get(j)
+            row = j if row_of is None else row_of.get(j)
             if row is None:
                 # A prompt's chunk that samples nothing: the next chunk's tokens are on the host.
                 if not self.mixed_ahead or not _plain(seq):
@@ -196,23 +199,29 @@ class StepPlanner:
             if (num_tokens - seq.num_prompt_tokens < group_of[seq.seq_id].max_output_tokens
                     and num_tokens < max_len):
                 going.append((seq, row))
+                num_decoding += 1
         if num_unfinished != len(self.scheduler.running):
             return None  # a running sequence ``current`` left out (the budget ran out): the scheduler's turn
         # Decoding sequences first take one token each; prompt chunks share what is left, in order.
-        budget = self.config.max_num_batched_tokens - sum(1 for _, row in going if row >= 0)
+        budget = self.config.max_num_batched_tokens - num_decoding
         scheduled: list[ScheduledSequence] = []
         feed: list[int] = []
+        rows: list[SampleRow] = []
+        row_owner: list[int] = []
         new_blocks = 0
         for seq, row in going:
             if row >= 0:
-                num_new, num_tokens = 1, len(seq.token_ids) + 1
+                num_tokens = len(seq.token_ids) + 1
+                row_owner.append(len(scheduled))
+                rows.append(SampleRow(seq.params, seq.seed, num_tokens - seq.num_prompt_tokens))
+                scheduled.append(ScheduledSequence(seq, 1))
             else:
                 num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
                 if num_new < 1:
                     return None
                 budget -= num_new
                 num_tokens = seq.num_computed_tokens + num_new
-            scheduled.append(ScheduledSequence(seq, num_new))
+                scheduled.append(ScheduledSequence(seq, num_new))
             feed.append(row)
             new_blocks += -(-num_tokens // bs) - len(seq.block_table)
         if new_blocks > bm.num_free_blocks:
@@ -229,21 +238,18 @@ class StepPlanner:
             feed += [-1] * len(admitted.scheduled)
         if not scheduled:
             return None
-        rows: list[SampleRow] = []
-        owner: list[int] = []
+        # The host-fed sequences: prompt tokens to count, and a row for each chunk that reaches its prompt's end.
         num_prompt_tokens = 0
         for j, (s, row) in enumerate(zip(scheduled, feed, strict=True)):
-            seq = s.seq
             if row >= 0:
-                rows.append(SampleRow(seq.params, seq.seed, len(seq.token_ids) + 1 - seq.num_prompt_tokens))
-                owner.append(j)
                 continue
+            seq = s.seq
             if seq.is_prefill:
                 num_prompt_tokens += s.num_new_tokens
             if s.samples:
                 rows.append(SampleRow(seq.params, seq.seed, seq.num_output_tokens))
-                owner.append(j)
-        ahead = StepPlan(scheduled, rows, owner, [None] * len(scheduled))
+                row_owner.append(j)
+        ahead = StepPlan(scheduled, rows, row_owner, [None] * len(scheduled))
         in_order = len(feed) == len(plan.rows) and feed == list(range(len(feed)))
         return AheadStep(ahead, None if in_order else feed,
                          admitted.num_cached_tokens if admitted is not None else {}, num_prompt_tokens)
