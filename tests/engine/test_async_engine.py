@@ -129,7 +129,10 @@ def test_a_crashing_step_ends_streams_and_marks_the_engine_dead(make_engine) -> 
         with pytest.raises(EngineDeadError) as info:
             async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=50), "c"):
                 seen.append(out)
-        assert isinstance(info.value.__cause__, RuntimeError) and len(seen) == 2
+        # Two steps ran before the failure. The stream keeps only the newest cumulative output, so a consumer that
+        # falls behind (a loaded machine) may see the two steps' outputs as one.
+        assert isinstance(info.value.__cause__, RuntimeError) and 1 <= len(seen) <= 2
+        assert len(seen[-1].outputs[0].token_ids) == 2
         assert not engine.is_running and isinstance(engine.error, RuntimeError)
         with pytest.raises(EngineDeadError, match="injected failure"):
             await _collect(engine, [1], None, "after")
