@@ -4,8 +4,9 @@ Runs the real ``LLMEngine`` (scheduler, block manager, planner, input preparatio
 application, detokenization, stop checks, outputs) over an offline workload, with a model runner whose forward
 pass and sampling are replaced by random token ids (``HostOnlyRunner``): everything the host does per step is
 there, the GPU's part costs nothing. It reports the mean host milliseconds per step split by phase
-(``host_timing.PHASES``) for the steady decode steps at a full batch and for the steps that admit prompts, at
-each ``--max-num-seqs``, and optionally a cProfile of the run.
+(``host_timing.PHASES``; the engine thread's CPU time by default, steady on a shared machine) for the decode steps
+at a full batch and for the steps that carry prompt tokens, at each ``--max-num-seqs``, and optionally a cProfile
+of the run (``--profile``).
 
 What it answers: whether the host keeps up with a GPU whose decode step takes T ms at that batch (with async
 scheduling the host's work hides behind the running step only while it is shorter). What it does not see: the
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from mixtral.bench.args import positive_int
+from mixtral.bench.args import non_negative_float, positive_int
 from mixtral.bench.host_timing import PHASES, StepTimer
 from mixtral.bench.report import print_table
 from mixtral.bench.throughput import synthetic_requests
@@ -39,7 +40,7 @@ from mixtral.sampling import DEFAULT_TEMPERATURE, SamplingParams
 
 class HostOnlyRunner(ModelRunner):
     """A ModelRunner that prepares every step's inputs like the real one and returns random token ids in place
-    of the forward pass and the sampler (ids >= 1000: ordinary pieces, never EOS). No KV cache is allocated."""
+    of the forward pass and the sampler (ids >= 1000: past the control tokens, never EOS). No KV cache is allocated."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -71,7 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=positive_int, default=2048,
                    help="tokens per step, the chunked-prefill budget (default: 2048)")
     p.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV block (default: 16)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+    p.add_argument("--temperature", type=non_negative_float, default=DEFAULT_TEMPERATURE,
                    help=f"sampling temperature of the requests; 0 is greedy (default: {DEFAULT_TEMPERATURE})")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--no-async-scheduling", action="store_true",
@@ -224,8 +225,12 @@ def _progress(total: int, name: str) -> tuple[Any, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mixtral.bench.host_overhead", description=__doc__.split("\n\n")[0]
-                                     if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="python -m mixtral.bench.host_overhead",
+        description="The engine's host work per step (scheduling, input preparation, applying tokens, "
+                    "detokenization, outputs) at large batches, by phase, with a model-free runner: whether the host "
+                    "keeps up with a GPU step of T ms. GPU-only host costs: `mixtral bench throughput "
+                    "--report-host-time`.")
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
