@@ -124,6 +124,12 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Consume one token; return the text it completes (possibly "")."""
+        kinds = self._kinds
+        if 0 <= token_id < len(kinds) and kinds[token_id] == NORMAL and self._started and not self._run.pending:
+            # Most tokens of most outputs: an ordinary piece, nothing pending, no leading space to drop.
+            chunk = self._texts[token_id]
+            self.text += chunk
+            return chunk
         chunk = self._step(token_id)
         self.text += chunk
         return chunk

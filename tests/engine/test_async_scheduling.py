@@ -121,7 +121,7 @@ def test_a_new_arrival_is_admitted_at_the_next_step(make_engine: Callable[..., L
     for _ in range(6):
         engine.step()
     engine.add_request("late", prompts[1], params)
-    # The step in flight is applied; the one after it is the scheduler's, and it admits the arrival.
+    # The step in flight is applied; the one launched with it (ahead of it, or the scheduler's) admits the arrival.
     engine.step()
     engine.step()
     late = engine._groups["late"]

@@ -4,8 +4,9 @@ Each request is either ``--input-len`` random token ids generating exactly ``--o
 ignored, so every run does the same work), or a line of ``--dataset`` (JSONL: ``{"prompt": str}`` or
 ``{"prompt_token_ids": [...]}``, optional ``"output_len"``). Reported: output tokens/s, total (prompt +
 output) tokens/s, requests/s, time to first token (TTFT) and inter-token latency (ITL) at p50/p99, plus the
-engine's preemptions and prefix-cache hit rate. ``--json`` writes the same numbers with the device, date
-and commit, for BENCHMARKS.md. It runs the bundled demo model by default (as every ``mixtral bench`` does);
+engine's preemptions and prefix-cache hit rate; ``--report-host-time`` adds where each step's time went (the
+host's work by phase, its wait for the device: bench/host_timing.py). ``--json`` writes the same numbers with the
+device, date and commit, for BENCHMARKS.md. It runs the bundled demo model by default (as every ``mixtral bench`` does);
 point ``--model`` at a real model on a GPU. One warm-up request runs before the clock starts.
 """
 
@@ -67,7 +68,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch CPU threads (default: torch's own choice); 1 is fastest for tiny models on busy hosts")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
     add_quantization_arg(p)
+    p.add_argument("--report-host-time", action="store_true",
+                   help="also time the engine's host work per step by phase (scheduling, input preparation, "
+                        "applying tokens, outputs...) and the time it waits for the device, and report the host's "
+                        "share of the run (bench/host_timing.py; costs ~1 us per phase per step)")
     add_kernel_args(p)
+
+
+@dataclass
+class HostTimeResult:
+    """Where each ``engine.step()`` of the run went, in mean milliseconds per step (``--report-host-time``)."""
+
+    steps: int
+    step_ms: float  # wall time of a step
+    host_ms: float  # the host working: the step minus waiting for the device
+    wait_ms: float  # the host blocked on the device (0 on the CPU)
+    gc_ms: float  # garbage collections (inside host_ms)
+    host_share: float  # host_ms / step_ms over the run
+    launched_ahead: float  # share of steps that launched their successor before applying their own tokens
+    phases_ms: dict[str, float]  # host_timing.PHASES, all steps
+    decode_phases_ms: dict[str, float]  # the same over steps that launched only decode tokens
 
 
 @dataclass
@@ -85,6 +105,7 @@ class ThroughputResult:
     itl_p99_ms: float
     num_preemptions: int
     prefix_cache_hit_rate: float
+    host_time: HostTimeResult | None = None
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -149,10 +170,13 @@ def dataset_requests(path: Path, n: int, default_output_len: int, tokenizer: Any
 
 
 def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperature: float, seed: int,
-                  progress: bool) -> ThroughputResult:
-    """Submit every request at once, step the engine until all finish, and measure."""
+                  progress: bool, report_host_time: bool = False) -> ThroughputResult:
+    """Submit every request at once, step the engine until all finish, and measure (with ``report_host_time``
+    also each step's host work by phase)."""
+    from mixtral.bench.host_timing import StepTimer
     from mixtral.sampling import SamplingParams
 
+    timer = StepTimer.attach(engine) if report_host_time else None
     start = time.monotonic()
     for i, (prompt, out_len) in enumerate(requests):
         params = SamplingParams(temperature=temperature, max_tokens=out_len, ignore_eos=True, seed=seed + i)
@@ -169,6 +193,8 @@ def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperatur
     finally:
         if bar is not None:
             bar[0].stop()
+        if timer is not None:
+            timer.close()
     elapsed = time.monotonic() - start
     stats = engine.get_stats()
     prompt_tokens = sum(len(o.prompt_token_ids) for o in finished)
@@ -189,7 +215,22 @@ def run_benchmark(engine: Any, requests: list[tuple[list[int], int]], temperatur
         itl_p99_ms=1000 * percentile(itls, 99),
         num_preemptions=stats.num_preemptions,
         prefix_cache_hit_rate=stats.prefix_cache_hit_rate,
+        host_time=_host_time(timer) if timer is not None else None,
     )
+
+
+def _host_time(timer: Any) -> HostTimeResult:
+    from mixtral.bench.host_timing import PHASES
+
+    every = timer.summary()
+    # Full-batch decode steps: no prompt tokens, at least 90% of the largest batch of the run.
+    largest = max((r.num_scheduled for r in timer.records), default=0)
+    decode = timer.summary(timer.decode_steps(int(0.9 * largest)))
+    return HostTimeResult(
+        steps=int(every["steps"]), step_ms=every["wall"], host_ms=every["host"], wait_ms=every["wait"],
+        gc_ms=every["gc"], host_share=every["host"] / every["wall"] if every["wall"] else 0.0,
+        launched_ahead=every["ahead"], phases_ms={p: every[p] for p in PHASES},
+        decode_phases_ms={p: decode[p] for p in PHASES})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -236,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
         engine.reset_prefix_cache()
         # The warm-up's prompt lookup must not count in the reported hit rate.
         engine.block_manager.prefix_queries = engine.block_manager.prefix_hits = 0
-        result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty())
+        result = run_benchmark(engine, requests, args.temperature, args.seed, progress=sys.stderr.isatty(),
+                               report_host_time=getattr(args, "report_host_time", False))
     except RequestTooLongError as exc:  # raised by add_request for a prompt that can never fit
         engine.shutdown()
         where = "a --dataset prompt" if args.dataset is not None else f"--input-len {args.input_len}"
@@ -266,6 +308,15 @@ def _print(r: ThroughputResult, engine: Any) -> None:
         ("preemptions", str(r.num_preemptions)),
         ("prefix cache hit rate", f"{100 * r.prefix_cache_hit_rate:.1f}%"),
     ]
+    h = r.host_time
+    if h is not None:
+        rows += [
+            ("host time per step", f"{h.host_ms:.2f} of {h.step_ms:.2f} ms ({100 * h.host_share:.0f}%), waiting for "
+                                   f"the device {h.wait_ms:.2f} ms, GC {h.gc_ms:.2f} ms; {h.steps} steps, "
+                                   f"{100 * h.launched_ahead:.0f}% launched ahead"),
+            ("host ms by phase (all | full-batch decode)",
+             "  ".join(f"{p} {h.phases_ms[p]:.2f}|{h.decode_phases_ms[p]:.2f}" for p in h.phases_ms if p != "wait")),
+        ]
     print_table(f"throughput: {engine.model_name} on {_device_name(engine)}", rows)
 
 

@@ -18,6 +18,7 @@ block 3 (ref count 2) and 4 tokens already computed.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mixtral.engine.sequence import Sequence
@@ -100,11 +101,12 @@ class BlockManager:
 
     def can_allocate(self, seq: Sequence, num_tokens: int, cached_blocks: list[int] | tuple[int, ...] = ()) -> bool:
         """Whether ``seq`` can hold ``num_tokens`` tokens, first taking ``cached_blocks`` (a fresh sequence)."""
-        have = len(seq.block_table) + len(cached_blocks)
-        need = self.blocks_needed(num_tokens) - have
+        need = -(-num_tokens // self.block_size) - len(seq.block_table)
+        if not cached_blocks:  # the common case (every running sequence, every step): no scan
+            return need <= len(self._free)
         # Cached blocks that are currently free stop being free once this sequence holds them.
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_cnt == 0)
-        return need <= self.num_free_blocks - reclaimed
+        return need - len(cached_blocks) <= len(self._free) - reclaimed
 
     # ----------------------------------------------------------------- mutations
     def allocate_slots(self, seq: Sequence, num_tokens: int, cached_blocks: list[int] | tuple[int, ...] = ()) -> None:
@@ -112,6 +114,16 @@ class BlockManager:
 
         Callers check ``can_allocate`` first. Taking cached blocks marks their tokens as computed.
         """
+        table = seq.block_table
+        if not cached_blocks:
+            # A running sequence's step: no new block 15 times out of 16 (block_size 16, decoding).
+            need = -(-num_tokens // self.block_size) - len(table)
+            if need <= 0:
+                return
+            if need <= len(self._free):
+                for _ in range(need):
+                    table.append(self._pop_free())
+                return
         if not self.can_allocate(seq, num_tokens, cached_blocks):
             raise NoFreeBlocksError(
                 f"sequence {seq.seq_id} needs {self.blocks_needed(num_tokens)} blocks for {num_tokens} tokens; "
@@ -134,12 +146,21 @@ class BlockManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of ``seq``'s blocks that are full and computed, so later prompts can reuse them."""
+        self.cache_full_blocks_of((seq,))
+
+    def cache_full_blocks_of(self, seqs: Iterable[Sequence]) -> None:
+        """``cache_full_blocks`` for each of ``seqs`` (the step's running sequences: one call, not one each)."""
         if not self.enable_prefix_caching:
             return
-        # A step launched ahead (async scheduling) computes the K/V of a token the host does not know yet: only
-        # blocks whose tokens are all known can be hashed.
-        known = min(seq.num_computed_tokens, seq.num_tokens)
-        num_full = min(known // self.block_size, len(seq.block_table))
+        bs = self.block_size
+        for seq in seqs:
+            # A step launched ahead (async scheduling) computes the K/V of a token the host does not know yet:
+            # only blocks whose tokens are all known can be hashed.
+            known = min(seq.num_computed_tokens, len(seq.token_ids))
+            if known // bs > seq.num_published_blocks:  # most steps fill no block: nothing else to do
+                self._publish(seq, min(known // bs, len(seq.block_table)))
+
+    def _publish(self, seq: Sequence, num_full: int) -> None:
         if num_full <= seq.num_published_blocks:
             return
         self._ensure_hashes(seq, num_full)

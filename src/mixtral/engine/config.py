@@ -37,6 +37,10 @@ class EngineConfig:
     - ``async_scheduling``: launch the next decode step before the current step's tokens reach the host, so
       the host's scheduling and output work overlaps the GPU (vLLM's "async scheduling"). None = on for
       CUDA, off elsewhere (where the host computes the model itself and nothing overlaps).
+    - ``freeze_gc_heap``: while the engine has requests, keep the garbage collector off the objects that existed
+      when it got them (``gc.freeze``, undone when it is idle again: engine/gc_freeze.py), so a full collection
+      walks what serving allocates instead of the whole process (100+ ms stalls of the step loop otherwise).
+      None = on for CUDA, off elsewhere (where the CPU computes the model and nothing waits for the host).
     - ``seed``: draws the per-request seeds of requests that bring none.
     - ``kernels``: which implementation runs each fused op (``KernelConfig``: backend, MoE prefill path, dense
       prefill attention, fused router, PDL); the model runner hands it to the model once.
@@ -53,6 +57,7 @@ class EngineConfig:
     enforce_eager: bool = False
     prefill_cuda_graph: bool = True
     async_scheduling: bool | None = None
+    freeze_gc_heap: bool | None = None
     seed: int = 0
     device: torch.device | None = None
     dtype: torch.dtype | None = None

@@ -25,6 +25,7 @@ from mixtral.distributed.engine import build_parallel_engine, pop_parallel_confi
 from mixtral.engine.admission import Admission, RequestTooLongError
 from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
+from mixtral.engine.gc_freeze import HeapFreezer
 from mixtral.engine.loading import load_for_engine
 from mixtral.engine.memory import plan_num_blocks
 from mixtral.engine.model_runner import ModelRunner
@@ -86,7 +87,8 @@ class LLMEngine:
         self.requests = RequestTable()
         self.admission = Admission(self.config, model.args.vocab_size, tokenizer, self.block_manager)
         self.planner = StepPlanner(self.config, self.scheduler, self.block_manager, self.requests,
-                                   model.args.vocab_size, self.model_runner.device)
+                                   model.args.vocab_size, self.model_runner.device,
+                                   mixed_ahead=getattr(self.model_runner, "mixed_ahead", False))
         # ``release`` goes through the engine's attribute, so a replaced (or wrapped) model runner is the one told.
         self.applier = StepApplier(self.scheduler, self.block_manager, self.output_processor, self.requests,
                                    lambda seq_id: self.model_runner.release(seq_id))
@@ -94,6 +96,10 @@ class LLMEngine:
         self._overlap = (self.config.async_scheduling if self.config.async_scheduling is not None
                          else model.device.type == "cuda")
         self._inflight: Inflight | None = None
+        # The garbage collector skips the heap while requests run (gc_freeze.py): on by default where a device
+        # waits for the host.
+        self._heap = HeapFreezer(self.config.freeze_gc_heap if self.config.freeze_gc_heap is not None
+                                 else model.device.type == "cuda")
 
     @classmethod
     def from_config(cls, model: str | Transformer | None = None, *, device: torch.device | str | None = None,
@@ -125,6 +131,7 @@ class LLMEngine:
         group = self.admission.new_request(request_id, prompt, sampling_params or SamplingParams(), now)
         first = group.seqs[0]
         self.output_processor.start(first, group)
+        self._heap.busy()
         self.requests.add(group)
         self.scheduler.add(first)
 
@@ -144,6 +151,8 @@ class LLMEngine:
                     self.applier.finish_seq(seq, SequenceStatus.FINISHED_ABORTED)
             self.requests.remove(group, now)
             outs.append(group.to_output())
+        if not self.requests:
+            self._heap.idle()
         return outs
 
     def has_unfinished_requests(self) -> bool:
@@ -162,8 +171,9 @@ class LLMEngine:
         With async scheduling a decode step is launched before the previous step's samples are applied: the
         GPU computes step N + 1 (fed on step N's sampled ids, which never leave the device) while the host
         applies step N's tokens, checks stops and builds outputs. A sequence that finishes at step N has
-        computed one token too many at N + 1: it is dropped. Any step that needs the host's view of the
-        tokens (admissions, prefill chunks, guides, penalties, forks) waits for the previous step instead.
+        computed one token too many at N + 1: it is dropped. Admissions and prompt chunks go ahead too (their
+        tokens are on the host) where the model runner takes such mixed steps; any step that needs the host's
+        view of sampled tokens (guides, penalties, forks, prompt logprobs) waits for the previous step instead.
         """
         current = self._inflight
         self._inflight = None
@@ -175,21 +185,19 @@ class LLMEngine:
                 return []
         if self._overlap:
             self._inflight = self._launch_ahead(current)
-        return self.applier.apply(current, finished_only)
+        outputs = self.applier.apply(current, finished_only)
+        if not self.requests:
+            self._heap.idle()
+        return outputs
 
     def _launch_scheduled(self) -> Inflight | None:
         """Schedule and launch a step (the scheduler's choice); None when there is nothing to run."""
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return None
-        now = time.monotonic()
         counters = self.requests.counters
         counters.num_steps += 1
-        for seq_id, num_cached in sched.num_cached_tokens.items():
-            group = self.requests.group_of[seq_id]
-            group.num_cached_tokens = num_cached
-            if group.metrics.first_scheduled_time is None:
-                group.metrics.first_scheduled_time = now
+        self._note_admitted(sched.num_cached_tokens)
         plan, targets = self.planner.plan(sched)
         masks = self.planner.guide_masks(plan.rows)
         counters.num_prompt_tokens += sum(s.num_new_tokens for s in sched.scheduled if s.seq.is_prefill)
@@ -198,14 +206,26 @@ class LLMEngine:
         return Inflight(plan, targets, launched, masks.errors if masks is not None else {})
 
     def _launch_ahead(self, current: Inflight) -> Inflight | None:
-        """Launch the decode step that follows ``current`` (see ``StepPlanner.plan_ahead``), or None."""
+        """Launch the step that follows ``current`` before its samples are applied (see
+        ``StepPlanner.plan_ahead``), or None."""
         ahead = self.planner.plan_ahead(current)
         if ahead is None:
             return None
-        prev_ids = current.launched.token_ids  # [R] on the device, row i = current.plan.scheduled[i]
+        self._note_admitted(ahead.num_cached_tokens)
+        self.requests.counters.num_prompt_tokens += ahead.num_prompt_tokens
+        prev_ids = current.launched.token_ids  # [R] on the device: current's sampled rows
         launched = self.model_runner.launch(ahead.plan, None, input_ids=prev_ids, input_rows=ahead.input_rows)
         self.requests.counters.num_steps += 1
         return ahead.launched(launched)
+
+    def _note_admitted(self, num_cached_tokens: dict[int, int]) -> None:
+        """Requests a step admits: their prefix-cache hits and first scheduled time."""
+        now = time.monotonic()
+        for seq_id, num_cached in num_cached_tokens.items():
+            group = self.requests.group_of[seq_id]
+            group.num_cached_tokens = num_cached
+            if group.metrics.first_scheduled_time is None:
+                group.metrics.first_scheduled_time = now
 
     # ----------------------------------------------------------------- introspection
     @property
@@ -244,6 +264,7 @@ class LLMEngine:
         self.block_manager.reset_prefix_cache()
 
     def shutdown(self) -> None:
+        self._heap.idle()
         self.planner.shutdown()
         runner_shutdown = getattr(self.model_runner, "shutdown", None)  # a parallel runner stops its workers
         if runner_shutdown is not None:

@@ -27,8 +27,9 @@ from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
+from mixtral.engine.host_tensors import host_tensor
 from mixtral.engine.routing import CapturedRouting, RoutingCapture, RoutingSpan
-from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow
+from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow, SamplingTensors
 from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
 from mixtral.model.context import DenseContext
@@ -85,6 +86,9 @@ class LaunchedStep:
 
 
 class ModelRunner:
+    # ``launch`` takes steps launched ahead that mix device-fed decoding sequences with host-fed prompt chunks.
+    mixed_ahead = True
+
     def __init__(self, model: Transformer, config: EngineConfig, sampler: Sampler) -> None:
         assert config.max_model_len is not None, "resolve() the config first"
         model.set_kernel_config(config.kernels)
@@ -175,28 +179,15 @@ class ModelRunner:
         ``bitmask_fn`` returns the guided-decoding bitmask [R, W] (int32, CPU); it is called after the forward
         pass is launched, so masks computed on worker threads overlap the model. ``input_ids`` [N] (on the
         device) replaces the tokens read from the sequences: a step launched before the previous step's samples
-        reached the host feeds on them directly; ``input_rows`` picks the rows of ``input_ids`` to use.
+        reached the host feeds on them directly; ``input_rows`` picks the rows of ``input_ids`` to use, one per
+        scheduled sequence, or -1 for a sequence whose tokens are read from the host (a prompt's chunk in a step
+        launched ahead: ``mixed_ahead``).
         """
         if self._inputs_copied is not None:
             # Last step's host-to-device copies must finish before their pinned staging is overwritten.
             self._inputs_copied.synchronize()
-        if input_ids is not None and input_rows is not None:
-            # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
-            input_ids = input_ids.index_select(0, self._put("input_rows", torch.tensor(input_rows)))
-        ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
+        ctx, ids, last_index, index, sampling, capture = self._prepare_launch(plan, input_ids, input_rows)
         eager = plan.routing is not None  # the graphs would not keep the router's outputs
-        capture = None
-        if eager:
-            capture = RoutingCapture.for_step(plan.scheduled, plan.routing, last_index, self.args.n_layers,
-                                              self._put)  # None on a TP worker, which keeps nothing
-            ctx.routing_capture = capture  # type: ignore[attr-defined]  # read by each MoE layer
-        index = sampling = None
-        if plan.rows:
-            index = self._put("sample_index", torch.tensor([last_index[o] for o in plan.row_owner]))  # [R]
-            sampling = self.sampler.prepare(plan.rows, self.device, self._put)
-        if self.device.type == "cuda":
-            self._inputs_copied = torch.cuda.Event()
-            self._inputs_copied.record()
         if (not eager and self.graphs is not None and ctx.max_query_len == 1
                 and self.graphs.graph_size(len(plan.scheduled))):
             # Pure decode: replay the captured forward pass (one launch instead of hundreds).
@@ -218,6 +209,72 @@ class ModelRunner:
         prompt_lp = self._prompt_logprobs(plan, hidden, last_index)
         return LaunchedStep(sampled, prompt_lp, routing)
 
+    def _prepare_launch(self, plan: StepPlan, input_ids: torch.Tensor | None, input_rows: list[int] | None
+                        ) -> tuple[PagedAttentionContext, torch.Tensor, list[int], torch.Tensor | None,
+                                   SamplingTensors | None, RoutingCapture | None]:
+        """The step's host work before the forward pass: its inputs, sampled-row index [R], sampling settings and
+        routing capture, copied to the device (all before the event that guards the pinned staging). Returns
+        (context, input ids [N], each sequence's last flat index, index, sampling, capture)."""
+        if input_rows is not None and min(input_rows, default=0) < 0:
+            input_ids = self._mixed_input_ids(plan.scheduled, input_ids, input_rows)
+        elif input_ids is not None and input_rows is not None:
+            # Through the pinned staging: a plain torch.tensor(..., device) would wait for the running step.
+            input_ids = input_ids.index_select(0, self._put("input_rows", host_tensor(input_rows)))
+        ctx, ids, last_index = self._prepare(plan.scheduled, input_ids)
+        capture = None
+        if plan.routing is not None:
+            capture = RoutingCapture.for_step(plan.scheduled, plan.routing, last_index, self.args.n_layers,
+                                              self._put)  # None on a TP worker, which keeps nothing
+            ctx.routing_capture = capture  # type: ignore[attr-defined]  # read by each MoE layer
+        index = sampling = None
+        if plan.rows:
+            index = self._put("sample_index", host_tensor([last_index[o] for o in plan.row_owner]))  # [R]
+            sampling = self.sampler.prepare(plan.rows, self.device, self._put)
+        if self.device.type == "cuda":
+            self._inputs_copied = torch.cuda.Event()
+            self._inputs_copied.record()
+        return ctx, ids, last_index, index, sampling, capture
+
+    def _mixed_input_ids(self, scheduled: list[ScheduledSequence], sampled: torch.Tensor | None,
+                         input_rows: list[int]) -> torch.Tensor:
+        """The input ids [N] (device) of a step whose sequences are fed partly by ``sampled`` (the previous step's
+        sampled ids, still on the device: ``input_rows[j]`` >= 0 for a decoding sequence j) and partly by the
+        host (-1: a prompt's chunk). The host's ids go in one copy, the sampled ones are scattered in on the
+        device.
+
+        Example: sequences [A decoding (row 3), B a 2-token chunk (host), C decoding (row 0)]: the host copy is
+        [0, b0, b1, 0] and flat positions [0, 3] take sampled[3], sampled[0].
+        """
+        parts: list[torch.Tensor] = []
+        pending: list[int] = []  # host ids of short sequences, packed together
+        dst: list[int] = []  # flat positions fed from the device
+        src: list[int] = []  # their rows of ``sampled``
+        flat = 0
+        for s, row in zip(scheduled, input_rows, strict=True):
+            n = s.num_new_tokens
+            if row >= 0:
+                dst.append(flat)
+                src.append(row)
+                pending.append(0)  # replaced on the device
+            elif n >= _VECTOR_MIN_TOKENS:
+                if pending:
+                    parts.append(host_tensor(pending))
+                    pending = []
+                parts.append(s.seq.new_token_ids(s.start, n))
+            else:
+                pending += s.seq.token_ids[s.start:s.start + n]
+            flat += n
+        if pending:
+            parts.append(host_tensor(pending))
+        # cat copies even a single part: on the CPU ``_put`` returns the host tensor, which is written below.
+        ids = self._put("mixed_input_ids", torch.cat(parts))  # [N]
+        if dst:
+            assert sampled is not None, "a sequence fed by a previous step that sampled nothing"
+            k = len(dst)
+            index = self._put("mixed_input_feed", host_tensor(dst + src))  # [2K]
+            ids.index_copy_(0, index[:k], sampled.index_select(0, index[k:]))
+        return ids
+
     def _prefill_graph_for(self, plan: StepPlan, num_tokens: int, ctx: PagedAttentionContext
                            ) -> PrefillGraph | None:
         """The captured prefill graph this step can replay: the dense-attention one for a prompt's first
@@ -231,12 +288,21 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSequence], input_ids: torch.Tensor | None = None
                  ) -> tuple[PagedAttentionContext, torch.Tensor, list[int]]:
         bs = self.config.block_size
+        # One pass for the per-sequence lengths: this runs for every sequence of every step.
         qsl = [0]
         ctx_lens: list[int] = []
+        total = max_new = 0
+        fresh = True  # no sequence has K/V cached before this step's tokens
         for s in scheduled:
-            qsl.append(qsl[-1] + s.num_new_tokens)
-            ctx_lens.append(s.start + s.num_new_tokens)
-        if max(s.num_new_tokens for s in scheduled) >= _VECTOR_MIN_TOKENS:
+            n, start = s.num_new_tokens, s.start
+            total += n
+            qsl.append(total)
+            ctx_lens.append(start + n)
+            if n > max_new:
+                max_new = n
+            if start:
+                fresh = False
+        if max_new >= _VECTOR_MIN_TOKENS:
             ids_t, positions_t, slots_t = self._step_tokens_vectorized(scheduled, input_ids is None, bs)
         else:
             ids_t, positions_t, slots_t = self._step_tokens(scheduled, input_ids is None, bs)
@@ -249,7 +315,7 @@ class ModelRunner:
                                                     else [ids_t, positions_t, slots_t]))
         if input_ids is None:
             input_ids, tokens = tokens[:n], tokens[n:]
-        lens = self._put("step_lens", torch.tensor(ctx_lens + qsl, dtype=torch.int32))
+        lens = self._put("step_lens", host_tensor(ctx_lens + qsl, torch.int32))
         block_tables = self.block_tables.gather([s.seq for s in scheduled], self._put)  # [S, max_blocks_per_seq]
         ctx = PagedAttentionContext(
             positions=tokens[:n],
@@ -257,14 +323,13 @@ class ModelRunner:
             block_tables=block_tables,
             context_lens=lens[:len(ctx_lens)],
             query_start_loc=lens[len(ctx_lens):],
-            max_query_len=max(s.num_new_tokens for s in scheduled),
+            max_query_len=max_new,
             max_context_len=max(ctx_lens),
             kv_caches=self.kv_caches,
             kernels=self.model.kernels,
             sliding_window=self.args.sliding_window,
             expert_counts=self.expert_counts_buf,
-            fresh_prompt_lens=([s.num_new_tokens for s in scheduled]
-                               if all(s.start == 0 for s in scheduled) else None),
+            fresh_prompt_lens=[s.num_new_tokens for s in scheduled] if fresh else None,
         )
         return ctx, input_ids, [q - 1 for q in qsl[1:]]
 
@@ -279,13 +344,18 @@ class ModelRunner:
         for s in scheduled:
             seq, start, n = s.seq, s.start, s.num_new_tokens
             table = seq.block_table
+            if n == 1:  # a decode token: no slices, ranges or comprehensions
+                if want_ids:
+                    ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+                continue
             if want_ids:
                 ids += seq.token_ids[start:start + n]
             pos = range(start, start + n)
             positions += pos
             slots += [table[p // bs] * bs + p % bs for p in pos]
-        return (torch.tensor(ids, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64),
-                torch.tensor(slots, dtype=torch.int64))
+        return host_tensor(ids), host_tensor(positions), host_tensor(slots)
 
     @staticmethod
     def _step_tokens_vectorized(scheduled: list[ScheduledSequence], want_ids: bool, bs: int

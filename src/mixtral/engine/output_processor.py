@@ -29,7 +29,9 @@ class OutputProcessor:
     def process_token(self, seq: Sequence, group: SequenceGroup, token_id: int) -> SequenceStatus | None:
         """Account for ``seq``'s newly appended ``token_id``; return the finish status, or None to go on."""
         params = seq.params
-        may_stop = seq.num_output_tokens >= params.min_tokens
+        num_tokens = len(seq.token_ids)
+        num_output = num_tokens - seq.num_prompt_tokens
+        may_stop = num_output >= params.min_tokens
         guide = params.guide
         if guide is not None:
             guide.accept_token(token_id)
@@ -41,7 +43,8 @@ class OutputProcessor:
         detok = seq.detokenizer
         if detok is not None:
             delta = detok.add(token_id)  # type: ignore[attr-defined]
-            seq.text += delta
+            if delta:
+                seq.text += delta
             if params.stop:
                 if may_stop and delta:
                     hit = self._find_stop(seq.text, len(delta), params.stop)  # type: ignore[arg-type]
@@ -54,7 +57,7 @@ class OutputProcessor:
 
         if guide is not None and guide.is_finished():
             return self._finish(seq, SequenceStatus.FINISHED_STOPPED, None)
-        if seq.num_output_tokens >= group.max_output_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output >= group.max_output_tokens or num_tokens >= self.max_model_len:
             return self._finish(seq, SequenceStatus.FINISHED_LENGTH, None)
         return None
 

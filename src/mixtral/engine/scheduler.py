@@ -16,6 +16,7 @@ The scheduler moves sequences between its queues and the block manager; the engi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mixtral.engine.block_manager import BlockManager
@@ -23,7 +24,7 @@ from mixtral.engine.config import EngineConfig
 from mixtral.engine.sequence import Sequence, SequenceStatus
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     """``seq`` feeds ``token_ids[num_computed_tokens : num_computed_tokens + num_new_tokens]`` this step."""
 
@@ -84,17 +85,30 @@ class Scheduler:
         behind it keeps overlapping."""
         if not self.waiting:
             return False
+        if len(self.running) + 1 + self.waiting[0].fork_count > self.config.max_num_seqs:
+            return False  # a full batch (the usual case while requests queue): no need to count forks
         seats = self.config.max_num_seqs - sum(1 + s.fork_count for s in self.running)
         return 1 + self.waiting[0].fork_count <= seats
 
     def finish(self, seq: Sequence, status: SequenceStatus) -> None:
         """Take ``seq`` out of the queues and free its blocks."""
-        if seq.status == SequenceStatus.RUNNING:
-            self.running.remove(seq)
-        elif seq.status == SequenceStatus.WAITING:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = status
+        self.finish_all([(seq, status)])
+
+    def finish_all(self, finishing: list[tuple[Sequence, SequenceStatus]]) -> None:
+        """``finish`` for each (sequence, status): the running list is filtered once, not searched once per
+        sequence (a batch admitted together finishes together: k removals from n running cost k * n)."""
+        leaving: set[int] = set()
+        for seq, status in finishing:
+            if seq.status == SequenceStatus.RUNNING:
+                leaving.add(seq.seq_id)
+            elif seq.status == SequenceStatus.WAITING:
+                self.waiting.remove(seq)
+            self.block_manager.free(seq)
+            seq.status = status
+        if len(leaving) == 1:
+            self.running.remove(next(s for s, _ in finishing if s.seq_id in leaving))
+        elif leaving:
+            self.running[:] = [s for s in self.running if s.seq_id not in leaving]
 
     # ----------------------------------------------------------------- the policy
     def schedule(self) -> SchedulerOutput:
@@ -122,11 +136,25 @@ class Scheduler:
 
         if out.preempted:
             return out  # memory is short: admit nobody new this step
+        self._admit(out, budget)
+        return out
+
+    def admit_ahead(self, budget: int, accept: Callable[[Sequence], bool]) -> SchedulerOutput:
+        """Admit waiting sequences into a step launched ahead (the engine's async scheduling) after its running
+        sequences took their share of the budget and blocks; the rules are ``schedule``'s (first come, first
+        served, seats, memory, ``budget`` tokens), and admission also stops at the first sequence ``accept``
+        refuses: the step launched ahead cannot take it, the next scheduled step will."""
+        out = SchedulerOutput()
+        self._admit(out, budget, accept)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int, accept: Callable[[Sequence], bool] | None = None) -> None:
+        bm = self.block_manager
         # Running prompts that will fork into n samples hold seats for all of them.
         seats = self.config.max_num_seqs - sum(1 + s.fork_count for s in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if 1 + seq.fork_count > seats:
+            if 1 + seq.fork_count > seats or (accept is not None and not accept(seq)):
                 break
             # Prompt logprobs (and prompt routing) need every prompt position computed: no cache hits for them.
             use_cache = not seq.params.needs_full_prompt
@@ -145,7 +173,6 @@ class Scheduler:
             seats -= 1 + seq.fork_count
             out.scheduled.append(ScheduledSequence(seq, num_new))
             budget -= num_new
-        return out
 
     def _preempt(self, seq: Sequence) -> None:
         """Preemption by recompute: free the KV; the sequence re-enters at the front of the waiting queue."""

@@ -30,9 +30,9 @@ class SequenceStatus(enum.Enum):
     FINISHED_ABORTED = "abort"
     FINISHED_ERROR = "error"  # the engine failed the request (its error is on the SequenceGroup)
 
-    @property
-    def finished(self) -> bool:
-        return self not in (SequenceStatus.WAITING, SequenceStatus.RUNNING)
+    def __init__(self, value: str) -> None:
+        # A plain attribute, not a property: the engine reads it for every sequence of every step.
+        self.finished = value not in ("waiting", "running")
 
     @property
     def finish_reason(self) -> str | None:
@@ -181,7 +181,11 @@ class SequenceGroup:
 
     @property
     def is_finished(self) -> bool:
-        return not self.pending_samples and all(s.is_finished for s in self.seqs)
+        if self.pending_samples:
+            return False
+        if len(self.seqs) == 1:  # most requests: no generator (read for every request a step touches)
+            return self.seqs[0].status.finished
+        return all(s.status.finished for s in self.seqs)
 
     def to_output(self) -> RequestOutput:
         prompt_rows = self.seqs[0].prompt_routing
@@ -195,7 +199,8 @@ class SequenceGroup:
             # work per request per step). The engine never changes it after admission.
             prompt_token_ids=self.prompt_token_ids,
             prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-            outputs=[s.completion() for s in sorted(self.seqs, key=lambda s: s.index)],
+            outputs=([self.seqs[0].completion()] if len(self.seqs) == 1
+                     else [s.completion() for s in sorted(self.seqs, key=lambda s: s.index)]),
             finished=self.is_finished,
             num_cached_tokens=self.num_cached_tokens,
             metrics=self.metrics,

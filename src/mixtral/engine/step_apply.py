@@ -69,12 +69,17 @@ class StepApplier:
             self._apply_prompt_routing(plan, result.routing, touched)
         if result.sampled is not None:
             self._apply_samples(plan, targets, result.sampled, result.routing, touched)
-        for s in plan.scheduled:
-            if not s.seq.is_finished:
-                # Publish blocks now full and computed; with a step launched ahead, their last token has just
-                # arrived (the block manager hashes known tokens only).
-                self.block_manager.cache_full_blocks(s.seq)
+        self._publish_blocks(plan)
+        return self._build_outputs(touched, finished_only)
 
+    def _publish_blocks(self, plan: StepPlan) -> None:
+        # Publish blocks now full and computed; with a step launched ahead, their last token has just arrived
+        # (the block manager hashes known tokens only).
+        self.block_manager.cache_full_blocks_of(s.seq for s in plan.scheduled if not s.seq.status.finished)
+
+    def _build_outputs(self, touched: dict[str, SequenceGroup], finished_only: bool) -> list[RequestOutput]:
+        """The RequestOutputs of the step's requests (only the finished ones with ``finished_only``); finished
+        requests leave the table."""
         outputs = []
         now = time.monotonic()
         for group in touched.values():
@@ -112,14 +117,16 @@ class StepApplier:
     def _apply_samples(self, plan: StepPlan, targets: Targets, sampled: SamplerOutput,
                        routing: dict[int, RoutingSpan] | None, touched: dict[str, SequenceGroup]) -> None:
         now = time.monotonic()
+        group_of = self.requests.group_of
+        token_ids, top_logprobs, logprobs = sampled.token_ids, sampled.top_logprobs, sampled.logprobs
         forked: dict[int, tuple[Sequence, list[Sequence]]] = {}  # parent seq_id -> (parent, new samples)
         seqs: list[tuple[int, Sequence]] = []
         failed: dict[str, tuple[SequenceGroup, Exception, str]] = {}
         for i, (seq, fork_k) in enumerate(targets):
-            if seq.is_finished:
+            if seq.status.finished:
                 continue  # finished (or aborted) after this step was launched: its token is not wanted
-            group = self.requests.group(seq)
-            if group.request_id in failed:
+            group = group_of[seq.seq_id]
+            if failed and group.request_id in failed:
                 continue
             if fork_k is not None:
                 try:
@@ -137,15 +144,16 @@ class StepApplier:
                                                                     "sampled token"), "recording its routing")
                     continue
                 seq.routing.append(span.experts[-1:], span.weights[-1:])
-            seq.append_token(sampled.token_ids[i], sampled.top_logprobs[i], sampled.logprobs[i])
-            self.requests.counters.num_generation_tokens += 1
+            seq.append_token(token_ids[i], top_logprobs[i], logprobs[i])
             seqs.append((i, seq))
             if seq.index == 0:
-                if group.metrics.first_token_time is None:
-                    group.metrics.first_token_time = now
-                group.metrics.token_times.append(now)
-                group.metrics.last_token_time = now
+                metrics = group.metrics
+                if metrics.first_token_time is None:
+                    metrics.first_token_time = now
+                metrics.token_times.append(now)
+                metrics.last_token_time = now
             touched[group.request_id] = group
+        self.requests.counters.num_generation_tokens += len(seqs)
         for parent, kids in forked.values():
             group = self.requests.group(parent)
             parent.fork_count = 0
@@ -153,24 +161,41 @@ class StepApplier:
             group.pending_seeds = []
             self.scheduler.add_running_after(parent, kids)
         # Stop checks after forking, so a sample that finishes at once is freed like any other.
-        for i, seq in seqs:
-            group = self.requests.group(seq)
-            if group.request_id in failed:
-                continue
-            try:
-                status = self.output_processor.process_token(seq, group, sampled.token_ids[i])
-            except Exception as exc:
-                failed[group.request_id] = (group, exc, "applying its sampled token")
-                continue
-            if status is not None:
-                self.finish_seq(seq, status)
+        self._check_stops(seqs, sampled, failed)
         for group, exc, stage in failed.values():
             self.fail_request(group, exc, stage)
             touched[group.request_id] = group
 
+    def _check_stops(self, seqs: list[tuple[int, Sequence]], sampled: SamplerOutput,
+                     failed: dict[str, tuple[SequenceGroup, Exception, str]]) -> None:
+        """Detokenize each new token and finish the sequences it stops (together: many finish at once when a
+        batch admitted together reaches max_tokens); a request that raises goes to ``failed``."""
+        group_of = self.requests.group_of
+        process_token = self.output_processor.process_token
+        token_ids = sampled.token_ids
+        finishing: list[tuple[Sequence, SequenceStatus]] = []
+        for i, seq in seqs:
+            group = group_of[seq.seq_id]
+            if failed and group.request_id in failed:
+                continue
+            try:
+                status = process_token(seq, group, token_ids[i])
+            except Exception as exc:
+                failed[group.request_id] = (group, exc, "applying its sampled token")
+                continue
+            if status is not None:
+                finishing.append((seq, status))
+        if finishing:
+            self.finish_seqs(finishing)
+
     def finish_seq(self, seq: Sequence, status: SequenceStatus) -> None:
-        self.scheduler.finish(seq, status)
-        self._release(seq.seq_id)
+        self.finish_seqs([(seq, status)])
+
+    def finish_seqs(self, finishing: list[tuple[Sequence, SequenceStatus]]) -> None:
+        """End each sequence with its status: out of the scheduler's queues, its blocks and runner row freed."""
+        self.scheduler.finish_all(finishing)
+        for seq, _ in finishing:
+            self._release(seq.seq_id)
 
     def fail_request(self, group: SequenceGroup, exc: BaseException, stage: str) -> None:
         """End every sequence of ``group`` with FINISHED_ERROR (freeing their blocks) and record why."""

@@ -48,16 +48,22 @@ class Inflight:
 
 @dataclass
 class AheadStep:
-    """The decode step launched before the previous one's samples are on the host (see ``plan_ahead``)."""
+    """The step launched before the previous one's samples are on the host (see ``plan_ahead``)."""
 
     plan: StepPlan
-    seqs: list[Sequence]
-    input_rows: list[int] | None  # rows of the previous step's sampled ids that feed this step (None: all)
+    # Per scheduled sequence: the row of the previous step's sampled ids that is its input token, or -1 where its
+    # tokens are on the host (a prompt's chunk). None: every sequence decodes, fed by every row in order.
+    input_rows: list[int] | None
+    # Admitted by this step: prompt tokens found in the prefix cache, per sequence (SchedulerOutput's).
+    num_cached_tokens: dict[int, int] = field(default_factory=dict)
+    num_prompt_tokens: int = 0  # prompt tokens it computes (the engine's counter)
 
     def launched(self, launched: LaunchedStep) -> Inflight:
-        for seq in self.seqs:
-            seq.num_computed_tokens += 1  # its K/V is being computed; the token itself arrives with the step before
-        return Inflight(self.plan, [(seq, None) for seq in self.seqs], launched)
+        for s in self.plan.scheduled:
+            # Their K/V is being computed; a decoding sequence's token arrives with the step before.
+            s.seq.num_computed_tokens += s.num_new_tokens
+        targets: Targets = [(self.plan.scheduled[j].seq, None) for j in self.plan.row_owner]
+        return Inflight(self.plan, targets, launched)
 
 
 class GuideMasks:
@@ -87,9 +93,20 @@ class GuideMasks:
         return self.bitmask
 
 
+def _plain(seq: Sequence) -> bool:
+    """Whether a waiting sequence can be admitted into a step launched ahead: nothing about it needs the host
+    between its steps (no guide, penalties, prompt logprobs, n > 1 forks or routing capture)."""
+    p = seq.params
+    return (p.guide is None and not p.has_penalties and seq.prompt_logprobs is None and not seq.fork_count
+            and seq.routing is None and seq.prompt_routing is None)
+
+
 class StepPlanner:
     def __init__(self, config: EngineConfig, scheduler: Scheduler, block_manager: BlockManager,
-                 requests: RequestTable, vocab_size: int, device: torch.device) -> None:
+                 requests: RequestTable, vocab_size: int, device: torch.device, mixed_ahead: bool = False) -> None:
+        """``mixed_ahead``: the model runner takes a step launched ahead that mixes sequences fed by the previous
+        step's sampled ids with host-fed prompt chunks (``ModelRunner.launch``'s ``input_rows`` with -1s)."""
+        self.mixed_ahead = mixed_ahead
         self.config = config
         self.scheduler = scheduler
         self.block_manager = block_manager
@@ -142,54 +159,118 @@ class StepPlanner:
         return GuideMasks(self._guide_pool, rows, guided, self.vocab_size, self.device.type == "cuda")
 
     def plan_ahead(self, current: Inflight) -> AheadStep | None:
-        """The decode step that follows ``current`` for its sequences, to launch before ``current``'s samples
-        are known on the host; None when that step would need them (or a new admission should come first).
+        """The step that follows ``current``, planned and launched before ``current``'s samples reach the host;
+        None when it would need them (the scheduler then plans the next step once they are applied).
 
-        A waiting request that has a seat goes first (the scheduler admits it); behind a full batch it waits
-        either way, so the overlap goes on. Each sequence's input is the token ``current`` samples for it, read
+        Each sequence that samples at ``current`` decodes, its input the token ``current`` samples for it, read
         from the device. Sequences certain to finish at ``current`` (length limits) are left out; ones that stop
-        on a token are not known yet and compute one extra token that the apply step drops. Allocates the
-        sequences' slots for the new token.
+        on a token are not known yet and compute one extra token that the apply step drops. With a runner that
+        takes host-fed tokens in such a step (``mixed_ahead``), a prompt ``current`` computed part of gets its next
+        chunk, and waiting requests are admitted in the budget left (``Scheduler.admit_ahead``), so admissions
+        keep the device busy too; otherwise a step with either goes back to the scheduler. Guides, penalties and
+        n > 1 forks read sampled tokens on the host: any in ``current`` (or at the head of the queue) makes it
+        the scheduler's step. Allocates the slots of every sequence it schedules.
         """
-        if self.scheduler.can_admit() or current.launched.token_ids is None:
-            return None
         plan = current.plan
-        if len(plan.rows) != len(plan.scheduled) or any(k is not None for _, k in current.targets):
-            return None  # a prefill chunk that samples nothing, or n > 1 forking: the scheduler decides
+        if any(k is not None for _, k in current.targets):
+            return None  # n > 1 forking: the scheduler decides
+        admit = self.scheduler.can_admit()
+        if admit and not (self.mixed_ahead and _plain(self.scheduler.waiting[0])):
+            return None  # the head of the queue needs the scheduler's step
         max_len = self.config.max_model_len
         assert max_len is not None
-        keep: list[int] = []
-        for i, s in enumerate(plan.scheduled):
+        bm = self.block_manager
+        bs = bm.block_size
+        group_of = self.requests.group_of
+        owner = plan.row_owner
+        # Scheduled index -> the row it samples; None when they are the same (every sequence sampled, in order).
+        row_of = None if len(owner) == len(plan.scheduled) and (not owner or owner[-1] == len(owner) - 1) else {
+            j: i for i, j in enumerate(owner)}
+        # One pass over the batch (this runs every decode step for every running sequence): who goes on, and how.
+        going: list[tuple[Sequence, int]] = []  # (sequence, the row feeding it or -1: a prompt chunk from the host)
+        num_unfinished = num_decoding = 0
+        for j, s in enumerate(plan.scheduled):
             seq = s.seq
             params = seq.params
             if params.guide is not None or params.has_penalties:
                 return None  # both read the previous token on the host
-            if seq.is_finished:
+            if seq.status.finished:
+                continue
+            num_unfinished += 1
+            row = j if row_of is None else row_of.get(j)
+            if row is None:
+                # A prompt's chunk that samples nothing: the next chunk's tokens are on the host.
+                if not self.mixed_ahead or not _plain(seq):
+                    return None
+                going.append((seq, -1))
                 continue
             # After ``current`` the sequence holds num_tokens + 1 tokens.
-            if (seq.num_output_tokens + 1 >= self.requests.group(seq).max_output_tokens
-                    or seq.num_tokens + 1 >= max_len):
-                continue
-            keep.append(i)
-        if not keep:
-            return None
-        seqs = [plan.scheduled[i].seq for i in keep]
-        bm = self.block_manager
-        new_blocks = sum(bm.blocks_needed(seq.num_tokens + 1) - len(seq.block_table) for seq in seqs)
+            num_tokens = len(seq.token_ids) + 1
+            if (num_tokens - seq.num_prompt_tokens < group_of[seq.seq_id].max_output_tokens
+                    and num_tokens < max_len):
+                going.append((seq, row))
+                num_decoding += 1
+        if num_unfinished != len(self.scheduler.running):
+            return None  # a running sequence ``current`` left out (the budget ran out): the scheduler's turn
+        # Decoding sequences first take one token each; prompt chunks share what is left, in order.
+        budget = self.config.max_num_batched_tokens - num_decoding
+        scheduled: list[ScheduledSequence] = []
+        feed: list[int] = []
+        rows: list[SampleRow] = []
+        row_owner: list[int] = []
+        new_blocks = 0
+        for seq, row in going:
+            if row >= 0:
+                num_tokens = len(seq.token_ids) + 1
+                row_owner.append(len(scheduled))
+                rows.append(SampleRow(seq.params, seq.seed, num_tokens - seq.num_prompt_tokens))
+                scheduled.append(ScheduledSequence(seq, 1))
+            else:
+                num_new = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+                if num_new < 1:
+                    return None
+                budget -= num_new
+                num_tokens = seq.num_computed_tokens + num_new
+                scheduled.append(ScheduledSequence(seq, num_new))
+            feed.append(row)
+            new_blocks += -(-num_tokens // bs) - len(seq.block_table)
         if new_blocks > bm.num_free_blocks:
             return None  # memory is short: let the scheduler preempt
-        for seq in seqs:
-            bm.allocate_slots(seq, seq.num_tokens + 1)
-        scheduled = [ScheduledSequence(seq, 1) for seq in seqs]
-        rows = [SampleRow(seq.params, seq.seed, seq.num_output_tokens + 1) for seq in seqs]
+        for s in scheduled:
+            bm.allocate_slots(s.seq, s.seq.num_computed_tokens + s.num_new_tokens)
+        admitted = None
+        if admit and budget > 0:
+            # The blocks of current's prompts are computed before this step runs (one stream, in order): offer
+            # them to the prefix cache now, as applying current would before a scheduled step.
+            bm.cache_full_blocks_of(s.seq for s in plan.scheduled if not s.seq.status.finished)
+            admitted = self.scheduler.admit_ahead(budget, _plain)
+            scheduled += admitted.scheduled
+            feed += [-1] * len(admitted.scheduled)
+        if not scheduled:
+            return None
+        # The host-fed sequences: prompt tokens to count, and a row for each chunk that reaches its prompt's end.
+        num_prompt_tokens = 0
+        for j, (s, row) in enumerate(zip(scheduled, feed, strict=True)):
+            if row >= 0:
+                continue
+            seq = s.seq
+            if seq.is_prefill:
+                num_prompt_tokens += s.num_new_tokens
+            if s.samples:
+                rows.append(SampleRow(seq.params, seq.seed, seq.num_output_tokens))
+                row_owner.append(j)
         routing = None
-        if plan.routing is not None:  # ``current`` sampled every sequence: without routing there, none asked
-            # Each row samples: a sequence with return_routing keeps its one row (the position it feeds).
-            routing = [seq.num_computed_tokens if seq.routing is not None else None for seq in seqs]
+        if plan.routing is not None:  # without routing in ``current`` none of its sequences asked
+            # A decoding sequence with return_routing keeps its one row (the position it feeds); host-fed ones
+            # never ask (``_plain``).
+            routing = [s.seq.num_computed_tokens if row >= 0 and s.seq.routing is not None else None
+                       for s, row in zip(scheduled, feed, strict=True)]
             if all(r is None for r in routing):
                 routing = None
-        ahead = StepPlan(scheduled, rows, list(range(len(seqs))), [None] * len(seqs), routing)
-        return AheadStep(ahead, seqs, keep if len(keep) != len(plan.rows) else None)
+        ahead = StepPlan(scheduled, rows, row_owner, [None] * len(scheduled), routing)
+        in_order = len(feed) == len(plan.rows) and feed == list(range(len(feed)))
+        return AheadStep(ahead, None if in_order else feed,
+                         admitted.num_cached_tokens if admitted is not None else {}, num_prompt_tokens)
 
     def shutdown(self) -> None:
         if self._guide_pool is not None:
