@@ -117,6 +117,7 @@ class Worker:
         from mixtral.engine.config import EngineConfig
         from mixtral.engine.model_runner import ModelRunner
         from mixtral.engine.sampler import Sampler
+
         from mixtral.kernels.config import KernelConfig
 
         model = self._model()
