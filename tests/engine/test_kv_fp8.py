@@ -308,3 +308,39 @@ def test_from_config_uses_the_checkpoint_scales(tmp_path: Path, tiny_model: Tran
     assert LLMEngine.from_config(str(folder), kv_cache_dtype="fp8", kv_cache_scales=given,
                                  **kwargs).model_runner.kv_scales == given  # explicit scales win
     assert LLMEngine.from_config(str(folder), **kwargs).model_runner.kv_scales is None  # auto: not read
+
+
+# --------------------------------------------------------------------------- command line
+def test_flag_on_every_engine_command_and_info(capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from mixtral.cli.kv_args import kv_cache_kwargs
+    from mixtral.cli.main import main
+
+    for command in (["serve"], ["generate", "x"], ["chat"], ["bench", "throughput"], ["bench", "gpu"]):
+        with pytest.raises(SystemExit):
+            main([*command, "--kv-cache-dtype", "int8"])
+        err = capsys.readouterr().err
+        assert "invalid choice: 'int8' (choose from 'auto', 'fp8', 'fp8_e4m3')" in err, (command, err)
+    assert kv_cache_kwargs(argparse.Namespace(kv_cache_dtype="fp8_e4m3")) == {"kv_cache_dtype": "fp8_e4m3"}
+    assert kv_cache_kwargs(argparse.Namespace()) == {"kv_cache_dtype": "auto"}  # a namespace built in code
+    infos = {}
+    for dt in ("auto", "fp8"):
+        assert main(["info", "mixtral-8x22b", "--kv-cache-dtype", dt, "--json"]) == 0
+        infos[dt] = json.loads(capsys.readouterr().out)["kv_cache"]
+    args = preset("mixtral-8x22b")
+    assert infos["fp8"]["bytes_per_token"] == args.kv_bytes_per_token(1) == infos["auto"]["bytes_per_token"] // 2
+    assert infos["auto"]["tokens_that_fit_80GB"] == 0  # 8x22B's bf16 weights alone are far past 80 GB
+    assert main(["info", "demo", "--kv-cache-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    assert "fp8 on 80 GB GPU" in out and "512 B/token" in out
+
+
+def test_tokens_that_fit_doubles_with_fp8() -> None:
+    from mixtral.engine.memory import kv_tokens_that_fit
+
+    args = preset("mixtral-8x7b")
+    weights = 47 * 10**9  # about what 8x7B takes in FP8
+    bf16, fp8 = (kv_tokens_that_fit(args, weights, b, gpu_bytes=80 * 10**9) for b in (2, 1))
+    assert bf16 == (72 * 10**9 - weights) // 131072 and fp8 == (72 * 10**9 - weights) // 65536
+    assert kv_tokens_that_fit(args, 93 * 10**9, 1, gpu_bytes=80 * 10**9) == 0

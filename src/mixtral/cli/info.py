@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from mixtral.cli.convert import report_errors
+from mixtral.cli.kv_args import add_kv_cache_args
 from mixtral.cli.parallel_args import add_parallel_args, parallel_config_from_args
 
 # Bytes per weight of each storage type (int4 ignores its small per-group scales).
@@ -25,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "repo id (resolved through the local cache; only configs are fetched)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_parallel_args(p)  # --tensor-parallel-size N: also what each of the N GPUs holds
+    add_kv_cache_args(p)  # --kv-cache-dtype: the KV bytes per token and the tokens that fit an 80 GB GPU
     return p
 
 
@@ -36,7 +38,7 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.2f} MiB"
 
 
-def model_info(name: str) -> dict[str, Any]:
+def model_info(name: str, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """Everything `info` prints, as a dict."""
     from mixtral.checkpoint.consolidated import consolidated_weight_files
     from mixtral.checkpoint.hf import hf_weight_files
@@ -58,6 +60,11 @@ def model_info(name: str) -> dict[str, Any]:
         "kv_bytes_per_token": {"bf16": args.kv_bytes_per_token(2), "fp8": args.kv_bytes_per_token(1)},
     }
     info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
+    from mixtral.engine.memory import kv_tokens_that_fit
+
+    kv = "bf16" if kv_cache_dtype == "auto" else "fp8"
+    info["kv_cache"] = {"dtype": kv, "bytes_per_token": info["kv_bytes_per_token"][kv], "tokens_that_fit_80GB":
+                        kv_tokens_that_fit(args, info["weight_bytes"]["bf16"], 2 if kv == "bf16" else 1)}
     if source.folder is not None and source.repo_id is None:
         folder = source.folder
         files = hf_weight_files(folder)[0] if source.format == "hf" else consolidated_weight_files(folder)
@@ -78,7 +85,7 @@ def resolve_args(name: str) -> Any:
 
 @report_errors
 def run(args: argparse.Namespace) -> int:
-    info = model_info(args.model)
+    info = model_info(args.model, getattr(args, "kv_cache_dtype", "auto"))
     parallel = parallel_config_from_args(args)
     if parallel.is_distributed:
         from mixtral.distributed.memory import rank_memory
@@ -105,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     print("KV cache")
     print(f"  per token              {kv['bf16']:,} B (bf16), {kv['fp8']:,} B (fp8)")
     print(f"  max_seq_len, bf16      {gib(info['kv_bytes_max_seq_len_bf16'])} per sequence")
+    c = info["kv_cache"]
+    fit = (f"{c['tokens_that_fit_80GB']:,} tokens fit beside the bf16 weights" if c["tokens_that_fit_80GB"]
+           else "none: the bf16 weights alone exceed it")
+    print(f"  {c['dtype'] + ' on 80 GB GPU':22s} {fit} ({c['bytes_per_token']:,} B/token, 90% of the GPU)")
     if "per_rank" in info:
         r = info["per_rank"]
         print(f"per rank   {r['layout']} over {r['ranks']} GPUs: {count(r['parameters'])} parameters "

@@ -107,3 +107,15 @@ def check_model_fits(args: ModelArgs, dtype: torch.dtype, device: torch.device, 
         f"Ways out: quantized weights (--quantization fp8, or int8 / int4), more GPUs (--tensor-parallel-size N), "
         f"a smaller --max-model-len (the KV part), or a smaller model."
     )
+
+
+# A GPU for `mixtral info`'s "tokens that fit": an 80 GB H100 (CUDA reports 79.1 GiB of it).
+INFO_GPU_BYTES = int(79.1 * 2**30)
+
+
+def kv_tokens_that_fit(args: ModelArgs, weight_bytes: int, kv_dtype_bytes: int, gpu_bytes: int = INFO_GPU_BYTES,
+                       utilization: float = 0.9) -> int:
+    """KV-cache tokens that fit beside ``weight_bytes`` of weights in ``utilization`` of ``gpu_bytes`` (an
+    estimate: the engine also sets aside its measured activation peak), 0 when the weights alone do not fit."""
+    room = int(gpu_bytes * utilization) - weight_bytes
+    return max(room, 0) // args.kv_bytes_per_token(kv_dtype_bytes)
