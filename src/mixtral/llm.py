@@ -31,7 +31,8 @@ class LLM:
                  dtype: torch.dtype | str | None = None, **engine_kwargs: Any) -> None:
         """``model``: a folder, a preset name, "demo", a Hugging Face repo id, None (the default model) or a
         built ``Transformer``. ``engine_kwargs`` go to ``EngineConfig`` (max_model_len, max_num_seqs,
-        max_num_batched_tokens, kv_cache_bytes, gpu_memory_utilization, enable_prefix_caching, seed, ...)
+        max_num_batched_tokens, kv_cache_bytes, gpu_memory_utilization, enable_prefix_caching, kv_cache_dtype
+        ("auto" or "fp8"), seed, ...)
         plus ``tokenizer`` to override the model's."""
         self.llm_engine = LLMEngine.from_config(model, device=device, dtype=dtype, **engine_kwargs)
         self.tokenizer = self.llm_engine.tokenizer

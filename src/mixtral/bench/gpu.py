@@ -36,6 +36,7 @@ from mixtral.bench.args import (
     positive_int_list,
 )
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.cli.kv_args import add_kv_cache_args, kv_cache_kwargs
 from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.model.args import ModelArgs
 from mixtral.model.config_formats import args_to_hf_config
@@ -69,6 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="disable async scheduling (each step waits for the previous step's tokens on the host)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.92,
                    help="fraction of GPU memory the engine may use (weights + KV cache)")
+    add_kv_cache_args(p)
     p.add_argument("--json", type=Path, default=None, help="write all figures to this JSON file")
     p.add_argument("--plot", type=Path, default=None, help="write a PNG of tok/s against batch size")
     add_quantization_arg(p)
@@ -317,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     results: dict[str, Any] = {
         "device": name, "date": time.strftime("%Y-%m-%d"), "commit": _git_commit(), "model": model_name,
         "dtype": args.dtype, "torch": torch.__version__, "python": platform.python_version(),
-        "kernels": dataclasses.asdict(kernel_config_from_args(args)),
+        "kernels": dataclasses.asdict(kernel_config_from_args(args)), **kv_cache_kwargs(args),
     }
     console.print(f"[bold]{name}[/bold]  model={model_name} dtype={args.dtype} commit={results['commit']}")
     bw = roofline.measure_copy_bandwidth(dev)
@@ -332,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
         model_name, device="cuda", dtype=args.dtype, max_model_len=max_len, max_num_seqs=max(*batches, 256),
         max_num_batched_tokens=max(args.prefill_len, 2048), gpu_memory_utilization=args.gpu_memory_utilization,
         enforce_eager=args.enforce_eager, enable_prefix_caching=False, async_scheduling=not args.sync_scheduling,
-        kernels=kernel_config_from_args(args), **quantization_kwargs(args),
+        kernels=kernel_config_from_args(args), **quantization_kwargs(args), **kv_cache_kwargs(args),
     )
     margs: ModelArgs = engine.model_args
     model = engine.model_runner.model

@@ -26,6 +26,7 @@ from typing import Any
 from mixtral.bench.args import fraction, non_negative_float, positive_int
 from mixtral.bench.report import print_table
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.cli.kv_args import add_kv_cache_args, kv_cache_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
 from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
@@ -61,6 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="KV cache budget in bytes (default: on GPU a fraction of free memory, on CPU 1 GiB at most)")
     p.add_argument("--gpu-memory-utilization", type=fraction, default=0.9,
                    help="fraction of GPU memory the engine may use (default: 0.9)")
+    add_kv_cache_args(p)
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     p.add_argument("--enforce-eager", action="store_true", help="never use CUDA graphs")
     add_parallel_args(p)
@@ -255,7 +257,7 @@ def run(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
             gpu_memory_utilization=args.gpu_memory_utilization, enable_prefix_caching=not args.no_prefix_caching,
             enforce_eager=args.enforce_eager, kernels=kernel_config_from_args(args),
-            **parallel_engine_kwargs(args), **quantization_kwargs(args),
+            **parallel_engine_kwargs(args), **quantization_kwargs(args), **kv_cache_kwargs(args),
         )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:  # CheckpointError/ConfigError are ValueErrors
         return _fail(f"cannot load {args.model!r}: {exc}")

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TextIO
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.cli.kv_args import add_kv_cache_args, kv_cache_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
 from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
@@ -35,6 +36,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest prompt + reply in tokens (default: the model's context length, as the KV cache "
                         "allows); lower it when the KV cache does not fit")
     add_quantization_arg(p)
+    add_kv_cache_args(p)
     add_kernel_args(p)
     add_parallel_args(p)
 
@@ -79,7 +81,7 @@ def build_llm(args: argparse.Namespace) -> Any:
     from mixtral import LLM
 
     max_model_len = getattr(args, "max_model_len", None)
-    engine_kwargs: dict[str, Any] = {"kernels": kernel_config_from_args(args)}
+    engine_kwargs: dict[str, Any] = {"kernels": kernel_config_from_args(args), **kv_cache_kwargs(args)}
     if max_model_len is not None:
         engine_kwargs["max_model_len"] = max_model_len
     engine_kwargs.update(parallel_engine_kwargs(args), **quantization_kwargs(args))

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from mixtral.cli.convert import report_errors
+from mixtral.cli.kv_args import add_kv_cache_args
 from mixtral.cli.parallel_args import add_parallel_args, parallel_config_from_args
 from mixtral.cli.quant_args import add_quantization_arg
 
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="fraction of the 80 GB GPU (an H100's 79.2 GiB) the engine may use, for the KV room and "
                         "the longest context that fits beside the weights (default: 0.9)")
     add_parallel_args(p)  # --tensor-parallel-size N: also what each of the N GPUs holds
+    add_kv_cache_args(p)  # --kv-cache-dtype: the KV bytes per token and the tokens that fit an 80 GB GPU
     return p
 
 
@@ -75,7 +77,7 @@ def memory_plan(source: Any, quantization: str | None, dtype: str, utilization: 
 
 
 def model_info(name: str, quantization: str | None = None, dtype: str = "bf16",
-               gpu_memory_utilization: float = 0.9) -> dict[str, Any]:
+               gpu_memory_utilization: float = 0.9, kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """Everything `info` prints, as a dict."""
     from mixtral.checkpoint.consolidated import consolidated_weight_files
     from mixtral.checkpoint.hf import hf_weight_files
@@ -97,7 +99,10 @@ def model_info(name: str, quantization: str | None = None, dtype: str = "bf16",
         "kv_bytes_per_token": {"bf16": args.kv_bytes_per_token(2), "fp8": args.kv_bytes_per_token(1)},
     }
     info["kv_bytes_max_seq_len_bf16"] = args.kv_bytes_per_token(2) * args.max_seq_len
-    info["memory_plan"] = memory_plan(source, quantization, dtype, gpu_memory_utilization)
+    info["memory_plan"] = plan = memory_plan(source, quantization, dtype, gpu_memory_utilization)
+    kv = "bf16" if kv_cache_dtype == "auto" else "fp8"  # the --kv-cache-dtype asked about, from the plan
+    info["kv_cache"] = {"dtype": kv, "bytes_per_token": info["kv_bytes_per_token"][kv],
+                        "max_context_tokens": plan["max_context_tokens"][kv]}
     if source.format == "gguf" and source.file is not None:
         info["checkpoint_files"] = 1
         info["checkpoint_bytes"] = source.file.stat().st_size
@@ -123,7 +128,7 @@ def resolve_args(name: str) -> Any:
 @report_errors
 def run(args: argparse.Namespace) -> int:
     info = model_info(args.model, getattr(args, "quantization", None), getattr(args, "dtype", "bf16"),
-                      getattr(args, "gpu_memory_utilization", 0.9))
+                      getattr(args, "gpu_memory_utilization", 0.9), getattr(args, "kv_cache_dtype", "auto"))
     parallel = parallel_config_from_args(args)
     if parallel.is_distributed:
         from mixtral.distributed.memory import rank_memory
@@ -163,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"on one 80 GB GPU at {plan['gpu_memory_utilization']:g}: KV room {gib(max(plan['kv_room_bytes'], 0))}"
           + (f", longest context {ctx['bf16']:,} tokens (bf16 KV), {ctx['fp8']:,} (fp8 KV)" if plan["kv_room_bytes"] > 0
              else f": the weights do not fit ({gib(-plan['kv_room_bytes'])} over)"))
+    c = info["kv_cache"]
+    print(f"KV cache as asked ({c['dtype']}): {c['bytes_per_token']:,} B/token, {c['max_context_tokens']:,} tokens fit")
     if "checkpoint_bytes" in info:
         print(f"checkpoint {info['checkpoint_files']} file(s), {gib(info['checkpoint_bytes'])} on disk, "
               f"dtype {'/'.join(info['checkpoint_dtypes']) or 'unknown'}")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
+from mixtral.cli.kv_args import add_kv_cache_args, kv_cache_kwargs
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs, run_torchrun_worker_if_rank
 from mixtral.cli.quant_args import add_quantization_arg, quantization_kwargs
 from mixtral.defaults import DEFAULT_MODEL
@@ -65,6 +66,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="KV cache budget in bytes (default: a fraction of free GPU memory; 1 GiB on CPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, metavar="F",
                    help="fraction of GPU memory the engine may use for weights, activations and KV (default: 0.9)")
+    add_kv_cache_args(p)
     p.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs for decode steps (debugging; slower at small batches)")
     p.add_argument("--no-async-scheduling", action="store_true",
@@ -211,7 +213,7 @@ def load_engine(args: argparse.Namespace) -> LLMEngine:
         gpu_memory_utilization=args.gpu_memory_utilization, seed=args.seed,
         enforce_eager=getattr(args, "enforce_eager", False),
         async_scheduling=False if getattr(args, "no_async_scheduling", False) else None,
-        kernels=kernel_config_from_args(args),
+        kernels=kernel_config_from_args(args), **kv_cache_kwargs(args),
         block_size=getattr(args, "block_size", 16),
         enable_prefix_caching=getattr(args, "enable_prefix_caching", True),
         **quantization_kwargs(args),

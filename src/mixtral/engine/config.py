@@ -8,6 +8,7 @@ each op is ``kernels: KernelConfig`` (defined in ``kernels/config.py``, below th
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,10 @@ from mixtral.kernels.config import KernelConfig
 
 # Default KV cache budget on CPU, where there is no "free memory" to take a fraction of.
 DEFAULT_CPU_KV_CACHE_BYTES = 1 << 30
+# --kv-cache-dtype values (vLLM's names): "auto" stores K/V in the model's dtype; "fp8" (alias "fp8_e4m3")
+# stores float8_e4m3fn codes with one K and one V scale per layer (kernels/kv_fp8.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_FP8_DTYPE = torch.float8_e4m3fn
 
 
 @dataclass
@@ -44,6 +49,12 @@ class EngineConfig:
     - ``seed``: draws the per-request seeds of requests that bring none.
     - ``kernels``: which implementation runs each fused op (``KernelConfig``: backend, MoE prefill path, dense
       prefill attention, fused router, PDL); the model runner hands it to the model once.
+    - ``kv_cache_dtype``: "auto" (the model's dtype) or "fp8" / "fp8_e4m3" (float8_e4m3fn codes: twice the tokens
+      in the same bytes; kept as "fp8"). vLLM's ``--kv-cache-dtype``.
+    - ``kv_cache_scales``: per layer (k_scale, v_scale) of an FP8 cache: a stored code c stands for c * scale.
+      None = 1.0 for every layer (vLLM's default), unless the checkpoint carries scales
+      (``LLMEngine.from_config`` reads them; kernels/kv_fp8.py says why 1.0 is the default). Fixed once the
+      engine is built: CUDA graphs bake them in.
     """
 
     block_size: int = 16
@@ -62,6 +73,8 @@ class EngineConfig:
     device: torch.device | None = None
     dtype: torch.dtype | None = None
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    kv_cache_dtype: str = "auto"
+    kv_cache_scales: tuple[tuple[float, float], ...] | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -80,6 +93,17 @@ class EngineConfig:
             self.device = torch.device(self.device)
         if not isinstance(self.kernels, KernelConfig):
             raise ValueError(f"kernels must be a KernelConfig, got {self.kernels!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8_e4m3":
+            self.kv_cache_dtype = "fp8"
+        if self.kv_cache_scales is not None:
+            self.kv_cache_scales = _check_scales(self.kv_cache_scales)
+
+    def cache_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the KV cache tensors hold for a model computing in ``model_dtype``."""
+        return KV_FP8_DTYPE if self.kv_cache_dtype == "fp8" else model_dtype
 
     def resolve(self, model_max_len: int) -> EngineConfig:
         """Fill model-dependent defaults and check the limits against each other."""
@@ -90,3 +114,16 @@ class EngineConfig:
                 f"lower --max-model-len"
             )
         return dataclasses.replace(self, max_model_len=max_len)
+
+
+def _check_scales(scales: object) -> tuple[tuple[float, float], ...]:
+    """Per-layer (k_scale, v_scale) pairs as a tuple of float pairs (a JSON list of lists is accepted: the
+    parallel workers get the config that way); each scale finite and positive."""
+    try:
+        pairs = tuple((float(k), float(v)) for k, v in scales)  # type: ignore[attr-defined]
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"kv_cache_scales must be (k_scale, v_scale) pairs, one per layer, got {scales!r}") from exc
+    for i, pair in enumerate(pairs):
+        if not all(math.isfinite(s) and s > 0 for s in pair):
+            raise ValueError(f"kv_cache_scales[{i}] = {pair}: scales must be finite and positive")
+    return pairs

@@ -12,6 +12,10 @@ block 0 (a finite, ignored attention result), and a routing mask of 0 so they ad
 utilization counts. Captured with ``max_context_len = max_model_len``: the attention kernels read the true
 lengths on the device and only size their launch grid from this bound.
 
+An FP8 cache's per-layer scales (``kv_scales``) are host floats, so each graph holds the values it was
+captured with: they are fixed when the model runner allocates the cache, before any capture, and changing them
+would mean capturing again.
+
 Only graph-safe ops may run inside: the Triton kernels (no host syncs). ``Kernels.graph_safe`` says whether
 they are in use; the model runner falls back to eager execution otherwise.
 """
@@ -41,9 +45,11 @@ def batch_ladder(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], max_batch: int,
-                 max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None) -> None:
+                 max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None,
+                 kv_scales: list[tuple[float, float]] | None = None) -> None:
         self.model = model
         self.kv_caches = kv_caches
+        self.kv_scales = kv_scales
         self.max_batch = max_batch
         self.max_model_len = max_model_len
         self.expert_counts = expert_counts
@@ -65,6 +71,7 @@ class DecodeGraphs:
             context_lens=self.context_lens[:b], query_start_loc=self.query_start_loc[: b + 1], max_query_len=1,
             max_context_len=self.max_model_len, kv_caches=self.kv_caches, kernels=self.model.kernels,
             sliding_window=self.model.args.sliding_window, expert_counts=self.expert_counts,
+            kv_scales=self.kv_scales,
         )
         ctx.routing_mask = self.routing_mask[:b]
         return ctx
@@ -134,7 +141,7 @@ class PrefillGraph:
 
     def __init__(self, model: Transformer, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], num_tokens: int,
                  max_blocks_per_seq: int, max_model_len: int, expert_counts: torch.Tensor | None,
-                 fresh: bool = False) -> None:
+                 fresh: bool = False, kv_scales: list[tuple[float, float]] | None = None) -> None:
         self.model = model
         self.num_tokens = num_tokens
         dev = model.device
@@ -150,7 +157,7 @@ class PrefillGraph:
             max_query_len=num_tokens, max_context_len=max_model_len, kv_caches=kv_caches, kernels=model.kernels,
             sliding_window=model.args.sliding_window, expert_counts=expert_counts,
             fresh_prompt_lens=[num_tokens] if fresh else None,
-            dense_min_tokens=GRAPH_DENSE_PREFILL_MIN_TOKENS if fresh else None,
+            dense_min_tokens=GRAPH_DENSE_PREFILL_MIN_TOKENS if fresh else None, kv_scales=kv_scales,
         )
         self.fresh = fresh
         self.graph: torch.cuda.CUDAGraph | None = None

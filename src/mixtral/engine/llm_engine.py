@@ -65,6 +65,15 @@ class EngineStats:
         return asdict(self)
 
 
+def _checkpoint_kv_scales(model: str | Transformer | None, engine_kwargs: dict[str, Any]) -> None:
+    """An FP8 KV cache without explicit ``kv_cache_scales`` takes the checkpoint's, where it carries them."""
+    if (engine_kwargs.get("kv_cache_dtype") in ("fp8", "fp8_e4m3") and engine_kwargs.get("kv_cache_scales") is None
+            and not isinstance(model, Transformer)):
+        from mixtral.checkpoint.kv_scales import checkpoint_kv_scales
+
+        engine_kwargs["kv_cache_scales"] = checkpoint_kv_scales(model)
+
+
 class LLMEngine:
     def __init__(self, model: Transformer, config: EngineConfig, tokenizer: Tokenizer | None = None,
                  model_name: str = "model", runner_factory: Callable[..., ModelRunner] | None = None) -> None:
@@ -107,15 +116,18 @@ class LLMEngine:
                     **engine_kwargs: Any) -> LLMEngine:
         """Load ``model`` (a folder, GGUF file, preset, "demo", Hub repo id, None = the default model, or a built
         ``Transformer``) and build an engine with ``EngineConfig(**engine_kwargs)``. ``quantization=`` ("fp8",
-        "int8", "int4"; None: as the checkpoint is) is taken out first and applied while loading."""
+        "int8", "int4"; None: as the checkpoint is) is taken out first and applied while loading. With
+        ``kv_cache_dtype="fp8"`` and no ``kv_cache_scales``, a checkpoint's FP8 KV-cache scales are used."""
         parallel = pop_parallel_config(engine_kwargs)  # tensor_parallel_size=, enable_expert_parallel=, ...
         quantization = engine_kwargs.pop("quantization", None)  # applied while loading, not an engine setting
         if parallel.is_distributed:
+            _checkpoint_kv_scales(model, engine_kwargs)
             return build_parallel_engine(cls, model, parallel, device=device, dtype=dtype, tokenizer=tokenizer,
                                          quantization=quantization, **engine_kwargs)
         loaded, tok, name = load_for_engine(model, device, dtype, tokenizer, seed=engine_kwargs.get("seed", 0),
                                             max_model_len=engine_kwargs.get("max_model_len"),
                                             quantization=quantization, kernels=engine_kwargs.get("kernels"))
+        _checkpoint_kv_scales(model, engine_kwargs)  # after loading: a Hub repo's shards are local by now
         config = EngineConfig(device=loaded.device, dtype=loaded.dtype, **engine_kwargs)
         return cls(loaded, config, tok, name)
 

@@ -1,5 +1,8 @@
 """KV cache sizing: how many blocks the budget allows.
 
+A block's bytes count the cache's element size: ``EngineConfig.kv_cache_dtype="fp8"`` stores 1 byte per
+element, so the same budget holds twice the blocks of a bf16 cache (four times an fp32 one).
+
 - An explicit ``num_kv_blocks`` wins (tests force preemption with it).
 - An explicit ``kv_cache_bytes`` is divided by the bytes of one block (the CPU's way, or a fixed GPU budget).
 - On CUDA otherwise: ``gpu_memory_utilization`` of the device's total memory, minus what is in use after the
@@ -28,9 +31,10 @@ def block_bytes(args: ModelArgs, block_size: int, dtype: torch.dtype) -> int:
 
 def plan_num_blocks(config: EngineConfig, args: ModelArgs, dtype: torch.dtype, device: torch.device,
                     profile_activation_bytes: Callable[[], int] | None = None) -> int:
-    """Number of KV blocks to allocate. ``profile_activation_bytes`` runs the warm-up pass (CUDA only)."""
+    """Number of KV blocks to allocate for a model computing in ``dtype`` (the cache holds
+    ``config.cache_dtype(dtype)``). ``profile_activation_bytes`` runs the warm-up pass (CUDA only)."""
     assert config.max_model_len is not None, "resolve() the config first"
-    per_block = block_bytes(args, config.block_size, dtype)
+    per_block = block_bytes(args, config.block_size, config.cache_dtype(dtype))
     blocks_per_seq = -(-config.max_model_len // config.block_size)
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks

@@ -1,6 +1,7 @@
 """ModelRunner: turns a scheduled step into flat model inputs, runs the forward pass and samples.
 
-Owns the KV cache tensors (per layer ``[num_blocks, block_size, KV, hd]``), the persistent device input
+Owns the KV cache tensors (per layer ``[num_blocks, block_size, KV, hd]``, in the model's dtype or, with
+``kv_cache_dtype="fp8"``, float8_e4m3fn codes with a (k_scale, v_scale) pair per layer), the persistent device input
 buffers and the cumulative expert-routing counts. Inputs are built on the host as plain lists and copied
 into fixed device buffers, so a decode step launches no host syncs before sampling, and its inputs keep
 stable addresses. The model gets ``config.kernels`` (which implementation runs each fused op) once, here. On
@@ -18,6 +19,7 @@ The logits of A's row 0 and B's row 3 are sampled only if B's chunk reaches its 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,7 +27,7 @@ import torch
 
 from mixtral.engine.attention import PagedAttentionContext
 from mixtral.engine.block_tables import BlockTables
-from mixtral.engine.config import EngineConfig
+from mixtral.engine.config import KV_FP8_DTYPE, EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
 from mixtral.engine.host_tensors import host_tensor
 from mixtral.engine.routing import CapturedRouting, RoutingCapture, RoutingSpan
@@ -34,6 +36,8 @@ from mixtral.engine.scheduler import ScheduledSequence
 from mixtral.kernels.dispatch import GRAPH_DENSE_PREFILL_MIN_TOKENS
 from mixtral.model.context import DenseContext
 from mixtral.model.mixtral import Transformer
+
+logger = logging.getLogger(__name__)
 
 # A step with a sequence of at least this many new tokens builds its token, position and slot tensors with
 # tensor ops per sequence; decode-sized steps keep the Python lists, cheaper for one token per sequence.
@@ -99,6 +103,8 @@ class ModelRunner:
         self.device = model.device
         self.dtype = model.dtype
         self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cache_dtype = config.cache_dtype(self.dtype)
+        self.kv_scales = self._kv_scales(config)  # per layer (k_scale, v_scale), or None (not an FP8 cache)
         self.num_blocks = 0
         self.expert_counts_buf = torch.zeros(self.args.n_layers, self.args.num_experts, dtype=torch.int64,
                                              device=self.device)  # [L, E]
@@ -112,26 +118,41 @@ class ModelRunner:
         self.fresh_prefill_graph: PrefillGraph | None = None  # a prompt's first chunk, dense attention
 
     # ----------------------------------------------------------------- setup
+    def _kv_scales(self, config: EngineConfig) -> list[tuple[float, float]] | None:
+        """The FP8 cache's per-layer scales: the config's (a checkpoint's), else 1.0 (kernels/kv_fp8.py says
+        why); None for a cache in the model's dtype."""
+        if self.cache_dtype != KV_FP8_DTYPE:
+            return None
+        n = self.args.n_layers
+        if config.kv_cache_scales is None:
+            logger.info("FP8 KV cache with scales 1.0 (the checkpoint carries none): values past 448 saturate")
+            return [(1.0, 1.0)] * n
+        if len(config.kv_cache_scales) != n:
+            raise ValueError(f"kv_cache_scales has {len(config.kv_cache_scales)} (k_scale, v_scale) pairs for a "
+                             f"model of {n} layers")
+        return list(config.kv_cache_scales)
+
     def allocate_kv_cache(self, num_blocks: int) -> None:
         shape = (num_blocks, self.config.block_size, self.args.n_kv_heads, self.args.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.cache_dtype, device=self.device),
+             torch.zeros(shape, dtype=self.cache_dtype, device=self.device))
             for _ in range(self.args.n_layers)
         ]
         self.num_blocks = num_blocks
         if not self.config.enforce_eager and self._graph_safe():
+            # The graphs bake the FP8 scales in as launch arguments: they are fixed from here on.
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.config.max_num_seqs, self.max_blocks_per_seq,
-                                       self.config.max_model_len, self.expert_counts_buf)
+                                       self.config.max_model_len, self.expert_counts_buf, self.kv_scales)
             if self._wants_prefill_graph():
                 self.prefill_graph = PrefillGraph(self.model, self.kv_caches, self.config.max_num_batched_tokens,
                                                   self.max_blocks_per_seq, self.config.max_model_len,
-                                                  self.expert_counts_buf)
+                                                  self.expert_counts_buf, kv_scales=self.kv_scales)
                 self.prefill_graph.capture()
                 if self._wants_fresh_prefill_graph():
                     self.fresh_prefill_graph = PrefillGraph(
                         self.model, self.kv_caches, self.config.max_num_batched_tokens, self.max_blocks_per_seq,
-                        self.config.max_model_len, self.expert_counts_buf, fresh=True)
+                        self.config.max_model_len, self.expert_counts_buf, fresh=True, kv_scales=self.kv_scales)
                     self.fresh_prefill_graph.capture(pool=self.prefill_graph.pool)
                 self.graphs.pool = self.prefill_graph.pool  # never replayed together: one pool for all
             self.graphs.capture(batch_ladder(self.config.max_num_seqs))
@@ -330,6 +351,7 @@ class ModelRunner:
             sliding_window=self.args.sliding_window,
             expert_counts=self.expert_counts_buf,
             fresh_prompt_lens=[s.num_new_tokens for s in scheduled] if fresh else None,
+            kv_scales=self.kv_scales,
         )
         return ctx, input_ids, [q - 1 for q in qsl[1:]]
 

@@ -26,8 +26,9 @@ import os
 
 import torch
 
-from mixtral.kernels import reference
+from mixtral.kernels import kv_fp8, reference
 from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.kv_fp8 import KV_FP8
 from mixtral.kernels.moe_grouped import moe_grouped
 from mixtral.kernels.triton.moe_configs import MoEConfig
 from mixtral.quant.base import QuantMethod, QuantTensors
@@ -119,32 +120,41 @@ class Kernels:
 
     # ----------------------------------------------------------------- attention
     def write_kv(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
-        """k/v [N, KV, hd] -> k_cache/v_cache [num_blocks, block_size, KV, hd] at slot_mapping [N] (-1 skips)."""
+                 slot_mapping: torch.Tensor, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """k/v [N, KV, hd] -> k_cache/v_cache [num_blocks, block_size, KV, hd] at slot_mapping [N] (-1 skips).
+        An FP8 cache (float8_e4m3fn) stores codes of k / k_scale and v / v_scale (kernels/kv_fp8.py); other
+        caches store the values and ignore the scales."""
         if self.triton_on(k_cache):
             from mixtral.kernels.triton.write_kv import write_kv
 
-            write_kv(k, v, k_cache, v_cache, slot_mapping, self._pdl)
+            write_kv(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale, self._pdl)
+            return
+        if k_cache.dtype == KV_FP8:
+            kv_fp8.write_kv_fp8_reference(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
             return
         reference.write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                         block_tables: torch.Tensor, context_lens: torch.Tensor, query_start_loc: torch.Tensor, *,
-                        max_query_len: int, max_context_len: int, sliding_window: int | None = None
-                        ) -> torch.Tensor:
+                        max_query_len: int, max_context_len: int, sliding_window: int | None = None,
+                        k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         """Ragged causal attention over paged K/V; see ``reference.paged_attention_reference`` for the layout.
 
         q [N, H, hd]; block_tables [S, max_blocks] int32; context_lens [S]; query_start_loc [S + 1].
         ``max_query_len`` / ``max_context_len`` are host ints (1 for pure decode) so kernels pick a launch
         shape without reading device memory; they must bound the true lengths (a CUDA graph captured with
-        them is valid for every batch whose lengths stay within them).
+        them is valid for every batch whose lengths stay within them). FP8 caches are read directly, codes
+        times ``k_scale`` / ``v_scale`` (``kv_fp8.paged_attention_fp8_reference``).
         """
         if self.triton_on(q):
             from mixtral.kernels.triton.paged_attention import paged_attention
 
             return paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    max_query_len=max_query_len, max_context_len=max_context_len,
-                                   sliding_window=sliding_window, pdl=self._pdl)
+                                   sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale, pdl=self._pdl)
+        if k_cache.dtype == KV_FP8:
+            return kv_fp8.paged_attention_fp8_reference(q, k_cache, v_cache, block_tables, context_lens,
+                                                        query_start_loc, sliding_window, k_scale, v_scale)
         return reference.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens,
                                                    query_start_loc, sliding_window)
 
@@ -212,17 +222,19 @@ class Kernels:
         return reference.rope_qk_reference(q, k, cos, sin)
 
     def rope_qk_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``rope_qk`` then ``write_kv`` of the rotated k and v at ``slot_mapping`` (-1 skips): one Triton kernel
-        when ``rope_qk``'s kernel applies and the cache has k's dtype, the two steps otherwise."""
-        if (self.triton_on(q) and len({q.dtype, k.dtype, v.dtype, cos.dtype, sin.dtype, k_cache.dtype}) == 1
-                and _no_autograd(q, k, v, cos, sin)):
+                      sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      kv_scales: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope_qk`` then ``write_kv`` of the rotated k and v at ``slot_mapping`` (-1 skips; an FP8 cache
+        stores codes of k / kv_scales[0], v / kv_scales[1]): one Triton kernel when ``rope_qk``'s kernel applies
+        and the cache holds k's dtype or FP8 codes, the two steps otherwise."""
+        if (self.triton_on(q) and len({q.dtype, k.dtype, v.dtype, cos.dtype, sin.dtype}) == 1
+                and k_cache.dtype in (k.dtype, KV_FP8) and _no_autograd(q, k, v, cos, sin)):
             from mixtral.kernels.triton.rope import rope_qk
 
-            return rope_qk(q, k, cos, sin, cache=(v, k_cache, v_cache, slot_mapping), pdl=self._pdl)
+            return rope_qk(q, k, cos, sin, cache=(v, k_cache, v_cache, slot_mapping), kv_scales=kv_scales,
+                           pdl=self._pdl)
         q, k = self.rope_qk(q, k, cos, sin)
-        self.write_kv(k, v, k_cache, v_cache, slot_mapping)
+        self.write_kv(k, v, k_cache, v_cache, slot_mapping, *kv_scales)
         return q, k
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -131,9 +131,6 @@ def _decode_reduce_kernel(
 
 
 @functools.lru_cache(maxsize=8)
-
-
-@functools.lru_cache(maxsize=8)
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # interpreter: pretend to be an H100 so the split logic is exercised on CPU too
@@ -184,8 +181,7 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                          stride_pop=part_out.stride(2), stride_pls=part_lse.stride(0), stride_plh=part_lse.stride(1))
     _decode_kernel[(num_seqs, num_kv, num_parts)](
         q, k_cache, v_cache, block_tables, context_lens, query_start_loc, out, part_out, part_lse,
-        qk_scale, v_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta,
-            **pdl_args(q, pdl),
+        qk_scale, v_scale, window, part_size, **common, **split_strides, SPLIT=True, **meta, **pdl_args(q, pdl),
     )
     _decode_reduce_kernel[(num_seqs, n_heads)](
         part_out, part_lse, context_lens, query_start_loc, out, part_size, **split_strides,
