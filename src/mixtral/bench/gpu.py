@@ -54,10 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", "-q", type=scheme_list, default="none", metavar="SCHEMES",
                    help="comma-separated schemes measured one after the other in this run, each with its own "
                         "engine (the previous one's memory given back first) and roofline, side by side in one "
-                        "table: 'none' (the checkpoint's weights as they are: bf16 for a preset), 'fp8', 'int8', "
-                        "'int4' (quantized while loading), or a quantized checkpoint's format (awq, gptq, "
-                        "compressed-tensors, gguf). A scheme that does not fit the GPU is reported with its bytes "
-                        "(e.g. 'none,fp8' on an 80 GB GPU with the full 8x7B) (default: none)")
+                        "table: 'none' (the checkpoint's weights as they are: bf16 for a preset); 'fp8' (e4m3 "
+                        "weights with a scale per output channel, activations quantized per token), 'int8' "
+                        "(W8A16, a scale per channel), 'int4' (W4A16, a scale per group of 128), quantized while "
+                        "loading; or a quantized checkpoint's format (awq, gptq, compressed-tensors, gguf). A "
+                        "scheme that does not fit the GPU is reported with its bytes ('none,fp8' on an 80 GB GPU "
+                        "with the full 8x7B gives FP8's figures and bf16's size) (default: none)")
     p.add_argument("--batch-sizes", type=positive_int_list, default="1,8,32,64,128",
                    help="comma-separated decode batch sizes")
     p.add_argument("--context", type=positive_int, default=512, help="prompt length of each decode-benchmark sequence")
