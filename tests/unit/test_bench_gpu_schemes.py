@@ -140,23 +140,56 @@ def test_a_failed_measurement_keeps_the_figures_before_it_and_the_next_scheme_ru
     assert "fp32: failed: RuntimeError: prefill broke" in notes(results)
 
 
-def test_json_is_written_after_each_scheme(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_json_is_rewritten_after_each_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "bench.json"
-    seen: list[list[str]] = []
+    seen: list[dict[str, tuple[str, int]]] = []
     write = gpu.finish
 
     def spy(results: dict[str, Any], schemes: dict[str, Any], path: Path | None) -> None:
         write(results, schemes, path)
-        seen.append(list(json.loads(path.read_text())["schemes"]) if path else [])
+        data = json.loads(path.read_text()) if path else {}
+        seen.append({k: (v["status"], len(v.get("decode", []))) for k, v in data["schemes"].items()})
 
     monkeypatch.setattr(gpu, "finish", spy)
     args = _args("--quantization", "none,int8", "--offline", "", "--json", str(out))
     results = gpu.run_header(args, "tiny", _machine())
     run_schemes(args, "tiny", _machine(), Console(quiet=True), on_scheme=lambda s: gpu.finish(results, s, args.json))
-    assert seen == [["fp32"], ["fp32", "int8"]]
+    assert seen[0] == {"fp32": ("running", 0)} and {"fp32": ("running", 1)} in seen  # after the first figure
+    assert {"fp32": ("ok", 2), "int8": ("running", 1)} in seen and seen[-1] == {"fp32": ("ok", 2), "int8": ("ok", 2)}
     data = json.loads(out.read_text())
     assert data["baseline"] == "fp32" and data["table_markdown"].startswith("| figure | fp32 |")
     assert data["schemes"]["int8"]["prefill"]["over_baseline"] > 0
+
+
+def test_the_command_prints_the_table_and_keeps_the_figures_when_interrupted(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``mixtral bench gpu`` end to end with the CPU standing in for the GPU: a SIGINT (a time limit) during the
+    second scheme's offline run ends it with status 130, the first scheme's figures and the second's decode and
+    prefill in the JSON, the table printed and the plot drawn."""
+    monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_runner.Machine, "measure", classmethod(lambda cls, device, util: _machine()))
+    real = gpu_runner.bench_offline
+    calls: list[int] = []
+
+    def offline(*a: Any, **k: Any) -> dict[str, Any]:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gpu_runner, "bench_offline", offline)
+    parser = argparse.ArgumentParser()
+    gpu.add_arguments(parser)
+    args = parser.parse_args([*FAST, "-q", "none,int8", "--json", str(tmp_path / "b.json"), "--plot",
+                              str(tmp_path / "b.png")])
+    assert gpu.run(args) == 130
+    data = json.loads((tmp_path / "b.json").read_text())
+    fp32, int8 = data["schemes"]["fp32"], data["schemes"]["int8"]
+    assert fp32["status"] == "ok" and len(fp32["offline"]) == 1
+    assert int8["status"] == "interrupted" and len(int8["decode"]) == 2 and "prefill" in int8
+    out = capsys.readouterr().out
+    assert "mixtral bench gpu: tiny (fp32, KV cache auto) on cpu" in out and "int8: interrupted" in out
+    assert (tmp_path / "b.png").stat().st_size > 0
 
 
 def test_tensor_parallel_schemes_report_per_gpu_figures_and_skip_peers() -> None:

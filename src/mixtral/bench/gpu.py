@@ -169,7 +169,8 @@ def finish(results: dict[str, Any], schemes: dict[str, dict[str, Any]], json_pat
 
 
 def run(args: argparse.Namespace) -> int:
-    """0 when every scheme was measured or reported as not fitting; 1 if one failed; 2 for bad flags or no GPU."""
+    """0 when every scheme was measured or reported as not fitting; 1 if one failed; 2 for bad flags or no GPU;
+    130 when interrupted (the figures so far are printed and written)."""
     from rich.console import Console
 
     from mixtral.bench.gpu_runner import Machine, run_schemes
@@ -190,12 +191,19 @@ def run(args: argparse.Namespace) -> int:
                   f"commit={results['commit']}")
     console.print(f"copy bandwidth {machine.bandwidth / 1e9:.0f} GB/s, bf16 matmul {machine.matmul / 1e12:.0f} "
                   f"TFLOP/s (peaks: bf16 {machine.peaks['bf16'] / 1e12:.0f}, fp8 {machine.peaks['fp8'] / 1e12:.0f})")
+    status = 0
     try:
-        schemes = run_schemes(args, name, machine, console, on_scheme=lambda s: finish(results, s, args.json))
+        run_schemes(args, name, machine, console, on_scheme=lambda s: finish(results, s, args.json))
     except ValueError as exc:  # a scheme the model cannot take (QuantConfigError, CheckpointError): before loading
         print(f"mixtral bench gpu: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C or a time limit's SIGINT: keep and show what was measured
+        for res in results["schemes"].values():
+            if res.get("status") == "running":
+                res["status"], res["error"] = "interrupted", "the run was interrupted (SIGINT)"
+        finish(results, results["schemes"], args.json)
+        status = 130
     print_table(results)
     if args.plot:
         plot_decode(results, args.plot)
-    return 1 if any(res["status"] == "failed" for res in schemes.values()) else 0
+    return status or (1 if any(res["status"] == "failed" for res in results["schemes"].values()) else 0)

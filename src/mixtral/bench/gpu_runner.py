@@ -155,11 +155,16 @@ def build_engine(args: argparse.Namespace, plan: SchemePlan, model_name: str, de
 
 
 def run_scheme(args: argparse.Namespace, plan: SchemePlan, model_name: str, machine: Machine, console: Any,
-               world_size: int = 1) -> dict[str, Any]:
-    """Every figure of one scheme (module docstring). ``world_size``: GPUs the model is spread over."""
+               world_size: int = 1, res: dict[str, Any] | None = None,
+               update: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Every figure of one scheme (module docstring), filled into ``res`` (status "running" until it ends;
+    ``update()`` after each figure, to write what was measured as it goes). ``world_size``: GPUs the model is
+    spread over."""
     from mixtral.engine.memory import InsufficientMemoryError
 
-    res = plan.describe()
+    res = {} if res is None else res
+    res.update(plan.describe(), status="running")
+    update = update or (lambda: None)
     per_gpu = plan.weight_bytes["total"] / world_size
     if per_gpu > machine.capacity:
         res.update(status="does not fit", error=(
@@ -179,8 +184,9 @@ def run_scheme(args: argparse.Namespace, plan: SchemePlan, model_name: str, mach
     res["load_seconds"] = time.perf_counter() - t0
     console.print(f"[bold]{plan.label}[/bold]: {_gib(plan.weight_bytes['total'])} of weights, engine built in "
                   f"{res['load_seconds']:.1f} s")
+    update()
     try:
-        measure_engine(engine, args, plan, machine, batches, res, console)
+        measure_engine(engine, args, plan, machine, batches, res, console, update)
         res["status"] = "ok"
     except Exception as exc:  # one scheme that breaks must not lose the others' figures
         traceback.print_exc()
@@ -196,8 +202,9 @@ def run_scheme(args: argparse.Namespace, plan: SchemePlan, model_name: str, mach
 
 
 def measure_engine(engine: Any, args: argparse.Namespace, plan: SchemePlan, machine: Machine, batches: list[int],
-                   res: dict[str, Any], console: Any) -> None:
-    """Fill ``res`` figure by figure (what was measured stays if a later figure fails)."""
+                   res: dict[str, Any], console: Any, update: Callable[[], None] = lambda: None) -> None:
+    """Fill ``res`` figure by figure, calling ``update()`` after each (what was measured stays if a later figure
+    fails or the run is cut short)."""
     from mixtral.bench import parallel as bench_parallel
 
     executor = getattr(engine.model_runner, "executor", None)  # tensor parallel: rank 0's view of the group
@@ -221,6 +228,7 @@ def measure_engine(engine: Any, args: argparse.Namespace, plan: SchemePlan, mach
                      "step_weight_bytes": step.weights, "step_kv_bytes": step.kv})
         console.print(f"{plan.label} decode batch {b:4d}: {tok_s:9.1f} tok/s  roofline {bound:9.1f}  "
                       f"({tok_s / bound:.0%})")
+        update()
 
     flops = roofline.prefill_flops(margs, args.prefill_len) / ranks  # per GPU
     peak = machine.peaks[plan.compute]
@@ -233,6 +241,7 @@ def measure_engine(engine: Any, args: argparse.Namespace, plan: SchemePlan, mach
         how = f"after {rest:g} s idle each" if rest else "back to back"
         console.print(f"{plan.label} prefill {args.prefill_len} ({how}): {args.prefill_len / t:.0f} tok/s, "
                       f"{flops / t / 1e12:.0f} TFLOP/s ({flops / t / peak:.1%} of the {plan.compute} peak)")
+        update()
 
     res["offline"] = []
     for spec in (x for x in args.offline.split(",") if x):
@@ -243,6 +252,7 @@ def measure_engine(engine: Any, args: argparse.Namespace, plan: SchemePlan, mach
                       f"{r['output_tok_s']:.0f} output tok/s, {r['total_tok_s']:.0f} total tok/s; up to "
                       f"{r['max_running']} running; host {r['host']['host_share']:.0%} of "
                       f"{r['host']['wall_ms_per_step']:.2f} ms/step")
+        update()
 
     if executor is not None:
         res["parallel"] = bench_parallel.gpu_report(engine, batches, args.context, args.prefill_len, bw,
@@ -291,7 +301,8 @@ def compare_to_baseline(schemes: dict[str, dict[str, Any]], baseline: str) -> No
 def run_schemes(args: argparse.Namespace, model_name: str, machine: Machine, console: Any,
                 on_scheme: Callable[[dict[str, dict[str, Any]]], None] | None = None) -> dict[str, dict[str, Any]]:
     """Every ``--quantization`` scheme in turn (one engine alive at a time); ``on_scheme`` gets the results so far
-    after each (to write the JSON as the run goes). Returns {label: figures}, in the order given."""
+    after each figure (to write the JSON as the run goes: a run cut short keeps what it measured). Returns
+    {label: figures}, in the order given."""
     tp = getattr(args, "tensor_parallel_size", 1)
     schemes: dict[str, dict[str, Any]] = {}
     plans = []
@@ -299,10 +310,15 @@ def run_schemes(args: argparse.Namespace, model_name: str, machine: Machine, con
         plans.append(plan_scheme(model_name, flag, args.dtype, getattr(args, "kv_cache_dtype", "auto"), tp,
                                  tuple(p.label for p in plans)))
     baseline = next((p.label for p in plans if not p.quantized), None)
-    for plan in plans:
-        schemes[plan.label] = run_scheme(args, plan, model_name, machine, console, world_size=tp)
+
+    def update() -> None:
         if baseline is not None:
             compare_to_baseline(schemes, baseline)
         if on_scheme is not None:
             on_scheme(schemes)
+
+    for plan in plans:
+        schemes[plan.label] = {}
+        run_scheme(args, plan, model_name, machine, console, world_size=tp, res=schemes[plan.label], update=update)
+        update()
     return schemes
