@@ -53,6 +53,7 @@ class Machine:
         matmul = roofline.measure_matmul_flops(device)
         bf16 = roofline.datasheet_peak(name) or matmul
         fp8 = roofline.datasheet_peak(name, "fp8") or 2 * bf16
+        torch.cuda.empty_cache()  # the measurements' 4 GiB of buffers: the engines' memory checks read free memory
         total = torch.cuda.mem_get_info(device)[1]
         return cls(device, name, bandwidth, matmul, {"bf16": bf16, "fp8": fp8}, int(total * utilization))
 
