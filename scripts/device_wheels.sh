@@ -54,7 +54,7 @@ fi
 cd "$(dirname "$0")/.."
 DEST="${DEST:-.whl}"
 PYVER="${PYVER:-3.12}"
-# .whl/ travels with the device tool's `carry` only if git ignores it (a worktree's exclude file is the common one).
+# .whl/ stays out of git (a worktree's exclude file is the common one's).
 exclude="$(git rev-parse --git-common-dir 2>/dev/null)/info/exclude" || exclude=""
 if [[ "$DEST" == ".whl" && -n "$exclude" ]] && ! grep -qx '/.whl/' "$exclude" 2>/dev/null; then
   mkdir -p "$(dirname "$exclude")" && echo '/.whl/' >> "$exclude"

@@ -3,12 +3,12 @@
 #        scripts/gpu_run.sh bench [fp8_full] [int4_8x22b] [bf16_fp8_16l] [int4_8x7b]
 #        scripts/gpu_run.sh check
 #
-# The GPU run: the GPU test suite and the benchmarks, on one H100 80GB (or an H200), in two calls of at most
+# The GPU run: the GPU test suite and the benchmarks, on one H100 80GB (or an H200), in two commands of under
 # 10 minutes each. Before, on a machine with PyPI, from the repo root: `bash scripts/device_wheels.sh` (fills
-# .whl/, git-ignored). Then, with the device tool (carry [".whl"], timeout_s 600), from the repo root there:
+# .whl/, git-ignored); copy .whl/ along with the tree to a GPU machine without network. There, from the repo root:
 #
-#   call 1  MIXTRAL_COMMIT=<commit> bash scripts/gpu_run.sh tests    about 7-8 minutes
-#   call 2  MIXTRAL_COMMIT=<commit> bash scripts/gpu_run.sh bench    about 8-9 minutes
+#   1  MIXTRAL_COMMIT=<commit> bash scripts/gpu_run.sh tests    about 7-8 minutes
+#   2  MIXTRAL_COMMIT=<commit> bash scripts/gpu_run.sh bench    about 8-9 minutes
 #
 # tests: `python3 -m pytest -m gpu` over every tests/gpu file, the costly and most telling first (a run cut short
 #   loses the tail, not the quantized model or the kernels): quantized model, FP8 kernels, int kernels, engine,
@@ -28,10 +28,12 @@
 #   bf16_fp8_16l  8x7B cut to 16 layers (bf16 fits), -q none,fp8 side by side: decode 1-256, prefill,
 #                 offline 128/128 x 1024 (~2.5 min; skipped on an H200, where fp8_full has bf16 beside it)
 #   int4_8x7b     8x7B in int4: batch 1 and 64, prefill 2048 (~1 min)
+#   int4_8x22b_64k  (only when named; an H200) 8x22B int4 with a 65,000-token prompt: its prefill time, then
+#                 decode at batch 1 after a 64,000-token context (~3 min)
 #   Out: bench.log, bench_<name>.json (4), bench_fp8_full.png, bench_bf16_fp8_16l.png: at most 7 files.
 # check: install the wheels and import what the engine needs; nothing else.
 #
-# Environment: OUT (default ./gpu_out; the device tool sets it), MIXTRAL_COMMIT (the commit the figures are
+# Environment: OUT (the results folder, default ./gpu_out), MIXTRAL_COMMIT (the commit the figures are
 # recorded against; default: git's, where the tree has .git), RUN_BUDGET_S (seconds this script may run,
 # default 570), WHEELS (default .whl). GPU_RUN_DRY=1 prints the commands instead of running them (no GPU
 # needed; GPU_RUN_GPUS and GPU_RUN_GIB stand for the GPU count and memory).
@@ -177,6 +179,9 @@ run_bench() {
         bench bf16_fp8_16l 180 --model mixtral-8x7b --layers 16 -q none,fp8 --batch-sizes 1,8,64,256 \
           --max-num-seqs 256 --offline 128:128 --offline-requests 1024 --prefill-rest 0 \
           --plot "$OUT/bench_bf16_fp8_16l.png" ;;
+      int4_8x22b_64k)
+        bench int4_8x22b_64k 240 --model mixtral-8x22b -q int4 --batch-sizes 1 --context 64000 --decode-steps 32 \
+          --prefill-len 65000 --prefill-rest 0 --offline '' --max-num-seqs 4 --gpu-memory-utilization 0.95 ;;
       int4_8x7b)
         bench int4_8x7b 100 --model mixtral-8x7b -q int4 --batch-sizes 1,64 --max-num-seqs 64 --offline '' \
           --prefill-rest 0 ;;

@@ -30,7 +30,7 @@ def _dry(tmp_path: Path, mode: str, gpus: int, gib: int) -> list[list[str]]:
 def test_help_and_bad_mode() -> None:
     done = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.startswith("Usage: scripts/gpu_run.sh tests")
-    assert "call 1" in done.stdout and "call 2" in done.stdout
+    assert "gpu_run.sh tests    about" in done.stdout and "gpu_run.sh bench    about" in done.stdout
     bad = subprocess.run(["bash", str(SCRIPT), "everything"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "Usage:" in bad.stderr
     wheels = subprocess.run(["bash", str(ROOT / "scripts" / "device_wheels.sh"), "--help"], capture_output=True,
@@ -79,3 +79,14 @@ def test_the_test_run_covers_tests_gpu(tmp_path: Path, gpus: int) -> None:
     for node in deselected:  # the names exist: a renamed test would otherwise run and fail on too few GPUs
         path, name = node.split("::")
         assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), node
+
+
+def test_the_64k_prompt_bench_runs_only_when_named(tmp_path: Path) -> None:
+    env = {**os.environ, "OUT": str(tmp_path), "GPU_RUN_DRY": "1", "GPU_RUN_GPUS": "1", "GPU_RUN_GIB": "139"}
+    done = subprocess.run(["bash", str(SCRIPT), "bench", "int4_8x22b_64k"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("DRY: ")]
+    args = build_parser("bench").parse_args(shlex.split(line[len("DRY: "):])[9:])
+    assert gpu.arg_problem(args) is None
+    assert (args.model, args.quantization, args.context, args.prefill_len) == ("mixtral-8x22b", "int4", 64000, 65000)
+    assert args.context + args.decode_steps + 16 <= 65536 and args.prefill_len + 8 <= 65536  # the model's context
