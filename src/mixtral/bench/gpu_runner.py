@@ -175,12 +175,15 @@ def run_scheme(args: argparse.Namespace, plan: SchemePlan, model_name: str, mach
         return res
     batches = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     t0 = time.perf_counter()
+    refused = None
     try:
         engine = build_engine(args, plan, model_name, machine.device, args.max_num_seqs or max(*batches, 256))
     except (InsufficientMemoryError, torch.OutOfMemoryError) as exc:
+        refused = _first_line(exc)  # the traceback holds the half-built engine's frames until this block ends
+    if refused is not None:
         release_memory()
-        res.update(status="does not fit", error=_first_line(exc))
-        console.print(f"[yellow]{plan.label}: does not fit: {res['error']}[/yellow]")
+        res.update(status="does not fit", error=refused)
+        console.print(f"[yellow]{plan.label}: does not fit: {refused}[/yellow]")
         return res
     res["load_seconds"] = time.perf_counter() - t0
     console.print(f"[bold]{plan.label}[/bold]: {_gib(plan.weight_bytes['total'])} of weights, engine built in "
