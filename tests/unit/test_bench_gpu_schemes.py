@@ -18,8 +18,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from mixtral.bench import gpu, gpu_runner, roofline
-from mixtral.bench.gpu_runner import Machine, run_schemes
+from mixtral.bench import gpu, gpu_plan, gpu_runner, roofline
+from mixtral.bench.gpu_plan import Machine
+from mixtral.bench.gpu_runner import run_schemes
 from mixtral.bench.gpu_table import build_table, notes
 from mixtral.engine.memory import InsufficientMemoryError
 
@@ -72,7 +73,7 @@ def test_each_scheme_measured_against_its_own_bytes_one_engine_at_a_time(monkeyp
 
     for label, res in schemes.items():
         assert res["status"] == "ok", res
-        plan = gpu_runner.plan_scheme("tiny", res["quantization"], "fp32")
+        plan = gpu_plan.plan_scheme("tiny", res["quantization"], "fp32")
         assert res["weight_bytes"] == plan.weight_bytes
         for row in res["decode"]:
             step = roofline.decode_step_bytes(plan_args(), row["batch"], 8, 4, plan.fmt, 4)
@@ -99,8 +100,8 @@ def plan_args() -> Any:
 
 
 def test_a_scheme_that_does_not_fit_is_reported_with_its_bytes() -> None:
-    fp32 = gpu_runner.plan_scheme("tiny", None, "fp32").weight_bytes["total"]
-    int8 = gpu_runner.plan_scheme("tiny", "int8", "fp32").weight_bytes["total"]
+    fp32 = gpu_plan.plan_scheme("tiny", None, "fp32").weight_bytes["total"]
+    int8 = gpu_plan.plan_scheme("tiny", "int8", "fp32").weight_bytes["total"]
     assert int8 < fp32
     results = _run(_args("--quantization", "none,int8"), _machine(capacity=(fp32 + int8) // 2))
     none, q = results["schemes"]["fp32"], results["schemes"]["int8"]
@@ -168,7 +169,7 @@ def test_the_command_prints_the_table_and_keeps_the_figures_when_interrupted(
     second scheme's offline run ends it with status 130, the first scheme's figures and the second's decode and
     prefill in the JSON, the table printed and the plot drawn."""
     monkeypatch.setattr(gpu.torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(gpu_runner.Machine, "measure", classmethod(lambda cls, device, util: _machine()))
+    monkeypatch.setattr(gpu_plan.Machine, "measure", classmethod(lambda cls, device, util: _machine()))
     real = gpu_runner.bench_offline
     calls: list[int] = []
 
@@ -200,7 +201,8 @@ def test_tensor_parallel_schemes_report_per_gpu_figures_and_skip_peers() -> None
 import json, torch, argparse
 from rich.console import Console
 from mixtral.bench import gpu
-from mixtral.bench.gpu_runner import Machine, run_schemes
+from mixtral.bench.gpu_plan import Machine
+from mixtral.bench.gpu_runner import run_schemes
 p = argparse.ArgumentParser(); gpu.add_arguments(p)
 args = p.parse_args({[*FAST, "-tp", "2", "--quantization", "none,int8", "--offline", "", "--peer", "compiled"]!r})
 m = Machine(torch.device("cpu"), "cpu", 2e10, 1e11, {{"bf16": 1e11, "fp8": 2e11}}, 1 << 30)

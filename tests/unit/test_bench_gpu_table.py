@@ -28,7 +28,7 @@ def test_flags_parse_to_what_the_runner_uses() -> None:
          "--enable-expert-parallel"])
     assert (args.quantization, args.max_num_seqs, args.offline_requests) == ("none,fp8", 512, 2048)
     assert (args.tensor_parallel_size, args.enable_expert_parallel) == (2, True)
-    from mixtral.bench.gpu_runner import parse_schemes
+    from mixtral.bench.gpu_plan import parse_schemes
 
     assert parse_schemes(args.quantization) == [None, "fp8"]
     defaults = build_parser("bench").parse_args(["bench", "gpu"])

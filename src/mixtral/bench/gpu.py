@@ -12,7 +12,7 @@ decode step compiled whole by ``torch.compile``. A scheme whose weights do not f
 its bytes. One table has a column group per scheme; ``--json`` and ``--plot`` write every figure and a
 tok/s-against-batch picture with a line per scheme.
 
-Here: the flags and the run's frame. The scheme loop is bench/gpu_runner.py, the timed loops
+Here: the flags and the run's frame. The scheme loop is bench/gpu_runner.py (its plans gpu_plan.py), the timed loops
 bench/gpu_measure.py, the table and plot bench/gpu_table.py, the peers bench/gpu_peers.py.
 """
 
@@ -173,7 +173,8 @@ def run(args: argparse.Namespace) -> int:
     130 when interrupted (the figures so far are printed and written)."""
     from rich.console import Console
 
-    from mixtral.bench.gpu_runner import Machine, run_schemes
+    from mixtral.bench.gpu_plan import Machine
+    from mixtral.bench.gpu_runner import run_schemes
     from mixtral.bench.gpu_table import plot_decode, print_table
 
     problem = arg_problem(args)
