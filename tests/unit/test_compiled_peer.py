@@ -55,18 +55,18 @@ def test_bench_plot_draws_every_peer(tmp_path: object) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mixtral.bench import gpu
+    from mixtral.bench import gpu_table
 
-    results = {"model": "tiny", "dtype": "bf16", "device": "test",
-               "decode": [{"batch": b, "tok_s": 10.0 * b, "roofline_tok_s": 12.0 * b} for b in (1, 8)],
-               "peer_hf": [{"batch": 1, "tok_s": 2.0}, {"batch": 8, "tok_s": None}],
-               "peer_compiled": [{"batch": 1, "tok_s": 5.0}, {"batch": 8, "tok_s": 30.0}]}
+    bf16 = {"decode": [{"batch": b, "tok_s": 10.0 * b, "roofline_tok_s": 12.0 * b} for b in (1, 8)],
+            "peer_hf": [{"batch": 1, "tok_s": 2.0}, {"batch": 8, "tok_s": None}],
+            "peer_compiled": [{"batch": 1, "tok_s": 5.0}, {"batch": 8, "tok_s": 30.0}]}
+    results = {"model": "tiny", "dtype": "bf16", "device": "test", "schemes": {"bf16": bf16}}
     saved: list[object] = []
     real_close = plt.close
     plt.close = lambda fig=None: saved.append(fig)  # keep the figure to read its lines
     try:
         path = tmp_path / "decode.png"  # type: ignore[operator]
-        gpu.plot_decode(results, path)
+        gpu_table.plot_decode(results, path)
     finally:
         plt.close = real_close
     lines = {ln.get_label(): list(ln.get_ydata()) for ln in saved[0].axes[0].get_lines()}  # type: ignore[attr-defined]

@@ -102,3 +102,19 @@ def peer_list(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"must be 'none' or comma-separated peers from {', '.join(PEERS)}, got {text!r}")
     return text
+
+
+def scheme_list(text: str) -> str:
+    """Comma-separated ``--quantization`` values for ``mixtral bench gpu``, each at most once: ``none`` (the
+    weights as the checkpoint is: bf16 for a preset) or a scheme / checkpoint format (``"none,fp8"``); returned
+    as given, for callers that split it."""
+    from mixtral.checkpoint.quant_load import QUANTIZATION_CHOICES
+
+    allowed = ("none", *QUANTIZATION_CHOICES)
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    bad = [item for item in items if item not in allowed]
+    if bad or not items or len(set(items)) != len(items):
+        why = f"{bad[0]!r} is not one of them" if bad else "each at most once" if items else "none given"
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated schemes from {', '.join(allowed)} ({why}), got {text!r}")
+    return text

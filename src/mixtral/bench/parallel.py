@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mixtral.bench.roofline import StepBytes, expected_experts_hit
+from mixtral.bench.roofline import StepBytes, WeightFormat, expected_experts_hit
 from mixtral.distributed.config import ParallelConfig
 from mixtral.model.args import ModelArgs
 from mixtral.model.presets import PRESETS
@@ -31,19 +31,25 @@ from mixtral.model.presets import PRESETS
 
 # --------------------------------------------------------------------------- roofline per GPU
 def rank_decode_bytes(args: ModelArgs, parallel: ParallelConfig, batch: int, context_len: int,
-                      dtype_bytes: int = 2) -> StepBytes:
+                      dtype_bytes: float = 2, fmt: WeightFormat | None = None,
+                      kv_dtype_bytes: float | None = None) -> StepBytes:
     """Minimum bytes the busiest rank reads per decode step of ``batch`` sequences at ``context_len``: its
     attention share, the expected experts of the busiest expert group (each a 1/moe_tp slice), its KV heads,
-    and the lm_head (rank 0 computes the logits)."""
+    and the lm_head (rank 0 computes the logits). ``fmt``: bytes per parameter of each part as stored (quantized
+    weights; default all in ``dtype_bytes``); ``kv_dtype_bytes``: the KV cache's element size (default
+    ``dtype_bytes``)."""
+    fmt = fmt or WeightFormat.plain(dtype_bytes)
     shard = parallel.layout(args, 0).shard_args(args)
     d = args.dim
     attn = d * (shard.q_size + 2 * shard.kv_size) + shard.q_size * d
     router_norms = d * args.num_experts + 2 * d
     hit = busiest_rank_experts(batch, args.num_experts, args.num_experts_per_tok, parallel.ep_size)
     experts = hit * 3 * d * shard.hidden_dim
-    weights = args.n_layers * (attn + router_norms + experts) + d + args.vocab_size * d + batch * d
-    kv = batch * context_len * shard.kv_bytes_per_token(dtype_bytes)
-    return StepBytes(weights=float(weights * dtype_bytes), kv=float(kv))
+    weights = (args.n_layers * (attn * fmt.attention + experts * fmt.experts + router_norms * fmt.dense)
+               + (d + args.vocab_size * d + batch * d) * fmt.dense)
+    kv = batch * context_len * shard.kv_bytes_per_token(1) * (dtype_bytes if kv_dtype_bytes is None
+                                                                else kv_dtype_bytes)
+    return StepBytes(weights=float(weights), kv=float(kv))
 
 
 def busiest_rank_experts(batch: int, num_experts: int, top_k: int, ep_size: int, trials: int = 4096) -> float:
@@ -65,9 +71,11 @@ def busiest_rank_experts(batch: int, num_experts: int, top_k: int, ep_size: int,
 
 
 def decode_roofline_tok_s(args: ModelArgs, parallel: ParallelConfig, batch: int, context_len: int,
-                          bandwidth: float, dtype_bytes: int = 2) -> float:
+                          bandwidth: float, dtype_bytes: float = 2, fmt: WeightFormat | None = None,
+                          kv_dtype_bytes: float | None = None) -> float:
     """Tokens/s if a decode step took the busiest rank's bytes / one GPU's ``bandwidth`` (collectives free)."""
-    return batch / (rank_decode_bytes(args, parallel, batch, context_len, dtype_bytes).total / bandwidth)
+    step = rank_decode_bytes(args, parallel, batch, context_len, dtype_bytes, fmt, kv_dtype_bytes)
+    return batch / (step.total / bandwidth)
 
 
 # --------------------------------------------------------------------------- all-reduce per step
@@ -80,17 +88,18 @@ def allreduce_report(executor: Any, args: ModelArgs, num_tokens: list[int], iter
 
 
 def gpu_report(engine: Any, batches: list[int], context: int, prefill_len: int, bandwidth: float,
-               decode_tok_s: dict[int, float], iters: int = 20) -> dict[str, Any]:
+               decode_tok_s: dict[int, float], iters: int = 20, fmt: WeightFormat | None = None,
+               kv_dtype_bytes: float | None = None) -> dict[str, Any]:
     """What ``mixtral bench gpu --tensor-parallel-size N`` adds: per decode batch the per-GPU roofline (busiest
-    rank's bytes over one GPU's bandwidth) and the fraction reached, and for each batch and the prefill the
-    all-reduce time per step and its share of the measured step."""
+    rank's bytes over one GPU's bandwidth, weights as ``fmt`` stores them) and the fraction reached, and for
+    each batch and the prefill the all-reduce time per step and its share of the measured step."""
     executor = engine.model_runner.executor
     args: ModelArgs = executor.source.args  # the full model's (engine.model_args is rank 0's shard)
     parallel: ParallelConfig = executor.parallel
     reduces = {r["tokens"]: r for r in allreduce_report(executor, args, [*batches, prefill_len], iters)}
     rows = []
     for b in batches:
-        roof = decode_roofline_tok_s(args, parallel, b, context, bandwidth)
+        roof = decode_roofline_tok_s(args, parallel, b, context, bandwidth, fmt=fmt, kv_dtype_bytes=kv_dtype_bytes)
         tok_s = decode_tok_s.get(b)
         step_ms = b / tok_s * 1e3 if tok_s else None
         reduce_ms = reduces[b]["per_step_ms"]

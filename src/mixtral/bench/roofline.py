@@ -1,6 +1,11 @@
 """The physical limits a benchmark figure is compared with: bytes a decode step must read, FLOPs a prefill
 must do, and the GPU's measured copy bandwidth and matmul rate.
 
+A decode step's bytes depend on how the weights are stored: :class:`WeightFormat` gives the bytes per parameter
+of the quantizable parts (attention projections, experts: codes plus their scales / zero points, as
+``model/footprint.py`` counts a load) and of the parts that stay in the model dtype (router, norms, embeddings,
+lm_head); the KV cache is read at its own element size (``--kv-cache-dtype``).
+
 Pure arithmetic on ModelArgs plus two small measurements; no engine here.
 """
 
@@ -13,8 +18,9 @@ import torch
 
 from mixtral.model.args import ModelArgs
 
-# Dense bf16 tensor-core peak from NVIDIA's datasheets (SXM parts, no sparsity), FLOP/s.
+# Dense tensor-core peaks from NVIDIA's datasheets (SXM parts, no sparsity), FLOP/s.
 DATASHEET_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+DATASHEET_FP8_PEAK = {"H100": 1978.9e12, "H200": 1978.9e12}
 
 
 def expected_experts_hit(num_tokens: int, num_experts: int, top_k: int) -> float:
@@ -36,21 +42,52 @@ class StepBytes:
         return self.weights + self.kv
 
 
-def decode_step_bytes(args: ModelArgs, batch: int, context_len: int, dtype_bytes: int = 2) -> StepBytes:
-    """Minimum bytes one decode step of ``batch`` sequences at ``context_len`` tokens must read from HBM."""
+@dataclass(frozen=True)
+class WeightFormat:
+    """Bytes per parameter as loaded, by part: ``attention`` (wqkv, wo) and ``experts`` (w13, w2), which the
+    quantization schemes store as codes plus scales (fp8: 1 + 4 / in_features; int4 at group 128 with fp16
+    scales: 0.5 + 2 / 128), and ``dense``: the router, norms, embeddings and lm_head, always in the model dtype."""
+
+    attention: float = 2.0
+    experts: float = 2.0
+    dense: float = 2.0
+
+    @classmethod
+    def plain(cls, dtype_bytes: float) -> WeightFormat:
+        """Every weight in one float dtype of ``dtype_bytes``."""
+        return cls(dtype_bytes, dtype_bytes, dtype_bytes)
+
+    @classmethod
+    def from_footprint(cls, args: ModelArgs, parts: dict[str, int], dtype_bytes: float) -> WeightFormat:
+        """From ``model.footprint.weight_bytes``' parts of the model ``args`` (the bytes a load allocates)."""
+        counts = args.num_parameters()
+        return cls(attention=parts["attention"] / counts["attention"], experts=parts["experts"] / counts["experts"],
+                   dense=dtype_bytes)
+
+
+def decode_step_bytes(args: ModelArgs, batch: int, context_len: int, dtype_bytes: float = 2,
+                      fmt: WeightFormat | None = None, kv_dtype_bytes: float | None = None) -> StepBytes:
+    """Minimum bytes one decode step of ``batch`` sequences at ``context_len`` tokens must read from HBM: every
+    attention, router and norm weight, the lm_head, ``batch`` rows of the input embeddings, the experts the
+    batch is expected to hit, and the KV cache. ``fmt``: how the weights are stored (default: all in
+    ``dtype_bytes``); ``kv_dtype_bytes``: the KV cache's element size (default: ``dtype_bytes``)."""
+    fmt = fmt or WeightFormat.plain(dtype_bytes)
     counts = args.num_parameters()
     expert_params = 3 * args.dim * args.hidden_dim
     hit = expected_experts_hit(batch, args.num_experts, args.num_experts_per_tok)
-    non_expert = counts["total"] - counts["experts"] - counts["embeddings"] // 2  # input embeddings: B rows only
-    weights = (non_expert + args.n_layers * hit * expert_params + batch * args.dim) * dtype_bytes
-    kv = batch * context_len * args.kv_bytes_per_token(dtype_bytes)
+    dense = counts["total"] - counts["experts"] - counts["attention"] - counts["embeddings"] // 2  # + lm_head
+    weights = (counts["attention"] * fmt.attention + args.n_layers * hit * expert_params * fmt.experts
+               + (dense + batch * args.dim) * fmt.dense)  # input embeddings: B rows only
+    kv = batch * context_len * args.kv_bytes_per_token(1) * (dtype_bytes if kv_dtype_bytes is None else kv_dtype_bytes)
     return StepBytes(weights=float(weights), kv=float(kv))
 
 
 def decode_roofline_tok_s(args: ModelArgs, batch: int, context_len: int, bandwidth: float,
-                          dtype_bytes: int = 2) -> float:
+                          dtype_bytes: float = 2, fmt: WeightFormat | None = None,
+                          kv_dtype_bytes: float | None = None) -> float:
     """Tokens/s if a decode step took exactly its bytes / bandwidth."""
-    return batch / (decode_step_bytes(args, batch, context_len, dtype_bytes).total / bandwidth)
+    step = decode_step_bytes(args, batch, context_len, dtype_bytes, fmt, kv_dtype_bytes)
+    return batch / (step.total / bandwidth)
 
 
 def prefill_flops(args: ModelArgs, num_tokens: int) -> float:
@@ -95,8 +132,10 @@ def measure_matmul_flops(device: torch.device, n: int = 8192, iters: int = 10) -
     return 2 * n**3 / best
 
 
-def datasheet_peak(device_name: str) -> float | None:
-    for key, peak in DATASHEET_BF16_PEAK.items():
+def datasheet_peak(device_name: str, compute: str = "bf16") -> float | None:
+    """The datasheet's dense peak of ``device_name`` for ``compute`` ("bf16" or "fp8") matmuls; None if unknown."""
+    table = DATASHEET_FP8_PEAK if compute == "fp8" else DATASHEET_BF16_PEAK
+    for key, peak in table.items():
         if key in device_name:
             return peak
     return None

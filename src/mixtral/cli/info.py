@@ -2,7 +2,8 @@
 
 With ``--quantization`` (or a quantized checkpoint, detected from its files): the weight bytes per part as the
 loader will allocate them (model/footprint.py), and what that leaves for the KV cache on one 80 GB GPU at
-``--gpu-memory-utilization``: bytes, and the longest context (tokens of KV) that fits, with bf16 and FP8 KV.
+``--gpu-memory-utilization``: bytes, and the longest context (tokens of KV) that fits, with bf16 and FP8 KV; the
+same on one 141 GB GPU (an H200).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from mixtral.cli.quant_args import add_quantization_arg
 
 # What torch.cuda.mem_get_info reports as the total of an H100 80GB HBM3 (79.2 GiB).
 GPU_80GB_BYTES = 85_032_370_176
+# The same for an H200 (141 GB): nvidia-smi's 143,771 MiB less the 466 MiB the driver keeps on an H100 (whose
+# nvidia-smi total is 81,559 MiB): 143,305 MiB, 139.9 GiB.
+GPU_141GB_BYTES = 150_266_183_680
 
 # Bytes per weight of each storage type (int4 ignores its small per-group scales).
 WEIGHT_BYTES = {"fp32": 4.0, "bf16": 2.0, "fp8": 1.0, "int4": 0.5}
@@ -65,14 +69,18 @@ def memory_plan(source: Any, quantization: str | None, dtype: str, utilization: 
         raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {utilization}")
     methods = planned_methods(source, quant_spec_for(source, quantization))
     parts = weight_bytes(source.args, parse_dtype(dtype), methods)
-    room = int(GPU_80GB_BYTES * utilization) - parts["total"]
     per_token = {"bf16": source.args.kv_bytes_per_token(2), "fp8": source.args.kv_bytes_per_token(1)}
+
+    def on(gpu_bytes: int) -> dict[str, Any]:
+        room = int(gpu_bytes * utilization) - parts["total"]
+        return {"gpu_bytes": gpu_bytes, "kv_room_bytes": room,
+                "max_context_tokens": {k: max(room, 0) // v for k, v in per_token.items()}}
+
     return {
         "scheme": "+".join(sorted({m.name for m in methods.values()})) or dtype,
-        "weight_bytes": parts,
-        "gpu_bytes": GPU_80GB_BYTES, "gpu_memory_utilization": utilization,
-        "kv_room_bytes": room,
-        "max_context_tokens": {k: max(room, 0) // v for k, v in per_token.items()},
+        "weight_bytes": parts, "gpu_memory_utilization": utilization,
+        **on(GPU_80GB_BYTES),  # one H100 80GB
+        "h200": on(GPU_141GB_BYTES),
     }
 
 
@@ -117,6 +125,16 @@ def model_info(name: str, quantization: str | None = None, dtype: str = "bf16",
                   for t in read_header(p).values()}
         info["checkpoint_dtypes"] = sorted(dtypes)
     return info
+
+
+def context_line(tokens: dict[str, int], max_seq_len: int) -> str:
+    """The longest context the KV room holds with a bf16 and an FP8 cache, capped at the model's own."""
+    if tokens["bf16"] >= max_seq_len:
+        return (f", longest context the model's full {max_seq_len:,} tokens (room for {tokens['bf16']:,} tokens "
+                f"of bf16 KV, {tokens['fp8']:,} of fp8)")
+    if tokens["fp8"] >= max_seq_len:
+        return f", longest context {tokens['bf16']:,} tokens (bf16 KV), the full {max_seq_len:,} with fp8 KV"
+    return f", longest context {tokens['bf16']:,} tokens (bf16 KV), {tokens['fp8']:,} (fp8 KV) of {max_seq_len:,}"
 
 
 def resolve_args(name: str) -> Any:
@@ -164,10 +182,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"weights as loaded ({plan['scheme']})")
     for part, n in plan["weight_bytes"].items():
         print(f"  {part:22s} {gib(n)}")
-    ctx = plan["max_context_tokens"]
-    print(f"on one 80 GB GPU at {plan['gpu_memory_utilization']:g}: KV room {gib(max(plan['kv_room_bytes'], 0))}"
-          + (f", longest context {ctx['bf16']:,} tokens (bf16 KV), {ctx['fp8']:,} (fp8 KV)" if plan["kv_room_bytes"] > 0
-             else f": the weights do not fit ({gib(-plan['kv_room_bytes'])} over)"))
+    for gpu, fit in (("80 GB GPU (H100)", plan), ("141 GB GPU (H200)", plan["h200"])):
+        print(f"on one {gpu} at {plan['gpu_memory_utilization']:g}: KV room {gib(max(fit['kv_room_bytes'], 0))}"
+              + (context_line(fit["max_context_tokens"], info["config"]["max_seq_len"]) if fit["kv_room_bytes"] > 0
+                 else f": the weights do not fit ({gib(-fit['kv_room_bytes'])} over)"))
     c = info["kv_cache"]
     print(f"KV cache as asked ({c['dtype']}): {c['bytes_per_token']:,} B/token, {c['max_context_tokens']:,} tokens fit")
     if "checkpoint_bytes" in info:
