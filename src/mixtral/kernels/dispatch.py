@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from mixtral.kernels import reference
+from mixtral.kernels import cpu_ops, reference
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.moe_grouped import moe_grouped
 from mixtral.kernels.triton.moe_configs import MoEConfig
@@ -125,6 +125,9 @@ class Kernels:
 
             write_kv(k, v, k_cache, v_cache, slot_mapping, self._pdl)
             return
+        if not self._reference:
+            cpu_ops.write_kv(k, v, k_cache, v_cache, slot_mapping)
+            return
         reference.write_kv_reference(k, v, k_cache, v_cache, slot_mapping)
 
     def paged_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -144,6 +147,10 @@ class Kernels:
             return paged_attention(q, k_cache, v_cache, block_tables, context_lens, query_start_loc,
                                    max_query_len=max_query_len, max_context_len=max_context_len,
                                    sliding_window=sliding_window, pdl=self._pdl)
+        if not self._reference and max_query_len == 1 and q.shape[0] == block_tables.shape[0]:
+            # Pure decode, one token per sequence: one batched call (cpu_ops.py)
+            return cpu_ops.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, max_context_len,
+                                                  sliding_window)
         return reference.paged_attention_reference(q, k_cache, v_cache, block_tables, context_lens,
                                                    query_start_loc, sliding_window)
 
@@ -208,6 +215,8 @@ class Kernels:
             from mixtral.kernels.triton.rope import rope_qk
 
             return rope_qk(q, k, cos, sin, pdl=self._pdl)
+        if not self._reference:
+            return cpu_ops.rope_qk(q, k, cos, sin)
         return reference.rope_qk_reference(q, k, cos, sin)
 
     def rope_qk_store(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
