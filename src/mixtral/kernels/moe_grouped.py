@@ -22,16 +22,51 @@ Grouped is the fastest or level at every size but a tiny decode batch of 1-8 tok
 10-40 us and then falls off a cliff (it copies every pair's expert weights); forward + backward (training)
 grouped and the reference were level. One path, fast at decode and prefill sizes alike, is this one; the
 reference stays the ground truth (``KernelConfig.backend == "reference"``).
+
+At decode sizes (up to ``HOST_GROUPED_MAX_PAIRS`` (token, expert) pairs) the grouping is done on the host from
+one ``tolist`` of the ids instead of the sort, bincount and gathers: what costs there is the number of PyTorch
+calls, not the arithmetic (demo model, bf16, one thread, per layer: 1 token 127 -> 66 us, 16 tokens 290 -> 240 us;
+numbers in docs/QUANTIZATION.md's CPU section). Both forms are held to the reference by tests/model/test_moe_paths.py.
+
+``grouped_experts`` is the driver shared with the quantized experts (quant/int_cpu.py): it groups the pairs and
+calls ``ffn(e, rows)`` once per expert hit, so the packed int matmuls get the same grouping.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+# Up to this many (token, expert) pairs (N * k) the pairs are grouped on the host (``_host_grouped``).
+HOST_GROUPED_MAX_PAIRS = 64
+
+ExpertFFN = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, rows [c, D]) -> [c, D] in the rows' dtype
 
 
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                 topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+    """The experts with float weights w13 [E_local, 2F, D], w2 [E_local, D, F]: ``grouped_experts`` with each
+    expert's SwiGLU as two GEMMs."""
+    def ffn(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)  # [c, F]
+        return F.linear(F.silu(gate) * up, w2[e])  # [c, D]
+
+    return grouped_experts(x, topk_weights, topk_ids, expert_start, w13.shape[0], ffn)
+
+
+def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int,
+                    num_local: int, ffn: ExpertFFN) -> torch.Tensor:
+    """Sum over each token's chosen local experts of weight * ffn(expert, token), each expert called once on all
+    its rows, in increasing expert order (the reference's order, so bf16 sums round alike)."""
+    if topk_ids.numel() <= HOST_GROUPED_MAX_PAIRS:
+        return _host_grouped(x, topk_weights, topk_ids, expert_start, num_local, ffn)
+    return _sorted(x, topk_weights, topk_ids, expert_start, num_local, ffn)
+
+
+def _sorted(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int,
+            num_local: int, ffn: ExpertFFN) -> torch.Tensor:
     """Sort the N*k (token, expert) pairs by expert and run each expert once on its contiguous group.
 
     Example (k 2, E_local 2 at expert_start 0): ids [[1, 0], [1, 0]] -> pairs sorted [t0e0, t1e0, t0e1, t1e1],
@@ -39,25 +74,50 @@ def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weigh
     weight, is added back into its token's row.
     """
     k = topk_ids.shape[1]
-    e_local = w13.shape[0]
     flat_ids = topk_ids.reshape(-1) - expert_start  # [N*k] local ids; out of range = other rank
     order = torch.argsort(flat_ids, stable=True)  # [N*k]
     sorted_ids = flat_ids[order]
     token_of_pair = order // k  # [N*k] which token each sorted pair belongs to
     # Pairs of lower-numbered ranks sort first (negative ids), of higher ones after every local group.
-    counts = torch.bincount(sorted_ids.clamp(0, e_local).masked_fill(sorted_ids < 0, e_local),
-                            minlength=e_local + 1)[:e_local].tolist()
+    counts = torch.bincount(sorted_ids.clamp(0, num_local).masked_fill(sorted_ids < 0, num_local),
+                            minlength=num_local + 1)[:num_local].tolist()
     first_local = int((sorted_ids < 0).sum())
     xs = x[token_of_pair]  # [N*k, D] rows in expert order
     ys = torch.zeros_like(xs)
     start = first_local
     for e, c in enumerate(counts):
         if c:
-            seg = xs[start:start + c]
-            gate, up = F.linear(seg, w13[e]).chunk(2, dim=-1)  # [c, F]
-            ys[start:start + c] = F.linear(F.silu(gate) * up, w2[e])
+            ys[start:start + c] = ffn(e, xs[start:start + c])
             start += c
     w = topk_weights.reshape(-1)[order]  # [N*k] fp32
     out = torch.zeros_like(x)
     out.index_add_(0, token_of_pair, (ys * w[:, None]).to(x.dtype))
+    return out
+
+
+def _host_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int,
+                  num_local: int, ffn: ExpertFFN) -> torch.Tensor:
+    """``_sorted``'s result with the grouping done in Python on the ids' host copy (few pairs).
+
+    Example (k 2): ids [[3, 1], [1, 5]] -> expert 1: tokens [0, 1], pairs [1, 2]; expert 3: token 0, pair 0;
+    expert 5: token 1, pair 3. One token alone needs no gather nor scatter: its rows are x itself.
+    """
+    n, k = topk_ids.shape
+    groups: dict[int, list[int]] = {}  # local expert -> its pairs (p = token * k + slot), in token order
+    for p, e in enumerate((topk_ids.reshape(-1) - expert_start).tolist()):
+        if 0 <= e < num_local:
+            groups.setdefault(e, []).append(p)
+    w = topk_weights.reshape(-1)  # [N*k] fp32
+    out = torch.zeros_like(x)
+    for e in sorted(groups):
+        pairs = groups[e]
+        if n == 1:
+            # The expert's rows times the fp32 weight (a [1] slice: the product is fp32, as the reference's),
+            # rounded once to x's dtype.
+            out = out + (ffn(e, x) * w[pairs[0]:pairs[0] + 1]).to(x.dtype)
+            continue
+        tokens = torch.tensor([p // k for p in pairs], device=x.device)  # [c]
+        y = ffn(e, x.index_select(0, tokens))  # [c, D]
+        weight = w.index_select(0, torch.tensor(pairs, device=x.device))  # [c] fp32
+        out.index_add_(0, tokens, (y * weight[:, None]).to(x.dtype))
     return out
