@@ -17,4 +17,7 @@ def print_table(title: str, rows: list[tuple[str, ...]], header: tuple[str, ...]
         table.add_column(name)
     for row in rows:
         table.add_row(*row)
-    Console().print(table)
+    console = Console()
+    if header is not None and not console.is_terminal:  # a file or pipe: no 80-column cut of the many columns
+        console = Console(width=160)
+    console.print(table)

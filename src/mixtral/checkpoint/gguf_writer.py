@@ -67,12 +67,18 @@ def encode(weight: np.ndarray, kind: str) -> np.ndarray:
         return np.ascontiguousarray(weight, dtype=np.float32)
     if kind == "F16":
         return np.ascontiguousarray(weight, dtype=np.float16)
-    qtype = gguf.GGMLQuantizationType[kind]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if weight.shape[-1] % block:
-        raise ValueError(f"{kind} stores rows in blocks of {block} weights; a row of {weight.shape[-1]} does not "
-                         "divide: pick another --gguf-type")
-    return gguf.quants.quantize(np.ascontiguousarray(weight, dtype=np.float32), qtype)
+    check_rows(kind, weight.shape[-1])
+    return gguf.quants.quantize(np.ascontiguousarray(weight, dtype=np.float32), gguf.GGMLQuantizationType[kind])
+
+
+def check_rows(kind: str, row: int, name: str = "a tensor") -> None:
+    """ValueError when rows of ``row`` weights cannot be stored as ``kind`` (its blocks must divide them)."""
+    import gguf
+
+    block = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kind]][0]
+    if row % block:
+        raise ValueError(f"{kind} stores rows in blocks of {block} weights; a row of {row} ({name}) is not a "
+                         "multiple: pick another --gguf-type")
 
 
 def _stored_shape(shape: tuple[int, ...], kind: str) -> tuple[tuple[int, ...], np.dtype, int]:
@@ -190,6 +196,8 @@ def write_gguf(source: object, args: ModelArgs, path: Path | str, gguf_type: str
     specs = write_order(args)
     floats = float_type if callable(float_type) else (lambda _s, f=float_type: f)
     kinds = {s.name: tensor_type(s.name, gguf_type, floats(s)) for s in specs}
+    for s in specs:  # before any file is opened
+        check_rows(kinds[s.name], s.shape[-1], s.name)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, "llama")
