@@ -104,3 +104,63 @@ def test_dispatch_takes_the_fast_forms_only_where_they_apply(monkeypatch: pytest
     want = reference.paged_attention_reference(q3, kc, vc, tables, ctx, qsl3)
     got = auto.paged_attention(q3, kc, vc, tables, ctx, qsl3, max_query_len=3, max_context_len=6)
     assert torch.equal(got, want) and calls == ["fast"]
+
+
+@pytest.mark.parametrize("m", [1, 3, 16, 70])
+def test_packed_bf16_linear_is_bitwise_f_linear(m: int) -> None:
+    g = torch.Generator().manual_seed(m)
+    w = torch.nn.Parameter((torch.randn(96, 64, generator=g) * 0.1).bfloat16(), requires_grad=False)
+    x = torch.randn(m, 64, generator=g).bfloat16()
+    packed = cpu_ops.PackedWeights()
+    assert cpu_ops.packable(x, w)
+    assert torch.equal(packed.linear(x, w), torch.nn.functional.linear(x, w))
+    assert torch.equal(packed.linear(x[None], w), torch.nn.functional.linear(x[None], w))  # [B, M, K]
+
+
+def test_packed_weights_follow_their_weight() -> None:
+    """An in-place change of the weight is seen (repacked); a freed weight's entry goes; a deep copy (and a pickle)
+    of the holder carries no packed tensor (they have no storage); what is not a bf16 Parameter at inference is not
+    packed: a LoRA-adapted weight is a new tensor each call, autograd needs F.linear."""
+    import copy
+    import pickle
+
+    w = torch.nn.Parameter(torch.randn(32, 16).bfloat16(), requires_grad=False)
+    x = torch.randn(2, 16).bfloat16()
+    packed = cpu_ops.PackedWeights()
+    first = packed.linear(x, w)
+    with torch.no_grad():
+        w.mul_(2)
+    assert torch.equal(packed.linear(x, w), torch.nn.functional.linear(x, w))
+    assert not torch.equal(packed.linear(x, w), first)
+    w.data = torch.randn(32, 16).bfloat16()  # what module.to() does: same Parameter, new data, same version
+    assert torch.equal(packed.linear(x, w), torch.nn.functional.linear(x, w))
+    assert len(copy.deepcopy(packed)._memo) == 0 and len(pickle.loads(pickle.dumps(packed))._memo) == 0
+    del w
+    packed.linear(x, torch.nn.Parameter(torch.randn(32, 16).bfloat16(), requires_grad=False))
+    assert len(packed._memo) == 1
+    trainable = torch.nn.Parameter(torch.randn(32, 16).bfloat16())
+    assert not cpu_ops.packable(x, trainable)  # grad enabled and the weight wants it
+    with torch.no_grad():
+        assert cpu_ops.packable(x, trainable)
+    assert not cpu_ops.packable(x, trainable.detach() + 0)  # a computed weight (LoRA): not a Parameter
+    assert not cpu_ops.packable(x.float(), trainable.float())
+
+
+def test_model_logits_and_deepcopy_with_packed_weights() -> None:
+    """A bf16 model on CPU gives the same logits through the prepacked projections and lm_head as with the
+    reference backend, and can still be deep-copied after they were packed."""
+    import copy
+
+    from mixtral.model.mixtral import Transformer, init_random_weights
+    from mixtral.model.presets import preset
+
+    model = Transformer(preset("tiny")).eval()
+    init_random_weights(model, seed=2, std=0.1)
+    model = model.bfloat16()
+    ids = torch.tensor([[1, 5, 99, 1000, 7]])
+    with torch.inference_mode():
+        fast = model(ids)
+        assert len(model.kernels._packed._memo) == 2 * 2 + 1  # wqkv and wo of 2 layers, the lm_head
+        twin = copy.deepcopy(model)
+        model.set_kernel_config(KernelConfig(backend="reference"))
+        assert torch.equal(fast, model(ids)) and torch.equal(twin(ids), fast)

