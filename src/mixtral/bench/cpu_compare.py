@@ -9,8 +9,9 @@ three, as our quantized models keep them) and runs the same greedy workload (``-
 - ``bf16``: this engine on the checkpoint in bf16;
 - ``int8`` / ``int4``: this engine on the Q8_0 / Q4_0 GGUF file, so the very weights llama.cpp runs (int8 and int4
   with one fp16 scale per 32 weights, symmetric), through the CPU packed matmuls (quant/int_cpu.py);
-- ``int8-rtn`` / ``int4-rtn`` (not by default): ``--quantization int8|int4`` on the bf16 checkpoint (int8 one scale
-  per channel; int4 groups of 128, or the largest of 64/32/16 that divides every width);
+- ``int8-rtn`` / ``int4-rtn``: ``--quantization int8|int4`` on the bf16 checkpoint, what a user of this engine gets
+  without a GGUF file (int8 one scale per channel; int4 groups of 128, or the largest of 64/32/16 that divides
+  every width: the JSON's ``weights`` names it; same round to nearest, other groups than Q4_0's 32);
 - ``transformers``: ``MixtralForCausalLM`` on the HF checkpoint (``--compare-hf-dtype``), ``generate`` greedy;
 - ``llama.cpp``: llama-cpp-python on each GGUF file (a row per file), batched through its own ``llama_batch``.
 
@@ -43,14 +44,14 @@ from mixtral.bench.args import positive_int
 from mixtral.bench.cpu_peers import PeerRun, peer_version, run_llama_cpp, run_transformers
 
 RUNS = ("bf16", "int8", "int4", "int8-rtn", "int4-rtn", "transformers", "llama.cpp")
-DEFAULT_RUNS = "bf16,int8,int4,transformers,llama.cpp"
+DEFAULT_RUNS = ",".join(RUNS)
 # Our run -> (the GGUF type whose llama.cpp row it is compared with, a description of its weights).
 OURS = {
     "bf16": ("bf16", "bf16"),
     "int8": ("q8_0", "Q8_0 file"),
     "int4": ("q4_0", "Q4_0 file"),
-    "int8-rtn": ("q8_0", "int8 per channel"),
-    "int4-rtn": ("q4_0", "int4 groups"),
+    "int8-rtn": ("q8_0", "RTN int8 per channel"),
+    "int4-rtn": ("q4_0", "RTN int4 groups"),
 }
 GGUF_TYPES = ("bf16", "q8_0", "q4_0")
 
@@ -274,7 +275,11 @@ def run(args: argparse.Namespace) -> int:
 
                 results[f"llama.cpp {t.upper()}"] = measure(lc, prompts, args.output_len, n, args.compare_repeats)
                 versions[f"llama.cpp {t.upper()}"] = results[f"llama.cpp {t.upper()}"].batch1.version
-    rows = table_rows(results, versions, args.compare_hf_dtype)
+    from mixtral.quant.int_method import int4_group_for
+
+    a = source.args
+    rows = table_rows(results, versions, args.compare_hf_dtype,
+                      {"int4-rtn": f"RTN int4 g{int4_group_for((a.dim, a.hidden_dim, a.q_size))}"})
     title = (f"CPU comparison: {args.model} ({threads} threads; batch 1 and {n} prompts x {args.input_len} in / "
              f"{args.output_len} out)")
     print_rows(title, rows, n)
@@ -288,13 +293,14 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def table_rows(results: dict[str, Measured], versions: dict[str, str], hf_dtype: str) -> list[Row]:
+def table_rows(results: dict[str, Measured], versions: dict[str, str], hf_dtype: str,
+               labels: dict[str, str] | None = None) -> list[Row]:
     """The table's rows in RUNS order then the llama.cpp rows, with ratios to the llama.cpp row of the same
-    weights where it was measured."""
+    weights where it was measured. ``labels``: a run's weights column where OURS' default is not precise."""
     rows = []
     for name, m in results.items():
         if name in OURS:
-            vs_type, weights = OURS[name][0], OURS[name][1]
+            vs_type, weights = OURS[name][0], (labels or {}).get(name, OURS[name][1])
         elif name == "transformers":
             vs_type, weights = "bf16", hf_dtype
         else:
