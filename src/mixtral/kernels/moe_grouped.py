@@ -23,10 +23,12 @@ Grouped is the fastest or level at every size but a tiny decode batch of 1-8 tok
 grouped and the reference were level. One path, fast at decode and prefill sizes alike, is this one; the
 reference stays the ground truth (``KernelConfig.backend == "reference"``).
 
-At decode sizes (up to ``HOST_GROUPED_MAX_PAIRS`` (token, expert) pairs) the grouping is done on the host from
-one ``tolist`` of the ids instead of the sort, bincount and gathers: what costs there is the number of PyTorch
-calls, not the arithmetic (demo model, bf16, one thread, per layer: 1 token 127 -> 66 us, 16 tokens 290 -> 240 us;
-numbers in docs/QUANTIZATION.md's CPU section). Both forms are held to the reference by tests/model/test_moe_paths.py.
+A single token (batch-1 decode) skips the sort, bincount, gather and scatter: its k experts come from one
+``tolist`` of its ids and their outputs are summed directly; at that size what costs is the number of PyTorch
+calls, not the arithmetic (demo model shapes, one thread, CPU time of the experts of one layer: bf16 139 -> 98 us,
+packed int4 80 -> 51 us). From 4 tokens grouping on the host loses to the sort (int4 at 4 / 16 / 64 tokens: 211
+/ 332 / 590 us against 165 / 259 / 492: a gather and a scatter per expert instead of one each), so it is kept to
+one token. Both forms are held to the reference (tests/model/test_moe_paths.py, tests/kernels/test_moe_host_grouped.py).
 
 ``grouped_experts`` is the driver shared with the quantized experts (quant/int_cpu.py): it groups the pairs and
 calls ``ffn(e, rows)`` once per expert hit, so the packed int matmuls get the same grouping.
@@ -38,9 +40,6 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-
-# Up to this many (token, expert) pairs (N * k) the pairs are grouped on the host (``_host_grouped``).
-HOST_GROUPED_MAX_PAIRS = 64
 
 ExpertFFN = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, rows [c, D]) -> [c, D] in the rows' dtype
 
@@ -60,8 +59,8 @@ def grouped_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
                     num_local: int, ffn: ExpertFFN) -> torch.Tensor:
     """Sum over each token's chosen local experts of weight * ffn(expert, token), each expert called once on all
     its rows, in increasing expert order (the reference's order, so bf16 sums round alike)."""
-    if topk_ids.numel() <= HOST_GROUPED_MAX_PAIRS:
-        return _host_grouped(x, topk_weights, topk_ids, expert_start, num_local, ffn)
+    if topk_ids.shape[0] == 1:
+        return _one_token(x, topk_weights, topk_ids, expert_start, num_local, ffn)
     return _sorted(x, topk_weights, topk_ids, expert_start, num_local, ffn)
 
 
@@ -95,29 +94,15 @@ def _sorted(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
     return out
 
 
-def _host_grouped(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int,
-                  num_local: int, ffn: ExpertFFN) -> torch.Tensor:
-    """``_sorted``'s result with the grouping done in Python on the ids' host copy (few pairs).
-
-    Example (k 2): ids [[3, 1], [1, 5]] -> expert 1: tokens [0, 1], pairs [1, 2]; expert 3: token 0, pair 0;
-    expert 5: token 1, pair 3. One token alone needs no gather nor scatter: its rows are x itself.
-    """
-    n, k = topk_ids.shape
-    groups: dict[int, list[int]] = {}  # local expert -> its pairs (p = token * k + slot), in token order
-    for p, e in enumerate((topk_ids.reshape(-1) - expert_start).tolist()):
-        if 0 <= e < num_local:
-            groups.setdefault(e, []).append(p)
-    w = topk_weights.reshape(-1)  # [N*k] fp32
+def _one_token(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int,
+               num_local: int, ffn: ExpertFFN) -> torch.Tensor:
+    """``_sorted``'s result for one token (x [1, D]): each of its local experts on x itself, in increasing expert
+    order, each output times its fp32 weight (a [1] slice, so the product is fp32 as the reference's) rounded once
+    to x's dtype and added. Example (k 2): ids [[5, 1]] -> out = 0 + w[1] * ffn(1, x) + w[0] * ffn(5, x)."""
+    w = topk_weights.reshape(-1)  # [k] fp32
+    ids = (topk_ids.reshape(-1) - expert_start).tolist()
     out = torch.zeros_like(x)
-    for e in sorted(groups):
-        pairs = groups[e]
-        if n == 1:
-            # The expert's rows times the fp32 weight (a [1] slice: the product is fp32, as the reference's),
-            # rounded once to x's dtype.
-            out = out + (ffn(e, x) * w[pairs[0]:pairs[0] + 1]).to(x.dtype)
-            continue
-        tokens = torch.tensor([p // k for p in pairs], device=x.device)  # [c]
-        y = ffn(e, x.index_select(0, tokens))  # [c, D]
-        weight = w.index_select(0, torch.tensor(pairs, device=x.device))  # [c] fp32
-        out.index_add_(0, tokens, (y * weight[:, None]).to(x.dtype))
+    for slot in sorted(range(len(ids)), key=ids.__getitem__):
+        if 0 <= ids[slot] < num_local:
+            out = out + (ffn(ids[slot], x) * w[slot:slot + 1]).to(x.dtype)
     return out
