@@ -6,7 +6,10 @@ is settled in the constructor; a call only checks what a tensor can take (CUDA o
 autograd). No environment variable is read here (the Triton interpreter's switch, TRITON_INTERPRET, only by
 ``check_device`` once, and by Triton itself).
 
-Every op has a PyTorch reference in ``kernels/reference.py``; the GPU kernels live in ``kernels/triton``.
+Every op has a PyTorch reference in ``kernels/reference.py``; the GPU kernels live in ``kernels/triton``. Where
+Triton does not serve a tensor (a CPU with ``auto``), the small ops take their fast PyTorch forms in
+``kernels/cpu_ops.py`` (batched decode attention, the K/V store, RoPE, prepacked bf16 Linears and lm_head), each
+held to its reference; ``reference`` runs the references everywhere.
 The Triton kernels have no backward: where autograd records (training) an op takes its PyTorch form. The
 MoE experts: the sorted-row TMA GEMMs (``triton/sorted_moe.py``) at prefill-sized token counts on sm90+,
 the Triton decode kernel (``triton/fused_moe.py``) below them, the grouped PyTorch path
