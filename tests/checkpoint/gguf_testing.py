@@ -1,9 +1,10 @@
-"""Write small Mixtral GGUF files the way llama.cpp's converter does, with the ``gguf`` package's writer.
+"""Write small Mixtral GGUF files with chosen per-tensor types, for the reader's tests.
 
-Tensors are quantized with ``gguf.quants.quantize`` where the package can (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1);
-K-quant tensors (no Python quantizer) get random valid blocks. q/k rows are interleaved per head as
-llama.cpp's ``permute`` does. ``write_gguf`` returns what each tensor holds in the internal layout, from
-gguf's own dequantization: the reference the reader is held to.
+The metadata and the encoding of each tensor are the product writer's (checkpoint/gguf_writer.py: ``add_metadata``,
+``encode``, which quantizes with ``gguf.quants.quantize``); what is test-only here: random weights per tensor,
+random valid blocks for the K-quants (gguf has no Python quantizer for them), foreign tensor types and extra tensors
+to make bad files. q/k rows are interleaved per head as llama.cpp's ``permute`` does. ``write_gguf`` returns what
+each tensor holds in the internal layout, from gguf's own dequantization: the reference the reader is held to.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from mixtral.checkpoint.gguf_file import GGUFCheckpoint, gguf_specs
 from mixtral.checkpoint.gguf_meta import packaged_pieces
 from mixtral.checkpoint.gguf_quants import GGUF_TYPES
+from mixtral.checkpoint.gguf_writer import add_metadata, encode
 from mixtral.checkpoint.specs import half_to_interleaved, interleaved_to_half
 from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer
@@ -61,21 +63,7 @@ def write_gguf(path: Path, args: ModelArgs, types: Callable[[str], str], merged:
     ``extra`` adds raw tensors (name -> (type, bytes)) to make bad files."""
     rng = np.random.default_rng(seed)
     w = gguf.GGUFWriter(path, "llama")
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_block_count(args.n_layers)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.n_kv_heads)
-    w.add_rope_dimension_count(args.head_dim)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_expert_count(args.num_experts)
-    w.add_expert_used_count(args.num_experts_per_tok)
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens if tokens is not None else list(packaged_pieces(args.tokenizer)))
-    w.add_bos_token_id(args.bos_id)
-    w.add_eos_token_id(args.eos_id)
+    add_metadata(w, args, tokens if tokens is not None else list(packaged_pieces(args.tokenizer)))
     expected: dict[str, torch.Tensor] = {}
     for spec in gguf_specs(args, merged):
         kind = types(spec.name)
@@ -83,13 +71,13 @@ def write_gguf(path: Path, args: ModelArgs, types: Callable[[str], str], merged:
         if spec.rope_heads:  # llama.cpp's converter interleaves each head's RoPE pairs
             weight = half_to_interleaved(torch.from_numpy(weight), spec.rope_heads).numpy()
         if kind in ("F32", "F16"):
-            data = weight.astype(np.float32 if kind == "F32" else np.float16)
+            data = encode(weight, kind)
             w.add_tensor(spec.name, data)
             deq = data.astype(np.float32)
         else:
             qtype = gguf.GGMLQuantizationType[kind]
             if kind in PYTHON_QUANTIZABLE:
-                data = gguf.quants.quantize(weight, qtype)
+                data = encode(weight, kind)
             elif kind not in GGUF_TYPES:  # a type the reader does not take: zero blocks of the right size
                 block, nbytes = gguf.GGML_QUANT_SIZES[qtype]
                 data = np.zeros((*spec.shape[:-1], spec.shape[-1] // block * nbytes), dtype=np.uint8)

@@ -17,10 +17,14 @@ import ctypes
 import importlib.metadata
 import importlib.util
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -174,7 +178,7 @@ def run_transformers(folder: Path, prompts: list[list[int]], output_len: int, ba
 
     if threads:
         torch.set_num_threads(threads)
-    model = MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+    model = _quiet_load(lambda: MixtralForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval())
     out: list[list[int]] = []
     prefill_s = decode_s = 0.0
     for group in _batches(prompts, batch):
@@ -197,3 +201,16 @@ def run_transformers(folder: Path, prompts: list[list[int]], output_len: int, ba
     import transformers
 
     return PeerRun("transformers", transformers.__version__, batch, prefill_s, decode_s, out)
+
+
+def _quiet_load(load: Callable[[], T]) -> T:
+    """``load()`` without transformers' per-load progress bar (a benchmark loads the model for every run)."""
+    from transformers.utils import logging
+
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        return load()
+    finally:
+        if was_on:
+            logging.enable_progress_bar()

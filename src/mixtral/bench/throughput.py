@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from mixtral.bench import cpu_compare
 from mixtral.bench.args import fraction, non_negative_float, positive_int
 from mixtral.bench.report import print_table
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
@@ -75,6 +76,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "applying tokens, outputs...) and the time it waits for the device, and report the host's "
                         "share of the run (bench/host_timing.py; costs ~1 us per phase per step)")
     add_kernel_args(p)
+    cpu_compare.add_arguments(p)  # --compare: CPU against transformers and llama.cpp on the same weights
 
 
 @dataclass
@@ -245,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
     from mixtral.engine.llm_engine import LLMEngine, RequestTooLongError
     from mixtral.sampling import SamplingParams
 
+    if getattr(args, "compare", False):
+        return cpu_compare.run(args)
     if args.num_prompts < 1:  # also checked by argparse; run() may get a Namespace built in code
         return _fail(f"--num-prompts must be >= 1, got {args.num_prompts}")
     if args.threads is not None:

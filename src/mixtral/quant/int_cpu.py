@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mixtral.kernels.moe_grouped import grouped_experts
 from mixtral.quant.base import QuantTensors
 from mixtral.quant.int_layout import IntFormat, dequantize, unpack_int4
 
@@ -113,19 +114,27 @@ def _mm4(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor) -> torch.Tensor:
 
 def packed_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> torch.Tensor:
     """x [M, K] -> [M, N] through the packed layout (``expert`` picks one matrix of a stacked [E, ...] weight).
-    x is cast to the packed scales' dtype and the result back to x's dtype."""
-    pick = (lambda name: t[name]) if expert is None else (lambda name: t[name][expert])
+    x is cast to the packed scales' dtype and the result back to x's dtype. At decode sizes the matmul itself
+    takes a few microseconds, so casts that would do nothing are not called."""
+    def pick(name: str) -> torch.Tensor:
+        return t[name] if expert is None else t[name][expert]
+
     if "perm" in t:
         x = x.index_select(-1, pick("perm").to(torch.int64))  # stored column j reads input perm[j]
     if "cpu_q8" in t:
         s = pick("cpu_s8")
-        return torch.ops.aten._weight_int8pack_mm(x.to(s.dtype).contiguous(), pick("cpu_q8"), s).to(x.dtype)
+        xs = (x if x.dtype == s.dtype else x.to(s.dtype)).contiguous()
+        y = torch.ops.aten._weight_int8pack_mm(xs, pick("cpu_q8"), s)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
     sz = pick("cpu_sz")
-    xs = x.to(sz.dtype).contiguous()
+    xs = (x if x.dtype == sz.dtype else x.to(sz.dtype)).contiguous()
     y = _mm4(xs, pick("cpu_q4"), sz)
     if "cpu_q4lo" in t:
-        y = (y.float() + _mm4(xs, pick("cpu_q4lo"), pick("cpu_szlo")).float())
-    return y.to(x.dtype)
+        lo = _mm4(xs, pick("cpu_q4lo"), pick("cpu_szlo"))
+        # Both halves are rounded to the packed dtype; their sum rounded once more. In x's dtype that is one add
+        # (a 2-byte add computes in fp32 and rounds); otherwise sum in fp32, then cast.
+        return y + lo if y.dtype == x.dtype else (y.float() + lo.float()).to(x.dtype)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
 def reference_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> torch.Tensor:
@@ -148,16 +157,13 @@ def cpu_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -> t
 
 def cpu_moe(x: torch.Tensor, w13: QuantTensors, w2: QuantTensors, topk_weights: torch.Tensor,
             topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
-    """The experts on CPU, one expert at a time over the tokens routed to it (as kernels/reference.py), each
-    GEMM through ``cpu_linear``: only the chosen experts' weights are read."""
-    num_local = (w13["cpu_q4"] if "cpu_q4" in w13 else w13["cpu_q8"] if "cpu_q8" in w13 else w13["qweight"]).shape[0]
-    out = torch.zeros_like(x)
-    local = topk_ids - expert_start  # [N, k]
-    for e in torch.unique(local).tolist():
-        if not 0 <= e < num_local:
-            continue
-        token_idx, slot = torch.where(local == e)  # [n], [n]
-        gate, up = cpu_linear(x[token_idx], w13, e).chunk(2, dim=-1)  # [n, F] each
-        y = cpu_linear(F.silu(gate) * up, w2, e)  # [n, D]
-        out.index_add_(0, token_idx, (y * topk_weights[token_idx, slot, None]).to(x.dtype))
-    return out
+    """The experts on CPU, grouped as the float experts are (kernels/moe_grouped.py ``grouped_experts``: each
+    expert hit runs once on its rows, in the reference's order), each GEMM through ``cpu_linear``: only the
+    chosen experts' weights are read."""
+    num_local = next(w13[k] for k in ("cpu_q4", "cpu_q8", "qweight") if k in w13).shape[0]
+
+    def ffn(e: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = cpu_linear(rows, w13, e).chunk(2, dim=-1)  # [c, F] each
+        return cpu_linear(F.silu(gate) * up, w2, e)  # [c, D]
+
+    return grouped_experts(x, topk_weights, topk_ids, expert_start, num_local, ffn)
