@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import sys
 from pathlib import Path
 
 import torch
 
+from mixtral.bench.quant_quality import perplexity
 from mixtral.checkpoint.loader import load_model
-from mixtral.train.data import TARGET, Encoder
+from mixtral.train.data import Encoder
 from mixtral.train.synthetic import ConversationGenerator
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -53,18 +53,6 @@ def held_out_windows(n_windows: int, fraction: float, seed: int) -> set[int]:
 def stage_records(fortunes: dict[str, list[str]], n_conv: int, seed: int, loc: float) -> list[dict]:
     texts = [{"text": t} for items in fortunes.values() for t in items]
     return texts + ConversationGenerator(seed, fortunes, loc).generate(n_conv)
-
-
-@torch.no_grad()
-def perplexity(model: torch.nn.Module, docs: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
-    total, count = 0.0, 0
-    for ids, codes in docs:
-        x = torch.tensor([ids])
-        logp = torch.log_softmax(model(x)[0, :-1].float(), dim=-1)  # [T-1, V]
-        mask = torch.tensor(codes[1:]) == TARGET
-        total += float(-logp.gather(1, x[0, 1:, None])[:, 0][mask].sum())
-        count += int(mask.sum())
-    return math.exp(total / count), count
 
 
 def main() -> int:

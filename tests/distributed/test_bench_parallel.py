@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from test_faults import ENV
-from tp_testing import TPEngine
 
 from mixtral.bench.parallel import busiest_rank_experts, decode_roofline_tok_s, gpu_report, rank_decode_bytes
 from mixtral.bench.roofline import decode_step_bytes, expected_experts_hit
 from mixtral.distributed.config import ParallelConfig
 from mixtral.distributed.engine import engine_over
 from mixtral.distributed.executor import DistributedExecutor
+from mixtral.engine.llm_engine import LLMEngine
 from mixtral.model.presets import PRESETS
 
 
@@ -41,7 +41,7 @@ def test_rank_bytes_halve_under_tp2_and_ep_pays_at_batch_1() -> None:
 
 
 def test_gpu_report_on_a_live_group(executor: DistributedExecutor) -> None:
-    engine = engine_over(executor, TPEngine, max_model_len=128, num_kv_blocks=32)
+    engine = engine_over(executor, LLMEngine, max_model_len=128, num_kv_blocks=32)
     report = gpu_report(engine, [1, 4], context=64, prefill_len=256, bandwidth=1e11, decode_tok_s={1: 100.0},
                         iters=3)
     assert report["layout"] == executor.parallel.describe()

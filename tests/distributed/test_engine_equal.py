@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from tp_testing import TPEngine, mixed_requests, run_requests, token_ids
+from tp_testing import mixed_requests, run_requests, token_ids
 
 from mixtral.checkpoint.loader import load_model
 from mixtral.distributed.engine import engine_over
@@ -49,7 +49,7 @@ def reference(name: str, checkpoint: Path) -> tuple[dict[str, list[list[int]]], 
 def test_tokens_equal_single_process(executor: DistributedExecutor, tiny_hf_checkpoint: Path,
                                      scenario: str) -> None:
     want, want_stats = reference(scenario, tiny_hf_checkpoint)
-    engine = engine_over(executor, TPEngine, **SCENARIOS[scenario])
+    engine = engine_over(executor, LLMEngine, **SCENARIOS[scenario])
     outs = run_requests(engine, mixed_requests())
     got = token_ids(outs)
     assert got.keys() == want.keys()
@@ -70,5 +70,5 @@ def test_long_prompt_chunk(executor: DistributedExecutor, tiny_hf_checkpoint: Pa
     prompt = torch.randint(10, 32768, (2040,), generator=torch.Generator().manual_seed(4)).tolist()
     requests = [(prompt, SamplingParams(temperature=0.0, max_tokens=4))]
     single = LLMEngine(load_model(str(tiny_hf_checkpoint)), EngineConfig(**LONG), Tokenizer.from_version("v3"))
-    tp = engine_over(executor, TPEngine, **LONG)
+    tp = engine_over(executor, LLMEngine, **LONG)
     assert token_ids(run_requests(tp, requests)) == token_ids(run_requests(single, requests))

@@ -177,12 +177,12 @@ def test_workers_leave_when_the_driver_is_killed(drivers: list[Driver], tiny_hf_
 def test_a_setup_failure_names_every_rank(drivers: list[Driver], tiny_hf_checkpoint: Path) -> None:
     """A KV cache no rank can allocate: the error lists each rank's out-of-memory message; nothing hangs."""
     code = (
-        f"import sys, torch; sys.path.insert(0, {str(DRIVER.parent)!r})\n"
-        "from tp_testing import TPEngine\n"
+        "import torch\n"
         "from mixtral.distributed.config import ParallelConfig\n"
         "from mixtral.distributed.engine import build_parallel_engine\n"
+        "from mixtral.engine.llm_engine import LLMEngine\n"
         "torch.set_num_threads(1)\n"
-        f"build_parallel_engine(TPEngine, {str(tiny_hf_checkpoint)!r}, ParallelConfig(2, collective_timeout_s=60), "
+        f"build_parallel_engine(LLMEngine, {str(tiny_hf_checkpoint)!r}, ParallelConfig(2, collective_timeout_s=60), "
         "device='cpu', dtype='fp32', max_model_len=256, num_kv_blocks=10**9)\n"
     )
     t0 = time.monotonic()

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from tp_testing import TPEngine, run_requests
+from tp_testing import run_requests
 
 from mixtral.checkpoint.loader import load_model
 from mixtral.distributed.engine import engine_over
@@ -43,7 +43,7 @@ def test_routing_over_tp_equals_one_process(executor: DistributedExecutor, tiny_
                   async_scheduling=async_scheduling)
     single = LLMEngine(load_model(str(tiny_hf_checkpoint)), EngineConfig(**config), Tokenizer.from_version("v3"))
     want = run_requests(single, routed_requests())
-    got = run_requests(engine_over(executor, TPEngine, **config), routed_requests())
+    got = run_requests(engine_over(executor, LLMEngine, **config), routed_requests())
     for rid, w in want.items():
         g = got[rid]
         if w.prompt_routing_experts is not None:

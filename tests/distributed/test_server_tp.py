@@ -10,10 +10,10 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from tp_testing import TPEngine
 
 from mixtral.distributed.engine import engine_over
 from mixtral.distributed.executor import DistributedExecutor
+from mixtral.engine.llm_engine import LLMEngine
 
 SERVE_TESTS = Path(__file__).resolve().parents[1] / "serve"
 
@@ -32,7 +32,7 @@ serve_fixtures = _load("serve_conftest", SERVE_TESTS / "conftest.py")
 
 @pytest.fixture
 def tp_server(executor: DistributedExecutor) -> Iterator[Any]:
-    engine = engine_over(executor, TPEngine, model_name="tiny-mixtral", max_model_len=serve_fixtures.MAX_MODEL_LEN,
+    engine = engine_over(executor, LLMEngine, model_name="tiny-mixtral", max_model_len=serve_fixtures.MAX_MODEL_LEN,
                          max_num_seqs=16, kv_cache_bytes=4 << 20)
     with serve_fixtures.LiveServer(engine, served_model_name="tiny-mixtral", aliases=["open-mixtral-8x22b"]) as server:
         yield server

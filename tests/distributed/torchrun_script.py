@@ -11,10 +11,10 @@ import argparse
 import json
 
 import torch
-from tp_testing import TPEngine
 
 from mixtral.cli.parallel_args import add_parallel_args, parallel_engine_kwargs
 from mixtral.distributed.engine import build_parallel_engine, pop_parallel_config
+from mixtral.engine.llm_engine import LLMEngine
 from mixtral.sampling import SamplingParams
 
 p = argparse.ArgumentParser()
@@ -24,7 +24,7 @@ args = p.parse_args()
 torch.set_num_threads(1)
 kwargs = parallel_engine_kwargs(args)  # rank 1 never returns
 parallel = pop_parallel_config(kwargs)
-engine = build_parallel_engine(TPEngine, args.checkpoint, parallel, device="cpu", dtype="fp32", max_model_len=128,
+engine = build_parallel_engine(LLMEngine, args.checkpoint, parallel, device="cpu", dtype="fp32", max_model_len=128,
                                num_kv_blocks=64)
 engine.add_request("a", list(range(200, 230)), SamplingParams(temperature=0, max_tokens=8))
 out = None

@@ -9,8 +9,8 @@ and then, by MODE:
 - ``serve``: serves the engine over HTTP on 127.0.0.1 (the JSON has the port), as ``mixtral serve`` does, with
   SIGTERM draining it.
 
-``TPAsyncEngine`` reports the executor's health as ``is_running`` (what the wiring in docs/PARALLEL.md adds to
-``AsyncEngine``), so ``/health`` turns 503 when a worker dies.
+``AsyncEngine.is_running`` reports the executor's health (the parallel runner's ``healthy``), so ``/health``
+turns 503 when a worker dies.
 """
 
 from __future__ import annotations
@@ -21,19 +21,13 @@ import sys
 import time
 
 import torch
-from tp_testing import TPEngine
 
 from mixtral.distributed.config import ParallelConfig
 from mixtral.distributed.engine import build_parallel_engine
 from mixtral.distributed.errors import WorkerFailedError
 from mixtral.engine.async_engine import AsyncEngine
+from mixtral.engine.llm_engine import LLMEngine
 from mixtral.sampling import SamplingParams
-
-
-class TPAsyncEngine(AsyncEngine):
-    @property
-    def is_running(self) -> bool:
-        return super().is_running and getattr(self.engine.model_runner, "healthy", True)
 
 
 def main() -> int:
@@ -44,7 +38,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(1)
     parallel = ParallelConfig(2, collective_timeout_s=60, exit_on_worker_failure=args.exit_on_failure)
-    engine = build_parallel_engine(TPEngine, args.checkpoint, parallel, device="cpu", dtype="fp32",
+    engine = build_parallel_engine(LLMEngine, args.checkpoint, parallel, device="cpu", dtype="fp32",
                                    max_model_len=256, num_kv_blocks=64, max_num_seqs=4)
     ex = engine.model_runner.executor
     info = {"pid": __import__("os").getpid(), "workers": ex.worker_pids}
@@ -54,7 +48,7 @@ def main() -> int:
         from mixtral.serve.server import make_server
 
         port = free_port()
-        app = create_app(TPAsyncEngine(engine), served_model_name="tiny-tp")
+        app = create_app(AsyncEngine(engine), served_model_name="tiny-tp")
         server = make_server(app, host="127.0.0.1", port=port, drain_timeout=5, log_level="warning",
                              access_log=False)
         print(json.dumps({**info, "port": port}), flush=True)

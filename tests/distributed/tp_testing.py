@@ -1,19 +1,16 @@
 """Helpers of the tensor-parallel tests (a plain module; fixtures are in conftest.py).
 
-``TPEngine`` is ``LLMEngine`` with the ``runner_factory`` argument the engine gains when the parallel executor is
-wired in (docs/PARALLEL.md, "Wiring"); once ``LLMEngine`` has it, ``TPEngine`` is ``LLMEngine`` unchanged.
-``child_pids`` lists the live child processes of this process, for the orphan checks.
+``LAYOUTS`` are the parallel layouts the tests run; ``child_pids`` lists the live child processes of this
+process, for the orphan checks; ``mixed_requests`` / ``run_requests`` / ``token_ids`` run one request mix on an
+engine (parallel or not) for comparison.
 """
 
 from __future__ import annotations
 
-import inspect
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-from unittest import mock
+
+from step_testing import run_to_completion
 
 from mixtral.distributed.config import ParallelConfig
 from mixtral.engine.llm_engine import LLMEngine
@@ -26,19 +23,6 @@ LAYOUTS = {
     "ep2": ParallelConfig(2, enable_expert_parallel=True, collective_timeout_s=60),
     "tp2xep2": ParallelConfig(4, expert_parallel_size=2, collective_timeout_s=60),
 }
-
-_NATIVE = "runner_factory" in inspect.signature(LLMEngine.__init__).parameters
-
-
-class TPEngine(LLMEngine):
-    def __init__(self, model: Any, config: Any, tokenizer: Any = None, model_name: str = "model",
-                 runner_factory: Callable[..., Any] | None = None) -> None:
-        if _NATIVE:
-            super().__init__(model, config, tokenizer, model_name, runner_factory=runner_factory)  # type: ignore[call-arg]
-            return
-        module = sys.modules[LLMEngine.__module__]
-        with mock.patch.object(module, "ModelRunner", runner_factory or module.ModelRunner):
-            super().__init__(model, config, tokenizer, model_name)
 
 
 def child_pids() -> set[int]:
@@ -86,17 +70,10 @@ def mixed_requests(vocab: int = 32768) -> list[tuple[list[int], SamplingParams]]
 
 
 def run_requests(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]]) -> dict[str, RequestOutput]:
+    """Add ``requests`` as ``r0``, ``r1``, ... and step until all finish; the final output of each."""
     for i, (prompt, params) in enumerate(requests):
         engine.add_request(f"r{i}", prompt, params)
-    done: dict[str, RequestOutput] = {}
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        steps += 1
-        assert steps < 5000, "engine made no progress"
-    return done
+    return run_to_completion(engine)
 
 
 def token_ids(outputs: dict[str, RequestOutput]) -> dict[str, list[list[int]]]:

@@ -11,9 +11,9 @@ from collections.abc import Callable
 
 import torch
 from contiguous_kv import ContiguousKVCache, ContiguousKVContext
+from step_testing import run_to_completion as run_to_completion  # re-exported: the engine tests import it here
 
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.engine.outputs import RequestOutput
 from mixtral.model.mixtral import Transformer, init_random_weights
 from mixtral.model.presets import preset
 
@@ -34,32 +34,28 @@ def assert_no_leaks(engine: LLMEngine) -> None:
     assert bm.num_free_blocks == bm.num_blocks, f"{bm.num_blocks - bm.num_free_blocks} KV blocks leaked"
 
 
-def run_to_completion(engine: LLMEngine, check: Callable[[LLMEngine], None] | None = None
-                      ) -> dict[str, RequestOutput]:
-    """Step until every request finishes; return the final output of each. ``check`` runs after each step."""
-    done: dict[str, RequestOutput] = {}
-    steps = 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = out
-        if check is not None:
-            check(engine)
-        steps += 1
-        assert steps < 10_000, "engine made no progress"
-    return done
+# (cache, start, new tokens) -> the attention context of one reference step
+ReferenceContext = Callable[[ContiguousKVCache, int, int], ContiguousKVContext]
 
 
 @torch.inference_mode()
-def greedy_reference(model: Transformer, prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy tokens of one request through a contiguous (unpaged) KV cache: prefill, then one token a step."""
+def greedy_reference(model: Transformer, prompt: list[int], max_tokens: int,
+                     context: ReferenceContext | None = None) -> list[int]:
+    """Greedy tokens of one request through a contiguous (unpaged) KV cache: prefill, then one token a step.
+
+    ``context`` builds each step's attention context (default: ``ContiguousKVContext`` with the model's sliding
+    window); a subclass changes what the reference stores, e.g. K/V rounded as an FP8 cache would hold them."""
     args = model.args
     cache = ContiguousKVCache(args.n_layers, 1, len(prompt) + max_tokens, args.n_kv_heads, args.head_dim,
                               model.dtype, model.device)
+    if context is None:
+        def context(cache: ContiguousKVCache, start: int, n: int) -> ContiguousKVContext:
+            return ContiguousKVContext(cache, start, n, sliding_window=args.sliding_window)
+
     out: list[int] = []
     tokens, start = list(prompt), 0
     for _ in range(max_tokens):
-        ctx = ContiguousKVContext(cache, start, len(tokens), sliding_window=args.sliding_window)
+        ctx = context(cache, start, len(tokens))
         hidden = model.forward_tokens(torch.tensor(tokens), ctx)  # [T, D]
         out.append(int(model.compute_logits(hidden[-1]).argmax()))
         start += len(tokens)

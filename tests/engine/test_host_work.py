@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from block_table_testing import random_table_batches
 from engine_testing import assert_no_leaks, random_prompts, run_to_completion
 
 from mixtral.bench import host_overhead, throughput
@@ -38,27 +39,20 @@ def test_host_tensor_equals_torch_tensor(dtype: torch.dtype) -> None:
         host_tensor([2**63], torch.int64)
 
 
+class DevicePathTables(BlockTables):
+    """The CUDA path on the CPU: (row, column, block) updates and index_put_, never the numpy view (which
+    ``_alloc`` sets up again each time the table grows, possibly halfway through a gather)."""
+
+    def _alloc(self, rows: int) -> None:
+        super()._alloc(rows)
+        self._np = None
+
+
 def test_block_tables_scatter_updates_equal_the_sequences_tables() -> None:
     """The CUDA path (new entries scattered into the table on the device) run on the CPU, against the tables."""
     rng = random.Random(1)
-    tables = BlockTables(max_blocks_per_seq=10, device=torch.device("cpu"), initial_rows=2)
-    tables._np = None  # take the device path: (row, column, block) updates and index_put_
-    live = [Sequence("r", 0, [1], 1, SamplingParams(), 0.0) for _ in range(3)]
-    for _ in range(150):
-        seq = rng.choice(live)
-        op = rng.random()
-        if op < 0.5 and len(seq.block_table) < 10:
-            seq.block_table.append(rng.randrange(500))
-        elif op < 0.6:
-            seq.block_table = [rng.randrange(500) for _ in range(rng.randrange(1, 4))]
-            seq.block_table_epoch += 1
-        elif op < 0.7:
-            tables.release(seq.seq_id)
-            live.remove(seq)
-            live.append(Sequence("r", 0, [1], 1, SamplingParams(), 0.0))
-        elif op < 0.8:
-            live.append(Sequence("r", 0, [1], 1, SamplingParams(), 0.0))
-        batch = rng.sample(live, k=rng.randrange(1, len(live) + 1))
+    tables = DevicePathTables(max_blocks_per_seq=10, device=torch.device("cpu"), initial_rows=2)
+    for batch in random_table_batches(tables, rng, 150, seqs=3, max_blocks=10, block_ids=500, grow=1, reset=3):
         got = tables.gather(batch)
         for row, s in zip(got.tolist(), batch, strict=True):
             assert row[: len(s.block_table)] == s.block_table

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from contiguous_kv import ContiguousKVCache, ContiguousKVContext
-from engine_testing import build_tiny_model, random_prompts, run_to_completion
+from contiguous_kv import ContiguousKVContext
+from engine_testing import build_tiny_model, greedy_reference, random_prompts, run_to_completion
 from safetensors.torch import save_file
 
 from mixtral.checkpoint.errors import CheckpointError
@@ -117,22 +117,11 @@ class RoundingKVContext(ContiguousKVContext):
         return super().attend(layer_idx, q, k, v)
 
 
-@torch.inference_mode()
 def rounded_greedy(model: Transformer, prompt: list[int], max_tokens: int,
                    scales: list[tuple[float, float]]) -> list[int]:
     """Greedy tokens through the rounding reference (prefill, then one token a step)."""
-    args = model.args
-    cache = ContiguousKVCache(args.n_layers, 1, len(prompt) + max_tokens, args.n_kv_heads, args.head_dim,
-                              model.dtype, model.device)
-    out: list[int] = []
-    tokens, start = list(prompt), 0
-    for _ in range(max_tokens):
-        ctx = RoundingKVContext(cache, start, len(tokens), scales=scales)
-        hidden = model.forward_tokens(torch.tensor(tokens), ctx)  # [T, D]
-        out.append(int(model.compute_logits(hidden[-1]).argmax()))
-        start += len(tokens)
-        tokens = [out[-1]]
-    return out
+    return greedy_reference(model, prompt, max_tokens,
+                            context=lambda cache, start, n: RoundingKVContext(cache, start, n, scales=scales))
 
 
 def _greedy(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams = GREEDY) -> list[list[int]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gpu_testing import capture, randn, rel_err
 
 from mixtral.kernels import kv_fp8
 from mixtral.kernels.reference import moe_reference, paged_attention_reference, rope_qk_reference, route_topk
@@ -37,14 +38,6 @@ BF16 = torch.bfloat16
 QUANT_TOL = 1.5e-2
 LINEAR_TOL = 5e-2  # against the bf16 weights and activations
 MOE_TOL = 9e-2
-
-
-def randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> torch.Tensor:
-    return (torch.randn(*shape, device=gen.device, generator=gen) * scale).to(dtype)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def timed_us(fn, reps: int = 20) -> float:
@@ -241,14 +234,7 @@ def test_decode_step_kernels_capture_in_a_cuda_graph(experts: Experts, gen: torc
         return fp8_linear(x, w["weight"], w["weight_scale"]), fp8_fused_moe(x, *_moe_args(experts), weights, ids)
 
     eager = step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
+    graph, outs = capture(step)
     x.copy_(randn(gen, 4, D, dtype=BF16))
     graph.replay()
     torch.cuda.synchronize()

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 import torch
+from block_table_testing import random_table_batches
 
 from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.llm_engine import LLMEngine
-from mixtral.engine.sequence import Sequence
 from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer
 from mixtral.sampling import SamplingParams
@@ -32,22 +32,7 @@ pytestmark = pytest.mark.gpu
 def test_block_tables_on_cuda_follow_the_sequences(cuda: torch.device) -> None:
     rng = random.Random(3)
     tables = BlockTables(max_blocks_per_seq=64, device=cuda, initial_rows=2)
-    live = [Sequence("r", 0, [1], 1, SamplingParams(), 0.0) for _ in range(4)]
-    for _ in range(300):
-        seq = rng.choice(live)
-        op = rng.random()
-        if op < 0.5 and len(seq.block_table) < 64:
-            seq.block_table += [rng.randrange(10_000) for _ in range(rng.randrange(1, 3))]
-        elif op < 0.6:
-            seq.block_table = [rng.randrange(10_000) for _ in range(rng.randrange(1, 20))]
-            seq.block_table_epoch += 1
-        elif op < 0.7:
-            tables.release(seq.seq_id)
-            live.remove(seq)
-            live.append(Sequence("r", 0, [1], 1, SamplingParams(), 0.0))
-        elif op < 0.8:
-            live.append(Sequence("r", 0, [1], 1, SamplingParams(), 0.0))
-        batch = rng.sample(live, k=rng.randrange(1, len(live) + 1))
+    for batch in random_table_batches(tables, rng, 300, seqs=4, max_blocks=64, block_ids=10_000, grow=2, reset=19):
         got = tables.gather(batch)  # [S, 64] int32 on the device
         assert got.device.type == "cuda" and got.dtype == torch.int32
         for row, s in zip(got.cpu().tolist(), batch, strict=True):

@@ -9,23 +9,14 @@ in a subprocess, because this test process imported the kernels in interpreter m
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from compile_testing import compile_cases
 
 
 def _compile(arch: int, out: Path) -> dict[str, dict[str, object]]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(out.parent / "cache"), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.compile_check", "--arch", str(arch),
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=600)
-    assert out.exists(), f"compile_check wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    return compile_cases("compile_check", arch, out, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -5,25 +5,13 @@ mode (conftest)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from compile_testing import compile_cases
 
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, object]]:
-    out = tmp_path_factory.mktemp("int_sm90") / "compile.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_CACHE_DIR=str(out.parent / "cache"), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
-    proc = subprocess.run([sys.executable, "-m", "mixtral.kernels.triton.int_compile_check", "--arch", "90",
-                           "--json", str(out)], env=env, capture_output=True, text=True, timeout=900)
-    assert out.exists(), f"int_compile_check wrote nothing:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return {c["case"]: c for c in json.loads(out.read_text())["cases"]}
+    return compile_cases("int_compile_check", 90, tmp_path_factory.mktemp("int_sm90") / "compile.json")
 
 
 def _kernels(case: dict[str, object]) -> list[dict[str, object]]:

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pytest
+from serve_testing import serve_process
 
-from mixtral.serve.inprocess import free_port
 from mixtral.serve.state import ServerSettings
 
 LONG = {"model": "tiny-mixtral", "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": 200,
@@ -182,24 +179,7 @@ def test_metrics(live_server: Any) -> None:
 
 
 def test_sigterm_drains_running_requests(tiny_hf_checkpoint: Path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "mixtral.cli.main", "serve", str(tiny_hf_checkpoint), "--port", str(port),
-           "--served-model-name", "tiny-mixtral", "--device", "cpu", "--max-model-len", "256",
-           "--kv-cache-bytes", str(4 << 20), "--drain-timeout", "30", "--log-level", "warning", "--no-access-log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
-
+    with serve_process(tiny_hf_checkpoint, "--drain-timeout", "30", "--log-level", "warning") as (proc, url):
         async def main() -> tuple[list[tuple[str, str, int]], int]:
             async with httpx.AsyncClient(base_url=url, timeout=120) as client:
                 body = {**LONG, "max_tokens": 150, "stream": True}
@@ -230,10 +210,6 @@ def test_sigterm_drains_running_requests(tiny_hf_checkpoint: Path) -> None:
             assert finish == "length" and usage == 150, "running requests must finish during the drain"
         assert late in (0, 503)
         assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_engine_failure_mid_stream_is_reported_in_band(server_factory: Any) -> None:

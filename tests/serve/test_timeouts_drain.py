@@ -16,21 +16,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import pytest
+from serve_testing import serve_process
 
-from mixtral.serve.inprocess import free_port
 from mixtral.serve.state import ServerSettings
 
 HERE = Path(__file__).parent
@@ -124,33 +120,6 @@ def test_a_stream_whose_client_stopped_reading_is_aborted(strict_server: Any) ->
 
 
 # --------------------------------------------------------------------------- real `mixtral serve` processes
-@contextmanager
-def serve_process(checkpoint: Path, *extra: str, script: list[str] | None = None) -> Iterator[tuple[Any, str]]:
-    port = free_port()
-    args = [str(checkpoint), "--port", str(port), "--served-model-name", "tiny-mixtral", "--device", "cpu",
-            "--max-model-len", "256", "--kv-cache-bytes", str(4 << 20), "--log-level", "info", "--no-access-log",
-            *extra]
-    cmd = [sys.executable, *(script or ["-m", "mixtral.cli.main", "serve"]), *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.stdout else ""
-            time.sleep(0.2)
-        yield proc, url
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-
-
 async def _stream(client: httpx.AsyncClient, body: dict[str, Any]) -> list[str]:
     async with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as resp:
         assert resp.status_code == 200

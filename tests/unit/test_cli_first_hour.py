@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from lora_testing import save_nonzero_adapter
 
 from mixtral.checkpoint.loader import load_model
 from mixtral.cli import serve
@@ -21,7 +22,7 @@ from mixtral.engine.loading import load_for_engine
 from mixtral.engine.memory import InsufficientMemoryError, check_model_fits
 from mixtral.model.presets import preset
 from mixtral.serve.inprocess import free_port
-from mixtral.train.lora import LoRAConfig, add_lora, find_adapter, lora_state_dict, merge_lora_into, save_lora
+from mixtral.train.lora import find_adapter, merge_lora_into
 
 VLLM_FLAGS = ["--model", "tiny", "--device", "cpu", "--dtype", "float32", "--no-enable-prefix-caching",
               "--block-size", "32", "--disable-log-requests", "--uvicorn-log-level", "warning", "--tokenizer-mode",
@@ -105,21 +106,11 @@ def test_serve_refuses_a_model_larger_than_ram_at_once() -> None:
     assert "Traceback" not in proc.stderr
 
 
-def _adapter(model: Any, folder: Path) -> Path:
-    add_lora(model, LoRAConfig(rank=2, alpha=4, targets=("wo", "w13")))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, t in lora_state_dict(model).items():
-            if name.endswith("lora_B"):
-                t.copy_(torch.randn(t.shape, generator=g) * 0.05)
-    return save_lora(model, folder)
-
-
 def test_lora_takes_the_training_run_folder_and_names_both_shapes(tmp_path: Path, caplog: Any) -> None:
     run = tmp_path / "run"
-    _adapter(load_model("tiny", seed=0), run / "checkpoint-000010")
+    save_nonzero_adapter(load_model("tiny", seed=0), run / "checkpoint-000010")
     assert find_adapter(run) == run / "checkpoint-000010"  # no final adapter yet: the latest checkpoint
-    final = _adapter(load_model("tiny", seed=0), run / "adapter")
+    final = save_nonzero_adapter(load_model("tiny", seed=0), run / "adapter")
     assert find_adapter(run) == final and find_adapter(final) == final
     with pytest.raises(FileNotFoundError, match="no LoRA adapter"):
         find_adapter(tmp_path)

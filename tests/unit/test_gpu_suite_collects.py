@@ -29,7 +29,9 @@ def test_gpu_test_modules_import_without_triton() -> None:
         "print('ok')\n"
     )
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(GPU_TESTS), str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    # tests/ too: the root conftest puts it on sys.path (shared helpers such as block_table_testing live there)
+    env["PYTHONPATH"] = os.pathsep.join([str(GPU_TESTS), str(ROOT / "tests"), str(ROOT / "src"),
+                                         env.get("PYTHONPATH", "")])
     env.pop("TRITON_INTERPRET", None)
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -91,8 +91,9 @@ def chat_prompts(n: int, seed: int = 54321) -> list[list[int]]:
 
 # --------------------------------------------------------------------------- measurements
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, docs: list[tuple[list[int], list[int]]]) -> float:
-    """exp(mean NLL) over the TARGET positions (demo_heldout.py's rule)."""
+def perplexity(model: torch.nn.Module, docs: list[tuple[list[int], list[int]]]) -> tuple[float, int]:
+    """exp(mean NLL) over the TARGET positions of encoded docs (ids, codes), and how many positions that is
+    (the rule of scripts/demo/demo_heldout.py, which calls this)."""
     from mixtral.train.data import TARGET
 
     total, count = 0.0, 0
@@ -102,7 +103,7 @@ def perplexity(model: torch.nn.Module, docs: list[tuple[list[int], list[int]]]) 
         mask = torch.tensor(codes[1:]) == TARGET
         total += float(-logp.gather(1, x[0, 1:, None])[:, 0][mask].sum())
         count += int(mask.sum())
-    return math.exp(total / max(count, 1))
+    return math.exp(total / max(count, 1)), count
 
 
 def greedy(llm: Any, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -172,7 +173,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         dtype = "fp32" if scheme == CALIBRATION else "bf16"
         llm = LLM(args.model, device="cpu", dtype=dtype, kv_cache_bytes=2**28, **kwargs)
         model = llm.llm_engine.model
-        row: dict[str, Any] = {"perplexity": {k: perplexity(model, v) for k, v in sets.items()}}
+        row: dict[str, Any] = {"perplexity": {k: perplexity(model, v)[0] for k, v in sets.items()}}
         tokens = greedy(llm, prompts, args.max_tokens)
         llm.llm_engine.shutdown()
         if scheme == "bf16":

@@ -26,7 +26,7 @@ import sys
 import torch
 
 from mixtral.checkpoint.errors import CheckpointError
-from mixtral.checkpoint.gptq import act_order_perm
+from mixtral.checkpoint.gptq import act_order_perm, finish_canonical
 from mixtral.quant.base import QuantSpec, QuantTensors
 from mixtral.quant.int_layout import pack_int4, permute_columns, unpack_int4
 
@@ -92,9 +92,4 @@ def to_canonical(t: dict[str, torch.Tensor], qspec: QuantSpec, module: str = "")
         else:
             z = zp.to(torch.int16) + (8 if bits == 4 else 0)
         out["zeros"] = z.to(torch.uint8 if bits == 4 else torch.int16)
-    if not qspec.group_size:
-        out = {k: (v[:, 0].contiguous() if k in ("scales", "zeros") else v) for k, v in out.items()}
-    if qspec.act_order:
-        in_features = u.shape[-1]
-        out["perm"] = (perm if perm is not None else torch.arange(in_features)).to(torch.int32)
-    return out
+    return finish_canonical(out, qspec, perm, u.shape[-1])

@@ -69,6 +69,18 @@ def act_order_perm(g_idx: torch.Tensor | None, qspec: QuantSpec) -> torch.Tensor
         raise CheckpointError(f"g_idx: {exc}") from exc
 
 
+def finish_canonical(out: QuantTensors, qspec: QuantSpec, perm: torch.Tensor | None,
+                     in_features: int) -> QuantTensors:
+    """The last step shared by the int readers (GPTQ, compressed-tensors): per-channel formats (no group
+    size) keep scales / zeros [out] instead of [out, 1]; act-order formats get ``perm`` (int32 [in], the
+    identity where the groups were already contiguous)."""
+    if not qspec.group_size:
+        out = {k: (v[:, 0].contiguous() if k in ("scales", "zeros") else v) for k, v in out.items()}
+    if qspec.act_order:
+        out["perm"] = (perm if perm is not None else torch.arange(in_features)).to(torch.int32)
+    return out
+
+
 def to_canonical(t: dict[str, torch.Tensor], qspec: QuantSpec, module: str = "") -> QuantTensors:
     """One GPTQ linear's tensors (by role) -> canonical tensors in the format of ``qspec``."""
     bits = int(qspec.method.removeprefix("int"))
@@ -91,9 +103,4 @@ def to_canonical(t: dict[str, torch.Tensor], qspec: QuantSpec, module: str = "")
         out["zeros"] = z.to(torch.uint8) if bits == 4 else (z - 128).to(torch.int16)
     out["qweight"] = pack_int4(q) if bits == 4 else (q - 128).to(torch.int8)
     out["scales"] = scales
-    if not qspec.group_size:
-        out = {k: (v[:, 0].contiguous() if k in ("scales", "zeros") else v) for k, v in out.items()}
-    if qspec.act_order:
-        in_features = q.shape[-1]
-        out["perm"] = (perm if perm is not None else torch.arange(in_features)).to(torch.int32)
-    return out
+    return finish_canonical(out, qspec, perm, q.shape[-1])

@@ -2,8 +2,8 @@
 
 The engine itself does not change: it schedules, samples (through rank 0's runner) and detokenizes as in one
 process, and steps a ``DistributedModelRunner`` that ``DistributedExecutor.make_runner`` builds with
-``ModelRunner``'s constructor signature. The engine needs only to accept that factory
-(``runner_factory=``) and to stop the group in ``shutdown`` (see docs/PARALLEL.md, "Wiring").
+``ModelRunner``'s constructor signature. The engine takes that factory (``runner_factory=``) and stops the
+group in ``shutdown`` (see docs/PARALLEL.md, "Wiring").
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -90,6 +91,17 @@ def compile_only(arch: int = 90) -> Iterator[list[tuple[str, Any]]]:
         driver._active = previous
 
 
+def empty(*shape: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """An uninitialised tensor (its pages are never touched: nothing runs)."""
+    return torch.empty(*shape, dtype=dtype)
+
+
+def routing(n: int, e: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A valid top-2 routing of ``n`` tokens over ``e`` experts: weights [N, 2] fp32, ids [N, 2]."""
+    ids = torch.stack([torch.arange(n) % e, (torch.arange(n) + 3) % e], dim=1)  # [N, 2] valid ids
+    return torch.full((n, 2), 0.5), ids
+
+
 def _cases(arch: int) -> dict[str, Callable[[], object]]:
     """One call per kernel variant the engine launches on ``arch``, at 8x7B shapes in bf16 (TMA loads only
     on sm90+, where ``kernels/dispatch.py`` sends prefill MoE to ``sorted_moe``)."""
@@ -111,13 +123,6 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
 
     bf16 = torch.bfloat16
     d, f, e, hd, heads, kv = 4096, 14336, 8, 128, 32, 8
-
-    def empty(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
-        return torch.empty(*shape, dtype=dtype)
-
-    def routing(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.stack([torch.arange(n) % e, (torch.arange(n) + 3) % e], dim=1)  # [N, 2] valid ids
-        return torch.full((n, 2), 0.5), ids
 
     w13, w2 = empty(e, 2 * f, d), empty(e, d, f)
     blocks, page = 64, 16
@@ -189,12 +194,24 @@ def _cases(arch: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, object]]:
-    """Compile every case for ``arch``: per case its kernels, whether each waits on its predecessor
-    (``griddepcontrol.wait`` in the PTX: expected on sm90+ only) and the error, if one failed."""
+def describe_kernel(name: str, ptx: str) -> dict[str, object]:
+    """A compiled kernel's name and whether it waits on its predecessor (``griddepcontrol.wait``: sm90+ only)."""
+    return {"name": name, "pdl_wait": "griddepcontrol.wait" in ptx}
+
+
+def describe_mma(name: str, ptx: str) -> dict[str, object]:
+    """``describe_kernel`` plus the kernel's matrix instructions (``wgmma`` / ``mma.sync`` with operand types)."""
+    mma = sorted(set(re.findall(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)", ptx)))
+    return {**describe_kernel(name, ptx), "mma": mma}
+
+
+def run_cases(arch: int, cases: dict[str, Callable[[], object]], only: list[str] | None = None,
+              describe: Callable[[str, str], dict[str, object]] = describe_kernel) -> list[dict[str, object]]:
+    """Compile every case (or those named in ``only``) for ``arch``: per case its kernels (``describe(name,
+    ptx)`` of each), the seconds it took and the error, if one failed."""
     results: list[dict[str, object]] = []
     with compile_only(arch) as compiled:
-        for name, call in _cases(arch).items():
+        for name, call in cases.items():
             if only and name not in only:
                 continue
             start, t0 = len(compiled), time.time()
@@ -203,15 +220,27 @@ def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, objec
                 call()
             except Exception as exc:  # reported per case: one broken kernel must not hide the others
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            entry["kernels"] = [{"name": n, "pdl_wait": "griddepcontrol.wait" in k.asm["ptx"]}
-                                for n, k in compiled[start:] if k is not None]
+            entry["kernels"] = [describe(n, k.asm["ptx"]) for n, k in compiled[start:] if k is not None]
             entry["seconds"] = round(time.time() - t0, 2)
             results.append(entry)
     return results
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, object]]:
+    """Compile every case for ``arch``: per case its kernels, whether each waits on its predecessor
+    (``griddepcontrol.wait`` in the PTX: expected on sm90+ only) and the error, if one failed."""
+    return run_cases(arch, _cases(arch), only)
+
+
+def _pdl_label(kernel: dict[str, object]) -> str:
+    return f"{kernel['name']}{'' if kernel['pdl_wait'] else ' (no PDL wait)'}"
+
+
+def cli(doc: str, check: Callable[[int, list[str] | None], list[dict[str, object]]],
+        label: Callable[[dict[str, object]], str] = _pdl_label, width: int = 32, what: str = "cases") -> int:
+    """The command line of a compile check: ``--arch``, ``--only``, ``--json``; a line per case (``label`` of
+    each kernel), then the count compiled. Exit status 1 when a case failed."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability to build for, e.g. 90 (Hopper)")
     ap.add_argument("--only", default="", help="comma-separated case names (default: all)")
     ap.add_argument("--json", default=None, help="write the per-case results here")
@@ -219,16 +248,19 @@ def main() -> int:
     results = check(args.arch, [c for c in args.only.split(",") if c] or None)
     failed = 0
     for r in results:
-        kernels = ", ".join(f"{k['name']}{'' if k['pdl_wait'] else ' (no PDL wait)'}"
-                            for k in r["kernels"])  # type: ignore[union-attr]
+        kernels = ", ".join(label(k) for k in r["kernels"])  # type: ignore[attr-defined]
         status = "FAILED " + str(r["error"]) if "error" in r else "ok"
         failed += "error" in r
-        print(f"{r['case']:32s} {r['seconds']:6.1f} s  {status}  [{kernels}]")
+        print(f"{r['case']:{width}s} {r['seconds']:6.1f} s  {status}  [{kernels}]")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"arch": args.arch, "cases": results}, fh, indent=1)
-    print(f"{len(results) - failed}/{len(results)} cases compiled for sm{args.arch}")
+    print(f"{len(results) - failed}/{len(results)} {what} compiled for sm{args.arch}")
     return 1 if failed else 0
+
+
+def main() -> int:
+    return cli(__doc__ or "", check)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,12 @@ unset.
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+
+from mixtral.kernels.triton.compile_check import cli, describe_mma, empty, routing, run_cases
 
 FP8_MIN_ARCH = 89
 
@@ -43,13 +41,6 @@ def fp8_cases(arch: int) -> dict[str, Callable[[], object]]:
 
     bf16 = torch.bfloat16
     d, f, e, qkv, hd, heads, kv = 4096, 14336, 8, 6144, 128, 32, 8
-
-    def empty(*shape: int, dtype: torch.dtype = bf16) -> torch.Tensor:
-        return torch.empty(*shape, dtype=dtype)
-
-    def routing(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.stack([torch.arange(n) % e, (torch.arange(n) + 3) % e], dim=1)  # [N, 2] valid ids
-        return torch.full((n, 2), 0.5), ids
 
     w13, w2 = empty(e, 2 * f, d, dtype=FP8), empty(e, d, f, dtype=FP8)
     s13, s2 = empty(e, 2 * f, dtype=torch.float32), empty(e, d, dtype=torch.float32)
@@ -96,50 +87,23 @@ def fp8_cases(arch: int) -> dict[str, Callable[[], object]]:
     }
 
 
-def check(arch: int = 90) -> list[dict[str, object]]:
+def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, object]]:
     """Compile every FP8 case for ``arch``: per case its kernels (name, PDL wait, matrix instructions, TMA) and
     the error, if one failed."""
-    from mixtral.kernels.triton.compile_check import compile_only
-
-    results: list[dict[str, object]] = []
-    with compile_only(arch) as compiled:
-        for name, call in fp8_cases(arch).items():
-            start, t0 = len(compiled), time.time()
-            entry: dict[str, object] = {"case": name}
-            try:
-                call()
-            except Exception as exc:  # reported per case: one broken kernel must not hide the others
-                entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            entry["kernels"] = [_describe(n, k.asm["ptx"]) for n, k in compiled[start:] if k is not None]
-            entry["seconds"] = round(time.time() - t0, 2)
-            results.append(entry)
-    return results
+    return run_cases(arch, fp8_cases(arch), only, _describe)
 
 
 def _describe(name: str, ptx: str) -> dict[str, object]:
-    mma = sorted(set(re.findall(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)", ptx)))
-    return {"name": name, "pdl_wait": "griddepcontrol.wait" in ptx, "mma": mma,
-            "tma": "cp.async.bulk.tensor" in ptx}
+    return {**describe_mma(name, ptx), "tma": "cp.async.bulk.tensor" in ptx}
+
+
+def _label(kernel: dict[str, object]) -> str:
+    return " ".join(filter(None, [str(kernel["name"]), "/".join(kernel["mma"]),  # type: ignore[arg-type]
+                                  "tma" if kernel["tma"] else ""]))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90, help="compute capability to build for, e.g. 90 (Hopper)")
-    ap.add_argument("--json", default=None, help="write the per-case results here")
-    args = ap.parse_args()
-    results = check(args.arch)
-    failed = 0
-    for r in results:
-        kernels = ", ".join(" ".join(filter(None, [k["name"], "/".join(k["mma"]), "tma" if k["tma"] else ""]))
-                            for k in r["kernels"])  # type: ignore[union-attr]
-        failed += "error" in r
-        print(f"{r['case']:40s} {r['seconds']:6.1f} s  {'FAILED ' + str(r['error']) if 'error' in r else 'ok'}"
-              f"  [{kernels}]")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"arch": args.arch, "cases": results}, fh, indent=1)
-    print(f"{len(results) - failed}/{len(results)} FP8 cases compiled for sm{args.arch}")
-    return 1 if failed else 0
+    return cli(__doc__ or "", check, _label, width=40, what="FP8 cases")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 Same contract and row layout as ``fused_moe.fused_moe`` (pairs sorted by expert, or laid out directly for a
 few tokens; only the experts hit have their weights read), reusing its pieces: ``layout_pairs`` and the
-kernels' ``_block_rows``, ``w2_partials`` and ``moe_sum``. The steps:
+kernels' ``_program_tile`` and K loops (``_w13_accumulate``, ``_w2_accumulate``: the FP8 codes go
+into the MMA as loaded), ``w2_partials`` and ``moe_sum``. The steps:
 
 1. x [N, D] -> per-token codes and scales (``fp8_quant.quantize_rows``; a static input scale if given);
 2. w13: act[pair] = silu(g) * u with g, u = x_scale[token] * w_scale[e, n] * (codes . w13 codes[e, n]),
@@ -22,7 +23,14 @@ import triton
 import triton.language as tl
 
 from mixtral.kernels.triton.fp8_quant import quantize_rows
-from mixtral.kernels.triton.fused_moe import PairLayout, _block_rows, layout_pairs, w2_partials
+from mixtral.kernels.triton.fused_moe import (
+    PairLayout,
+    _program_tile,
+    _w2_accumulate,
+    _w13_accumulate,
+    layout_pairs,
+    w2_partials,
+)
 from mixtral.kernels.triton.moe_configs import GemmConfig, MoEConfig
 from mixtral.kernels.triton.moe_sum import moe_sum
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
@@ -39,37 +47,18 @@ def _fp8_w13_kernel(
 ):
     """act[pair, n] = silu(gate) * up for one [BLOCK_M, BLOCK_N] tile, gate and up scaled after the MMA."""
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, F, BLOCK_M, BLOCK_N, DIRECT)
     if e < 0:
         return
     token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
 
     a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]  # [BM, BK] fp8 codes
     g_ptrs = w13_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] w1
     u_ptrs = g_ptrs + F * stride_wn  # w3 rows follow the F rows of w1
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, D, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            wg = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < D
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(a, wg, acc_g)
-        acc_u = tl.dot(a, wu, acc_u)
-        a_ptrs += BLOCK_K
-        g_ptrs += BLOCK_K
-        u_ptrs += BLOCK_K
+    acc_g, acc_u = _w13_accumulate(a_ptrs, g_ptrs, u_ptrs, row_ok, n_ok, offs_k, D, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   EVEN_K)
     x_scale = tl.load(x_scale_ptr + token, mask=row_ok, other=0.0)  # [BM] the token's scale
     s_base = w13_scale_ptr + e * stride_se
     g_scale = tl.load(s_base + offs_n, mask=n_ok, other=0.0)  # [BN] w1 rows' scales
@@ -93,33 +82,19 @@ def _fp8_w2_kernel(
     this split's slice of F, for one [BLOCK_M, BLOCK_N] tile (the scales are per row and column, so each
     split's partial sum can be scaled on its own)."""
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, D, BLOCK_M, BLOCK_N, DIRECT)
     if e < 0:
         return
     pair64 = tl.where(row_ok, pair, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = offs_n < D
     k_start = pid_k * k_per_split
     offs_k = k_start + tl.arange(0, BLOCK_K)
 
     a_ptrs = act_ptr + pair64[:, None] * stride_am + offs_k[None, :]  # [BM, BK] fp8 codes
     w_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, F), BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + (k0 - k_start) < F
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _w2_accumulate(a_ptrs, w_ptrs, row_ok, n_ok, offs_k, k_start, k_per_split, F, BLOCK_M, BLOCK_N, BLOCK_K,
+                         EVEN_K)
     row_scale = tl.load(topk_weights_ptr + pair64, mask=row_ok, other=0.0).to(tl.float32)  # [BM] routing weight
     row_scale *= tl.load(act_scale_ptr + pair64, mask=row_ok, other=0.0)  # times the act row's scale
     w_scale = tl.load(w2_scale_ptr + e * stride_se + offs_n, mask=n_ok, other=0.0)  # [BN]

@@ -56,30 +56,23 @@ def _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_id
 
 
 @triton.jit
-def _w13_silu_kernel(
-    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
-    num_pairs, F, D, expert_start, n_local,
-    stride_xm, stride_we, stride_wn, stride_am,
-    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
-):
-    """act[pair, n] = silu(x[token] . w1[e, n]) * (x[token] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
-    pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
-    if e < 0:
-        return
-    token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = offs_n < F
-    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+def _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs, expert_start, n_local,
+                  N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DIRECT: tl.constexpr):
+    """This program's tile of a grouped GEMM: its row block's local expert (-1: nothing to do), pair ids [BM]
+    and which of them are real (``_block_rows`` of program_id 0), then its output columns [BN] and which of them
+    are below N (program_id 1)."""
+    e, pair, row_ok = _block_rows(tl.program_id(0), sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                  num_pairs, expert_start, n_local, BLOCK_M, DIRECT)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    return e, pair, row_ok, offs_n, offs_n < N
 
-    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-    w_base = w13_ptr + e * stride_we
-    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] w1 rows
-    u_ptrs = g_ptrs + F * stride_wn  # w3 rows follow the F rows of w1
+
+@triton.jit
+def _w13_accumulate(a_ptrs, g_ptrs, u_ptrs, row_ok, n_ok, offs_k, D, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """gate, up [BM, BN] fp32: rows a_ptrs [BM, BK] times the w1 and w3 tiles g_ptrs, u_ptrs [BK, BN] over
+    K = D, BLOCK_K at a time (loads masked to real rows and columns, and to D unless EVEN_K). The operands
+    reach the MMA as loaded: bf16 / fp32 values, or FP8 codes whose scales the caller applies after."""
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -97,6 +90,52 @@ def _w13_silu_kernel(
         a_ptrs += BLOCK_K
         g_ptrs += BLOCK_K
         u_ptrs += BLOCK_K
+    return acc_g, acc_u
+
+
+@triton.jit
+def _w2_accumulate(a_ptrs, w_ptrs, row_ok, n_ok, offs_k, k_start, k_per_split, F, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BM, BN] fp32: rows a_ptrs [BM, BK] times the w2 tile w_ptrs [BK, BN] over this split's slice of F
+    (offs_k starts at k_start), BLOCK_K at a time; operands into the MMA as loaded (see ``_w13_accumulate``)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, F), BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k + (k0 - k_start) < F
+            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(a, w, acc)
+        a_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K
+    return acc
+
+
+@triton.jit
+def _w13_silu_kernel(
+    x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+    num_pairs, F, D, expert_start, n_local,
+    stride_xm, stride_we, stride_wn, stride_am,
+    TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, DIRECT: tl.constexpr, PDL: tl.constexpr,
+):
+    """act[pair, n] = silu(x[token] . w1[e, n]) * (x[token] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
+    pdl_enter(PDL)
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, F, BLOCK_M, BLOCK_N, DIRECT)
+    if e < 0:
+        return
+    token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)  # [BK]
+
+    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
+    w_base = w13_ptr + e * stride_we
+    g_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN] w1 rows
+    u_ptrs = g_ptrs + F * stride_wn  # w3 rows follow the F rows of w1
+    acc_g, acc_u = _w13_accumulate(a_ptrs, g_ptrs, u_ptrs, row_ok, n_ok, offs_k, D, BLOCK_M, BLOCK_N, BLOCK_K,
+                                   EVEN_K)
     act = acc_g * tl.sigmoid(acc_g) * acc_u  # SiLU(gate) * up in fp32
     out_ptrs = act_ptr + pair[:, None].to(tl.int64) * stride_am + offs_n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -113,33 +152,19 @@ def _w2_weighted_kernel(
     """out[split, pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) over this split's slice of F, for one
     [BLOCK_M, BLOCK_N] tile. Splitting F (split-K) gives small batches enough programs to fill the GPU."""
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, D, BLOCK_M, BLOCK_N, DIRECT)
     if e < 0:
         return
     pair64 = tl.where(row_ok, pair, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = offs_n < D
     k_start = pid_k * k_per_split
     offs_k = k_start + tl.arange(0, BLOCK_K)
 
     a_ptrs = act_ptr + pair64[:, None] * stride_am + offs_k[None, :]  # [BM, BK]
     w_ptrs = w2_ptr + e * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_start, tl.minimum(k_start + k_per_split, F), BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + (k0 - k_start) < F
-            a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a, w, acc)
-        a_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K
+    acc = _w2_accumulate(a_ptrs, w_ptrs, row_ok, n_ok, offs_k, k_start, k_per_split, F, BLOCK_M, BLOCK_N, BLOCK_K,
+                         EVEN_K)
     weight = tl.load(topk_weights_ptr + pair64, mask=row_ok, other=0.0).to(tl.float32)  # [BM]
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + pid_k * stride_os + pair64[:, None] * stride_om + offs_n[None, :]

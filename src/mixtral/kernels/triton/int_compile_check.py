@@ -10,14 +10,12 @@ Each kernel's matrix instructions are recorded: the dequantized tiles must reach
 
 from __future__ import annotations
 
-import argparse
-import json
-import re
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+
+from mixtral.kernels.triton.compile_check import cli, describe_mma, routing, run_cases
 
 
 def int_cases() -> dict[str, Callable[[], object]]:
@@ -33,10 +31,6 @@ def int_cases() -> dict[str, Callable[[], object]]:
         if act_order:
             t["perm"] = torch.zeros(*lead, k, dtype=torch.int32)
         return t
-
-    def routing(n: int, e: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.stack([torch.arange(n) % e, (torch.arange(n) + 3) % e], dim=1)  # [N, 2] valid ids
-        return torch.full((n, 2), 0.5), ids
 
     int4 = IntFormat(4, 128, torch.float16, "none")
     awq = IntFormat(4, 128, torch.float16, "int")
@@ -68,49 +62,18 @@ def int_cases() -> dict[str, Callable[[], object]]:
     }
 
 
-def check(arch: int = 90) -> list[dict[str, object]]:
+def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, object]]:
     """Compile every int case for ``arch``: per case its kernels (name, PDL wait, matrix instructions) and the
     error, if one failed."""
-    from mixtral.kernels.triton.compile_check import compile_only
-
-    results: list[dict[str, object]] = []
-    with compile_only(arch) as compiled:
-        for name, call in int_cases().items():
-            start, t0 = len(compiled), time.time()
-            entry: dict[str, object] = {"case": name}
-            try:
-                call()
-            except Exception as exc:  # reported per case: one broken kernel must not hide the others
-                entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            entry["kernels"] = [_describe(n, k.asm["ptx"]) for n, k in compiled[start:] if k is not None]
-            entry["seconds"] = round(time.time() - t0, 2)
-            results.append(entry)
-    return results
+    return run_cases(arch, int_cases(), only, describe_mma)
 
 
-def _describe(name: str, ptx: str) -> dict[str, object]:
-    mma = sorted(set(re.findall(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)", ptx)))
-    return {"name": name, "pdl_wait": "griddepcontrol.wait" in ptx, "mma": mma}
+def _label(kernel: dict[str, object]) -> str:
+    return f"{kernel['name']}{'' if kernel['pdl_wait'] else ' (no PDL wait)'} {kernel['mma']}"
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", type=int, default=90, help="compute capability to build for, e.g. 90 (Hopper)")
-    ap.add_argument("--json", default=None, help="write the per-case results here")
-    args = ap.parse_args()
-    results = check(args.arch)
-    failed = 0
-    for r in results:
-        kernels = ", ".join(f"{k['name']}{'' if k['pdl_wait'] else ' (no PDL wait)'} {k['mma']}"
-                            for k in r["kernels"])  # type: ignore[union-attr]
-        status = "FAILED " + str(r["error"]) if "error" in r else "ok"
-        failed += "error" in r
-        print(f"{r['case']:48s} {r['seconds']:6.1f} s  {status}  [{kernels}]")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"arch": args.arch, "cases": results}, fh, indent=1)
-    print(f"{len(results) - failed}/{len(results)} cases compiled for sm{args.arch}")
-    return 1 if failed else 0
+    return cli(__doc__ or "", check, _label, width=48)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,22 @@ import torch
 import triton
 import triton.language as tl
 
-from mixtral.kernels.triton.fused_moe import PairLayout, _block_rows, layout_pairs, w2_partials
+from mixtral.kernels.triton.fused_moe import PairLayout, _program_tile, layout_pairs, w2_partials
 from mixtral.kernels.triton.int_dequant import IntWeight, dequant_tile
 from mixtral.kernels.triton.moe_configs import GemmConfig
 from mixtral.kernels.triton.moe_sum import moe_sum
 from mixtral.kernels.triton.pdl import pdl_args, pdl_enter
 from mixtral.quant.base import QuantTensors
+
+
+@triton.jit
+def _k_columns(perm_ptr, e, stride_pe, k0, offs_k, HAS_PERM: tl.constexpr):
+    """The input columns [BK] of the K step at k0: through expert e's act-order permutation when it has one."""
+    if HAS_PERM:
+        cols = tl.load(perm_ptr + e * stride_pe + k0 + offs_k)
+    else:
+        cols = k0 + offs_k
+    return cols
 
 
 @triton.jit
@@ -40,15 +50,12 @@ def _int_w13_silu_kernel(
 ):
     """act[pair, n] = silu(x[token] . w1[e, n]) * (x[token] . w3[e, n]) for one [BLOCK_M, BLOCK_N] tile."""
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
+    # offs_n [BN]: rows of w1; w3's are F further
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, F, BLOCK_M, BLOCK_N, DIRECT)
     if e < 0:
         return
     token = tl.where(row_ok, pair // TOP_K, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] rows of w1; w3's are F further
-    n_ok = offs_n < F
     offs_k = tl.arange(0, BLOCK_K)
     x_rows = x_ptr + token[:, None] * stride_xm
     qw_e = qw_ptr + e * stride_qe
@@ -57,10 +64,7 @@ def _int_w13_silu_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + e * stride_pe + k0 + offs_k)
-        else:
-            cols = k0 + offs_k
+        cols = _k_columns(perm_ptr, e, stride_pe, k0, offs_k, HAS_PERM)
         a = tl.load(x_rows + cols[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK]
         wg = dequant_tile(qw_e, s_e, z_e, offs_n, n_ok, k0, stride_qn, stride_sn, BITS, GROUP, ZERO, BLOCK_K)
         wu = dequant_tile(qw_e, s_e, z_e, offs_n + F, n_ok, k0, stride_qn, stride_sn, BITS, GROUP, ZERO, BLOCK_K)
@@ -88,16 +92,12 @@ def _int_w2_weighted_kernel(
 ):
     """out[split, pair, n] = topk_weight[pair] * (act[pair] . w2[e, n]) over this split's slice of F."""
     pdl_enter(PDL)
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    e, pair, row_ok = _block_rows(pid_m, sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr, num_pairs,
-                                  expert_start, n_local, BLOCK_M, DIRECT)
+    e, pair, row_ok, offs_n, n_ok = _program_tile(sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, topk_ids_ptr,
+                                                  num_pairs, expert_start, n_local, D, BLOCK_M, BLOCK_N, DIRECT)
     if e < 0:
         return
     pair64 = tl.where(row_ok, pair, 0).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    n_ok = offs_n < D
     offs_k = tl.arange(0, BLOCK_K)
     a_rows = act_ptr + pair64[:, None] * stride_am
     qw_e = qw_ptr + e * stride_qe
@@ -106,10 +106,7 @@ def _int_w2_weighted_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * k_per_split
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, F), BLOCK_K):
-        if HAS_PERM:
-            cols = tl.load(perm_ptr + e * stride_pe + k0 + offs_k)
-        else:
-            cols = k0 + offs_k
+        cols = _k_columns(perm_ptr, e, stride_pe, k0, offs_k, HAS_PERM)
         a = tl.load(a_rows + cols[None, :], mask=row_ok[:, None], other=0.0)  # [BM, BK]
         w = dequant_tile(qw_e, s_e, z_e, offs_n, n_ok, k0, stride_qn, stride_sn, BITS, GROUP, ZERO, BLOCK_K)
         w = w.to(act_ptr.dtype.element_ty)
