@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from mixtral.kernels import kv_fp8
+from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.reference import moe_reference, paged_attention_reference, rope_qk_reference, route_topk
 from mixtral.quant import fp8 as q
 
@@ -257,10 +258,12 @@ def test_decode_step_kernels_capture_in_a_cuda_graph(experts: Experts, gen: torc
     assert not torch.equal(outs[0], eager[0])  # the replay read the new input
 
 
-def test_timings_next_to_bf16(experts: Experts, gen: torch.Generator, capsys: pytest.CaptureFixture[str]) -> None:
+def test_timings_next_to_bf16(experts: Experts, gen: torch.Generator, kernel_ops: Kernels,
+                              capsys: pytest.CaptureFixture[str]) -> None:
     """Prints, asserts only finite outputs: FP8 vs bf16 at batch 1 (weight streaming) and the prefill GEMM
-    against ``torch._scaled_mm`` (rowwise scales), the candidates for later path choices."""
-    from mixtral.kernels import ops
+    against ``torch._scaled_mm`` (rowwise scales), the candidates for later path choices. The bf16 projection
+    is the default ``KernelConfig``'s dispatch (``kernel_ops.linear``: the skinny GEMM at batch 1), as a model
+    runs it."""
     from mixtral.kernels.triton.fp8_fused_moe import fp8_fused_moe
     from mixtral.kernels.triton.fp8_gemm import fp8_gemm, fp8_linear
     from mixtral.kernels.triton.fused_moe import fused_moe
@@ -269,7 +272,7 @@ def test_timings_next_to_bf16(experts: Experts, gen: torch.Generator, capsys: py
     t = q.Fp8Method().quantize(w)
     x1, weights, ids = routed(gen, 1)
     rows = {
-        "wqkv batch 1 bf16 (ops.linear)": timed_us(lambda: ops.linear(x1, w)),
+        "wqkv batch 1 bf16 (Kernels.linear)": timed_us(lambda: kernel_ops.linear(x1, w)),
         "wqkv batch 1 fp8 (quant + gemm)": timed_us(lambda: fp8_linear(x1, t["weight"], t["weight_scale"])),
         "moe batch 1 bf16 (fused_moe)": timed_us(lambda: fused_moe(x1, experts.w13, experts.w2, weights, ids)),
         "moe batch 1 fp8 (fp8_fused_moe)": timed_us(lambda: fp8_fused_moe(x1, *_moe_args(experts), weights, ids)),

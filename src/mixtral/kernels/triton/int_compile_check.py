@@ -4,7 +4,8 @@
     python -m mixtral.kernels.triton.int_compile_check --arch 90 [--json out.json]
 
 Each kernel's matrix instructions are recorded: the dequantized tiles must reach the tensor cores as bf16
-(``mma``/``wgmma`` on bf16 operands), and every kernel must wait for its predecessor under PDL. Run it with
+(``mma``/``wgmma`` on bf16 operands), and every kernel must wait for its predecessor under PDL. So is the shared
+memory each launch asks for, which must fit Hopper's 227 KB a block (a launch over it fails on the GPU). Run it with
 ``TRITON_INTERPRET`` unset.
 """
 
@@ -65,6 +66,7 @@ def int_cases() -> dict[str, Callable[[], object]]:
                                                              4096, 14336, 8, act_order=True),
         "int8 fused_moe 8x22B prefill 2048": lambda: moe(int8, int8, 6144, 16384, 2048),
         "gguf q4_k/q6_k fused_moe 8x7B batch 4": lambda: moe(q4k, q6k, 4096, 14336, 4),
+        "gguf q4_k/q6_k fused_moe 8x22B prefill 1024": lambda: moe(q4k, q6k, 6144, 16384, 1024),
     }
 
 
@@ -82,15 +84,19 @@ def check(arch: int = 90) -> list[dict[str, object]]:
                 call()
             except Exception as exc:  # reported per case: one broken kernel must not hide the others
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            entry["kernels"] = [_describe(n, k.asm["ptx"]) for n, k in compiled[start:] if k is not None]
+            entry["kernels"] = [_describe(n, k) for n, k in compiled[start:] if k is not None]
             entry["seconds"] = round(time.time() - t0, 2)
             results.append(entry)
     return results
 
 
-def _describe(name: str, ptx: str) -> dict[str, object]:
+def _describe(name: str, kernel: object) -> dict[str, object]:
+    """Name, PDL wait, matrix instructions and the shared memory a launch asks for (bytes; compared with the
+    device's limit only when a launch loads the kernel, so a compile-only check must read it here)."""
+    ptx = kernel.asm["ptx"]  # type: ignore[attr-defined]
     mma = sorted(set(re.findall(r"(wgmma\.mma_async[.\w]*|mma\.sync[.\w]*)", ptx)))
-    return {"name": name, "pdl_wait": "griddepcontrol.wait" in ptx, "mma": mma}
+    return {"name": name, "pdl_wait": "griddepcontrol.wait" in ptx, "mma": mma,
+            "shared": int(kernel.metadata.shared)}  # type: ignore[attr-defined]
 
 
 def main() -> int:
@@ -101,7 +107,7 @@ def main() -> int:
     results = check(args.arch)
     failed = 0
     for r in results:
-        kernels = ", ".join(f"{k['name']}{'' if k['pdl_wait'] else ' (no PDL wait)'} {k['mma']}"
+        kernels = ", ".join(f"{k['name']}{'' if k['pdl_wait'] else ' (no PDL wait)'} {k['mma']} {k['shared']} B smem"
                             for k in r["kernels"])  # type: ignore[union-attr]
         status = "FAILED " + str(r["error"]) if "error" in r else "ok"
         failed += "error" in r
