@@ -16,7 +16,7 @@
 #   mostly Triton compiles on a fresh machine: quantized model ~60 s (the 8x7B presets generated in fp8 and
 #   int4), fp8 kernels ~60 s, int kernels ~80 s, engine ~120 s (16 engine runs), MoE ~90 s (8x22B experts,
 #   every tile-table entry), attention ~40 s, small ops / PDL / prefill graphs / routing ~40 s together. With
-#   fewer than 2 GPUs the multi-GPU tests are left out (they need 2 or 4 and fail on one); with 2-3 the 4-GPU one.
+#   fewer than 2 GPUs the multi-GPU tests are deselected (marked gpus(2) or gpus(4): tests/gpu/conftest.py).
 #   Each test has a 300 s limit (pytest-timeout); the whole run stops at RUN_BUDGET_S (SIGINT: pytest writes
 #   its summary and the junit file). PYTEST_ARGS replace the file list: `gpu_run.sh tests tests/gpu/test_gpu_moe.py
 #   -k decode`. Out: gpu_tests.log (with the time per file at the end) and gpu_junit.xml.
@@ -105,13 +105,9 @@ run_tests() {
       local name; name=$(basename "$f")
       [[ " ${order[*]} test_distributed_gpu.py " == *" $name "* ]] || targets+=("$f")
     done
-    if (( GPUS >= 2 )); then
-      targets+=(tests/gpu/test_distributed_gpu.py)
-    else
-      extra+=(--deselect tests/gpu/test_gpu_routing.py::test_tp2_routing_equals_one_gpu)
-      say "gpu_run.sh: 1 GPU: test_distributed_gpu.py and the TP 2 routing test left out (they need 2 GPUs)"
-    fi
-    (( GPUS >= 2 && GPUS < 4 )) && extra+=(--deselect tests/gpu/test_distributed_gpu.py::test_tp2_x_ep2_on_four_gpus)
+    # Last: the multi-GPU tests (marked gpus(n)); tests/gpu/conftest.py deselects those this machine cannot run.
+    targets+=(tests/gpu/test_distributed_gpu.py)
+    (( GPUS < 2 )) && say "gpu_run.sh: 1 GPU: the tests marked gpus(2) / gpus(4) are deselected (conftest lists them)"
   fi
   local limit; limit=$(( $(left) - 15 ))
   (( limit < 60 )) && { say "gpu_run.sh: only ${limit} s left for the tests"; return 1; }

@@ -17,6 +17,10 @@ needs them). Pytest collects tests/gpu before tests/kernels, and a compiled impo
 of that folder's conftest (which switches Triton's interpreter on) would leave the CPU kernel tests calling
 compiled language functions (tests/unit/test_gpu_suite_collects.py holds this).
 
+Tests that need several GPUs carry ``@pytest.mark.gpus(n)``; with fewer CUDA devices than ``n`` they are
+deselected at collection (listed in the run's header), neither run nor counted, so ``python -m pytest -m gpu``
+on a one-GPU machine reports only what that machine can test.
+
 Implementations are chosen as the product chooses them, by a ``KernelConfig`` (backend, prefill MoE path, dense
 prefill attention, fused router, PDL): ``kernel_ops`` is the default config's dispatch, ``kernel_choice`` gives a
 config to an engine or a bare model; a kernel called directly takes PDL on or off by its ``pdl=`` argument.
@@ -72,6 +76,31 @@ def _compiled_kernels() -> None:
     assert not left, f"Triton kernels still built for the interpreter after reloading: {left}"
 
 
+def _cuda_device_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.hookimpl(trylast=True)  # after ``-m``/``-k`` chose: only tests that would run are counted
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests marked ``gpus(n)`` when this machine has fewer than n CUDA devices."""
+    needs = {item: item.get_closest_marker("gpus") for item in items}
+    needs = {item: int(m.args[0]) for item, m in needs.items() if m is not None}
+    if not needs:
+        return
+    have = _cuda_device_count()
+    left_out = [item for item, n in needs.items() if n > have]
+    if not left_out:
+        return
+    items[:] = [item for item in items if item not in left_out]
+    config.hook.pytest_deselected(items=left_out)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"tests/gpu: {len(left_out)} test(s) need more than the {have} CUDA GPU(s) here, "
+                            "deselected:")
+        for item in left_out:
+            reporter.write_line(f"  {item.nodeid} (gpus({needs[item]}))")
+
+
 @pytest.fixture(scope="session")
 def cuda() -> torch.device:
     """The CUDA device every GPU test runs on; fails (never skips) where there is none."""
@@ -103,8 +132,13 @@ def gen(cuda: torch.device, request: pytest.FixtureRequest) -> torch.Generator:
 
 @pytest.fixture(autouse=True)
 def _free_gpu_memory() -> Iterator[None]:
-    """Return each test's tensors to the GPU (the MoE tests hold GBs of 8x22B weights)."""
+    """Return each test's tensors to the GPU (the MoE tests hold GBs of 8x22B weights), a failed test's too:
+    pytest keeps the last failure for post-mortem debugging (``sys.last_traceback``), and its frames would hold
+    that test's models, engines and KV caches into every later test."""
     yield
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if getattr(sys, name, None) is not None:
+            setattr(sys, name, None)
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -36,8 +36,12 @@ AMAX_FLOOR = 1e-12
 
 # --------------------------------------------------------------------------- the numerics
 def scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """Largest magnitude -> the fp32 scale that maps it to 448."""
-    return amax.float().clamp(min=AMAX_FLOOR) / FP8_MAX
+    """Largest magnitude -> the fp32 scale that maps it to 448: an IEEE fp32 division (round to nearest), the
+    kernels' ``div_rn``. Divided by a 448 on amax's device, not by the Python float: PyTorch's CUDA division by a
+    CPU scalar multiplies by the scalar's fp32 reciprocal instead, one ulp off the quotient for some amax
+    (the CPU divides either way)."""
+    amax = amax.float().clamp(min=AMAX_FLOOR)
+    return amax / torch.full((), FP8_MAX, dtype=torch.float32, device=amax.device)
 
 
 def to_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def describe_mma(name: str, ptx: str) -> dict[str, object]:
 def run_cases(arch: int, cases: dict[str, Callable[[], object]], only: list[str] | None = None,
               describe: Callable[[str, str], dict[str, object]] = describe_kernel) -> list[dict[str, object]]:
     """Compile every case (or those named in ``only``) for ``arch``: per case its kernels (``describe(name,
-    ptx)`` of each), the seconds it took and the error, if one failed."""
+    ptx)`` of each, plus its ``shared`` memory in bytes), the seconds it took and the error, if one failed."""
     results: list[dict[str, object]] = []
     with compile_only(arch) as compiled:
         for name, call in cases.items():
@@ -220,7 +220,10 @@ def run_cases(arch: int, cases: dict[str, Callable[[], object]], only: list[str]
                 call()
             except Exception as exc:  # reported per case: one broken kernel must not hide the others
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:2000]}"
-            entry["kernels"] = [describe(n, k.asm["ptx"]) for n, k in compiled[start:] if k is not None]
+            # Shared memory is checked against the device's limit only when a launch loads the kernel, so a
+            # compile-only check reads the figure here (bytes one block asks for).
+            entry["kernels"] = [{**describe(n, k.asm["ptx"]), "shared": int(k.metadata.shared)}
+                                for n, k in compiled[start:] if k is not None]
             entry["seconds"] = round(time.time() - t0, 2)
             results.append(entry)
     return results

@@ -4,7 +4,8 @@
     python -m mixtral.kernels.triton.int_compile_check --arch 90 [--json out.json]
 
 Each kernel's matrix instructions are recorded: the dequantized tiles must reach the tensor cores as bf16
-(``mma``/``wgmma`` on bf16 operands), and every kernel must wait for its predecessor under PDL. Run it with
+(``mma``/``wgmma`` on bf16 operands), and every kernel must wait for its predecessor under PDL. So is the shared
+memory each launch asks for, which must fit Hopper's 227 KB a block (a launch over it fails on the GPU). Run it with
 ``TRITON_INTERPRET`` unset.
 """
 
@@ -59,6 +60,7 @@ def int_cases() -> dict[str, Callable[[], object]]:
                                                              4096, 14336, 8, act_order=True),
         "int8 fused_moe 8x22B prefill 2048": lambda: moe(int8, int8, 6144, 16384, 2048),
         "gguf q4_k/q6_k fused_moe 8x7B batch 4": lambda: moe(q4k, q6k, 4096, 14336, 4),
+        "gguf q4_k/q6_k fused_moe 8x22B prefill 1024": lambda: moe(q4k, q6k, 6144, 16384, 1024),
     }
 
 
@@ -69,7 +71,7 @@ def check(arch: int = 90, only: list[str] | None = None) -> list[dict[str, objec
 
 
 def _label(kernel: dict[str, object]) -> str:
-    return f"{kernel['name']}{'' if kernel['pdl_wait'] else ' (no PDL wait)'} {kernel['mma']}"
+    return f"{kernel['name']}{'' if kernel['pdl_wait'] else ' (no PDL wait)'} {kernel['mma']} {kernel['shared']} B smem"
 
 
 def main() -> int:
