@@ -56,6 +56,9 @@ _FALLBACK_ROWS = 4096
 # thread, bf16, on 640 x 192 / 192 x 320 (the demo's experts) and 4096 x 1024: int8 per channel 32-64 rows,
 # [hi | lo] int8 ~128, int4 ~128-224.
 LARGE_M = {"cpu_q8": 48, "cpu_q8x2": 128, "cpu_q4": 192}
+# Below this many rows no layout is dequantized, whatever LARGE_M says: decode-sized calls skip the per-layout
+# look-up (~1 us a call, a few percent of a batch-1 MoE layer).
+_LARGE_M_FLOOR = 32
 # Weights dequantized at once by the large-M path: the fp32 temporaries of a block stay in cache (a whole 8x7B
 # expert's would not: measured 9 ns a weight unblocked against ~1 in blocks).
 _DEQUANT_BLOCK = 1 << 18
@@ -149,7 +152,7 @@ def packed_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -
 
     if "perm" in t:
         x = x.index_select(-1, pick("perm").to(torch.int64))  # stored column j reads input perm[j]
-    if x.shape[0] >= _large_m(t):
+    if x.shape[0] >= _LARGE_M_FLOOR and x.shape[0] >= _large_m(t):
         return _dequantized_linear(x, t, pick)
     if "cpu_q8" in t:
         s = pick("cpu_s8")
