@@ -9,7 +9,7 @@ import torch
 
 from mixtral.kernels import moe_grouped as mg
 from mixtral.kernels.reference import moe_reference, route_topk
-from mixtral.quant.int_cpu import cpu_moe, prepare_cpu
+from mixtral.quant.int_cpu import cpu_moe, is_packed, prepare_cpu
 from mixtral.quant.int_layout import IntFormat, quantize_rtn
 from mixtral.quant.int_method import reference_moe
 
@@ -72,6 +72,6 @@ def test_packed_int_experts_match_the_reference(fmt: IntFormat, n: int) -> None:
     q13, q2 = quantize_rtn(w13, fmt), quantize_rtn(w2, fmt)
     want = reference_moe(x.bfloat16(), q13, q2, weights, ids).float()
     p13, p2 = prepare_cpu(q13, torch.bfloat16), prepare_cpu(q2, torch.bfloat16)
-    assert "cpu_q4" in p13 or "cpu_q8" in p13
+    assert is_packed(p13) and is_packed(p2)
     got = cpu_moe(x.bfloat16(), p13, p2, weights, ids).float()
     assert ((got - want).abs().max() / want.abs().max()).item() < 2e-2
