@@ -1,4 +1,5 @@
-"""The named model presets: the released Mixtral shapes, and tiny ones for tests and CPU runs.
+"""The named model presets: the released Mixtral shapes, a 1.6B one for CPU benchmarks, and tiny ones for tests
+and CPU runs.
 
 A preset is a ``ModelArgs``; ``mixtral init``, the loader (random weights) and the benchmarks build models from
 them by name.
@@ -30,6 +31,13 @@ PRESETS: dict[str, ModelArgs] = {
     # Tiny shapes for tests and CPU runs, with the real tokenizers' vocabularies.
     "tiny": ModelArgs(**_TINY, vocab_size=32768, tokenizer="v3"),
     "tiny-v1": ModelArgs(**_TINY, vocab_size=32000, tokenizer="v1"),
+    # 1.6B parameters in Mixtral's layout (8 experts, top-2, GQA 4:1, 128-wide heads), 3.2 GB in bf16: big enough
+    # that a CPU decode step is bound by weight reads rather than per-op overhead, small enough for a laptop
+    # (`mixtral bench throughput --compare --model cpu-1.6b`).
+    "cpu-1.6b": ModelArgs(
+        dim=2048, n_layers=4, n_heads=16, n_kv_heads=4, head_dim=128, hidden_dim=7168, num_experts=8,
+        num_experts_per_tok=2, vocab_size=32768, max_seq_len=4096, tokenizer="v3",
+    ),
     # Odd sizes, 6 experts, top-2, no GQA grouping beyond 3: catches shape assumptions.
     "tiny-odd": ModelArgs(
         dim=48, n_layers=3, n_heads=6, n_kv_heads=2, head_dim=8, hidden_dim=72, num_experts=6,
