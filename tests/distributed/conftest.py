@@ -6,13 +6,12 @@ still holds (they are reaped, and checked, when that fixture ends).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from tp_testing import LAYOUTS, child_pids
+from tp_testing import LAYOUTS, assert_reaped, child_pids
 
 from mixtral.distributed.executor import DistributedExecutor
 
@@ -20,22 +19,6 @@ from mixtral.distributed.executor import DistributedExecutor
 @pytest.fixture(autouse=True)
 def _one_torch_thread(single_torch_thread: None) -> None:
     """Workers take the driver's thread count: one each on the 2-core CI box (tests/conftest.py says why)."""
-
-
-def assert_reaped(pids: set[int], timeout: float = 10.0) -> None:
-    """Every pid in ``pids`` is gone within ``timeout``; otherwise kill them and fail, naming them."""
-    deadline = time.monotonic() + timeout
-    left = pids & child_pids()
-    while left and time.monotonic() < deadline:
-        time.sleep(0.1)
-        left = pids & child_pids()
-    if left:
-        import os
-        import signal
-
-        for pid in left:
-            os.kill(pid, signal.SIGKILL)
-        pytest.fail(f"child processes {sorted(left)} were still running {timeout:.0f}s after the test")
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import assert_reaped
+from tp_testing import assert_reaped
 
 DRIVER = Path(__file__).with_name("tp_driver.py")
 # The subprocesses import this checkout's package (as the test process does through PYTHONPATH or the install).

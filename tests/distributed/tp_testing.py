@@ -8,8 +8,10 @@ engine (parallel or not) for comparison.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import pytest
 from step_testing import run_to_completion
 
 from mixtral.distributed.config import ParallelConfig
@@ -41,6 +43,21 @@ def child_pids() -> set[int]:
         if int(ppid) == me and state != "Z":
             out.add(int(entry.name))
     return out
+
+
+def assert_reaped(pids: set[int], timeout: float = 10.0) -> None:
+    """Every pid in ``pids`` is gone within ``timeout``; otherwise kill them and fail, naming them."""
+    deadline = time.monotonic() + timeout
+    left = pids & child_pids()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = pids & child_pids()
+    if left:
+        import signal
+
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"child processes {sorted(left)} were still running {timeout:.0f}s after the test")
 
 
 def mixed_requests(vocab: int = 32768) -> list[tuple[list[int], SamplingParams]]:

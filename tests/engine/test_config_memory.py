@@ -54,3 +54,22 @@ def test_max_model_len_cannot_exceed_the_model() -> None:
     with pytest.raises(ValueError, match="max_model_len=4096 exceeds the model's context length 2048"):
         EngineConfig(max_model_len=4096).resolve(2048)
     assert EngineConfig().resolve(2048).max_model_len == 2048
+
+
+def test_the_engine_takes_its_runners_plan() -> None:
+    """The engine sizes the cache by asking its runner: a parallel runner answers with the smallest of its ranks'
+    plans (distributed/runner.py), so a rank with less free memory is never over-committed."""
+    from engine_testing import build_tiny_model
+
+    from mixtral.engine.llm_engine import LLMEngine
+    from mixtral.engine.model_runner import ModelRunner
+
+    class SmallestRank(ModelRunner):
+        def plan_num_blocks(self) -> int:
+            return min(super().plan_num_blocks(), 23)  # as if another rank had room for 23 blocks only
+
+    cfg = EngineConfig(max_model_len=256, num_kv_blocks=40)
+    alone = LLMEngine(build_tiny_model(), cfg)
+    assert alone.model_runner.num_blocks == alone.block_manager.num_blocks == 40
+    engine = LLMEngine(build_tiny_model(), cfg, runner_factory=SmallestRank)
+    assert engine.model_runner.num_blocks == engine.block_manager.num_blocks == 23

@@ -77,13 +77,8 @@ class DistributedModelRunner:
 
     def plan_num_blocks(self) -> int:
         """KV blocks every rank can hold: each rank plans with its own free memory; the smallest wins."""
-        from mixtral.engine.memory import plan_num_blocks
-
-        local = self.local
-        values = self.executor.setup_command(
-            Command.PLAN_BLOCKS, 0, "planning the KV cache",
-            lambda: plan_num_blocks(local.config, local.args, local.dtype, local.device,
-                                    local.profile_activation_bytes))
+        values = self.executor.setup_command(Command.PLAN_BLOCKS, 0, "planning the KV cache",
+                                             self.local.plan_num_blocks)
         return min(values)
 
     def allocate_kv_cache(self, num_blocks: int) -> None:

@@ -78,8 +78,6 @@ class Worker:
         return all(s.error is None for s in statuses)
 
     def setup(self, cmd: Command, msg: torch.Tensor) -> int:
-        from mixtral.engine.memory import plan_num_blocks
-
         if cmd == Command.LOAD:
             self.load(read_json(msg))
             return 0
@@ -90,8 +88,7 @@ class Worker:
         if cmd == Command.PROFILE:
             return runner.profile_activation_bytes()
         if cmd == Command.PLAN_BLOCKS:
-            return plan_num_blocks(runner.config, runner.args, runner.dtype, runner.device,
-                                   runner.profile_activation_bytes)
+            return runner.plan_num_blocks()
         if cmd == Command.ALLOCATE:
             runner.allocate_kv_cache(int(msg[1]))
             return 0

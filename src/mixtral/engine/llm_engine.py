@@ -27,7 +27,6 @@ from mixtral.engine.block_manager import BlockManager
 from mixtral.engine.config import EngineConfig
 from mixtral.engine.gc_freeze import HeapFreezer
 from mixtral.engine.loading import load_for_engine
-from mixtral.engine.memory import plan_num_blocks
 from mixtral.engine.model_runner import ModelRunner
 from mixtral.engine.output_processor import OutputProcessor
 from mixtral.engine.outputs import RequestOutput
@@ -87,8 +86,9 @@ class LLMEngine:
         eos = tokenizer.eos_id if tokenizer is not None else model.args.eos_id
         self.sampler = Sampler(model.args.vocab_size, eos)
         self.model_runner = (runner_factory or ModelRunner)(model, self.config, self.sampler)
-        num_blocks = plan_num_blocks(self.config, model.args, model.dtype, model.device,
-                                     self.model_runner.profile_activation_bytes)
+        # The runner plans: under tensor / expert parallelism every rank measures its own free memory and the
+        # smallest plan wins (ranks of one host can hold different amounts: another process, a display).
+        num_blocks = self.model_runner.plan_num_blocks()
         self.model_runner.allocate_kv_cache(num_blocks)
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)

@@ -30,6 +30,7 @@ from mixtral.engine.block_tables import BlockTables
 from mixtral.engine.config import KV_FP8_DTYPE, EngineConfig
 from mixtral.engine.cuda_graphs import DecodeGraphs, PrefillGraph, batch_ladder
 from mixtral.engine.host_tensors import host_tensor
+from mixtral.engine.memory import plan_num_blocks
 from mixtral.engine.routing import CapturedRouting, RoutingCapture, RoutingSpan
 from mixtral.engine.sampler import SampledBatch, Sampler, SamplerOutput, SampleRow, SamplingTensors
 from mixtral.engine.scheduler import ScheduledSequence
@@ -172,6 +173,11 @@ class ModelRunner:
     def _graph_safe(self) -> bool:
         """CUDA graphs need a CUDA device and kernels without host syncs: Triton attention and the fused MoE."""
         return self.model.kernels.graph_safe(self.device)
+
+    def plan_num_blocks(self) -> int:
+        """KV blocks this runner's device can hold (``engine/memory.py``: the config's budget, else free memory
+        after loading minus the activation peak). A parallel runner plans on every rank and keeps the smallest."""
+        return plan_num_blocks(self.config, self.args, self.dtype, self.device, self.profile_activation_bytes)
 
     @torch.inference_mode()
     def profile_activation_bytes(self) -> int:
