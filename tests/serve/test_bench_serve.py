@@ -41,8 +41,9 @@ def test_bench_against_running_server(live_server: Any, tmp_path: Path, capsys: 
     report = json.loads(out.read_text())
     assert report["requests"] == 6 and report["failed"] == 0
     # One chunk per engine step: 4 gaps after the first token; fewer when the server merged steps for a client
-    # that fell behind (its stream keeps only the newest output: a loaded machine).
-    assert all(r["output_tokens"] == 5 and 1 <= len(r["itls"]) <= 4 for r in report["results"])
+    # that fell behind (its stream keeps only the newest output: on a loaded machine even none, all 5 tokens in
+    # the first chunk).
+    assert all(r["output_tokens"] == 5 and len(r["itls"]) <= 4 for r in report["results"]), report["results"]
     assert 0 < report["ttft_p50_ms"] <= report["e2e_p99_ms"] and report["output_tokens_per_s"] > 0
     assert "offline_wall_s" not in report  # only the in-process mode has an offline baseline
     assert "TTFT p50 / p99" in capsys.readouterr().out

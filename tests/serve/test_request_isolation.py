@@ -277,3 +277,44 @@ def test_generated_schemas_and_patterns_never_hurt_the_server(live_server: Any) 
         check()
         assert_healthy(live_server, client)
         assert stream_text(client, {**BASE, "max_tokens": 6})[1] in ("length", "stop")
+
+
+def test_a_large_schema_is_checked_off_the_event_loop(live_server: Any) -> None:
+    """jsonschema's look at a schema is pure Python (~2.5 s per MB, bounded by --max-guided-schema-bytes): done on
+    the event loop it stalls every other request and stream for that long. Other requests answer meanwhile."""
+    import time
+
+    from mixtral.serve.protocol import check_json_schema
+
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 20, "enum": ["a"]}
+                                               for i in range(5000)}}  # ~0.4 MB
+    t0 = time.perf_counter()
+    check_json_schema(schema, "probe")
+    check_s = time.perf_counter() - t0
+    tool = {"type": "function", "function": {"name": "f", "parameters": schema}}
+    body = {**BASE, "max_tokens": 1, "tools": [tool], "tool_choice": "none"}
+    done = threading.Event()
+    status: list[tuple[int, str | None]] = []
+
+    def big() -> None:
+        with httpx.Client(base_url=live_server.url, timeout=60) as c:
+            resp = c.post("/v1/chat/completions", json=body)
+            status.append((resp.status_code, resp.json().get("code")))
+        done.set()
+
+    waits: list[float] = []
+    with live_server.client() as client:
+        thread = threading.Thread(target=big)
+        thread.start()
+        while not done.is_set():
+            t = time.perf_counter()
+            assert client.get("/v1/models").status_code == 200
+            waits.append(time.perf_counter() - t)
+        thread.join()
+    # Valid schema, so the request gets past the checks; its tools then make a prompt far over the tiny model's
+    # context (the 400 that says so comes after the check, so the check did run).
+    assert status == [(400, "context_length_exceeded")]
+    assert len(waits) >= 3, waits  # the big request was in flight across several small ones
+    # Blocked, one wait would last the whole check; here the longest is a fraction of it.
+    print(f"longest wait {max(waits):.3f} s of {len(waits)}, check alone {check_s:.3f} s")
+    assert max(waits) < max(check_s / 2, 0.25), (max(waits), check_s)

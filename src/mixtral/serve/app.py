@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -115,14 +116,18 @@ def create_app(engine: AsyncEngine, *, served_model_name: str, tokenizer: Tokeni
                          **generation_errors})
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """Chat completion (Mistral and OpenAI fields, vLLM's extras); SSE when ``stream`` is true."""
-        return await ChatHandler(state, body, request).run()
+        # Built off the event loop: its checks include jsonschema's look at every schema (~2.5 s per MB, pure
+        # Python), which would stall every running stream meanwhile.
+        handler = await anyio.to_thread.run_sync(ChatHandler, state, body, request)
+        return await handler.run()
 
     @app.post("/v1/completions", response_model=CompletionResponse,
               responses={**sse_response(CompletionResponse, "the completion, or with stream=true its chunks"),
                          **generation_errors})
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Plain-prompt completion (one prompt or a batch; scoring with echo + logprobs); SSE when ``stream``."""
-        return await CompletionHandler(state, body, request).run()
+        handler = await anyio.to_thread.run_sync(CompletionHandler, state, body, request)  # as chat's: off the loop
+        return await handler.run()
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
