@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -31,7 +32,11 @@ import torch
 from mixtral.checkpoint.gguf_file import gguf_specs
 from mixtral.checkpoint.progress import track
 from mixtral.checkpoint.specs import TensorSpec
+from mixtral.checkpoint.writer import PieceSource
 from mixtral.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    import gguf
 
 # What ``--gguf-type`` writes: gguf's Python quantizers cover these (the K-quants have none there).
 FLOAT_GGUF_TYPES = ("f32", "f16", "bf16")
@@ -111,39 +116,39 @@ def vocabulary(tokenizer_file: Path) -> tuple[list[str], list[float], list[int]]
     return pieces, scores, types
 
 
-def add_metadata(writer: object, args: ModelArgs, tokens: list[str], scores: list[float] | None = None,
+def add_metadata(writer: gguf.GGUFWriter, args: ModelArgs, tokens: list[str], scores: list[float] | None = None,
                  token_types: list[int] | None = None, name: str | None = None, file_type: int | None = None
                  ) -> None:
     """The key/values llama.cpp needs to run ``args`` as a Mixtral (``llama`` with experts), onto a
     ``gguf.GGUFWriter`` before its header is written."""
     w = writer
     if name:
-        w.add_name(name)  # type: ignore[attr-defined]
-    w.add_context_length(args.max_seq_len)  # type: ignore[attr-defined]
-    w.add_embedding_length(args.dim)  # type: ignore[attr-defined]
-    w.add_block_count(args.n_layers)  # type: ignore[attr-defined]
-    w.add_feed_forward_length(args.hidden_dim)  # type: ignore[attr-defined]
-    w.add_head_count(args.n_heads)  # type: ignore[attr-defined]
-    w.add_head_count_kv(args.n_kv_heads)  # type: ignore[attr-defined]
-    w.add_rope_dimension_count(args.head_dim)  # type: ignore[attr-defined]
+        w.add_name(name)
+    w.add_context_length(args.max_seq_len)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    w.add_rope_dimension_count(args.head_dim)
     if args.head_dim * args.n_heads != args.dim:  # llama.cpp assumes dim / heads otherwise
-        w.add_key_length(args.head_dim)  # type: ignore[attr-defined]
-        w.add_value_length(args.head_dim)  # type: ignore[attr-defined]
-    w.add_rope_freq_base(args.rope_theta)  # type: ignore[attr-defined]
-    w.add_layer_norm_rms_eps(args.norm_eps)  # type: ignore[attr-defined]
-    w.add_expert_count(args.num_experts)  # type: ignore[attr-defined]
-    w.add_expert_used_count(args.num_experts_per_tok)  # type: ignore[attr-defined]
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_expert_count(args.num_experts)
+    w.add_expert_used_count(args.num_experts_per_tok)
     if file_type is not None:
-        w.add_file_type(file_type)  # type: ignore[attr-defined]
-        w.add_quantization_version(GGML_QUANT_VERSION)  # type: ignore[attr-defined]
-    w.add_tokenizer_model("llama")  # type: ignore[attr-defined]
-    w.add_token_list(tokens)  # type: ignore[attr-defined]
+        w.add_file_type(file_type)
+        w.add_quantization_version(GGML_QUANT_VERSION)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
     if scores is not None:
-        w.add_token_scores(scores)  # type: ignore[attr-defined]
+        w.add_token_scores(scores)
     if token_types is not None:
-        w.add_token_types(token_types)  # type: ignore[attr-defined]
-    w.add_bos_token_id(args.bos_id)  # type: ignore[attr-defined]
-    w.add_eos_token_id(args.eos_id)  # type: ignore[attr-defined]
+        w.add_token_types(token_types)
+    w.add_bos_token_id(args.bos_id)
+    w.add_eos_token_id(args.eos_id)
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -163,10 +168,10 @@ def write_order(args: ModelArgs) -> list[TensorSpec]:
     return sorted(gguf_specs(args, merged_experts=True), key=lambda s: order[s.param])
 
 
-def _pieces(source: object, spec: TensorSpec, args: ModelArgs) -> Iterator[torch.Tensor]:
+def _pieces(source: PieceSource, spec: TensorSpec, args: ModelArgs) -> Iterator[torch.Tensor]:
     """The internal pieces of ``spec``, in the file's layout: one per expert for a merged ``*_exps`` tensor
-    (experts are quantized one at a time), else the one piece. ``source`` is a checkpoint/writer.PieceSource."""
-    read = source.read_key  # type: ignore[attr-defined]
+    (experts are quantized one at a time), else the one piece."""
+    read = source.read_key
     if spec.name.endswith("_exps.weight"):
         rows = spec.index[1:]  # w13: the w1 (gate) or w3 (up) rows of each expert; w2: the whole expert
         for e in range(args.num_experts):
@@ -175,10 +180,10 @@ def _pieces(source: object, spec: TensorSpec, args: ModelArgs) -> Iterator[torch
         yield spec.from_internal(read(spec.key))
 
 
-def write_gguf(source: object, args: ModelArgs, path: Path | str, gguf_type: str = "q8_0",
+def write_gguf(source: PieceSource, args: ModelArgs, path: Path | str, gguf_type: str = "q8_0",
                float_type: str | Callable[[TensorSpec], str] = "bf16", tokenizer_file: Path | None = None,
                name: str | None = None, progress: bool | None = None) -> Path:
-    """Write the model whose pieces ``source`` gives (checkpoint/writer.PieceSource) as a GGUF file at ``path``.
+    """Write the model whose pieces ``source`` gives as a GGUF file at ``path``.
 
     ``gguf_type``: one of GGUF_WRITE_TYPES (module docstring: which tensors it applies to). ``float_type``: the
     type ("f32", "f16", "bf16") of the matrices a quantized file keeps float, or a function of the spec (the

@@ -28,7 +28,7 @@ A single token (batch-1 decode) skips the sort, bincount, gather and scatter: it
 calls, not the arithmetic (demo model shapes, one thread, CPU time of the experts of one layer: bf16 139 -> 98 us,
 packed int4 80 -> 51 us). From 4 tokens grouping on the host loses to the sort (int4 at 4 / 16 / 64 tokens: 211
 / 332 / 590 us against 165 / 259 / 492: a gather and a scatter per expert instead of one each), so it is kept to
-one token. Both forms are held to the reference (tests/model/test_moe_paths.py, tests/kernels/test_moe_host_grouped.py).
+one token. Both forms are held to the reference (tests/model/test_moe_paths.py, tests/kernels/test_moe_cpu_paths.py).
 
 ``grouped_experts`` is the driver shared with the quantized experts (quant/int_cpu.py): it groups the pairs and
 calls ``ffn(e, rows)`` once per expert hit, so the packed int matmuls get the same grouping.
