@@ -56,3 +56,22 @@ def tiny_consolidated_checkpoint(tiny_hf_checkpoint: Path, tmp_path_factory: pyt
     from mixtral.checkpoint.writer import convert_checkpoint
 
     return convert_checkpoint(tiny_hf_checkpoint, tmp_path_factory.mktemp("tiny_consolidated"), "mistral")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the tests marked ``avx512_vnni`` (they run the native CPU integer-dot kernel) on a CPU without
+    AVX512-VNNI, listed in the run's header: neither run nor counted, as tests/gpu does with ``gpus(n)``."""
+    marked = [item for item in items if item.get_closest_marker("avx512_vnni") is not None]
+    if not marked:
+        return
+    from mixtral.kernels.cpu_native import CPU_FLAGS, cpu_flags
+
+    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
+    if not missing:
+        return
+    items[:] = [item for item in items if item not in marked]
+    config.hook.pytest_deselected(items=marked)
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(f"{len(marked)} test(s) of the native CPU kernel deselected: this CPU lacks "
+                            f"{', '.join(missing)}")

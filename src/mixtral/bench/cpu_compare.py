@@ -8,7 +8,9 @@ three, as our quantized models keep them) and runs the same greedy workload (``-
 
 - ``bf16``: this engine on the checkpoint in bf16;
 - ``int8`` / ``int4``: this engine on the Q8_0 / Q4_0 GGUF file, so the very weights llama.cpp runs (int8 and int4
-  with one fp16 scale per 32 weights, symmetric), through the CPU packed matmuls (quant/int_cpu.py);
+  with one fp16 scale per 32 weights, symmetric), through the CPU kernel ``--cpu-int-kernel`` picks (quant/int_cpu.py:
+  by default the integer-dot kernel where the CPU has AVX512-VNNI, int8 activations as llama.cpp's; the title and
+  the JSON name the one that ran);
 - ``int8-rtn`` / ``int4-rtn``: ``--quantization int8|int4`` on the bf16 checkpoint, what a user of this engine gets
   without a GGUF file (int8 one scale per channel; int4 groups of 128, or the largest of 64/32/16 that divides
   every width: the JSON's ``weights`` names it; same round to nearest, other groups than Q4_0's 32);
@@ -281,13 +283,13 @@ def run(args: argparse.Namespace) -> int:
     rows = table_rows(results, versions, args.compare_hf_dtype,
                       {"int4-rtn": f"RTN int4 g{int4_group_for((a.dim, a.hidden_dim, a.q_size))}"})
     title = (f"CPU comparison: {args.model} ({threads} threads; batch 1 and {n} prompts x {args.input_len} in / "
-             f"{args.output_len} out)")
+             f"{args.output_len} out; int kernel {int_kernel(args)})")
     print_rows(title, rows, n)
     if args.json is not None:
         record = {"benchmark": "throughput-compare", "results": [asdict(r) for r in rows],
                   "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                              if not k.startswith("_") and not callable(v)},
-                  "environment": environment(threads)}
+                  "environment": {**environment(threads), "cpu_int_kernel": int_kernel(args)}}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(record, indent=2) + "\n")
     return 0
@@ -327,6 +329,16 @@ def print_rows(title: str, rows: list[Row], batch: int) -> None:
     header = ("run", "weights", "batch 1 tok/s", "x llama.cpp", f"batch {batch} tok/s", "x llama.cpp")
     print_table(title, [(r.run, r.weights, f"{r.batch1_decode_tok_s:,.1f}", ratio(r.batch1_ratio),
                          f"{r.batched_output_tok_s:,.1f}", ratio(r.batched_ratio)) for r in rows], header=header)
+
+
+def int_kernel(args: argparse.Namespace) -> str:
+    """The CPU kernel our int rows ran on: ``--cpu-int-kernel``, ``auto`` resolved (kernels/cpu_native.py)."""
+    choice = getattr(args, "cpu_int_kernel", "auto")
+    if choice != "auto":
+        return choice
+    from mixtral.kernels.cpu_native import native_int_dot
+
+    return "native" if native_int_dot() is not None else "packed"
 
 
 def environment(threads: int) -> dict[str, Any]:

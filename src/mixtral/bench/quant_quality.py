@@ -16,9 +16,10 @@ Three measurements, each scheme (fp8, int8, int4) against bf16, reproducible on 
    ||y - y_fp32|| / ||y_fp32|| of each scheme's multiplication against the fp32 product of the same bf16
    weights, beside bf16's own. ``--layer-scale S`` divides every shape by S (the CPU test).
 
-Everything runs on the CPU in bf16 (the int schemes through PyTorch's packed CPU matmuls, FP8 through its
-reference, which is what the GPU kernels compute). Not here: FP8 KV-cache quality (docs/QUANTIZATION.md
-has its section), speed (``mixtral bench gpu``).
+Everything runs on the CPU in bf16 (the int schemes through the CPU kernel ``--cpu-int-kernel`` picks: ``packed``,
+PyTorch's packed matmuls with bf16 activations, what the GPU kernels compute; ``native``, the integer-dot kernel
+with int8 activations; FP8 through its reference, which is what the GPU kernels compute). Not here: FP8
+KV-cache quality (docs/QUANTIZATION.md has its section), speed (``mixtral bench gpu``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from mixtral.kernels.config import KernelConfig
 
 SCHEMES = ("fp8", "int8", "int4")
 # Not a quantization: the unquantized model in fp32, against bf16: how far any rounding moves this model.
@@ -59,6 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input rows for the per-layer error (default: 64)")
     p.add_argument("--skip-layers", action="store_true", help="skip the per-layer measurement")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cpu-int-kernel", choices=("packed", "native"), default="packed",
+                   help="the CPU kernel of the int schemes: packed (bf16 activations, what the GPU kernels compute) "
+                        "or native (the integer-dot kernel, int8 activations in blocks of 32) (default: packed)")
     p.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON to OUT")
 
 
@@ -122,15 +128,18 @@ def agreement(ref: list[list[int]], got: list[list[int]]) -> dict[str, float]:
     return {"identical_prompts": same / len(ref), "tokens_before_first_difference": prefix / max(total, 1)}
 
 
-def layer_errors(schemes: list[str], scale: int, tokens: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """{layer: {scheme or "bf16": relative error against the fp32 product}} on random 8x7B-shaped layers."""
+def layer_errors(schemes: list[str], scale: int, tokens: int, seed: int = 0, kernels: KernelConfig | None = None
+                 ) -> dict[str, dict[str, float]]:
+    """{layer: {scheme or "bf16": relative error against the fp32 product}} on random 8x7B-shaped layers, the
+    int schemes through ``kernels``' CPU kernel (default: packed)."""
     from mixtral.checkpoint.quant_load import flag_spec
     from mixtral.kernels.dispatch import Kernels
     from mixtral.model.args import ModelArgs
     from mixtral.quant import get_method
 
     gen = torch.Generator().manual_seed(seed)
-    kernels = Kernels()
+    config = kernels or KernelConfig(cpu_int_kernel="packed")
+    ops = Kernels(config)
     out: dict[str, dict[str, float]] = {}
     for name, (n, k) in LAYER_SHAPES.items():
         n, k = n // scale, k // scale
@@ -145,8 +154,8 @@ def layer_errors(schemes: list[str], scale: int, tokens: int, seed: int = 0) -> 
         for scheme in schemes:
             width = ModelArgs(dim=k, n_layers=1, n_heads=1, n_kv_heads=1, head_dim=k, hidden_dim=k, vocab_size=8)
             method = get_method(flag_spec(scheme, width))
-            t = method.process_after_loading(method.quantize(w), torch.bfloat16)
-            row[scheme] = rel(kernels.quant_linear(method, x, t))
+            t = method.process_after_loading(method.quantize(w), torch.bfloat16, config.cpu_int_kernel)
+            row[scheme] = rel(ops.quant_linear(method, x, t))
         out[name] = row
         del w, x, exact
     return out
@@ -163,15 +172,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if args.texts is not None:
         sets["texts"] = text_docs(args.texts)
     prompts = chat_prompts(args.prompts)
+    kernels = KernelConfig(cpu_int_kernel=args.cpu_int_kernel)
     results: dict[str, Any] = {"model": args.model, "dtype": "bf16", "device": "cpu",
-                               "docs": {k: len(v) for k, v in sets.items()}, "prompts": len(prompts),
+                               "cpu_int_kernel": args.cpu_int_kernel, "docs": {k: len(v) for k, v in sets.items()},
+                               "prompts": len(prompts),
                                "max_tokens": args.max_tokens, "schemes": {}}
     ref_tokens: list[list[int]] = []
     for scheme in ["bf16", *schemes]:
         t0 = time.perf_counter()
         kwargs = {} if scheme in ("bf16", CALIBRATION) else {"quantization": scheme}
         dtype = "fp32" if scheme == CALIBRATION else "bf16"
-        llm = LLM(args.model, device="cpu", dtype=dtype, kv_cache_bytes=2**28, **kwargs)
+        llm = LLM(args.model, device="cpu", dtype=dtype, kv_cache_bytes=2**28, kernels=kernels, **kwargs)
         model = llm.llm_engine.model
         row: dict[str, Any] = {"perplexity": {k: perplexity(model, v)[0] for k, v in sets.items()}}
         tokens = greedy(llm, prompts, args.max_tokens)
@@ -186,7 +197,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         results["schemes"][scheme] = row
         print(f"{scheme}: {json.dumps(row)}", file=sys.stderr)
     if not args.skip_layers:
-        results["layers"] = layer_errors([s for s in schemes if s in SCHEMES], args.layer_scale, args.layer_tokens)
+        results["layers"] = layer_errors([s for s in schemes if s in SCHEMES], args.layer_scale, args.layer_tokens,
+                                         kernels=kernels)
         results["layer_scale"] = args.layer_scale
     return results
 

@@ -25,6 +25,7 @@ from mixtral.checkpoint.progress import track
 from mixtral.checkpoint.reader import CheckpointReader
 from mixtral.checkpoint.tokenizer_files import find_tokenizer, packaged_tokenizer
 from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.cpu_native import require_cpu_int_kernel
 from mixtral.model.args import ConfigError, ModelArgs
 from mixtral.model.config_formats import args_from_hf_config, args_from_params_json, read_json
 from mixtral.model.mixtral import Transformer, init_random_weights
@@ -237,7 +238,8 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu",
     torch_dtype = parse_dtype(dtype)
     device = torch.device(device)
     kernels = kernels if kernels is not None else KernelConfig()
-    spec = quant_load.quant_spec_for(source, quantization)  # before anything is allocated
+    require_cpu_int_kernel(kernels, device)  # before anything is allocated
+    spec = quant_load.quant_spec_for(source, quantization)
     if source.format == "preset":
         methods = quant_load.model_methods(source.args, spec)
         model = empty_model(source.args, device, torch_dtype, methods)
@@ -261,5 +263,5 @@ def load_model(name_or_path: str | Path, device: torch.device | str = "cpu",
             else:
                 load_weights(model, reader, progress)
     model.set_kernel_config(kernels)
-    process_quantized(model, packed_act_dtype(kernels, torch_dtype))
+    process_quantized(model, packed_act_dtype(kernels, torch_dtype), kernels.cpu_int_kernel)
     return model.eval()

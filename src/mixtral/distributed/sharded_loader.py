@@ -49,6 +49,7 @@ from mixtral.checkpoint.reader import CheckpointReader
 from mixtral.checkpoint.specs import TensorSpec
 from mixtral.distributed.config import ParallelConfig, RankLayout
 from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.cpu_native import require_cpu_int_kernel
 from mixtral.model.args import ModelArgs
 from mixtral.model.mixtral import Transformer
 from mixtral.model.quantized import (
@@ -241,6 +242,7 @@ def load_shard(source: ModelSource, parallel: ParallelConfig, rank: int, device:
                               "one process (a Q4 8x22B fits one 80 GB GPU)")
     spec = quant_spec_for(source, quantization, parallel.tensor_parallel_size)  # refused before allocating
     kernels = kernels if kernels is not None else KernelConfig()
+    require_cpu_int_kernel(kernels, device)
     if source.format == "preset":
         model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec))
         init_random_pieces(model, source.args, layout, seed)
@@ -249,7 +251,7 @@ def load_shard(source: ModelSource, parallel: ParallelConfig, rank: int, device:
         with open_checkpoint(source, allow_pickle, spec) as reader:  # validates every header before allocating
             model = empty_shard(source.args, layout, device, dtype, model_methods(source.args, spec, reader))
             read = load_shard_weights(model, reader, layout, progress)
-    process_quantized(model, packed_act_dtype(kernels, dtype))
+    process_quantized(model, packed_act_dtype(kernels, dtype), kernels.cpu_int_kernel)
     return ShardLoad(model.eval(), read)
 
 

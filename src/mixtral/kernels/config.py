@@ -19,6 +19,10 @@ BACKENDS = ("auto", "triton", "reference")
 # ``persistent``: the same GEMMs with persistent tiles forced on for both; ``triton``: the decode kernel at
 # every size.
 MOE_PREFILL = ("sorted", "persistent", "triton")
+# Integer weights on CPU at decode sizes: ``native``: the integer-dot kernel (kernels/int_dot.c: int8 activations
+# in blocks of 32, as llama.cpp's; AVX512-VNNI CPUs, built with the machine's C compiler), an error where it cannot
+# run; ``packed``: PyTorch's packed matmuls (bf16 activations); ``auto``: native where it runs, else packed.
+CPU_INT_KERNELS = ("auto", "native", "packed")
 
 
 def _one_of(name: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -36,6 +40,7 @@ class KernelConfig:
       paged kernel, from the lengths where that wins (kernels/dispatch.py says which).
     - ``fused_gate``: at decode sizes the MoE router (gate GEMM, softmax, top-k, counts) is one Triton kernel.
     - ``pdl``: Triton kernels launch with programmatic dependent launch on sm90+ (kernels/triton/pdl.py).
+    - ``cpu_int_kernel``: ``auto`` | ``native`` | ``packed`` (see ``CPU_INT_KERNELS``).
     """
 
     backend: str = "auto"
@@ -43,9 +48,11 @@ class KernelConfig:
     dense_prefill: bool = True
     fused_gate: bool = True
     pdl: bool = True
+    cpu_int_kernel: str = "auto"
 
     def __post_init__(self) -> None:
         _one_of("backend", self.backend, BACKENDS)
+        _one_of("cpu_int_kernel", self.cpu_int_kernel, CPU_INT_KERNELS)
         _one_of("moe_prefill", self.moe_prefill, MOE_PREFILL)
         for name in ("dense_prefill", "fused_gate", "pdl"):
             value = getattr(self, name)

@@ -78,9 +78,9 @@ class QuantWeight(nn.Module):
             self.register_buffer(name, v)
         self.tensors = dict(self._buffers)  # type: ignore[arg-type]
 
-    def process(self, act_dtype: torch.dtype | None) -> None:
+    def process(self, act_dtype: torch.dtype | None, cpu_kernel: str = "auto") -> None:
         """Repack once for the kernels (``QuantMethod.process_after_loading``)."""
-        self.set_tensors(self.method.process_after_loading(self.tensors, act_dtype))
+        self.set_tensors(self.method.process_after_loading(self.tensors, act_dtype, cpu_kernel))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> QuantWeight:
         # Keep each stored tensor's dtype: take only the device from what ``fn`` (a .to(), .cuda(), .half(), ...)
@@ -147,11 +147,11 @@ def is_quantized(model: nn.Module) -> bool:
     return next(quant_weights(model), None) is not None
 
 
-def process_quantized(model: nn.Module, act_dtype: torch.dtype | None) -> None:
+def process_quantized(model: nn.Module, act_dtype: torch.dtype | None, cpu_kernel: str = "auto") -> None:
     """Repack every quantized weight for its kernels, once, after the last piece was loaded (``act_dtype`` None:
-    keep the canonical layout, which the reference backend reads)."""
+    keep the canonical layout, which the reference backend reads; ``cpu_kernel``: KernelConfig.cpu_int_kernel)."""
     for _, module in quant_weights(model):
-        module.process(act_dtype)
+        module.process(act_dtype, cpu_kernel)
 
 
 def packed_act_dtype(config: KernelConfig, dtype: torch.dtype) -> torch.dtype | None:

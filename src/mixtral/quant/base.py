@@ -149,10 +149,12 @@ class QuantMethod(ABC):
     def dequantize(self, t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
         """The stored tensors -> the logical weight [*lead, out, in] in ``dtype`` (the reference)."""
 
-    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None) -> QuantTensors:
+    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None,
+                              cpu_kernel: str = "auto") -> QuantTensors:
         """Repack the loaded canonical tensors for the kernels (once, on the target device). ``act_dtype`` is the
         model's activation dtype when known (CPU packed matmuls take their scales in it); None keeps the
-        canonical layout (the reference backend reads it). Default: as is."""
+        canonical layout (the reference backend reads it). ``cpu_kernel``: KernelConfig.cpu_int_kernel (which CPU
+        layout integer weights get). Default: as is."""
         return t
 
     # ----------------------------------------------------------------- the multiplications, by path

@@ -126,10 +126,12 @@ class Fp8Method(QuantMethod):
     def dequantize(self, t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
         return (t["weight"].float() * t["weight_scale"].float()[..., None]).to(dtype)
 
-    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None) -> QuantTensors:
+    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None,
+                              cpu_kernel: str = "auto") -> QuantTensors:
         """Contiguous codes and fp32 scales; a static input scale becomes the largest of the weight's pieces
-        (one element), the scale every piece's activations are quantized with. ``act_dtype`` (the int
-        helper's extension of the seam) changes nothing here: the scales stay fp32 for every activation dtype."""
+        (one element), the scale every piece's activations are quantized with. ``act_dtype`` and
+        ``cpu_kernel`` (the int scheme's extensions of the seam) change nothing here: the scales stay fp32 for
+        every activation dtype."""
         out = {"weight": t["weight"].contiguous(), "weight_scale": t["weight_scale"].float().contiguous()}
         if self.static:
             out["input_scale"] = t["input_scale"].float().amax().reshape(1)

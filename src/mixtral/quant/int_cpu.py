@@ -31,6 +31,18 @@ off, with the packed kernel kept, where it does not match) and multiplies with `
 prompts of 128 tokens, one thread: prefill 0.150 -> 0.080 s (Q8_0 file), 0.100 -> 0.076 s (Q4_0), 0.140 ->
 0.085 s (int8 per channel), against 0.072 s in bf16.
 
+Integer dots (KernelConfig.cpu_int_kernel ``auto``/``native``, bf16 activations, the layout of
+quant/int_native.py): on a CPU with AVX512-VNNI the matmul is kernels/int_dot.c instead, at every M. It rounds
+each activation row to int8 in blocks of 32 (as llama.cpp does) and multiplies the codes as integers, 64 products
+an instruction, where the packed kernels convert every weight to floating point first. Measured one thread,
+weights in cache, M = 1: 14336 x 2048 int4 g32 206 us against 705, 2048 x 7168 104 against 357; from DRAM in the
+`cpu-1.6b` model (2 threads) the int4 experts run at ~50 GB/s, the machine's read bandwidth. At prefill sizes it
+still beats dequantizing for oneDNN's bf16 GEMM (14336 x 2048, M = 192, one thread: 22 ms against 95), so no
+large-M path. The price is the int8 activations: ~0.5% of a product's norm (tests/kernels/test_cpu_native.py;
+model-level figures in docs/QUANTIZATION.md). ``packed`` keeps the packed kernels (bf16 activations, what the
+GPU kernels compute); ``auto`` falls back to them where the kernel cannot run (no VNNI, no C compiler) or the
+weight does not fit it (fp16 activations, groups of 16, N not a multiple of 16, K not of 32).
+
 Measured against bf16 ``F.linear`` and the reference (dequantize then matmul) in BENCHMARKS-style notes in
 docs/QUANTIZATION.md. Not here: the GPU kernels (kernels/triton/int_*.py).
 """
@@ -43,7 +55,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from mixtral.kernels.cpu_native import int_dot_matmul, native_int_dot
 from mixtral.kernels.moe_grouped import grouped_experts
+from mixtral.quant import int_native
 from mixtral.quant.base import QuantTensors
 from mixtral.quant.int_layout import IntFormat, dequantize, unpack_int4
 
@@ -87,10 +101,12 @@ def _scale_zero(scale: torch.Tensor, zero: torch.Tensor, rep: int, dtype: torch.
     return sz.transpose(-3, -2).contiguous().to(dtype)
 
 
-def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None) -> QuantTensors:
-    """Canonical tensors -> the packed CPU layout for ``act_dtype`` activations, or ``t`` unchanged when no
-    packed kernel fits (see the module docstring). Keys: ``cpu_q8``/``cpu_s8`` (int8 per channel), int4
-    ``cpu_q4``/``cpu_sz``, other int8 ``cpu_q8x2``/``cpu_sz`` (the hi and lo nibble weights side by side, K 2K);
+def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None, kernel: str = "auto") -> QuantTensors:
+    """Canonical tensors -> the CPU layout for ``act_dtype`` activations, or ``t`` unchanged when no CPU kernel
+    fits (see the module docstring). ``kernel`` (KernelConfig.cpu_int_kernel): ``native``/``auto`` take the
+    integer-dot kernel's layout (quant/int_native.py: ``cpu_n4``/``cpu_n8``, ``cpu_ns``, ``cpu_nz``) for bf16
+    activations where it runs and fits, else the packed layouts: ``cpu_q8``/``cpu_s8`` (int8 per channel), int4
+    ``cpu_q4``/``cpu_sz``, other int8 ``cpu_q8x2``/``cpu_sz`` (the hi and lo nibble weights side by side, K 2K).
     ``perm`` is kept."""
     if act_dtype not in PACKED_DTYPES:
         return t
@@ -98,6 +114,17 @@ def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None) -> QuantTensors:
     codes = t["qweight"]
     n, k = codes.shape[-2], codes.shape[-1] * (2 if fmt.bits == 4 else 1)
     out: QuantTensors = {"perm": t["perm"]} if fmt.act_order else {}
+    if kernel != "packed" and act_dtype == torch.bfloat16 and int_native.fits(n, k, fmt.group_size or k) \
+            and native_int_dot() is not None:
+        s, zero_term = _s_and_zero_term(t, fmt)
+        if fmt.bits == 4:  # (q - 8) S + Z as below; int8: (u - 128) S + Z with u = c + 128, Z the zero term
+            z = zero_term + 8 * s if fmt.zero != "none" else None
+        else:
+            z = zero_term if fmt.zero != "none" else None
+        def unsigned(c: torch.Tensor) -> torch.Tensor:
+            return _unsigned_codes(c, fmt.bits)
+
+        return {**out, **int_native.pack_native(codes, unsigned, fmt.bits, s, z, act_dtype)}
     if fmt.bits == 8 and fmt.zero == "none" and fmt.group_size == 0:
         out["cpu_q8"] = codes.contiguous()
         out["cpu_s8"] = t["scales"].to(act_dtype)
@@ -105,15 +132,8 @@ def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None) -> QuantTensors:
     cpu_g = cpu_group(fmt, k)
     if not cpu_g or n % 16:
         return t
-    # Per-group fp32 S-terms [.., N, G]; per channel is one group spanning K.
-    unsq = (lambda v: v.unsqueeze(-1)) if fmt.group_size == 0 else (lambda v: v)
-    s = unsq(t["scales"].to(torch.float32))
+    s, zero_term = _s_and_zero_term(t, fmt)
     rep = (fmt.group_size or k) // cpu_g
-    zero_term = torch.zeros_like(s)  # what (c - z) s + o adds to c s
-    if fmt.zero == "int":
-        zero_term = -unsq(t["zeros"].to(torch.float32)) * s
-    elif fmt.zero == "float":
-        zero_term = unsq(t["offsets"].to(torch.float32))
     if fmt.bits == 4:
         # (q - 8) S + Z: symmetric codes carry their zero 8 already (Z = 0); otherwise Z = 8 s - z s + o.
         z_packed = zero_term + 8 * s if fmt.zero != "none" else zero_term
@@ -130,7 +150,23 @@ def prepare_cpu(t: QuantTensors, act_dtype: torch.dtype | None) -> QuantTensors:
     return out
 
 
-PACKED_KEYS = ("cpu_q4", "cpu_q8x2", "cpu_q8")  # the packed weight of each layout
+def _s_and_zero_term(t: QuantTensors, fmt: IntFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 per-group S [.., N, G] (per channel: one group spanning K) and what (c - z) s + o adds to c s."""
+    unsq = (lambda v: v.unsqueeze(-1)) if fmt.group_size == 0 else (lambda v: v)
+    s = unsq(t["scales"].to(torch.float32))
+    if fmt.zero == "int":
+        return s, -unsq(t["zeros"].to(torch.float32)) * s
+    if fmt.zero == "float":
+        return s, unsq(t["offsets"].to(torch.float32))
+    return s, torch.zeros_like(s)
+
+
+def _unsigned_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Canonical codes [*lead, N, *] -> uint8 [*lead, N, K]: int4 0..15 as stored, int8 c + 128."""
+    return unpack_int4(codes) if bits == 4 else codes.view(torch.uint8) ^ 0x80
+
+
+PACKED_KEYS = ("cpu_q4", "cpu_q8x2", "cpu_q8", *int_native.NATIVE_KEYS)  # the packed weight of each layout
 
 
 def is_packed(t: QuantTensors) -> bool:
@@ -152,6 +188,9 @@ def packed_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -
 
     if "perm" in t:
         x = x.index_select(-1, pick("perm").to(torch.int64))  # stored column j reads input perm[j]
+    key = int_native.native_key(t)
+    if key is not None:
+        return _native_linear(x, t, key, pick)
     if x.shape[0] >= _LARGE_M_FLOOR and x.shape[0] >= _large_m(t):
         return _dequantized_linear(x, t, pick)
     if "cpu_q8" in t:
@@ -165,6 +204,16 @@ def packed_linear(x: torch.Tensor, t: QuantTensors, expert: int | None = None) -
         y = _mm4(torch.cat((xs, xs), dim=-1), pick("cpu_q8x2"), sz)  # [x | x] @ [hi | lo]^T: [M, N]
     else:
         y = _mm4(xs.contiguous(), pick("cpu_q4"), sz)
+    return y if y.dtype == x.dtype else y.to(x.dtype)
+
+
+def _native_linear(x: torch.Tensor, t: QuantTensors, key: str, pick: Callable[[str], torch.Tensor]) -> torch.Tensor:
+    """``packed_linear`` on the integer-dot layout, at every M: its integer dots outrun dequantizing the weight
+    for oneDNN's bf16 GEMM even at prefill sizes (module docstring, "Integer dots")."""
+    w, s = pick(key), pick("cpu_ns")  # [T, bytes], [T, G, 16]
+    z = pick("cpu_nz") if "cpu_nz" in t else None
+    xs = (x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)).contiguous()
+    y = int_dot_matmul(xs, w, 4 if key == "cpu_n4" else 8, x.shape[-1] // s.shape[-2], s, z, 16 * w.shape[-2])
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
 

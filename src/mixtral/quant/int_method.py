@@ -89,12 +89,13 @@ class IntMethod(QuantMethod):
     def dequantize(self, t: QuantTensors, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(t, dtype)
 
-    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None) -> QuantTensors:
-        """Drops an identity act-order permutation; on CPU repacks for the packed matmuls (int_cpu.py) when
-        ``act_dtype`` is bf16/fp16. CUDA kernels read the canonical layout as it is."""
+    def process_after_loading(self, t: QuantTensors, act_dtype: torch.dtype | None = None,
+                              cpu_kernel: str = "auto") -> QuantTensors:
+        """Drops an identity act-order permutation; on CPU repacks for the CPU matmuls (int_cpu.py, ``cpu_kernel``
+        choosing the layout) when ``act_dtype`` is bf16/fp16. CUDA kernels read the canonical layout as it is."""
         t = drop_identity_perm(t)
         if t["qweight"].device.type == "cpu":
-            return prepare_cpu(t, act_dtype)
+            return prepare_cpu(t, act_dtype, cpu_kernel)
         return t
 
     # ----------------------------------------------------------------- matmuls

@@ -1,0 +1,154 @@
+/* Integer-dot matmul for int4 / int8 weights on CPUs with AVX512-VNNI (kernels/cpu_native.py builds and loads it).
+
+   y[M, N] (bf16) = x[M, K] (bf16) @ W^T, W[n, k] = (u[n, k] - off) * S[g, n] + Z[g, n], g = k / group,
+   u the unsigned code (int4: 0..15, off 8; int8: 0..255, off 128), S and Z bf16 (Z may be absent: 0).
+
+   Why integer dots: on this class of CPU a dequantize-then-FMA kernel (PyTorch's _weight_int4pack_mm_for_cpu)
+   is bound by the dequantization, not by memory, at batch 1. Each input row is instead rounded to int8 in blocks
+   of 32 (one fp32 scale d per block, as llama.cpp does with its Q8 activations) and the codes are multiplied as
+   integers: one vpdpbusd takes 64 u8 x s8 products. Per block b of 32 columns, exactly in int32:
+       sum_k (u - off) a = dot_b - off * asum_b
+   so y = sum_g S_g sum_{b in g} d_b (dot_b - off asum_b) + Z_g sum_{b in g} d_b asum_b.
+   The only rounding beyond the fp32 accumulation is the int8 activation (~0.5% of a row's norm).
+
+   Weight layout, one tile of 16 output channels after another, each tile's columns in order:
+     int4: per 8 columns k0..k0+7, 64 bytes; byte 4c + i holds channel c's code of column k0 + i in its low
+           nibble and of column k0 + 4 + i in its high nibble (c < 16, i < 4);
+     int8: per 4 columns k0..k0+3, 64 bytes; byte 4c + i is channel c's code of column k0 + i.
+   so one 64-byte load feeds vpdpbusd lanes c = 0..15 with 4 consecutive columns each against 4 broadcast
+   activation bytes. S and Z: [N / 16][K / group][16] (one tile's groups contiguous).
+   Requires K % 32 == 0, group % 32 == 0, K % group == 0, N % 16 == 0 (the caller checks). */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define ROWS 4 /* activation rows per pass over a tile: 4 int32 + 4 fp32 + 4 fp32 accumulators stay in registers */
+
+static inline __m512 bf16x16_to_f32(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+static inline __m256i f32x16_to_bf16(__m512 v) { /* round to nearest even (inputs are finite) */
+    __m512i b = _mm512_castps_si512(v);
+    __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), odd));
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
+}
+
+/* One row of x -> int8 codes a [K], block scales d [K / 32] and block code sums asum [K / 32]. */
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int32_t *asum) {
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m512 v0 = bf16x16_to_f32(x + 32 * b), v1 = bf16x16_to_f32(x + 32 * b + 16);
+        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+        float scale = amax / 127.0f;
+        __m512 inv = _mm512_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)); /* round to nearest even, |q| <= 127 */
+        __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+        _mm_storeu_si128((__m128i *)(a + 32 * b), _mm512_cvtsepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(a + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
+        d[b] = scale;
+        asum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    }
+}
+
+typedef struct {
+    int64_t K, N, blocks, groups, blocks_per_group;
+    int bits, off;
+    const int8_t *a;      /* [M, K] */
+    const float *d;       /* [M, blocks] */
+    const int32_t *asum;  /* [M, blocks] */
+    const float *zsum;    /* [M, groups]: sum over the group's blocks of d * asum (the Z term's input sum) */
+} Acts;
+
+/* R (1..ROWS, a constant after inlining) rows m0.. of y for tile t. */
+static inline __attribute__((always_inline)) void tile_rows(const int R, const Acts *A, int64_t m0, int64_t t,
+                                                            const uint8_t *w, const uint16_t *S, const uint16_t *Z,
+                                                            uint16_t *y) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+    const uint8_t *wp = w + t * A->K * 16 * A->bits / 8;
+    const uint16_t *St = S + t * A->groups * 16, *Zt = Z ? Z + t * A->groups * 16 : NULL;
+    __m512 out[ROWS];
+    for (int r = 0; r < R; r++) out[r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < A->groups; g++) {
+        __m512 gacc[ROWS];
+        for (int r = 0; r < R; r++) gacc[r] = _mm512_setzero_ps();
+        for (int64_t bb = 0; bb < A->blocks_per_group; bb++) {
+            int64_t b = g * A->blocks_per_group + bb;
+            __m512i acc[ROWS];
+            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+            if (A->bits == 4) {
+                for (int c = 0; c < 4; c++, wp += 64) { /* 8 columns a load */
+                    __m512i v = _mm512_loadu_si512((const void *)wp);
+                    __m512i lo = _mm512_and_si512(v, low4);
+                    __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+                    for (int r = 0; r < R; r++) {
+                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 8 * c);
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(ar[0]));
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(ar[1]));
+                    }
+                }
+            } else {
+                for (int c = 0; c < 8; c++, wp += 64) { /* 4 columns a load */
+                    __m512i v = _mm512_loadu_si512((const void *)wp);
+                    for (int r = 0; r < R; r++) {
+                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 4 * c);
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_set1_epi32(ar[0]));
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                int64_t mb = (m0 + r) * A->blocks + b;
+                __m512i exact = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(A->off * A->asum[mb]));
+                gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(A->d[mb]), gacc[r]);
+            }
+        }
+        __m512 s = bf16x16_to_f32(St + 16 * g);
+        for (int r = 0; r < R; r++) out[r] = _mm512_fmadd_ps(gacc[r], s, out[r]);
+        if (Zt) {
+            __m512 z = bf16x16_to_f32(Zt + 16 * g);
+            for (int r = 0; r < R; r++)
+                out[r] = _mm512_fmadd_ps(z, _mm512_set1_ps(A->zsum[(m0 + r) * A->groups + g]), out[r]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        _mm256_storeu_si256((__m256i *)(y + (m0 + r) * A->N + 16 * t), f32x16_to_bf16(out[r]));
+}
+
+/* Returns 0, or -1 when a temporary could not be allocated (y untouched). */
+int int_dot_matmul(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uint8_t *w, int bits, int64_t group,
+                   const uint16_t *S, const uint16_t *Z, uint16_t *y, int threads) {
+    Acts A = {K, N, K / 32, K / group, group / 32, bits, bits == 4 ? 8 : 128, NULL, NULL, NULL, NULL};
+    int8_t *a = malloc((size_t)(M * K));
+    float *d = malloc(sizeof(float) * (size_t)(M * A.blocks));
+    int32_t *asum = malloc(sizeof(int32_t) * (size_t)(M * A.blocks));
+    float *zsum = malloc(sizeof(float) * (size_t)(M * A.groups));
+    if (!a || !d || !asum || !zsum) {
+        free(a); free(d); free(asum); free(zsum);
+        return -1;
+    }
+    for (int64_t m = 0; m < M; m++) {
+        quantize_row(x + m * K, K, a + m * K, d + m * A.blocks, asum + m * A.blocks);
+        for (int64_t g = 0; g < A.groups; g++) {
+            float s = 0.0f;
+            for (int64_t b = g * A.blocks_per_group; b < (g + 1) * A.blocks_per_group; b++)
+                s += d[m * A.blocks + b] * (float)asum[m * A.blocks + b];
+            zsum[m * A.groups + g] = s;
+        }
+    }
+    A.a = a; A.d = d; A.asum = asum; A.zsum = zsum;
+    int64_t tiles = N / 16;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t t = 0; t < tiles; t++) {
+        for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
+            switch (M - m0 < ROWS ? (int)(M - m0) : ROWS) {
+            case 1: tile_rows(1, &A, m0, t, w, S, Z, y); break;
+            case 2: tile_rows(2, &A, m0, t, w, S, Z, y); break;
+            case 3: tile_rows(3, &A, m0, t, w, S, Z, y); break;
+            default: tile_rows(ROWS, &A, m0, t, w, S, Z, y); break;
+            }
+        }
+    }
+    free(a); free(d); free(asum); free(zsum);
+    return 0;
+}

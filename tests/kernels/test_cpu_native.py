@@ -1,0 +1,213 @@
+"""The CPU integer-dot kernel (kernels/int_dot.c via kernels/cpu_native.py) and its layout (quant/int_native.py).
+
+The kernel is held to two references: an emulation in PyTorch of exactly what int_dot.c documents (int8
+activations in blocks of 32, integer dots, fp32 scaling: equal up to fp32 summation order and the final bf16
+rounding), and the fp32 truth of the dequantized weight (off by the int8 activations only, ~0.5%). Tests that
+run the kernel carry the ``avx512_vnni`` marker (deselected in tests/conftest.py on a CPU without it); the
+machine-independent parts (layout, the choice, the errors) run everywhere.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtral.kernels import cpu_native
+from mixtral.kernels.config import KernelConfig
+from mixtral.kernels.cpu_native import int_dot_matmul, native_int_dot, require_cpu_int_kernel
+from mixtral.quant import int_cpu
+from mixtral.quant.int_layout import IntFormat, dequantize, quantize_rtn
+from mixtral.quant.int_native import pack_codes, tile_scales, unpack_codes, untile_scales
+
+vnni = pytest.mark.avx512_vnni
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------------------------- the layout
+@pytest.mark.parametrize("bits", [4, 8])
+def test_pack_round_trips_and_matches_the_documented_bytes(bits: int) -> None:
+    codes = torch.randint(0, 1 << bits, (2, 48, 64), generator=_gen(bits), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == (2, 3, 64 * (8 if bits == 4 else 16)) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_codes(packed, bits), codes)
+    m = codes[1, 16:32]  # the second tile of the second matrix
+    if bits == 4:  # byte 4c + i of the run of columns 8..15: channel c's column 8 + i (low), 12 + i (high)
+        run = packed[1, 1, 64:128]
+        want = [int(m[c, 8 + i]) | int(m[c, 12 + i]) << 4 for c in range(16) for i in range(4)]
+        assert run.tolist() == want
+    else:  # byte 4c + i of the run of columns 4..7
+        run = packed[1, 1, 64:128]
+        assert run.tolist() == [int(m[c, 4 + i]) for c in range(16) for i in range(4)]
+
+
+def test_tile_scales_round_trip() -> None:
+    s = torch.randn(3, 32, 5)
+    tiled = tile_scales(s)
+    assert tiled.shape == (3, 2, 5, 16) and tiled[1, 1, 3, 7] == s[1, 23, 3]
+    assert torch.equal(untile_scales(tiled), s)
+
+
+# ----------------------------------------------------------------------------------------------- the kernel
+def _emulated(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, s: torch.Tensor,
+              z: torch.Tensor | None) -> torch.Tensor:
+    """int_dot.c's arithmetic in fp64 from its documented steps: x [M, K] bf16, codes [N, K] unsigned, s/z [N, G]."""
+    m, k = x.shape
+    xf = x.float().view(m, k // 32, 32)
+    scale = xf.abs().amax(-1, keepdim=True) / 127  # fp32, as the kernel
+    inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    a = torch.round(xf * inv).double()  # [M, B, 32] round half to even, as cvtps2dq
+    off = 8 if bits == 4 else 128
+    u = (codes.double() - off).view(-1, k // 32, 32)  # [N, B, 32]
+    dots = torch.einsum("mbj,nbj->mnb", a, u) * scale.double().view(m, 1, -1)  # [M, N, B]
+    per_group = dots.view(m, -1, k // group, group // 32).sum(-1)  # [M, N, G]
+    y = (per_group * s.double()).sum(-1)
+    if z is not None:
+        zsum = (a.sum(-1) * scale.double().squeeze(-1)).view(m, k // group, group // 32).sum(-1)  # [M, G]
+        y = y + (zsum[:, None, :] * z.double()).sum(-1)
+    return y
+
+
+@vnni
+@pytest.mark.parametrize("bits,group,zero", [(4, 32, False), (4, 64, True), (4, 128, False), (8, 32, False),
+                                             (8, 128, True), (8, 256, False)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, zero: bool, threads: int) -> None:
+    n, k = 48, 256
+    g = _gen(bits * 1000 + group)
+    codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
+    s = (torch.rand(n, k // group, generator=g) * 0.02 + 0.01).bfloat16()
+    z = (torch.randn(n, k // group, generator=g) * 0.05).bfloat16() if zero else None
+    w = (codes.float() - (8 if bits == 4 else 128)).view(n, -1, group) * s.float()[..., None]
+    if z is not None:
+        w = w + z.float()[..., None]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for m in (1, 2, 3, 4, 5, 9):  # every row-chunk remainder of the kernel's passes of 4 rows
+            x = torch.randn(m, k, generator=g).bfloat16()
+            got = int_dot_matmul(x, pack_codes(codes, bits), bits, group, tile_scales(s),
+                                 None if z is None else tile_scales(z), n)
+            assert got.shape == (m, n) and got.dtype == torch.bfloat16
+            emulated = _emulated(x, codes, bits, group, s.float(), None if z is None else z.float())
+            torch.testing.assert_close(got.double(), emulated, rtol=2 ** -8, atol=1e-3 * float(emulated.abs().max()))
+            truth = x.float() @ w.view(n, k).t()
+            assert float((got.float() - truth).norm() / truth.norm()) < 0.015
+    finally:
+        torch.set_num_threads(before)
+
+
+@vnni
+def test_zero_rows_and_large_inputs_stay_finite() -> None:
+    """A block of zeros has scale 0 (its codes 0, not NaN); large activations saturate nothing (|a| <= 127)."""
+    n, k = 16, 64
+    codes = torch.randint(0, 16, (n, k), generator=_gen(1), dtype=torch.uint8)
+    s = torch.full((n, 2), 0.5).bfloat16()
+    x = torch.zeros(2, k).bfloat16()
+    x[1, 32:] = torch.linspace(-3e4, 3e4, 32)
+    got = int_dot_matmul(x, pack_codes(codes, 4), 4, 32, tile_scales(s), None, n).float()
+    assert torch.equal(got[0], torch.zeros(n))
+    truth = x.float() @ ((codes.float() - 8) * 0.5).t()
+    assert torch.isfinite(got).all() and float((got[1] - truth[1]).norm() / truth[1].norm()) < 0.01
+
+
+# ----------------------------------------------------------------------------------------------- the choice
+FORMATS = [
+    IntFormat(4, 32, torch.float16, "none", False),  # GGUF Q4_0
+    IntFormat(4, 64, torch.float16, "int", False),  # AWQ / GPTQ with zero points
+    IntFormat(8, 32, torch.float16, "none", False),  # GGUF Q8_0
+    IntFormat(8, 0, torch.float16, "none", False),  # RTN int8 per channel
+    IntFormat(8, 64, torch.float16, "int", False),
+]
+
+
+@vnni
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"int{f.bits}-g{f.group_size}-{f.zero}")
+def test_native_layout_multiplies_like_the_dequantized_weight(fmt: IntFormat) -> None:
+    w = torch.randn(2, 64, 128, generator=_gen(fmt.bits + fmt.group_size)) * 0.05  # [E, N, K]
+    t = quantize_rtn(w, fmt)
+    native = int_cpu.prepare_cpu(t, torch.bfloat16, "native")
+    key = "cpu_n4" if fmt.bits == 4 else "cpu_n8"
+    assert key in native and "qweight" not in native and int_cpu.is_packed(native)
+    assert ("cpu_nz" in native) == (fmt.zero != "none")
+    x = torch.randn(3, 128, generator=_gen(7)).bfloat16()
+    for e in range(2):
+        want = x.float() @ dequantize({k: v[e] for k, v in t.items()}, torch.float32).t()
+        got = int_cpu.cpu_linear(x, native, e).float()
+        assert float((got - want).norm() / want.norm()) < 0.015
+
+
+@vnni
+def test_act_order_columns_are_permuted_before_the_kernel() -> None:
+    fmt = IntFormat(4, 32, torch.float16, "int", True)
+    w = torch.randn(32, 128, generator=_gen(3)) * 0.05
+    t = quantize_rtn(w, IntFormat(4, 32, torch.float16, "int", False))
+    # Stored column j holds logical column perm[j] (groups contiguous in stored order): any perm over these codes.
+    t = {**t, "perm": torch.randperm(128, generator=_gen(4)).to(torch.int32)}
+    assert IntFormat.of(t) == fmt
+    native = int_cpu.prepare_cpu(t, torch.bfloat16, "native")
+    x = torch.randn(2, 128, generator=_gen(5)).bfloat16()
+    want = x.float() @ dequantize(t, torch.float32).t()
+    got = int_cpu.cpu_linear(x, native).float()
+    assert "perm" in native and float((got - want).norm() / want.norm()) < 0.015
+
+
+def test_packed_choice_and_unfit_shapes_keep_the_packed_layouts() -> None:
+    t = quantize_rtn(torch.randn(64, 128) * 0.05, IntFormat(4, 32, torch.float16, "none", False))
+    assert set(int_cpu.prepare_cpu(t, torch.bfloat16, "packed")) == {"cpu_q4", "cpu_sz"}
+    # fp16 activations: the kernel reads bf16 only.
+    assert "cpu_q4" in int_cpu.prepare_cpu(t, torch.float16, "native")
+    # Groups of 16 (GGUF Q6_K) are not a whole number of the kernel's 32-column blocks.
+    t16 = quantize_rtn(torch.randn(64, 128) * 0.05, IntFormat(8, 16, torch.float16, "none", False))
+    assert not any(k in int_cpu.prepare_cpu(t16, torch.bfloat16, "native") for k in ("cpu_n4", "cpu_n8"))
+
+
+def test_auto_falls_back_to_packed_where_the_kernel_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(int_cpu, "native_int_dot", lambda: None)
+    t = quantize_rtn(torch.randn(64, 128) * 0.05, IntFormat(8, 32, torch.float16, "none", False))
+    assert set(int_cpu.prepare_cpu(t, torch.bfloat16, "auto")) == {"cpu_q8x2", "cpu_sz"}
+
+
+def test_native_asked_for_where_it_cannot_run_fails_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_native, "native_unavailable", lambda: "this CPU lacks avx512_vnni")
+    with pytest.raises(ValueError, match=r"cpu_int_kernel 'native'.*lacks avx512_vnni.*'auto' or 'packed'"):
+        require_cpu_int_kernel(KernelConfig(cpu_int_kernel="native"), "cpu")
+    require_cpu_int_kernel(KernelConfig(cpu_int_kernel="auto"), "cpu")  # auto never refuses
+    require_cpu_int_kernel(KernelConfig(cpu_int_kernel="native"), "meta")  # only CPU weights need it
+    with pytest.raises(ValueError, match="cpu_int_kernel='fast' is not one of auto, native, packed"):
+        KernelConfig(cpu_int_kernel="fast")
+
+
+def test_a_failing_build_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiler that fails leaves no library behind and says what it printed."""
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\necho 'cc: error: unrecognized option -mavx512vnni' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_native, "SOURCE", tmp_path / "int_dot.c")
+    (tmp_path / "int_dot.c").write_text("/* a source no earlier build has seen */\n")
+    with pytest.raises(RuntimeError, match="unrecognized option -mavx512vnni"):
+        cpu_native._build(str(bad))
+    assert list((tmp_path / "cache" / "mixtral" / "native").iterdir()) == []
+
+
+@vnni
+def test_the_build_is_cached_under_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    compiler = subprocess.run(["sh", "-c", "command -v cc || command -v gcc"], capture_output=True, text=True)
+    lib = cpu_native._build(compiler.stdout.strip())
+    assert lib.parent == tmp_path / "mixtral" / "native" and lib.suffix == ".so"
+    mtime = lib.stat().st_mtime_ns
+    assert cpu_native._build("/nonexistent/cc") == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
+    assert cpu_native._self_check(cpu_native._load(lib)) is None
+
+
+@vnni
+def test_native_kernel_is_available_here() -> None:
+    """On an AVX512-VNNI CPU with a compiler the kernel builds and passes its self-check (auto takes it)."""
+    assert native_int_dot() is not None, cpu_native.native_unavailable()
