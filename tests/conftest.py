@@ -59,19 +59,28 @@ def tiny_consolidated_checkpoint(tiny_hf_checkpoint: Path, tmp_path_factory: pyt
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the tests marked ``avx512_vnni`` (they run the native CPU integer-dot kernel) on a CPU without
-    AVX512-VNNI, listed in the run's header: neither run nor counted, as tests/gpu does with ``gpus(n)``."""
-    marked = [item for item in items if item.get_closest_marker("avx512_vnni") is not None]
-    if not marked:
-        return
-    from mixtral.kernels.cpu_native import CPU_FLAGS, cpu_flags
+    """Deselect the tests marked ``native_cpu(variant)`` (they run that build of the native CPU integer-dot
+    kernel; default the AVX2 one, which every build's CPU also runs) on a CPU without its instruction set,
+    listed in the run's header: neither run nor counted, as tests/gpu does with ``gpus(n)``."""
+    from mixtral.kernels.cpu_native import VARIANTS, cpu_flags
 
-    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
-    if not missing:
+    have = cpu_flags()
+    left_out = []
+    for item in items:
+        mark = item.get_closest_marker("native_cpu")
+        if mark is None:
+            continue
+        name = mark.args[0] if mark.args else "avx2"
+        variant = next(v for v in VARIANTS if v.name == name)
+        missing = [f for f in variant.cpu_flags if f not in have]
+        if missing:
+            left_out.append((item, name, missing))
+    if not left_out:
         return
-    items[:] = [item for item in items if item not in marked]
-    config.hook.pytest_deselected(items=marked)
+    items[:] = [item for item in items if item not in {i for i, _, _ in left_out}]
+    config.hook.pytest_deselected(items=[i for i, _, _ in left_out])
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
-        reporter.write_line(f"{len(marked)} test(s) of the native CPU kernel deselected: this CPU lacks "
-                            f"{', '.join(missing)}")
+        for item, name, missing in left_out:
+            reporter.write_line(f"deselected {item.nodeid}: the native CPU kernel's {name} build needs "
+                                f"{', '.join(missing)}, which this CPU lacks")

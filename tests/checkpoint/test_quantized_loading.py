@@ -58,7 +58,7 @@ def test_checkpoint_loads_as_the_library_dequantizes_it(fmt: str, tmp_path: Path
         torch.testing.assert_close(auto(IDS), got, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["packed", pytest.param("native", marks=pytest.mark.avx512_vnni)])
+@pytest.mark.parametrize("kernel", ["packed", pytest.param("native", marks=pytest.mark.native_cpu)])
 def test_bf16_activations_through_the_cpu_packed_path(tmp_path: Path, kernel: str) -> None:
     """A GPTQ int4 checkpoint in bf16: the CPU packed matmuls (or the native integer-dot kernel) against the bf16
     reference backend."""

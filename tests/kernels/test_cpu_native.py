@@ -3,8 +3,8 @@
 The kernel is held to two references: an emulation in PyTorch of exactly what int_dot.c documents (int8
 activations in blocks of 32, integer dots, fp32 scaling: equal up to fp32 summation order and the final bf16
 rounding), and the fp32 truth of the dequantized weight (off by the int8 activations only, ~0.5%). Tests that
-run the kernel carry the ``avx512_vnni`` marker (deselected in tests/conftest.py on a CPU without it); the
-machine-independent parts (layout, the choice, the errors) run everywhere.
+run the kernel carry the ``native_cpu`` marker (deselected in tests/conftest.py on a CPU that cannot run the build
+they name); the machine-independent parts (layout, the choice, the errors) run everywhere.
 """
 
 from __future__ import annotations
@@ -17,12 +17,21 @@ import torch
 
 from mixtral.kernels import cpu_native
 from mixtral.kernels.config import KernelConfig
-from mixtral.kernels.cpu_native import int_dot_matmul, native_int_dot, require_cpu_int_kernel
+from mixtral.kernels.cpu_native import (
+    VARIANTS,
+    cpu_flags,
+    int_dot_matmul,
+    load_variant,
+    native_variant,
+    require_cpu_int_kernel,
+)
 from mixtral.quant import int_cpu
 from mixtral.quant.int_layout import IntFormat, dequantize, quantize_rtn
 from mixtral.quant.int_native import pack_codes, tile_scales, unpack_codes, untile_scales
 
-vnni = pytest.mark.avx512_vnni
+native = pytest.mark.native_cpu  # the best build this CPU runs
+# Each build on its own (a CPU with AVX512-VNNI runs the AVX2 build too: both are checked there).
+BUILDS = [pytest.param(v.name, marks=pytest.mark.native_cpu(v.name)) for v in VARIANTS]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -73,11 +82,14 @@ def _emulated(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, s: to
     return y
 
 
-@vnni
+@pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("bits,group,zero", [(4, 32, False), (4, 64, True), (4, 128, False), (8, 32, False),
                                              (8, 128, True), (8, 256, False)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, zero: bool, threads: int) -> None:
+def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, zero: bool, threads: int,
+                                                         build: str) -> None:
+    lib = load_variant(build)
+    assert lib is not None
     n, k = 48, 256
     g = _gen(bits * 1000 + group)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
@@ -92,7 +104,7 @@ def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, 
         for m in (1, 2, 3, 4, 5, 9):  # every row-chunk remainder of the kernel's passes of 4 rows
             x = torch.randn(m, k, generator=g).bfloat16()
             got = int_dot_matmul(x, pack_codes(codes, bits), bits, group, tile_scales(s),
-                                 None if z is None else tile_scales(z), n)
+                                 None if z is None else tile_scales(z), n, lib)
             assert got.shape == (m, n) and got.dtype == torch.bfloat16
             emulated = _emulated(x, codes, bits, group, s.float(), None if z is None else z.float())
             torch.testing.assert_close(got.double(), emulated, rtol=2 ** -8, atol=1e-3 * float(emulated.abs().max()))
@@ -102,18 +114,25 @@ def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, 
         torch.set_num_threads(before)
 
 
-@vnni
-def test_zero_rows_and_large_inputs_stay_finite() -> None:
-    """A block of zeros has scale 0 (its codes 0, not NaN); large activations saturate nothing (|a| <= 127)."""
+@pytest.mark.parametrize("build", BUILDS)
+def test_zero_rows_and_large_inputs_stay_finite(build: str) -> None:
+    """A block of zeros has scale 0 (its codes 0, not NaN); large activations saturate nothing (|a| <= 127),
+    nor do extreme int8 codes (-128, 127) in the AVX2 build's 16-bit pair sums."""
     n, k = 16, 64
     codes = torch.randint(0, 16, (n, k), generator=_gen(1), dtype=torch.uint8)
     s = torch.full((n, 2), 0.5).bfloat16()
     x = torch.zeros(2, k).bfloat16()
     x[1, 32:] = torch.linspace(-3e4, 3e4, 32)
-    got = int_dot_matmul(x, pack_codes(codes, 4), 4, 32, tile_scales(s), None, n).float()
+    lib = load_variant(build)
+    got = int_dot_matmul(x, pack_codes(codes, 4), 4, 32, tile_scales(s), None, n, lib).float()
     assert torch.equal(got[0], torch.zeros(n))
     truth = x.float() @ ((codes.float() - 8) * 0.5).t()
     assert torch.isfinite(got).all() and float((got[1] - truth[1]).norm() / truth[1].norm()) < 0.01
+    extreme = torch.where(torch.rand(n, k, generator=_gen(2)) < 0.5, 0, 255).to(torch.uint8)  # codes -128 and 127
+    x = torch.full((1, k), 1.0).bfloat16()
+    x[0, ::2] = -1.0
+    got = int_dot_matmul(x, pack_codes(extreme, 8), 8, 32, tile_scales(s), None, n, lib).float()
+    torch.testing.assert_close(got, x.float() @ ((extreme.float() - 128) * 0.5).t(), rtol=2 ** -8, atol=0)
 
 
 # ----------------------------------------------------------------------------------------------- the choice
@@ -126,7 +145,7 @@ FORMATS = [
 ]
 
 
-@vnni
+@native
 @pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f"int{f.bits}-g{f.group_size}-{f.zero}")
 def test_native_layout_multiplies_like_the_dequantized_weight(fmt: IntFormat) -> None:
     w = torch.randn(2, 64, 128, generator=_gen(fmt.bits + fmt.group_size)) * 0.05  # [E, N, K]
@@ -142,7 +161,7 @@ def test_native_layout_multiplies_like_the_dequantized_weight(fmt: IntFormat) ->
         assert float((got - want).norm() / want.norm()) < 0.015
 
 
-@vnni
+@native
 def test_act_order_columns_are_permuted_before_the_kernel() -> None:
     fmt = IntFormat(4, 32, torch.float16, "int", True)
     w = torch.randn(32, 128, generator=_gen(3)) * 0.05
@@ -196,18 +215,44 @@ def test_a_failing_build_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: py
     assert list((tmp_path / "cache" / "mixtral" / "native").iterdir()) == []
 
 
-@vnni
+@native
 def test_the_build_is_cached_under_xdg_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     compiler = subprocess.run(["sh", "-c", "command -v cc || command -v gcc"], capture_output=True, text=True)
-    lib = cpu_native._build(compiler.stdout.strip())
-    assert lib.parent == tmp_path / "mixtral" / "native" and lib.suffix == ".so"
+    avx2 = VARIANTS[-1]
+    lib = cpu_native._build(compiler.stdout.strip(), avx2)
+    assert lib.parent == tmp_path / "mixtral" / "native" and lib.name.startswith("int_dot-avx2-")
     mtime = lib.stat().st_mtime_ns
-    assert cpu_native._build("/nonexistent/cc") == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
+    assert cpu_native._build("/nonexistent/cc", avx2) == lib and lib.stat().st_mtime_ns == mtime  # not rebuilt
     assert cpu_native._self_check(cpu_native._load(lib)) is None
 
 
-@vnni
-def test_native_kernel_is_available_here() -> None:
-    """On an AVX512-VNNI CPU with a compiler the kernel builds and passes its self-check (auto takes it)."""
-    assert native_int_dot() is not None, cpu_native.native_unavailable()
+@native
+def test_the_best_build_this_cpu_runs_is_the_one_taken() -> None:
+    """With a compiler, every build whose flags the CPU has loads and passes its self-check; auto takes the
+    first of VARIANTS (AVX512-VNNI before AVX2)."""
+    runs = [v.name for v in VARIANTS if set(v.cpu_flags) <= cpu_flags()]
+    assert [v.name for v in VARIANTS if load_variant(v.name) is not None] == runs
+    assert native_variant() == runs[0] and cpu_native.native_unavailable() is None
+
+
+def test_a_cpu_without_the_flags_gets_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu_native, "cpu_flags", lambda: {"sse2", "avx"})
+    monkeypatch.setattr(cpu_native, "_reason", {})
+    for v in VARIANTS:
+        assert cpu_native.load_variant.__wrapped__(v.name) is None  # uncached: this process's answer stays
+    assert cpu_native._reason == {"avx512_vnni": "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni",
+                                  "avx2": "this CPU lacks avx2, fma"}
+
+
+@native
+def test_mismatched_operands_are_refused_not_read_out_of_bounds() -> None:
+    codes = torch.randint(0, 16, (32, 64), generator=_gen(2), dtype=torch.uint8)
+    w, s = pack_codes(codes, 4), tile_scales(torch.ones(32, 2).bfloat16())
+    x = torch.randn(1, 64).bfloat16()
+    assert int_dot_matmul(x, w, 4, 32, s, None, 32).shape == (1, 32)
+    for bad in ((x.float(), w, 4, 32, s, None, 32), (torch.randn(1, 96).bfloat16(), w, 4, 32, s, None, 32),
+                (x, w, 8, 32, s, None, 32), (x, w, 4, 64, s, None, 32), (x, w, 4, 32, s, s[:1], 32),
+                (x, w, 4, 32, s, None, 48), (torch.randn(64, 2).bfloat16().t(), w, 4, 32, s, None, 32)):
+        with pytest.raises(ValueError, match="do not fit"):
+            int_dot_matmul(*bad)

@@ -27,7 +27,7 @@ def _gguf_weight(type_name: str, lead: tuple[int, ...], n: int, k: int, seed: in
     return decode_blocks(type_name, torch.from_numpy(raw), k), torch.from_numpy(gguf.quants.dequantize(raw, qtype))
 
 
-NATIVE = pytest.param("native", marks=pytest.mark.avx512_vnni)
+NATIVE = pytest.param("native", marks=pytest.mark.native_cpu)
 
 
 @pytest.mark.parametrize("kernel", ["packed", NATIVE])
@@ -124,7 +124,7 @@ def test_large_m_experts_through_cpu_moe(monkeypatch: pytest.MonkeyPatch) -> Non
     assert (got - truth).abs().max().item() <= 1.5 * ref_err + 2e-3 * truth.abs().max().item()
 
 
-@pytest.mark.avx512_vnni
+@pytest.mark.native_cpu
 def test_native_experts_through_cpu_moe() -> None:
     """Prefill- and decode-sized batches through the grouped experts on the native kernel (Q4_0 gate/up, Q8_0
     down, as a mixed GGUF file has): within 1.5% of the fp32 truth's norm, each expert its own weights."""

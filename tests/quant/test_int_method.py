@@ -57,7 +57,7 @@ def test_get_method_defaults() -> None:
         int4_group_for((100, 50))
 
 
-@pytest.mark.parametrize("kernel", ["packed", pytest.param("native", marks=pytest.mark.avx512_vnni)])
+@pytest.mark.parametrize("kernel", ["packed", pytest.param("native", marks=pytest.mark.native_cpu)])
 @pytest.mark.parametrize("fmt", CPU_FORMATS, ids=str)
 def test_cpu_packed_linear_matches_reference(fmt: IntFormat, kernel: str) -> None:
     """The packed path's error against the fp32 truth stays within twice the reference's own (bf16) error; the

@@ -9,7 +9,7 @@ three, as our quantized models keep them) and runs the same greedy workload (``-
 - ``bf16``: this engine on the checkpoint in bf16;
 - ``int8`` / ``int4``: this engine on the Q8_0 / Q4_0 GGUF file, so the very weights llama.cpp runs (int8 and int4
   with one fp16 scale per 32 weights, symmetric), through the CPU kernel ``--cpu-int-kernel`` picks (quant/int_cpu.py:
-  by default the integer-dot kernel where the CPU has AVX512-VNNI, int8 activations as llama.cpp's; the title and
+  by default the integer-dot kernel (AVX512-VNNI or AVX2 CPUs), int8 activations as llama.cpp's; the title and
   the JSON name the one that ran);
 - ``int8-rtn`` / ``int4-rtn``: ``--quantization int8|int4`` on the bf16 checkpoint, what a user of this engine gets
   without a GGUF file (int8 one scale per channel; int4 groups of 128, or the largest of 64/32/16 that divides

@@ -31,10 +31,10 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
                    help="launch the Triton kernels without programmatic dependent launch (Hopper and later; "
                         "on by default)")
     g.add_argument("--cpu-int-kernel", choices=CPU_INT_KERNELS, default="auto",
-                   help="int4/int8 weights on CPU at decode sizes: native, an integer-dot kernel built with this "
-                        "machine's C compiler on first use (AVX512-VNNI CPUs; activations rounded to int8 in blocks "
-                        "of 32 as llama.cpp does; up to ~2x faster at batch 1); packed, PyTorch's packed matmuls "
-                        "(bf16 activations, exact W4A16/W8A16); auto, native where it runs, else packed "
+                   help="int4/int8 weights on CPU: native, an integer-dot kernel built with this machine's C "
+                        "compiler on first use (x86 with AVX512-VNNI or AVX2; activations rounded to int8 in blocks "
+                        "of 32 as llama.cpp does; 2-4x the packed matmuls at batch 1); packed, PyTorch's packed "
+                        "matmuls (bf16 activations, exact W4A16/W8A16); auto, native where it runs, else packed "
                         "(default: auto)")
 
 

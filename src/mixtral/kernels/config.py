@@ -19,9 +19,9 @@ BACKENDS = ("auto", "triton", "reference")
 # ``persistent``: the same GEMMs with persistent tiles forced on for both; ``triton``: the decode kernel at
 # every size.
 MOE_PREFILL = ("sorted", "persistent", "triton")
-# Integer weights on CPU at decode sizes: ``native``: the integer-dot kernel (kernels/int_dot.c: int8 activations
-# in blocks of 32, as llama.cpp's; AVX512-VNNI CPUs, built with the machine's C compiler), an error where it cannot
-# run; ``packed``: PyTorch's packed matmuls (bf16 activations); ``auto``: native where it runs, else packed.
+# Integer weights on CPU: ``native``: the integer-dot kernel (kernels/int_dot.c: int8 activations in blocks of 32,
+# as llama.cpp's; x86 CPUs with AVX512-VNNI or AVX2, built with the machine's C compiler), an error where it
+# cannot run; ``packed``: PyTorch's packed matmuls (bf16 activations); ``auto``: native where it runs, else packed.
 CPU_INT_KERNELS = ("auto", "native", "packed")
 
 

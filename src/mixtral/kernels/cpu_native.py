@@ -1,9 +1,10 @@
 """The CPU integer-dot matmul (int_dot.c): built with the machine's C compiler on first use, loaded, checked.
 
-``native_int_dot()`` is the loaded library, or None with ``native_unavailable()`` saying why: a CPU without
-AVX512-VNNI (the kernel's one instruction set), no C compiler, a failed build, or a self-check that did not
-match the reference. Built once per source version into ``~/.cache/mixtral/native`` (``$XDG_CACHE_HOME`` when
-set; a temporary folder when neither is writable): about a second with gcc. The library links the OpenMP
+``native_int_dot()`` is the loaded library of the best build this CPU runs (``VARIANTS``: AVX512-VNNI, else
+AVX2 + FMA), or None with ``native_unavailable()`` saying why: a CPU with neither, not Linux, no C compiler, a
+failed build, or a self-check that did not match the reference. Built once per source version and instruction
+set into ``~/.cache/mixtral/native`` (``$XDG_CACHE_HOME`` when set; a temporary folder when neither is
+writable): about a second with gcc. The library links the OpenMP
 runtime by its soname, so it shares the one PyTorch already loaded (its thread pool, not a second one competing
 for the same cores).
 
@@ -21,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,11 +30,25 @@ import torch
 from mixtral.kernels.config import KernelConfig
 
 SOURCE = Path(__file__).with_name("int_dot.c")
-# The instruction sets the kernel is compiled for, and the /proc/cpuinfo flags that say a CPU runs them.
-CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp")
 
-_reason: list[str] = []  # why the last ``native_int_dot()`` is None
+
+@dataclass(frozen=True)
+class Variant:
+    """One build of int_dot.c: its compiler flags and the /proc/cpuinfo flags a CPU needs to run it."""
+
+    name: str
+    cflags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]
+
+
+# Best first: AVX512-VNNI multiplies 64 u8 x s8 pairs an instruction, AVX2 32 in two (vpmaddubsw, vpmaddwd).
+VARIANTS = (
+    Variant("avx512_vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
+            ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+    Variant("avx2", ("-mavx2", "-mfma"), ("avx2", "fma")),
+)
+_reason: dict[str, str] = {}  # variant name (or "any") -> why it is not available
 
 
 def cpu_flags() -> set[str]:
@@ -50,11 +66,12 @@ def _cache_dir() -> Path:
     return Path(base) / "mixtral" / "native"
 
 
-def _build(compiler: str) -> Path:
-    """The shared library for this source and these flags, compiled unless a previous build is there."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+def _build(compiler: str, variant: Variant = VARIANTS[0]) -> Path:
+    """The shared library of ``variant`` for this source, compiled unless a previous build is there."""
+    flags = (*CFLAGS, *variant.cflags)
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"mixtral-native-{os.getuid()}"):
-        lib = folder / f"int_dot-{key}.so"
+        lib = folder / f"int_dot-{variant.name}-{key}.so"
         if lib.exists():
             return lib
         try:
@@ -64,7 +81,7 @@ def _build(compiler: str) -> Path:
             continue
         os.close(fd)
         try:
-            done = subprocess.run([compiler, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+            done = subprocess.run([compiler, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                                   timeout=120)
             if done.returncode != 0:
                 raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
@@ -85,31 +102,46 @@ def _load(path: Path) -> ctypes.CDLL:
 
 
 @functools.cache
-def native_int_dot() -> ctypes.CDLL | None:
-    """The loaded kernel, or None (``native_unavailable()`` says why). Checked once per process."""
-    missing = [f for f in CPU_FLAGS if f not in cpu_flags()]
+def load_variant(name: str) -> ctypes.CDLL | None:
+    """The build ``name`` of VARIANTS, loaded and self-checked, or None (``_reason[name]`` says why). Once per
+    process."""
+    variant = next(v for v in VARIANTS if v.name == name)
+    missing = [f for f in variant.cpu_flags if f not in cpu_flags()]
     if not sys.platform.startswith("linux") or missing:
-        _reason.append(f"this CPU lacks {', '.join(missing) or 'Linux /proc/cpuinfo'} (the kernel needs AVX512-VNNI)")
+        _reason[name] = f"this CPU lacks {', '.join(missing) or 'Linux /proc/cpuinfo'}"
         return None
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
-        _reason.append("no C compiler (cc or gcc) on PATH to build it")
+        _reason[name] = "no C compiler (cc or gcc) on PATH to build it"
         return None
     try:
-        lib = _load(_build(compiler))
+        lib = _load(_build(compiler, variant))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _reason.append(f"building it failed: {exc}")
+        _reason[name] = f"building it failed: {exc}"
         return None
     err = _self_check(lib)
     if err is not None:
-        _reason.append(err)
-        return None
-    return lib
+        _reason[name] = err
+    return lib if err is None else None
+
+
+@functools.cache
+def native_variant() -> str | None:
+    """The name of the best build that runs here, or None."""
+    return next((v.name for v in VARIANTS if load_variant(v.name) is not None), None)
+
+
+def native_int_dot() -> ctypes.CDLL | None:
+    """The loaded kernel of the best build that runs here, or None (``native_unavailable()`` says why)."""
+    name = native_variant()
+    return None if name is None else load_variant(name)
 
 
 def native_unavailable() -> str | None:
     """Why ``native_int_dot()`` is None, or None when it is available."""
-    return None if native_int_dot() is not None else _reason[-1]
+    if native_variant() is not None:
+        return None
+    return "; ".join(f"{v.name}: {_reason[v.name]}" for v in VARIANTS if v.name in _reason)
 
 
 def require_cpu_int_kernel(config: KernelConfig, device: torch.device | str) -> None:
@@ -129,6 +161,12 @@ def int_dot_matmul(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, s: t
     lib = lib or native_int_dot()
     assert lib is not None, "int_dot_matmul called without the native kernel"
     m, k = x.shape
+    # The C code trusts its pointers: a mismatch here would read out of bounds, so it is refused (~1 us a call).
+    if (x.dtype != torch.bfloat16 or not x.is_contiguous() or w.shape != (n // 16, k * 16 * bits // 8)
+            or s.shape != (n // 16, k // group, 16) or (z is not None and z.shape != s.shape) or k % group
+            or group % 32 or n % 16 or not (w.is_contiguous() and s.is_contiguous())):
+        raise ValueError(f"int_dot_matmul: x {tuple(x.shape)} {x.dtype}, weight {tuple(w.shape)}, scales "
+                         f"{tuple(s.shape)} do not fit int{bits}, group {group}, N {n}")
     y = torch.empty(m, n, dtype=torch.bfloat16)
     rc = lib.int_dot_matmul(x.data_ptr(), m, k, n, w.data_ptr(), bits, group, s.data_ptr(),
                             None if z is None else z.data_ptr(), y.data_ptr(), torch.get_num_threads())

@@ -1,4 +1,5 @@
-/* Integer-dot matmul for int4 / int8 weights on CPUs with AVX512-VNNI (kernels/cpu_native.py builds and loads it).
+/* Integer-dot matmul for int4 / int8 weights on x86 CPUs (kernels/cpu_native.py builds and loads it), compiled
+   once per instruction set: AVX512-VNNI (-mavx512vnni ...) or AVX2 (-mavx2 -mfma), the same layout and results.
 
    y[M, N] (bf16) = x[M, K] (bf16) @ W^T, W[n, k] = (u[n, k] - off) * S[g, n] + Z[g, n], g = k / group,
    u the unsigned code (int4: 0..15, off 8; int8: 0..255, off 128), S and Z bf16 (Z may be absent: 0).
@@ -6,7 +7,8 @@
    Why integer dots: on this class of CPU a dequantize-then-FMA kernel (PyTorch's _weight_int4pack_mm_for_cpu)
    is bound by the dequantization, not by memory, at batch 1. Each input row is instead rounded to int8 in blocks
    of 32 (one fp32 scale d per block, as llama.cpp does with its Q8 activations) and the codes are multiplied as
-   integers: one vpdpbusd takes 64 u8 x s8 products. Per block b of 32 columns, exactly in int32:
+   integers: one vpdpbusd takes 64 u8 x s8 products (AVX2: vpmaddubsw + vpmaddwd, 32 products in two steps).
+   Per block b of 32 columns, exactly in int32:
        sum_k (u - off) a = dot_b - off * asum_b
    so y = sum_g S_g sum_{b in g} d_b (dot_b - off asum_b) + Z_g sum_{b in g} d_b asum_b.
    The only rounding beyond the fp32 accumulation is the int8 activation (~0.5% of a row's norm).
@@ -23,7 +25,18 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+typedef struct {
+    int64_t K, N, blocks, groups, blocks_per_group;
+    int bits, off;        /* off: what the integer dot carries beyond sum (u - off) a, per unit of asum */
+    const int8_t *a;      /* [M, K] */
+    const float *d;       /* [M, blocks] */
+    const int32_t *asum;  /* [M, blocks] */
+    const float *zsum;    /* [M, groups]: sum over the group's blocks of d * asum (the Z term's input sum) */
+} Acts;
+
+#if defined(__AVX512VNNI__)
 #define ROWS 4 /* activation rows per pass over a tile: 4 int32 + 4 fp32 + 4 fp32 accumulators stay in registers */
+#define INT8_OFF 128 /* vpdpbusd multiplies the unsigned code u, so its dot carries 128 * asum for int8 */
 
 static inline __m512 bf16x16_to_f32(const uint16_t *p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
@@ -52,14 +65,6 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int3
     }
 }
 
-typedef struct {
-    int64_t K, N, blocks, groups, blocks_per_group;
-    int bits, off;
-    const int8_t *a;      /* [M, K] */
-    const float *d;       /* [M, blocks] */
-    const int32_t *asum;  /* [M, blocks] */
-    const float *zsum;    /* [M, groups]: sum over the group's blocks of d * asum (the Z term's input sum) */
-} Acts;
 
 /* R (1..ROWS, a constant after inlining) rows m0.. of y for tile t. */
 static inline __attribute__((always_inline)) void tile_rows(const int R, const Acts *A, int64_t m0, int64_t t,
@@ -115,10 +120,128 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
         _mm256_storeu_si256((__m256i *)(y + (m0 + r) * A->N + 16 * t), f32x16_to_bf16(out[r]));
 }
 
+#elif defined(__AVX2__) && defined(__FMA__)
+#define ROWS 2 /* AVX2 has 16 vector registers: two rows' 2 x (int32, group, output) accumulators */
+#define INT8_OFF 0 /* int8 codes are multiplied signed (vpsignb moves the sign to a), so the dot is sum c a */
+
+static inline __m256 bf16x8_to_f32(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline __m128i f32x8_to_bf16(__m256 v) { /* round to nearest even (inputs are finite) */
+    __m256i b = _mm256_castps_si256(v);
+    __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), odd)), 16);
+    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0xD8); /* packus works per 128-bit lane */
+    return _mm256_castsi256_si128(packed);
+}
+
+static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int32_t *asum) {
+    const __m256 nosign = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    for (int64_t b = 0; b < K / 32; b++) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = bf16x8_to_f32(x + 32 * b + 8 * i);
+            m = _mm256_max_ps(m, _mm256_and_ps(v[i], nosign));
+        }
+        float lanes[8], amax = 0.0f;
+        _mm256_storeu_ps(lanes, m);
+        for (int j = 0; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
+        float scale = amax / 127.0f;
+        __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
+        int32_t q[32], sum = 0;
+        for (int i = 0; i < 4; i++) /* round to nearest even, as the AVX512 build */
+            _mm256_storeu_si256((__m256i *)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
+        for (int j = 0; j < 32; j++) {
+            a[32 * b + j] = (int8_t)q[j];
+            sum += q[j];
+        }
+        d[b] = scale;
+        asum[b] = sum;
+    }
+}
+
+/* As the AVX512 tile_rows, each 64-byte run as two halves: channels 0-7 (bytes 0-31) and 8-15 (bytes 32-63). */
+static inline __attribute__((always_inline)) void tile_rows(const int R, const Acts *A, int64_t m0, int64_t t,
+                                                            const uint8_t *w, const uint16_t *S, const uint16_t *Z,
+                                                            uint16_t *y) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
+    const uint8_t *wp = w + t * A->K * 16 * A->bits / 8;
+    const uint16_t *St = S + t * A->groups * 16, *Zt = Z ? Z + t * A->groups * 16 : NULL;
+    __m256 out[ROWS][2];
+    for (int r = 0; r < R; r++) out[r][0] = out[r][1] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < A->groups; g++) {
+        __m256 gacc[ROWS][2];
+        for (int r = 0; r < R; r++) gacc[r][0] = gacc[r][1] = _mm256_setzero_ps();
+        for (int64_t bb = 0; bb < A->blocks_per_group; bb++) {
+            int64_t b = g * A->blocks_per_group + bb;
+            __m256i acc[ROWS][2];
+            if (A->bits == 4) {
+                /* int16 sums of a block: 16 products of |u| <= 15 and |a| <= 127 per lane, <= 30480: no saturation */
+                __m256i p16[ROWS][2];
+                for (int r = 0; r < R; r++) p16[r][0] = p16[r][1] = _mm256_setzero_si256();
+                for (int c = 0; c < 4; c++, wp += 64) {
+                    for (int h = 0; h < 2; h++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
+                        __m256i lo = _mm256_and_si256(v, low4);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                        for (int r = 0; r < R; r++) {
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 8 * c);
+                            __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(ar[0])),
+                                                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ar[1])));
+                            p16[r][h] = _mm256_add_epi16(p16[r][h], both);
+                        }
+                    }
+                }
+                for (int r = 0; r < R; r++)
+                    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_madd_epi16(p16[r][h], ones);
+            } else {
+                for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+                for (int c = 0; c < 8; c++, wp += 64) {
+                    for (int h = 0; h < 2; h++) {
+                        __m256i code = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wp + 32 * h)), flip);
+                        __m256i mag = _mm256_sign_epi8(code, code); /* |c| as u8 (-128 reads 128) */
+                        for (int r = 0; r < R; r++) {
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 4 * c);
+                            /* |c| * (a * sign c): pairs <= 2 * 128 * 127 = 32512, no saturation */
+                            __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(_mm256_set1_epi32(ar[0]), code));
+                            acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(prod, ones));
+                        }
+                    }
+                }
+            }
+            for (int r = 0; r < R; r++) {
+                int64_t mb = (m0 + r) * A->blocks + b;
+                __m256i off = _mm256_set1_epi32(A->off * A->asum[mb]);
+                for (int h = 0; h < 2; h++) {
+                    __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], off));
+                    gacc[r][h] = _mm256_fmadd_ps(exact, _mm256_set1_ps(A->d[mb]), gacc[r][h]);
+                }
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            __m256 s = bf16x8_to_f32(St + 16 * g + 8 * h);
+            for (int r = 0; r < R; r++) out[r][h] = _mm256_fmadd_ps(gacc[r][h], s, out[r][h]);
+            if (Zt) {
+                __m256 z = bf16x8_to_f32(Zt + 16 * g + 8 * h);
+                for (int r = 0; r < R; r++)
+                    out[r][h] = _mm256_fmadd_ps(z, _mm256_set1_ps(A->zsum[(m0 + r) * A->groups + g]), out[r][h]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int h = 0; h < 2; h++)
+            _mm_storeu_si128((__m128i *)(y + (m0 + r) * A->N + 16 * t + 8 * h), f32x8_to_bf16(out[r][h]));
+}
+
+#else
+#error "int_dot.c needs -mavx512f -mavx512bw -mavx512vl -mavx512vnni or -mavx2 -mfma"
+#endif
+
 /* Returns 0, or -1 when a temporary could not be allocated (y untouched). */
 int int_dot_matmul(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uint8_t *w, int bits, int64_t group,
                    const uint16_t *S, const uint16_t *Z, uint16_t *y, int threads) {
-    Acts A = {K, N, K / 32, K / group, group / 32, bits, bits == 4 ? 8 : 128, NULL, NULL, NULL, NULL};
+    Acts A = {K, N, K / 32, K / group, group / 32, bits, bits == 4 ? 8 : INT8_OFF, NULL, NULL, NULL, NULL};
     int8_t *a = malloc((size_t)(M * K));
     float *d = malloc(sizeof(float) * (size_t)(M * A.blocks));
     int32_t *asum = malloc(sizeof(int32_t) * (size_t)(M * A.blocks));
@@ -141,12 +264,13 @@ int int_dot_matmul(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uin
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t t = 0; t < tiles; t++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-            switch (M - m0 < ROWS ? (int)(M - m0) : ROWS) {
-            case 1: tile_rows(1, &A, m0, t, w, S, Z, y); break;
-            case 2: tile_rows(2, &A, m0, t, w, S, Z, y); break;
-            case 3: tile_rows(3, &A, m0, t, w, S, Z, y); break;
-            default: tile_rows(ROWS, &A, m0, t, w, S, Z, y); break;
-            }
+            int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
+            if (rows == ROWS) tile_rows(ROWS, &A, m0, t, w, S, Z, y); /* each R a specialised copy */
+            else if (rows == 1) tile_rows(1, &A, m0, t, w, S, Z, y);
+#if ROWS > 3
+            else if (rows == 2) tile_rows(2, &A, m0, t, w, S, Z, y);
+            else tile_rows(3, &A, m0, t, w, S, Z, y);
+#endif
         }
     }
     free(a); free(d); free(asum); free(zsum);

@@ -32,15 +32,16 @@ prompts of 128 tokens, one thread: prefill 0.150 -> 0.080 s (Q8_0 file), 0.100 -
 0.085 s (int8 per channel), against 0.072 s in bf16.
 
 Integer dots (KernelConfig.cpu_int_kernel ``auto``/``native``, bf16 activations, the layout of
-quant/int_native.py): on a CPU with AVX512-VNNI the matmul is kernels/int_dot.c instead, at every M. It rounds
-each activation row to int8 in blocks of 32 (as llama.cpp does) and multiplies the codes as integers, 64 products
-an instruction, where the packed kernels convert every weight to floating point first. Measured one thread,
+quant/int_native.py): on an x86 CPU with AVX512-VNNI or AVX2 the matmul is kernels/int_dot.c instead, at every
+M. It rounds each activation row to int8 in blocks of 32 (as llama.cpp does) and multiplies the codes as
+integers (VNNI: 64 products an instruction), where the packed kernels convert every weight to floating point
+first. Measured one thread,
 weights in cache, M = 1: 14336 x 2048 int4 g32 206 us against 705, 2048 x 7168 104 against 357; from DRAM in the
 `cpu-1.6b` model (2 threads) the int4 experts run at ~50 GB/s, the machine's read bandwidth. At prefill sizes it
 still beats dequantizing for oneDNN's bf16 GEMM (14336 x 2048, M = 192, one thread: 22 ms against 95), so no
 large-M path. The price is the int8 activations: ~0.5% of a product's norm (tests/kernels/test_cpu_native.py;
 model-level figures in docs/QUANTIZATION.md). ``packed`` keeps the packed kernels (bf16 activations, what the
-GPU kernels compute); ``auto`` falls back to them where the kernel cannot run (no VNNI, no C compiler) or the
+GPU kernels compute); ``auto`` falls back to them where the kernel cannot run (no AVX2, no C compiler) or the
 weight does not fit it (fp16 activations, groups of 16, N not a multiple of 16, K not of 32).
 
 Measured against bf16 ``F.linear`` and the reference (dequantize then matmul) in BENCHMARKS-style notes in
