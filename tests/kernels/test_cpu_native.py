@@ -208,7 +208,7 @@ def test_a_failing_build_is_a_reason_not_a_crash(tmp_path: Path, monkeypatch: py
     bad.write_text("#!/bin/sh\necho 'cc: error: unrecognized option -mavx512vnni' >&2\nexit 1\n")
     bad.chmod(0o755)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    monkeypatch.setattr(cpu_native, "SOURCE", tmp_path / "int_dot.c")
+    monkeypatch.setattr(cpu_native, "SOURCES", (tmp_path / "int_dot.c",))
     (tmp_path / "int_dot.c").write_text("/* a source no earlier build has seen */\n")
     with pytest.raises(RuntimeError, match="unrecognized option -mavx512vnni"):
         cpu_native._build(str(bad))
@@ -256,3 +256,38 @@ def test_mismatched_operands_are_refused_not_read_out_of_bounds() -> None:
                 (x, w, 4, 32, s, None, 48), (torch.randn(64, 2).bfloat16().t(), w, 4, 32, s, None, 32)):
         with pytest.raises(ValueError, match="do not fit"):
             int_dot_matmul(*bad)
+
+
+# ----------------------------------------------------------------------------------------------- the bf16 GEMV
+@pytest.mark.parametrize("build", BUILDS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_gemv_is_the_fp32_product_rounded_once(build: str, threads: int,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against the fp32 product of the bf16 operands: within one bf16 rounding (and the fp32 sums' order), for
+    N with partial passes of weight rows (N % 4 = 1, 2, 3) and K of one step or many."""
+    lib = load_variant(build)
+    assert lib is not None
+    monkeypatch.setattr(cpu_native, "PARALLEL_MIN", 0)  # the threaded path even on these small shapes
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = _gen(11)
+        for n, k, m in ((37, 64, 1), (34, 32, 3), (35, 320, 2), (64, 1024, 5)):
+            x, w = torch.randn(m, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+            got = cpu_native.bf16_gemv(x, w, lib)
+            want = x.float() @ w.float().t()
+            assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+            torch.testing.assert_close(got.float(), want, rtol=2 ** -8, atol=1e-5 * float(want.abs().max()) + 1e-6)
+            # a row's result does not depend on the other rows
+            assert torch.equal(cpu_native.bf16_gemv(x[-1:].contiguous(), w, lib), got[-1:])
+    finally:
+        torch.set_num_threads(before)
+
+
+@native
+def test_bf16_gemv_refuses_what_it_cannot_read() -> None:
+    w = torch.randn(8, 64).bfloat16()
+    for x, wt in ((torch.randn(1, 64), w), (torch.randn(1, 48).bfloat16(), torch.randn(8, 48).bfloat16()),
+                  (torch.randn(1, 64).bfloat16(), w.t().contiguous().t()), (torch.randn(1, 32).bfloat16(), w)):
+        with pytest.raises(ValueError, match="do not fit"):
+            cpu_native.bf16_gemv(x, wt)

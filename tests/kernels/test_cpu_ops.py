@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mixtral.kernels import cpu_ops, reference
 from mixtral.kernels.config import KernelConfig
@@ -164,3 +165,27 @@ def test_model_logits_and_deepcopy_with_packed_weights() -> None:
         twin = copy.deepcopy(model)
         model.set_kernel_config(KernelConfig(backend="reference"))
         assert torch.equal(fast, model(ids)) and torch.equal(twin(ids), fast)
+
+
+@pytest.mark.native_cpu
+def test_expert_linear_takes_the_gemv_where_it_wins_and_f_linear_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16, M = 1 or a small weight: the native GEMV (same result as F.linear up to fp32 sum order); larger
+    batches of a large weight, fp32, autograd: F.linear itself."""
+    calls: list[tuple[int, ...]] = []
+    real = cpu_ops.bf16_gemv
+    monkeypatch.setattr(cpu_ops, "bf16_gemv", lambda x, w: calls.append(tuple(x.shape)) or real(x, w))
+    g = torch.Generator().manual_seed(0)
+    small, large = torch.randn(64, 96, generator=g).bfloat16(), torch.randn(2048, 640, generator=g).bfloat16()
+    for x, w, native in ((torch.randn(1, 640, generator=g).bfloat16(), large, True),
+                         (torch.randn(2, 640, generator=g).bfloat16(), large, False),
+                         (torch.randn(8, 96, generator=g).bfloat16(), small, True),
+                         (torch.randn(9, 96, generator=g).bfloat16(), small, False),
+                         (torch.randn(1, 96, generator=g), small.float(), False)):
+        calls.clear()
+        got = cpu_ops.expert_linear(x, w)
+        assert bool(calls) == native, (tuple(x.shape), tuple(w.shape))
+        torch.testing.assert_close(got.float(), F.linear(x, w).float(), rtol=2 ** -7, atol=1e-2)
+    calls.clear()
+    x = torch.randn(1, 96, generator=g).bfloat16().requires_grad_()
+    cpu_ops.expert_linear(x, small).sum().backward()  # autograd: F.linear, so the gradient exists
+    assert not calls and x.grad is not None

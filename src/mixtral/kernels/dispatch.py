@@ -98,7 +98,8 @@ class Kernels:
         self._dense_prefill = config.dense_prefill
         self._sorted = config.moe_prefill in ("sorted", "persistent")
         self._persistent = config.moe_prefill == "persistent"
-        self._moe_fallback = reference.moe_reference if config.backend == "reference" else moe_grouped
+        self._moe_fallback = (reference.moe_reference if config.backend == "reference"
+                              else functools.partial(moe_grouped, linear=cpu_ops.expert_linear))
         self._reference = config.backend == "reference"
         # bf16 Linears on a CPU through oneDNN's prepacked weights (cpu_ops.PackedWeights), built on first use.
         self._packed = cpu_ops.PackedWeights() if not self._reference and torch.backends.mkldnn.is_available() else None

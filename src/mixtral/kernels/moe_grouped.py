@@ -45,12 +45,14 @@ ExpertFFN = Callable[[int, torch.Tensor], torch.Tensor]  # (local expert, rows [
 
 
 def moe_grouped(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-                topk_ids: torch.Tensor, expert_start: int = 0) -> torch.Tensor:
+                topk_ids: torch.Tensor, expert_start: int = 0,
+                linear: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.linear) -> torch.Tensor:
     """The experts with float weights w13 [E_local, 2F, D], w2 [E_local, D, F]: ``grouped_experts`` with each
-    expert's SwiGLU as two GEMMs."""
+    expert's SwiGLU as two GEMMs through ``linear`` (``F.linear``'s contract; the dispatch passes
+    cpu_ops.expert_linear)."""
     def ffn(e: int, rows: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(rows, w13[e]).chunk(2, dim=-1)  # [c, F]
-        return F.linear(F.silu(gate) * up, w2[e])  # [c, D]
+        gate, up = linear(rows, w13[e]).chunk(2, dim=-1)  # [c, F]
+        return linear(F.silu(gate) * up, w2[e])  # [c, D]
 
     return grouped_experts(x, topk_weights, topk_ids, expert_start, w13.shape[0], ffn)
 
