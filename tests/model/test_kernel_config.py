@@ -12,7 +12,7 @@ import torch
 
 from mixtral.cli.kernel_args import add_kernel_args, kernel_config_from_args
 from mixtral.engine.config import EngineConfig
-from mixtral.kernels import dispatch
+from mixtral.kernels import cpu_ops, dispatch
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.dispatch import Kernels
 from mixtral.kernels.moe_grouped import moe_grouped
@@ -111,7 +111,8 @@ def test_one_dispatch_reaches_every_layer() -> None:
 
 def test_moe_experts_fallback_follows_the_backend(monkeypatch: pytest.MonkeyPatch) -> None:
     """Where Triton does not run the experts take the grouped path, or the reference with that backend."""
-    assert Kernels(KernelConfig())._moe_fallback is moe_grouped
+    grouped = Kernels(KernelConfig())._moe_fallback
+    assert grouped.func is moe_grouped and grouped.keywords == {"linear": cpu_ops.expert_linear}
     assert Kernels(KernelConfig(backend="reference"))._moe_fallback is moe_reference
     calls: list[str] = []
     layer = MoE(preset("tiny"), layer_idx=0)
