@@ -59,12 +59,16 @@ def tiny_consolidated_checkpoint(tiny_hf_checkpoint: Path, tmp_path_factory: pyt
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Deselect the tests marked ``native_cpu(variant)`` (they run that build of the native CPU integer-dot
-    kernel; default the AVX2 one, which every build's CPU also runs) on a CPU without its instruction set,
-    listed in the run's header: neither run nor counted, as tests/gpu does with ``gpus(n)``."""
+    """Deselect the tests marked ``native_cpu(variant)`` (they run that build of the native CPU kernels; default
+    the AVX2 one, which every build's CPU also runs) on a CPU without its instruction set or a machine without a
+    C compiler (.ci/run installs one), listed in the run's header: neither run nor counted, as tests/gpu does
+    with ``gpus(n)``."""
+    import shutil
+
     from mixtral.kernels.cpu_native import VARIANTS, cpu_flags
 
     have = cpu_flags()
+    compiler = shutil.which("cc") or shutil.which("gcc")
     left_out = []
     for item in items:
         mark = item.get_closest_marker("native_cpu")
@@ -72,7 +76,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             continue
         name = mark.args[0] if mark.args else "avx2"
         variant = next(v for v in VARIANTS if v.name == name)
-        missing = [f for f in variant.cpu_flags if f not in have]
+        missing = [f for f in variant.cpu_flags if f not in have] + ([] if compiler else ["a C compiler (cc)"])
         if missing:
             left_out.append((item, name, missing))
     if not left_out:
@@ -83,4 +87,4 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if reporter is not None:
         for item, name, missing in left_out:
             reporter.write_line(f"deselected {item.nodeid}: the native CPU kernel's {name} build needs "
-                                f"{', '.join(missing)}, which this CPU lacks")
+                                f"{', '.join(missing)}, which this machine lacks")
