@@ -59,11 +59,14 @@ def test_checkpoint_loads_as_the_library_dequantizes_it(fmt: str, tmp_path: Path
 
 
 @pytest.mark.parametrize("kernel", ["packed", pytest.param("native", marks=pytest.mark.native_cpu)])
-def test_bf16_activations_through_the_cpu_packed_path(tmp_path: Path, kernel: str) -> None:
+def test_bf16_activations_through_the_cpu_packed_path(tmp_path: Path, kernel: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     """A GPTQ int4 checkpoint in bf16: the CPU packed matmuls (or the native integer-dot kernel) against the bf16
-    reference backend."""
+    reference backend; the load says which kernel the weights got."""
     write_quantized(tmp_path / "g", "gptq-4bit-act-order-g32")
-    fast = load_model(str(tmp_path / "g"), "cpu", torch.bfloat16, kernels=KernelConfig(cpu_int_kernel=kernel))
+    with caplog.at_level("INFO", logger="mixtral.model.quantized"):
+        fast = load_model(str(tmp_path / "g"), "cpu", torch.bfloat16, kernels=KernelConfig(cpu_int_kernel=kernel))
+    assert f"int weights on CPU: 8 {kernel}" in caplog.text
     ref = load_model(str(tmp_path / "g"), "cpu", torch.bfloat16, kernels=KernelConfig(backend="reference"))
     key = "cpu_n4" if kernel == "native" else "cpu_q4"
     assert all(key in qw.tensors for _, qw in quant_weights(fast))

@@ -19,6 +19,8 @@ Not here: the schemes (quant/), the kernel choice (kernels/dispatch.py), reading
 
 from __future__ import annotations
 
+import collections
+import logging
 from collections.abc import Callable, Iterator
 
 import torch
@@ -27,6 +29,8 @@ from torch import nn
 from mixtral.kernels.config import KernelConfig
 from mixtral.kernels.dispatch import Kernels, default_kernels
 from mixtral.quant.base import QuantMethod, QuantTensors
+
+logger = logging.getLogger(__name__)
 
 # Internal parameter name (as checkpoint/specs.py names it) -> the module that holds the quantized weight and
 # the attribute of its parent it replaces. ``layers.0.attention.wqkv.weight`` -> module
@@ -150,8 +154,29 @@ def is_quantized(model: nn.Module) -> bool:
 def process_quantized(model: nn.Module, act_dtype: torch.dtype | None, cpu_kernel: str = "auto") -> None:
     """Repack every quantized weight for its kernels, once, after the last piece was loaded (``act_dtype`` None:
     keep the canonical layout, which the reference backend reads; ``cpu_kernel``: KernelConfig.cpu_int_kernel)."""
+    layouts: collections.Counter[str] = collections.Counter()
     for _, module in quant_weights(model):
         module.process(act_dtype, cpu_kernel)
+        layouts[_cpu_layout(module.tensors)] += 1
+    layouts.pop("", None)
+    if layouts:  # which CPU kernel the int weights got (the native one, or why not), once per load
+        from mixtral.kernels.cpu_native import native_unavailable, native_variant
+
+        why = native_unavailable()
+        note = (f" (native: the {native_variant()} build)" if "native" in layouts
+                else f" (native kernel unavailable: {why})" if why is not None and cpu_kernel != "packed" else "")
+        logger.info("int weights on CPU: %s%s", ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())), note)
+
+
+def _cpu_layout(t: QuantTensors) -> str:
+    """Which CPU kernel a repacked int weight feeds ("" for one not on a CPU or not int)."""
+    if any(k.startswith("cpu_n") for k in t):
+        return "native"
+    if any(k.startswith("cpu_") for k in t):
+        return "packed"
+    if "qweight" in t and t["qweight"].device.type == "cpu":
+        return "canonical (reference path)"
+    return ""
 
 
 def packed_act_dtype(config: KernelConfig, dtype: torch.dtype) -> torch.dtype | None:
