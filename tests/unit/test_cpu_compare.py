@@ -101,3 +101,36 @@ def test_llama_cpp_runs_our_gguf_as_our_model(tiny_hf_checkpoint: Path, tmp_path
     want = run_engine(engine, prompts, 6, 2).tokens
     engine.shutdown()
     assert run_llama_cpp(path, prompts, 6, batch=2, threads=1).tokens == want
+
+
+def test_interleaved_rounds_run_every_row_once_a_round_and_keep_the_median() -> None:
+    from mixtral.bench.cpu_compare import measure_interleaved
+
+    calls: list[tuple[str, int, int]] = []
+    speed = {"a": iter([3.0, 1.0, 2.0]), "b": iter([5.0, 6.0, 4.0])}
+
+    def runner(name: str):  # decode seconds per timed batch-1 run from ``speed``; batched runs take 1 s
+        def run(prompts: list[list[int]], out: int, batch: int) -> PeerRun:
+            calls.append((name, out, batch))
+            secs = next(speed[name]) if (out, batch) == (6, 1) else 1.0
+            return PeerRun(name, "v", batch, 0.0, secs, [[0] * out for _ in prompts])
+        return run
+
+    got = measure_interleaved({"a": runner("a"), "b": runner("b")}, [[1, 2]] * 3, 6, 3, rounds=3)
+    timed = [c for c in calls if c[1] == 6]
+    assert [c[0] for c in timed] == ["a", "b", "a", "b"] * 3  # per round: both batch 1, then both batched
+    assert [c[2] for c in timed[:4]] == [1, 1, 3, 3]
+    assert got["a"].batch1.decode_s == 2.0 and got["b"].batch1.decode_s == 5.0  # the medians
+    assert len(calls) == 4 + len(timed)  # one warm-up of each shape per row
+
+
+def test_compare_interleaved_end_to_end(tiny_hf_checkpoint: Path, tmp_path: Path,
+                                        capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "compare.json"
+    flags = [f if f != "1" or i != FLAGS.index("--compare-repeats") + 1 else "2" for i, f in enumerate(FLAGS)]
+    rc = main(["bench", "throughput", "--compare", "--compare-interleave", "--model", str(tiny_hf_checkpoint),
+               "--compare-runs", "bf16,int4", "--json", str(out), *flags])
+    assert rc == 0
+    rows = {r["run"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(rows) == ["bf16", "int4"] and all(r["batch1_decode_tok_s"] > 0 for r in rows.values())
+    assert "median of 2 interleaved rounds" in capsys.readouterr().out.replace("\n", " ")

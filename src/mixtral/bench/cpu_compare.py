@@ -19,7 +19,10 @@ three, as our quantized models keep them) and runs the same greedy workload (``-
 
 Two figures per row: batch 1 (one prompt alone: decode tokens/s, the first token excluded) and batched
 (``--compare-batch`` prompts at once: output tokens/s of the whole run, prefill included, as ``bench throughput``
-reports). Each is the best of ``--compare-repeats`` timed runs after a warm-up. Every row runs with the same
+reports). Each is the best of ``--compare-repeats`` timed runs after a warm-up; with ``--compare-interleave``
+every engine row stays loaded and each of ``--compare-repeats`` rounds runs every row once, each figure the
+row's median (on a shared host whose speed drifts between minutes, the fair form: batch-1 ratios to llama.cpp
+measured one row after the other moved by up to 0.3 between runs of the same commit). Every row runs with the same
 ``--threads`` (default: every core). The ratio columns divide by the llama.cpp row of the same weights (bf16 and
 transformers by BF16, int8 by Q8_0, int4 by Q4_0). The JSON also holds, per row, how many batch-1 greedy tokens
 equal that llama.cpp row's before the first difference (both ran the model; rounding differences make a random
@@ -75,6 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompts decoded together in the batched figure (default: 16)")
     g.add_argument("--compare-repeats", type=positive_int, default=3,
                    help="timed runs per figure, the best kept (default: 3; the first untimed run warms up)")
+    g.add_argument("--compare-interleave", action="store_true",
+                   help="load every engine row at once and run --compare-repeats rounds, each running every row "
+                        "once; report each row's median (default: one row after the other, each the best of its "
+                        "repeats). Fairer on a host whose speed drifts; needs the memory of all engine rows")
     g.add_argument("--compare-hf-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="transformers' dtype (default: bfloat16, the faster of the two on AVX512-BF16 CPUs)")
     g.add_argument("--gguf-dir", type=Path, default=None, metavar="DIR",
@@ -163,6 +170,29 @@ def best_of(repeats: int, once: Any) -> PeerRun:
     return max(runs, key=lambda r: r.output_tok_s)
 
 
+def median_of(runs: list[PeerRun]) -> PeerRun:
+    """The run of median output tokens/s (the lower middle one of an even count)."""
+    return sorted(runs, key=lambda r: r.output_tok_s)[(len(runs) - 1) // 2]
+
+
+def measure_interleaved(runners: dict[str, Any], prompts: list[list[int]], output_len: int, batch: int,
+                        rounds: int) -> dict[str, Measured]:
+    """Every runner warmed up, then ``rounds`` rounds that each run every row once (batch 1, then batched); per
+    row the median run. A host whose speed drifts (another job, a throttled core) then moves every row alike
+    instead of whichever ran during the slow minutes."""
+    for runner in runners.values():
+        runner(prompts[:1], min(4, output_len), 1)
+        runner(prompts[:batch], min(4, output_len), batch)
+    ones: dict[str, list[PeerRun]] = {name: [] for name in runners}
+    manys: dict[str, list[PeerRun]] = {name: [] for name in runners}
+    for _ in range(rounds):
+        for name, runner in runners.items():
+            ones[name].append(runner(prompts[:1], output_len, 1))
+        for name, runner in runners.items():
+            manys[name].append(runner(prompts[:batch], output_len, batch))
+    return {name: Measured(median_of(ones[name]), median_of(manys[name])) for name in runners}
+
+
 def measure(runner: Any, prompts: list[list[int]], output_len: int, batch: int, repeats: int) -> Measured:
     """``runner(prompts, output_len, batch) -> PeerRun``: a short warm-up, then batch 1 on the first prompt and
     ``batch`` prompts at once, each the best of ``repeats``."""
@@ -239,7 +269,6 @@ def run(args: argparse.Namespace) -> int:
     ggufs_needed = list(GGUF_TYPES) if "llama.cpp" in runs else [
         t for t, r in (("q8_0", "int8"), ("q4_0", "int4")) if r in runs]
     results: dict[str, Measured] = {}
-    versions: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="mixtral-compare-") as tmp:
         work = Path(tmp)
         folder = args.gguf_dir or work
@@ -248,42 +277,54 @@ def run(args: argparse.Namespace) -> int:
             ggufs = write_ggufs(args.model, folder, ggufs_needed, args.seed)
         except (ValueError, FileNotFoundError) as exc:
             return _fail(f"cannot write {args.model!r} as GGUF: {exc}")
-        for name in ours:
-            _note(f"ours {name}")
-            model = str(ggufs[OURS[name][0]]) if name in ("int8", "int4") else args.model
-            quant = {"int8-rtn": "int8", "int4-rtn": "int4"}.get(name)
-            try:
-                engine, runner = _engine_runner(model, args, quant, max_len)
-            except (ValueError, FileNotFoundError, RuntimeError) as exc:
-                return _fail(f"cannot load {model!r} ({name}): {exc}")
-            results[name] = measure(runner, prompts, args.output_len, n, args.compare_repeats)
-            versions[name] = _our_version()
-            engine.shutdown()
-        if "transformers" in runs:
-            _note("transformers")
-            folder_hf = hf_folder(args.model, work)
+        runners: dict[str, Any] = {}  # row -> runner(prompts, out, batch) -> PeerRun
+        engines: list[Any] = []
+        try:
+            for name in ours:
+                model = str(ggufs[OURS[name][0]]) if name in ("int8", "int4") else args.model
+                quant = {"int8-rtn": "int8", "int4-rtn": "int4"}.get(name)
+                try:
+                    engine, runners[name] = _engine_runner(model, args, quant, max_len)
+                except (ValueError, FileNotFoundError, RuntimeError) as exc:
+                    return _fail(f"cannot load {model!r} ({name}): {exc}")
+                engines.append(engine)
+                if not args.compare_interleave:  # one engine in memory at a time
+                    _note(f"ours {name}")
+                    results[name] = measure(runners.pop(name), prompts, args.output_len, n, args.compare_repeats)
+                    engines.pop().shutdown()
+            if "transformers" in runs:
+                folder_hf = hf_folder(args.model, work)
 
-            def hf(prompts: list[list[int]], out: int, batch: int) -> PeerRun:
-                return run_transformers(folder_hf, prompts, out, batch, args.compare_hf_dtype, threads)
+                def hf(prompts: list[list[int]], out: int, batch: int) -> PeerRun:
+                    return run_transformers(folder_hf, prompts, out, batch, args.compare_hf_dtype, threads)
 
-            results["transformers"] = measure(hf, prompts, args.output_len, n, args.compare_repeats)
-            versions["transformers"] = results["transformers"].batch1.version
-        if "llama.cpp" in runs:
-            for t in ggufs_needed:
-                _note(f"llama.cpp {t}")
+                runners["transformers"] = hf
+            if "llama.cpp" in runs:
+                for t in ggufs_needed:
+                    def lc(prompts: list[list[int]], out: int, batch: int, path: Path = ggufs[t]) -> PeerRun:
+                        return run_llama_cpp(path, prompts, out, batch, threads)
 
-                def lc(prompts: list[list[int]], out: int, batch: int, path: Path = ggufs[t]) -> PeerRun:
-                    return run_llama_cpp(path, prompts, out, batch, threads)
-
-                results[f"llama.cpp {t.upper()}"] = measure(lc, prompts, args.output_len, n, args.compare_repeats)
-                versions[f"llama.cpp {t.upper()}"] = results[f"llama.cpp {t.upper()}"].batch1.version
+                    runners[f"llama.cpp {t.upper()}"] = lc
+            if args.compare_interleave:
+                _note(f"{args.compare_repeats} rounds of {', '.join(runners)}")
+                results.update(measure_interleaved(runners, prompts, args.output_len, n, args.compare_repeats))
+            else:
+                for name, runner in runners.items():
+                    _note(name)
+                    results[name] = measure(runner, prompts, args.output_len, n, args.compare_repeats)
+        finally:
+            for engine in engines:
+                engine.shutdown()
+    versions = {name: m.batch1.version for name, m in results.items()}
     from mixtral.quant.int_method import int4_group_for
 
     a = source.args
     rows = table_rows(results, versions, args.compare_hf_dtype,
                       {"int4-rtn": f"RTN int4 g{int4_group_for((a.dim, a.hidden_dim, a.q_size))}"})
+    stat = f"median of {args.compare_repeats} interleaved rounds" if args.compare_interleave else \
+        f"best of {args.compare_repeats}"
     title = (f"CPU comparison: {args.model} ({threads} threads; batch 1 and {n} prompts x {args.input_len} in / "
-             f"{args.output_len} out; int kernel {int_kernel(args)})")
+             f"{args.output_len} out; int kernel {int_kernel(args)}; {stat})")
     print_rows(title, rows, n)
     if args.json is not None:
         record = {"benchmark": "throughput-compare", "results": [asdict(r) for r in rows],
