@@ -4,8 +4,10 @@ the JSON and the ratios. Bounded: 4-token prompts, 6 output tokens, 3 prompts, o
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -134,3 +136,24 @@ def test_compare_interleaved_end_to_end(tiny_hf_checkpoint: Path, tmp_path: Path
     rows = {r["run"]: r for r in json.loads(out.read_text())["results"]}
     assert list(rows) == ["bf16", "int4"] and all(r["batch1_decode_tok_s"] > 0 for r in rows.values())
     assert "median of 2 interleaved rounds" in capsys.readouterr().out.replace("\n", " ")
+
+
+def test_packed_rows_run_the_gguf_files_through_the_packed_kernel(tiny_hf_checkpoint: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """int4-packed: the Q4_0 file with cpu_int_kernel 'packed' whatever --cpu-int-kernel says; int4 takes the flag."""
+    from mixtral.bench import cpu_compare
+
+    seen: list[tuple[str, str]] = []
+    real = cpu_compare._engine_runner
+
+    def spy(model: str, args: argparse.Namespace, quantization: str | None, max_len: int,
+            cpu_int_kernel: str | None = None) -> tuple[Any, Any]:
+        engine, runner = real(model, args, quantization, max_len, cpu_int_kernel)
+        seen.append((Path(model).name, engine.model_runner.model.kernels.config.cpu_int_kernel))
+        return engine, runner
+
+    monkeypatch.setattr(cpu_compare, "_engine_runner", spy)
+    record = _compare(tiny_hf_checkpoint, "int4,int4-packed", tmp_path)
+    assert seen == [("model-q4_0.gguf", "auto"), ("model-q4_0.gguf", "packed")]
+    rows = {r["run"]: r for r in record["results"]}
+    assert rows["int4-packed"]["weights"] == "Q4_0 file, packed kernel"

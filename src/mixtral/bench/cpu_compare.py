@@ -11,6 +11,8 @@ three, as our quantized models keep them) and runs the same greedy workload (``-
   with one fp16 scale per 32 weights, symmetric), through the CPU kernel ``--cpu-int-kernel`` picks (quant/int_cpu.py:
   by default the integer-dot kernel (AVX512-VNNI or AVX2 CPUs), int8 activations as llama.cpp's; the title and
   the JSON name the one that ran);
+- ``int8-packed`` / ``int4-packed`` (only when named in ``--compare-runs``): the same files through PyTorch's packed
+  matmuls (bf16 activations), so one table shows what the native kernel adds;
 - ``int8-rtn`` / ``int4-rtn``: ``--quantization int8|int4`` on the bf16 checkpoint, what a user of this engine gets
   without a GGUF file (int8 one scale per channel; int4 groups of 128, or the largest of 64/32/16 that divides
   every width: the JSON's ``weights`` names it; same round to nearest, other groups than Q4_0's 32);
@@ -48,8 +50,10 @@ from typing import Any
 from mixtral.bench.args import positive_int
 from mixtral.bench.cpu_peers import PeerRun, peer_version, run_llama_cpp, run_transformers
 
-RUNS = ("bf16", "int8", "int4", "int8-rtn", "int4-rtn", "transformers", "llama.cpp")
-DEFAULT_RUNS = ",".join(RUNS)
+RUNS = ("bf16", "int8", "int4", "int8-rtn", "int4-rtn", "int8-packed", "int4-packed", "transformers", "llama.cpp")
+# The -packed rows (the GGUF files through PyTorch's packed matmuls, whatever --cpu-int-kernel says) show what the
+# native kernel adds; asked for by name.
+DEFAULT_RUNS = ",".join(r for r in RUNS if not r.endswith("-packed"))
 # Our run -> (the GGUF type whose llama.cpp row it is compared with, a description of its weights).
 OURS = {
     "bf16": ("bf16", "bf16"),
@@ -57,6 +61,8 @@ OURS = {
     "int4": ("q4_0", "Q4_0 file"),
     "int8-rtn": ("q8_0", "RTN int8 per channel"),
     "int4-rtn": ("q4_0", "RTN int4 groups"),
+    "int8-packed": ("q8_0", "Q8_0 file, packed kernel"),
+    "int4-packed": ("q4_0", "Q4_0 file, packed kernel"),
 }
 GGUF_TYPES = ("bf16", "q8_0", "q4_0")
 
@@ -73,7 +79,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run the CPU comparison instead of the throughput benchmark (see the group description)")
     g.add_argument("--compare-runs", type=run_list, default=DEFAULT_RUNS, metavar="LIST",
                    help=f"comma-separated rows, from {', '.join(RUNS)} (default: {DEFAULT_RUNS}); int8/int4 load "
-                        "the Q8_0/Q4_0 GGUF, int8-rtn/int4-rtn quantize the bf16 checkpoint while loading")
+                        "the Q8_0/Q4_0 GGUF, int8-rtn/int4-rtn quantize the bf16 checkpoint while loading, "
+                        "int8-packed/int4-packed load the GGUF for PyTorch's packed matmuls instead of the native "
+                        "kernel")
     g.add_argument("--compare-batch", type=positive_int, default=16,
                    help="prompts decoded together in the batched figure (default: 16)")
     g.add_argument("--compare-repeats", type=positive_int, default=3,
@@ -203,15 +211,21 @@ def measure(runner: Any, prompts: list[list[int]], output_len: int, batch: int, 
     return Measured(one, many)
 
 
-def _engine_runner(model: str, args: argparse.Namespace, quantization: str | None, max_len: int) -> tuple[Any, Any]:
+def _engine_runner(model: str, args: argparse.Namespace, quantization: str | None, max_len: int,
+                   cpu_int_kernel: str | None = None) -> tuple[Any, Any]:
+    import dataclasses
+
     from mixtral.cli.kernel_args import kernel_config_from_args
     from mixtral.engine.llm_engine import LLMEngine
 
+    kernels = kernel_config_from_args(args)
+    if cpu_int_kernel is not None:
+        kernels = dataclasses.replace(kernels, cpu_int_kernel=cpu_int_kernel)
     # No prefix caching: the repeats reuse their prompts, and llama.cpp's runs start from an empty cache too.
     engine = LLMEngine.from_config(
         model, device="cpu", dtype="bf16", seed=args.seed, max_model_len=max_len, max_num_seqs=args.compare_batch,
         max_num_batched_tokens=max(args.max_num_batched_tokens, max_len), kv_cache_bytes=args.kv_cache_bytes,
-        enable_prefix_caching=False, kernels=kernel_config_from_args(args), quantization=quantization)
+        enable_prefix_caching=False, kernels=kernels, quantization=quantization)
     return engine, lambda prompts, n, batch: run_engine(engine, prompts, n, batch)
 
 
@@ -267,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
     ours = [r for r in runs if r in OURS]
     # The llama.cpp rows are one per GGUF type; our int8 / int4 rows read the Q8_0 / Q4_0 files.
     ggufs_needed = list(GGUF_TYPES) if "llama.cpp" in runs else [
-        t for t, r in (("q8_0", "int8"), ("q4_0", "int4")) if r in runs]
+        t for t, r in (("q8_0", "int8"), ("q4_0", "int4")) if r in runs or f"{r}-packed" in runs]
     results: dict[str, Measured] = {}
     with tempfile.TemporaryDirectory(prefix="mixtral-compare-") as tmp:
         work = Path(tmp)
@@ -281,10 +295,12 @@ def run(args: argparse.Namespace) -> int:
         engines: list[Any] = []
         try:
             for name in ours:
-                model = str(ggufs[OURS[name][0]]) if name in ("int8", "int4") else args.model
+                from_file = name in ("int8", "int4", "int8-packed", "int4-packed")
+                model = str(ggufs[OURS[name][0]]) if from_file else args.model
                 quant = {"int8-rtn": "int8", "int4-rtn": "int4"}.get(name)
+                kernel = "packed" if name.endswith("-packed") else None
                 try:
-                    engine, runners[name] = _engine_runner(model, args, quant, max_len)
+                    engine, runners[name] = _engine_runner(model, args, quant, max_len, kernel)
                 except (ValueError, FileNotFoundError, RuntimeError) as exc:
                     return _fail(f"cannot load {model!r} ({name}): {exc}")
                 engines.append(engine)
