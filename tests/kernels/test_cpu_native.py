@@ -72,25 +72,28 @@ def _emulated(x: torch.Tensor, codes: torch.Tensor, bits: int, group: int, s: to
     inv = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
     a = torch.round(xf * inv).double()  # [M, B, 32] round half to even, as cvtps2dq
     off = 8 if bits == 4 else 128
-    u = (codes.double() - off).view(-1, k // 32, 32)  # [N, B, 32]
-    dots = torch.einsum("mbj,nbj->mnb", a, u) * scale.double().view(m, 1, -1)  # [M, N, B]
-    per_group = dots.view(m, -1, k // group, group // 32).sum(-1)  # [M, N, G]
+    u = (codes.double() - off).view(-1, k // 16, 16)  # [N, U, 16]: units of 16 columns
+    a16 = a.view(m, k // 16, 16)  # [M, U, 16]
+    d16 = scale.double().repeat_interleave(2, dim=1).view(m, 1, -1)  # [M, 1, U]: each unit's block scale
+    dots = torch.einsum("muj,nuj->mnu", a16, u) * d16  # [M, N, U]
+    per_group = dots.view(m, -1, k // group, group // 16).sum(-1)  # [M, N, G]
     y = (per_group * s.double()).sum(-1)
     if z is not None:
-        zsum = (a.sum(-1) * scale.double().squeeze(-1)).view(m, k // group, group // 32).sum(-1)  # [M, G]
+        zsum = (a16.sum(-1) * d16.view(m, -1)).view(m, k // group, group // 16).sum(-1)  # [M, G]
         y = y + (zsum[:, None, :] * z.double()).sum(-1)
     return y
 
 
 @pytest.mark.parametrize("build", BUILDS)
 @pytest.mark.parametrize("bits,group,zero", [(4, 32, False), (4, 64, True), (4, 128, False), (8, 32, False),
-                                             (8, 128, True), (8, 256, False)])
+                                             (8, 128, True), (8, 256, False), (4, 16, True), (8, 16, False),
+                                             (8, 48, True)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_matches_its_emulation_and_the_fp32_truth(bits: int, group: int, zero: bool, threads: int,
                                                          build: str) -> None:
     lib = load_variant(build)
     assert lib is not None
-    n, k = 48, 256
+    n, k = 48, 768  # every group below divides it
     g = _gen(bits * 1000 + group)
     codes = torch.randint(0, 1 << bits, (n, k), generator=g, dtype=torch.uint8)
     s = (torch.rand(n, k // group, generator=g) * 0.02 + 0.01).bfloat16()
@@ -142,6 +145,8 @@ FORMATS = [
     IntFormat(8, 32, torch.float16, "none", False),  # GGUF Q8_0
     IntFormat(8, 0, torch.float16, "none", False),  # RTN int8 per channel
     IntFormat(8, 64, torch.float16, "int", False),
+    IntFormat(8, 16, torch.float32, "none", False),  # GGUF Q6_K: groups of 16
+    IntFormat(4, 16, torch.float32, "int", False),  # groups of 16 with zero points
 ]
 
 
@@ -181,9 +186,9 @@ def test_packed_choice_and_unfit_shapes_keep_the_packed_layouts() -> None:
     assert set(int_cpu.prepare_cpu(t, torch.bfloat16, "packed")) == {"cpu_q4", "cpu_sz"}
     # fp16 activations: the kernel reads bf16 only.
     assert "cpu_q4" in int_cpu.prepare_cpu(t, torch.float16, "native")
-    # Groups of 16 (GGUF Q6_K) are not a whole number of the kernel's 32-column blocks.
-    t16 = quantize_rtn(torch.randn(64, 128) * 0.05, IntFormat(8, 16, torch.float16, "none", False))
-    assert not any(k in int_cpu.prepare_cpu(t16, torch.bfloat16, "native") for k in ("cpu_n4", "cpu_n8"))
+    # N not a multiple of the kernel's 16-channel tiles.
+    t40 = quantize_rtn(torch.randn(40, 128) * 0.05, IntFormat(8, 32, torch.float16, "none", False))
+    assert not any(k in int_cpu.prepare_cpu(t40, torch.bfloat16, "native") for k in ("cpu_n4", "cpu_n8"))
 
 
 def test_auto_falls_back_to_packed_where_the_kernel_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

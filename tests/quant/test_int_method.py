@@ -91,15 +91,15 @@ def test_cpu_without_packed_kernel_uses_reference_exactly(monkeypatch: pytest.Mo
     method = method_for_format(q6k)
     t = quantize_rtn(torch.randn(48, 64), q6k)
     x = torch.randn(3, 64, dtype=torch.bfloat16)
-    for act in (torch.bfloat16, None):
-        kept = method.process_after_loading(t, act)
+    for act in (torch.bfloat16, None):  # the packed kernels (the native one takes groups of 16)
+        kept = method.process_after_loading(t, act, "packed")
         assert not int_cpu.is_packed(kept)
         assert torch.equal(method.linear(x, kept), reference_linear(x, t))
     monkeypatch.setattr(int_cpu, "_FALLBACK_ROWS", 16)
     assert torch.allclose(int_cpu.reference_linear(x, t).float(), reference_linear(x, t).float(), atol=0, rtol=0)
     m4 = method_for_format(IntFormat(4, 32, torch.float16, "none"))
     t4 = quantize_rtn(torch.randn(48, 64), m4.format)
-    assert not int_cpu.is_packed(m4.process_after_loading(t4, torch.float32))
+    assert not int_cpu.is_packed(m4.process_after_loading(t4, torch.float32))  # fp32 activations: no CPU kernel
 
 
 def test_identity_perm_is_dropped_and_real_perm_kept() -> None:

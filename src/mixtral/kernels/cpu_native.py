@@ -173,7 +173,7 @@ def int_dot_matmul(x: torch.Tensor, w: torch.Tensor, bits: int, group: int, s: t
     # The C code trusts its pointers: a mismatch here would read out of bounds, so it is refused (~1 us a call).
     if (x.dtype != torch.bfloat16 or not x.is_contiguous() or w.shape != (n // 16, k * 16 * bits // 8)
             or s.shape != (n // 16, k // group, 16) or (z is not None and z.shape != s.shape) or k % group
-            or group % 32 or n % 16 or not (w.is_contiguous() and s.is_contiguous())):
+            or group % 16 or k % 32 or n % 16 or not (w.is_contiguous() and s.is_contiguous())):
         raise ValueError(f"int_dot_matmul: x {tuple(x.shape)} {x.dtype}, weight {tuple(w.shape)}, scales "
                          f"{tuple(s.shape)} do not fit int{bits}, group {group}, N {n}")
     y = torch.empty(m, n, dtype=torch.bfloat16)

@@ -8,9 +8,10 @@
    is bound by the dequantization, not by memory, at batch 1. Each input row is instead rounded to int8 in blocks
    of 32 (one fp32 scale d per block, as llama.cpp does with its Q8 activations) and the codes are multiplied as
    integers: one vpdpbusd takes 64 u8 x s8 products (AVX2: vpmaddubsw + vpmaddwd, 32 products in two steps).
-   Per block b of 32 columns, exactly in int32:
-       sum_k (u - off) a = dot_b - off * asum_b
-   so y = sum_g S_g sum_{b in g} d_b (dot_b - off asum_b) + Z_g sum_{b in g} d_b asum_b.
+   Per unit v of UNIT columns (32, or 16 for groups of 16: GGUF's Q6_K, Q3_K, Q2_K), inside one activation block,
+   exactly in int32:
+       sum_k (u - off) a = dot_v - off * asum_v
+   so y = sum_g S_g sum_{v in g} d_b(v) (dot_v - off asum_v) + Z_g sum_{v in g} d_b(v) asum_v.
    The only rounding beyond the fp32 accumulation is the int8 activation (~0.5% of a row's norm).
 
    Weight layout, one tile of 16 output channels after another, each tile's columns in order:
@@ -19,20 +20,27 @@
      int8: per 4 columns k0..k0+3, 64 bytes; byte 4c + i is channel c's code of column k0 + i.
    so one 64-byte load feeds vpdpbusd lanes c = 0..15 with 4 consecutive columns each against 4 broadcast
    activation bytes. S and Z: [N / 16][K / group][16] (one tile's groups contiguous).
-   Requires K % 32 == 0, group % 32 == 0, K % group == 0, N % 16 == 0 (the caller checks). */
+   Requires K % 32 == 0, group % 16 == 0, K % group == 0, N % 16 == 0 (the caller checks). */
 
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 
 typedef struct {
-    int64_t K, N, blocks, groups, blocks_per_group;
+    int64_t K, N, blocks, groups, units_per_group; /* blocks: of 32 columns (one activation scale each) */
     int bits, off;        /* off: what the integer dot carries beyond sum (u - off) a, per unit of asum */
     const int8_t *a;      /* [M, K] */
     const float *d;       /* [M, blocks] */
-    const int32_t *asum;  /* [M, blocks] */
-    const float *zsum;    /* [M, groups]: sum over the group's blocks of d * asum (the Z term's input sum) */
+    const int32_t *asum;  /* [M, K / 16]: code sums of each 16 columns */
+    const float *zsum;    /* [M, groups]: the group's sum of d * asum (the Z term's input sum) */
 } Acts;
+
+/* Row m's code sum over the UNIT columns from col, and (*d) the scale of their activation block. */
+static inline int32_t unit_sums(const Acts *A, int64_t m, int64_t col, const int UNIT, float *d) {
+    const int32_t *s = A->asum + m * (A->K / 16) + col / 16;
+    *d = A->d[m * A->blocks + col / 32];
+    return UNIT == 32 ? s[0] + s[1] : s[0];
+}
 
 #if defined(__AVX512VNNI__)
 #define ROWS 4 /* activation rows per pass over a tile: 4 int32 + 4 fp32 + 4 fp32 accumulators stay in registers */
@@ -49,7 +57,7 @@ static inline __m256i f32x16_to_bf16(__m512 v) { /* round to nearest even (input
     return _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16));
 }
 
-/* One row of x -> int8 codes a [K], block scales d [K / 32] and block code sums asum [K / 32]. */
+/* One row of x -> int8 codes a [K], block scales d [K / 32] and code sums asum [K / 16] (each half block). */
 static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int32_t *asum) {
     for (int64_t b = 0; b < K / 32; b++) {
         __m512 v0 = bf16x16_to_f32(x + 32 * b), v1 = bf16x16_to_f32(x + 32 * b + 16);
@@ -61,13 +69,15 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int3
         _mm_storeu_si128((__m128i *)(a + 32 * b), _mm512_cvtsepi32_epi8(q0));
         _mm_storeu_si128((__m128i *)(a + 32 * b + 16), _mm512_cvtsepi32_epi8(q1));
         d[b] = scale;
-        asum[b] = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+        asum[2 * b] = _mm512_reduce_add_epi32(q0);
+        asum[2 * b + 1] = _mm512_reduce_add_epi32(q1);
     }
 }
 
 
-/* R (1..ROWS, a constant after inlining) rows m0.. of y for tile t. */
-static inline __attribute__((always_inline)) void tile_rows(const int R, const Acts *A, int64_t m0, int64_t t,
+/* R (1..ROWS) rows m0.. of y for tile t, in units of UNIT (32 or 16) columns; both constants after inlining. */
+static inline __attribute__((always_inline)) void tile_rows(const int R, const int UNIT, const Acts *A, int64_t m0,
+                                                            int64_t t,
                                                             const uint8_t *w, const uint16_t *S, const uint16_t *Z,
                                                             uint16_t *y) {
     const __m512i low4 = _mm512_set1_epi8(0x0F);
@@ -78,34 +88,35 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
     for (int64_t g = 0; g < A->groups; g++) {
         __m512 gacc[ROWS];
         for (int r = 0; r < R; r++) gacc[r] = _mm512_setzero_ps();
-        for (int64_t bb = 0; bb < A->blocks_per_group; bb++) {
-            int64_t b = g * A->blocks_per_group + bb;
+        for (int64_t uu = 0; uu < A->units_per_group; uu++) {
+            int64_t col = (g * A->units_per_group + uu) * UNIT; /* the unit's first column */
             __m512i acc[ROWS];
             for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
             if (A->bits == 4) {
-                for (int c = 0; c < 4; c++, wp += 64) { /* 8 columns a load */
+                for (int c = 0; c < UNIT / 8; c++, wp += 64) { /* 8 columns a load */
                     __m512i v = _mm512_loadu_si512((const void *)wp);
                     __m512i lo = _mm512_and_si512(v, low4);
                     __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
                     for (int r = 0; r < R; r++) {
-                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 8 * c);
+                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 8 * c);
                         acc[r] = _mm512_dpbusd_epi32(acc[r], lo, _mm512_set1_epi32(ar[0]));
                         acc[r] = _mm512_dpbusd_epi32(acc[r], hi, _mm512_set1_epi32(ar[1]));
                     }
                 }
             } else {
-                for (int c = 0; c < 8; c++, wp += 64) { /* 4 columns a load */
+                for (int c = 0; c < UNIT / 4; c++, wp += 64) { /* 4 columns a load */
                     __m512i v = _mm512_loadu_si512((const void *)wp);
                     for (int r = 0; r < R; r++) {
-                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 4 * c);
+                        const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 4 * c);
                         acc[r] = _mm512_dpbusd_epi32(acc[r], v, _mm512_set1_epi32(ar[0]));
                     }
                 }
             }
             for (int r = 0; r < R; r++) {
-                int64_t mb = (m0 + r) * A->blocks + b;
-                __m512i exact = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(A->off * A->asum[mb]));
-                gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(A->d[mb]), gacc[r]);
+                float dv;
+                int32_t asum = unit_sums(A, m0 + r, col, UNIT, &dv);
+                __m512i exact = _mm512_sub_epi32(acc[r], _mm512_set1_epi32(A->off * asum));
+                gacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(exact), _mm512_set1_ps(dv), gacc[r]);
             }
         }
         __m512 s = bf16x16_to_f32(St + 16 * g);
@@ -149,20 +160,22 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int3
         for (int j = 0; j < 8; j++) amax = lanes[j] > amax ? lanes[j] : amax;
         float scale = amax / 127.0f;
         __m256 inv = _mm256_set1_ps(scale > 0.0f ? 1.0f / scale : 0.0f);
-        int32_t q[32], sum = 0;
+        int32_t q[32], sum[2] = {0, 0};
         for (int i = 0; i < 4; i++) /* round to nearest even, as the AVX512 build */
             _mm256_storeu_si256((__m256i *)(q + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv)));
         for (int j = 0; j < 32; j++) {
             a[32 * b + j] = (int8_t)q[j];
-            sum += q[j];
+            sum[j / 16] += q[j];
         }
         d[b] = scale;
-        asum[b] = sum;
+        asum[2 * b] = sum[0];
+        asum[2 * b + 1] = sum[1];
     }
 }
 
 /* As the AVX512 tile_rows, each 64-byte run as two halves: channels 0-7 (bytes 0-31) and 8-15 (bytes 32-63). */
-static inline __attribute__((always_inline)) void tile_rows(const int R, const Acts *A, int64_t m0, int64_t t,
+static inline __attribute__((always_inline)) void tile_rows(const int R, const int UNIT, const Acts *A, int64_t m0,
+                                                            int64_t t,
                                                             const uint8_t *w, const uint16_t *S, const uint16_t *Z,
                                                             uint16_t *y) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
@@ -173,20 +186,20 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
     for (int64_t g = 0; g < A->groups; g++) {
         __m256 gacc[ROWS][2];
         for (int r = 0; r < R; r++) gacc[r][0] = gacc[r][1] = _mm256_setzero_ps();
-        for (int64_t bb = 0; bb < A->blocks_per_group; bb++) {
-            int64_t b = g * A->blocks_per_group + bb;
+        for (int64_t uu = 0; uu < A->units_per_group; uu++) {
+            int64_t col = (g * A->units_per_group + uu) * UNIT; /* the unit's first column */
             __m256i acc[ROWS][2];
             if (A->bits == 4) {
                 /* int16 sums of a block: 16 products of |u| <= 15 and |a| <= 127 per lane, <= 30480: no saturation */
                 __m256i p16[ROWS][2];
                 for (int r = 0; r < R; r++) p16[r][0] = p16[r][1] = _mm256_setzero_si256();
-                for (int c = 0; c < 4; c++, wp += 64) {
+                for (int c = 0; c < UNIT / 8; c++, wp += 64) {
                     for (int h = 0; h < 2; h++) {
                         __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
                         __m256i lo = _mm256_and_si256(v, low4);
                         __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
                         for (int r = 0; r < R; r++) {
-                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 8 * c);
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 8 * c);
                             __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(ar[0])),
                                                             _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ar[1])));
                             p16[r][h] = _mm256_add_epi16(p16[r][h], both);
@@ -197,12 +210,12 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
                     for (int h = 0; h < 2; h++) acc[r][h] = _mm256_madd_epi16(p16[r][h], ones);
             } else {
                 for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-                for (int c = 0; c < 8; c++, wp += 64) {
+                for (int c = 0; c < UNIT / 4; c++, wp += 64) {
                     for (int h = 0; h < 2; h++) {
                         __m256i code = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wp + 32 * h)), flip);
                         __m256i mag = _mm256_sign_epi8(code, code); /* |c| as u8 (-128 reads 128) */
                         for (int r = 0; r < R; r++) {
-                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + 32 * b + 4 * c);
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 4 * c);
                             /* |c| * (a * sign c): pairs <= 2 * 128 * 127 = 32512, no saturation */
                             __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(_mm256_set1_epi32(ar[0]), code));
                             acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(prod, ones));
@@ -211,11 +224,11 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
                 }
             }
             for (int r = 0; r < R; r++) {
-                int64_t mb = (m0 + r) * A->blocks + b;
-                __m256i off = _mm256_set1_epi32(A->off * A->asum[mb]);
+                float dv;
+                __m256i off = _mm256_set1_epi32(A->off * unit_sums(A, m0 + r, col, UNIT, &dv));
                 for (int h = 0; h < 2; h++) {
                     __m256 exact = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][h], off));
-                    gacc[r][h] = _mm256_fmadd_ps(exact, _mm256_set1_ps(A->d[mb]), gacc[r][h]);
+                    gacc[r][h] = _mm256_fmadd_ps(exact, _mm256_set1_ps(dv), gacc[r][h]);
                 }
             }
         }
@@ -238,24 +251,37 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const A
 #error "int_dot.c needs -mavx512f -mavx512bw -mavx512vl -mavx512vnni or -mavx2 -mfma"
 #endif
 
+/* tile_rows with R = rows, a specialised copy for each (R, UNIT). */
+static inline __attribute__((always_inline)) void rows_of_unit(int rows, const int UNIT, const Acts *A, int64_t m0,
+                                                               int64_t t, const uint8_t *w, const uint16_t *S,
+                                                               const uint16_t *Z, uint16_t *y) {
+    if (rows == ROWS) tile_rows(ROWS, UNIT, A, m0, t, w, S, Z, y);
+    else if (rows == 1) tile_rows(1, UNIT, A, m0, t, w, S, Z, y);
+#if ROWS > 3
+    else if (rows == 2) tile_rows(2, UNIT, A, m0, t, w, S, Z, y);
+    else tile_rows(3, UNIT, A, m0, t, w, S, Z, y);
+#endif
+}
+
 /* Returns 0, or -1 when a temporary could not be allocated (y untouched). */
 int int_dot_matmul(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uint8_t *w, int bits, int64_t group,
                    const uint16_t *S, const uint16_t *Z, uint16_t *y, int threads) {
-    Acts A = {K, N, K / 32, K / group, group / 32, bits, bits == 4 ? 8 : INT8_OFF, NULL, NULL, NULL, NULL};
+    const int unit = group % 32 == 0 ? 32 : 16;
+    Acts A = {K, N, K / 32, K / group, group / unit, bits, bits == 4 ? 8 : INT8_OFF, NULL, NULL, NULL, NULL};
     int8_t *a = malloc((size_t)(M * K));
     float *d = malloc(sizeof(float) * (size_t)(M * A.blocks));
-    int32_t *asum = malloc(sizeof(int32_t) * (size_t)(M * A.blocks));
+    int32_t *asum = malloc(sizeof(int32_t) * (size_t)(M * (K / 16)));
     float *zsum = malloc(sizeof(float) * (size_t)(M * A.groups));
     if (!a || !d || !asum || !zsum) {
         free(a); free(d); free(asum); free(zsum);
         return -1;
     }
     for (int64_t m = 0; m < M; m++) {
-        quantize_row(x + m * K, K, a + m * K, d + m * A.blocks, asum + m * A.blocks);
+        quantize_row(x + m * K, K, a + m * K, d + m * A.blocks, asum + m * (K / 16));
         for (int64_t g = 0; g < A.groups; g++) {
             float s = 0.0f;
-            for (int64_t b = g * A.blocks_per_group; b < (g + 1) * A.blocks_per_group; b++)
-                s += d[m * A.blocks + b] * (float)asum[m * A.blocks + b];
+            for (int64_t v = g * group / 16; v < (g + 1) * group / 16; v++) /* 16-column halves of the group */
+                s += d[m * A.blocks + v / 2] * (float)asum[m * (K / 16) + v];
             zsum[m * A.groups + g] = s;
         }
     }
@@ -265,12 +291,8 @@ int int_dot_matmul(const uint16_t *x, int64_t M, int64_t K, int64_t N, const uin
     for (int64_t t = 0; t < tiles; t++) {
         for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
             int rows = M - m0 < ROWS ? (int)(M - m0) : ROWS;
-            if (rows == ROWS) tile_rows(ROWS, &A, m0, t, w, S, Z, y); /* each R a specialised copy */
-            else if (rows == 1) tile_rows(1, &A, m0, t, w, S, Z, y);
-#if ROWS > 3
-            else if (rows == 2) tile_rows(2, &A, m0, t, w, S, Z, y);
-            else tile_rows(3, &A, m0, t, w, S, Z, y);
-#endif
+            if (unit == 32) rows_of_unit(rows, 32, &A, m0, t, w, S, Z, y);
+            else rows_of_unit(rows, 16, &A, m0, t, w, S, Z, y);
         }
     }
     free(a); free(d); free(asum); free(zsum);

@@ -42,7 +42,9 @@ still beats dequantizing for oneDNN's bf16 GEMM (14336 x 2048, M = 192, one thre
 large-M path. The price is the int8 activations: ~0.5% of a product's norm (tests/kernels/test_cpu_native.py;
 model-level figures in docs/QUANTIZATION.md). ``packed`` keeps the packed kernels (bf16 activations, what the
 GPU kernels compute); ``auto`` falls back to them where the kernel cannot run (no AVX2, no C compiler) or the
-weight does not fit it (fp16 activations, groups of 16, N not a multiple of 16, K not of 32).
+weight does not fit it (fp16 activations, N not a multiple of 16, K not of 32, groups not of 16). Groups of 16
+(GGUF Q6_K, Q3_K, Q2_K), which the packed kernels cannot take (they stay canonical there: the reference path,
+dequantizing the weight on every call), run in 16-column units of the kernel.
 
 Measured against bf16 ``F.linear`` and the reference (dequantize then matmul) in BENCHMARKS-style notes in
 docs/QUANTIZATION.md. Not here: the GPU kernels (kernels/triton/int_*.py).

@@ -29,7 +29,7 @@ NATIVE_KEYS = ("cpu_n4", "cpu_n8")
 
 def fits(n: int, k: int, group: int) -> bool:
     """Whether the kernel takes an N x K weight with groups of ``group`` columns (K for one per channel)."""
-    return n % 16 == 0 and k % 32 == 0 and group % 32 == 0 and k % group == 0
+    return n % 16 == 0 and k % 32 == 0 and group % 16 == 0 and k % group == 0
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
