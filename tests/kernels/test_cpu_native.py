@@ -247,7 +247,7 @@ def test_a_cpu_without_the_flags_gets_a_reason(monkeypatch: pytest.MonkeyPatch) 
     for v in VARIANTS:
         assert cpu_native.load_variant.__wrapped__(v.name) is None  # uncached: this process's answer stays
     assert cpu_native._reason == {"avx512_vnni": "this CPU lacks avx512f, avx512bw, avx512vl, avx512_vnni",
-                                  "avx2": "this CPU lacks avx2, fma"}
+                                  "avx_vnni": "this CPU lacks avx2, fma, avx_vnni", "avx2": "this CPU lacks avx2, fma"}
 
 
 @native

@@ -2,16 +2,16 @@
 the machine's C compiler on first use, loaded, checked.
 
 ``native_int_dot()`` is the loaded library of the best build this CPU runs (``VARIANTS``: AVX512-VNNI, else
-AVX2 + FMA), or None with ``native_unavailable()`` saying why: a CPU with neither, not Linux, no C compiler, a
-failed build, or a self-check that did not match the reference. Built once per source version and instruction
-set into ``~/.cache/mixtral/native`` (``$XDG_CACHE_HOME`` when set; a temporary folder when neither is
-writable): about a second with gcc. The library links the OpenMP runtime by its soname, so it shares the one
-PyTorch already loaded (its thread pool, not a second one competing for the same cores). A call smaller than
-``PARALLEL_MIN`` multiply-adds runs on one thread: waking the others costs more than it saves.
+AVX-VNNI, else AVX2 + FMA), or None with ``native_unavailable()`` saying why: a CPU with none of them, not Linux,
+no C compiler, a failed build, or a self-check that did not match the reference. Built once per source version
+and instruction set into ``~/.cache/mixtral/native`` (``$XDG_CACHE_HOME`` when set; a temporary folder when
+neither is writable): about a second with gcc. The library links the OpenMP runtime by its soname, so it shares
+the one PyTorch already loaded (its thread pool, not a second one competing for the same cores). A call smaller
+than ``PARALLEL_MIN`` multiply-adds runs on one thread: waking the others costs more than it saves.
 
 The calls: ``int_dot_matmul(x, w, bits, group, s, z, n)`` (layout and numerics in int_dot.c; quant/int_native.py
 packs weights into it) and ``bf16_gemv(x, w)``. Not here: choosing them (quant/int_cpu.py from
-KernelConfig.cpu_int_kernel; kernels/dispatch.py ``Kernels.expert_linear``).
+KernelConfig.cpu_int_kernel; kernels/cpu_ops.py ``expert_linear``).
 """
 
 from __future__ import annotations
@@ -45,10 +45,12 @@ class Variant:
     cpu_flags: tuple[str, ...]
 
 
-# Best first: AVX512-VNNI multiplies 64 u8 x s8 pairs an instruction, AVX2 32 in two (vpmaddubsw, vpmaddwd).
+# Best first: AVX512-VNNI multiplies 64 u8 x s8 pairs an instruction, AVX-VNNI 32 in one, AVX2 32 in two
+# (vpmaddubsw, vpmaddwd).
 VARIANTS = (
     Variant("avx512_vnni", ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mfma"),
             ("avx512f", "avx512bw", "avx512vl", "avx512_vnni")),
+    Variant("avx_vnni", ("-mavx2", "-mfma", "-mavxvnni"), ("avx2", "fma", "avx_vnni")),
     Variant("avx2", ("-mavx2", "-mfma"), ("avx2", "fma")),
 )
 _reason: dict[str, str] = {}  # variant name -> why it is not available

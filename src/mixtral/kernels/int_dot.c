@@ -1,5 +1,6 @@
 /* Integer-dot matmul for int4 / int8 weights on x86 CPUs (kernels/cpu_native.py builds and loads it), compiled
-   once per instruction set: AVX512-VNNI (-mavx512vnni ...) or AVX2 (-mavx2 -mfma), the same layout and results.
+   once per instruction set: AVX512-VNNI (-mavx512vnni ...), AVX-VNNI (-mavx2 -mfma -mavxvnni: 256-bit vpdpbusd)
+   or AVX2 (-mavx2 -mfma), the same layout and results.
 
    y[M, N] (bf16) = x[M, K] (bf16) @ W^T, W[n, k] = (u[n, k] - off) * S[g, n] + Z[g, n], g = k / group,
    u the unsigned code (int4: 0..15, off 8; int8: 0..255, off 128), S and Z bf16 (Z may be absent: 0).
@@ -133,7 +134,11 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const i
 
 #elif defined(__AVX2__) && defined(__FMA__)
 #define ROWS 2 /* AVX2 has 16 vector registers: two rows' 2 x (int32, group, output) accumulators */
+#if defined(__AVXVNNI__) /* 256-bit vpdpbusd (-mavxvnni: Alder Lake and later, Zen 5): as the AVX512 build */
+#define INT8_OFF 128
+#else
 #define INT8_OFF 0 /* int8 codes are multiplied signed (vpsignb moves the sign to a), so the dot is sum c a */
+#endif
 
 static inline __m256 bf16x8_to_f32(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
@@ -189,6 +194,35 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const i
         for (int64_t uu = 0; uu < A->units_per_group; uu++) {
             int64_t col = (g * A->units_per_group + uu) * UNIT; /* the unit's first column */
             __m256i acc[ROWS][2];
+#if defined(__AVXVNNI__)
+            for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
+            if (A->bits == 4) {
+                for (int c = 0; c < UNIT / 8; c++, wp += 64) {
+                    for (int h = 0; h < 2; h++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
+                        __m256i lo = _mm256_and_si256(v, low4);
+                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                        for (int r = 0; r < R; r++) {
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 8 * c);
+                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], lo, _mm256_set1_epi32(ar[0]));
+                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], hi, _mm256_set1_epi32(ar[1]));
+                        }
+                    }
+                }
+            } else {
+                for (int c = 0; c < UNIT / 4; c++, wp += 64) {
+                    for (int h = 0; h < 2; h++) {
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
+                        for (int r = 0; r < R; r++) {
+                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 4 * c);
+                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], v, _mm256_set1_epi32(ar[0]));
+                        }
+                    }
+                }
+            }
+            (void)flip;
+            (void)ones;
+#else
             if (A->bits == 4) {
                 /* int16 sums of a block: 16 products of |u| <= 15 and |a| <= 127 per lane, <= 30480: no saturation */
                 __m256i p16[ROWS][2];
@@ -223,6 +257,7 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const i
                     }
                 }
             }
+#endif
             for (int r = 0; r < R; r++) {
                 float dv;
                 __m256i off = _mm256_set1_epi32(A->off * unit_sums(A, m0 + r, col, UNIT, &dv));
