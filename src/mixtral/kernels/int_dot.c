@@ -178,12 +178,48 @@ static void quantize_row(const uint16_t *x, int64_t K, int8_t *a, float *d, int3
     }
 }
 
+/* 32 bytes of int4 codes -> their low nibbles (columns k0..k0+3 of each channel) and high ones (k0+4..k0+7). */
+static inline void split_nibbles(const uint8_t *p, __m256i *lo, __m256i *hi) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *lo = _mm256_and_si256(v, low4);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+}
+
+#if defined(__AVXVNNI__)
+/* acc (int32 per channel) += the 8 columns' products: low nibbles with a0's 4 bytes, high ones with a1's. */
+static inline __m256i int4_dot(__m256i acc, __m256i lo, __m256i hi, int32_t a0, int32_t a1) {
+    acc = _mm256_dpbusd_avx_epi32(acc, lo, _mm256_set1_epi32(a0));
+    return _mm256_dpbusd_avx_epi32(acc, hi, _mm256_set1_epi32(a1));
+}
+
+/* acc (int32 per channel) += 4 columns' unsigned codes v times a's 4 bytes. */
+static inline __m256i int8_dot(__m256i acc, __m256i v, int32_t a) {
+    return _mm256_dpbusd_avx_epi32(acc, v, _mm256_set1_epi32(a));
+}
+#else
+/* acc holds int16 pair sums here (vpmaddwd turns them into int32 after the unit): a unit of at most 32 columns
+   adds 16 products of |u| <= 15 and |a| <= 127 to a lane, <= 30480, so nothing saturates. */
+static inline __m256i int4_dot(__m256i acc, __m256i lo, __m256i hi, int32_t a0, int32_t a1) {
+    __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(a0)),
+                                    _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a1)));
+    return _mm256_add_epi16(acc, both);
+}
+
+/* int8 codes multiplied signed: |c| * (a * sign c), pairs <= 2 * 128 * 127 = 32512, no saturation. */
+static inline __m256i int8_dot(__m256i acc, __m256i v, int32_t a) {
+    __m256i code = _mm256_xor_si256(v, _mm256_set1_epi8((char)0x80)); /* c = u - 128 */
+    __m256i mag = _mm256_sign_epi8(code, code);                           /* |c| as u8 (-128 reads 128) */
+    __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(_mm256_set1_epi32(a), code));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(prod, _mm256_set1_epi16(1)));
+}
+#endif
+
 /* As the AVX512 tile_rows, each 64-byte run as two halves: channels 0-7 (bytes 0-31) and 8-15 (bytes 32-63). */
 static inline __attribute__((always_inline)) void tile_rows(const int R, const int UNIT, const Acts *A, int64_t m0,
                                                             int64_t t,
                                                             const uint8_t *w, const uint16_t *S, const uint16_t *Z,
                                                             uint16_t *y) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);
     const uint8_t *wp = w + t * A->K * 16 * A->bits / 8;
     const uint16_t *St = S + t * A->groups * 16, *Zt = Z ? Z + t * A->groups * 16 : NULL;
     __m256 out[ROWS][2];
@@ -194,70 +230,33 @@ static inline __attribute__((always_inline)) void tile_rows(const int R, const i
         for (int64_t uu = 0; uu < A->units_per_group; uu++) {
             int64_t col = (g * A->units_per_group + uu) * UNIT; /* the unit's first column */
             __m256i acc[ROWS][2];
-#if defined(__AVXVNNI__)
             for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
             if (A->bits == 4) {
                 for (int c = 0; c < UNIT / 8; c++, wp += 64) {
                     for (int h = 0; h < 2; h++) {
-                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
-                        __m256i lo = _mm256_and_si256(v, low4);
-                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                        __m256i lo, hi;
+                        split_nibbles(wp + 32 * h, &lo, &hi);
                         for (int r = 0; r < R; r++) {
                             const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 8 * c);
-                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], lo, _mm256_set1_epi32(ar[0]));
-                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], hi, _mm256_set1_epi32(ar[1]));
+                            acc[r][h] = int4_dot(acc[r][h], lo, hi, ar[0], ar[1]);
                         }
                     }
                 }
-            } else {
-                for (int c = 0; c < UNIT / 4; c++, wp += 64) {
-                    for (int h = 0; h < 2; h++) {
-                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
-                        for (int r = 0; r < R; r++) {
-                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 4 * c);
-                            acc[r][h] = _mm256_dpbusd_avx_epi32(acc[r][h], v, _mm256_set1_epi32(ar[0]));
-                        }
-                    }
-                }
-            }
-            (void)flip;
-            (void)ones;
-#else
-            if (A->bits == 4) {
-                /* int16 sums of a block: 16 products of |u| <= 15 and |a| <= 127 per lane, <= 30480: no saturation */
-                __m256i p16[ROWS][2];
-                for (int r = 0; r < R; r++) p16[r][0] = p16[r][1] = _mm256_setzero_si256();
-                for (int c = 0; c < UNIT / 8; c++, wp += 64) {
-                    for (int h = 0; h < 2; h++) {
-                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
-                        __m256i lo = _mm256_and_si256(v, low4);
-                        __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-                        for (int r = 0; r < R; r++) {
-                            const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 8 * c);
-                            __m256i both = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_set1_epi32(ar[0])),
-                                                            _mm256_maddubs_epi16(hi, _mm256_set1_epi32(ar[1])));
-                            p16[r][h] = _mm256_add_epi16(p16[r][h], both);
-                        }
-                    }
-                }
+#if !defined(__AVXVNNI__)
                 for (int r = 0; r < R; r++)
-                    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_madd_epi16(p16[r][h], ones);
+                    for (int h = 0; h < 2; h++) acc[r][h] = _mm256_madd_epi16(acc[r][h], _mm256_set1_epi16(1));
+#endif
             } else {
-                for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
                 for (int c = 0; c < UNIT / 4; c++, wp += 64) {
                     for (int h = 0; h < 2; h++) {
-                        __m256i code = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wp + 32 * h)), flip);
-                        __m256i mag = _mm256_sign_epi8(code, code); /* |c| as u8 (-128 reads 128) */
+                        __m256i v = _mm256_loadu_si256((const __m256i *)(wp + 32 * h));
                         for (int r = 0; r < R; r++) {
                             const int32_t *ar = (const int32_t *)(A->a + (m0 + r) * A->K + col + 4 * c);
-                            /* |c| * (a * sign c): pairs <= 2 * 128 * 127 = 32512, no saturation */
-                            __m256i prod = _mm256_maddubs_epi16(mag, _mm256_sign_epi8(_mm256_set1_epi32(ar[0]), code));
-                            acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(prod, ones));
+                            acc[r][h] = int8_dot(acc[r][h], v, ar[0]);
                         }
                     }
                 }
             }
-#endif
             for (int r = 0; r < R; r++) {
                 float dv;
                 __m256i off = _mm256_set1_epi32(A->off * unit_sums(A, m0 + r, col, UNIT, &dv));
