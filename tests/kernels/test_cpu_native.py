@@ -27,7 +27,7 @@ from mixtral.kernels.cpu_native import (
 )
 from mixtral.quant import int_cpu
 from mixtral.quant.int_layout import IntFormat, dequantize, quantize_rtn
-from mixtral.quant.int_native import pack_codes, tile_scales, unpack_codes, untile_scales
+from mixtral.quant.int_native import pack_codes, tile_scales
 
 native = pytest.mark.native_cpu  # the best build this CPU runs
 # Each build on its own (a CPU with AVX512-VNNI runs the AVX2 build too: both are checked there).
@@ -39,6 +39,24 @@ def _gen(seed: int) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------------------------- the layout
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """``pack_codes``' inverse, written from the documented layout: [*lead, T, bytes] -> uint8 [*lead, 16 T, K]."""
+    *lead, t, nbytes = packed.shape
+    if bits == 4:
+        k = nbytes // 8
+        v = packed.reshape(-1, t, k // 8, 16, 4)
+        v = torch.stack((v & 0xF, v >> 4), dim=-1)  # [L, T, k/8, 16 c, 4 i, 2 h]
+        return v.permute(0, 1, 3, 2, 5, 4).reshape(*lead, 16 * t, k)  # [L, T, 16 c, k/8, 2 h, 4 i]
+    k = nbytes // 16
+    return packed.reshape(-1, t, k // 4, 16, 4).permute(0, 1, 3, 2, 4).reshape(*lead, 16 * t, k)
+
+
+def untile_scales(s: torch.Tensor) -> torch.Tensor:
+    """``tile_scales``' inverse: [*lead, T, G, 16] -> [*lead, 16 T, G]."""
+    *lead, t, g, _ = s.shape
+    return s.transpose(-1, -2).reshape(*lead, 16 * t, g)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_pack_round_trips_and_matches_the_documented_bytes(bits: int) -> None:
     codes = torch.randint(0, 1 << bits, (2, 48, 64), generator=_gen(bits), dtype=torch.uint8)

@@ -295,19 +295,22 @@ def run(args: argparse.Namespace) -> int:
         engines: list[Any] = []
         try:
             for name in ours:
-                from_file = name in ("int8", "int4", "int8-packed", "int4-packed")
-                model = str(ggufs[OURS[name][0]]) if from_file else args.model
                 quant = {"int8-rtn": "int8", "int4-rtn": "int4"}.get(name)
+                model = args.model if quant or name == "bf16" else str(ggufs[OURS[name][0]])  # else a GGUF file
                 kernel = "packed" if name.endswith("-packed") else None
                 try:
-                    engine, runners[name] = _engine_runner(model, args, quant, max_len, kernel)
+                    engine, runner = _engine_runner(model, args, quant, max_len, kernel)
                 except (ValueError, FileNotFoundError, RuntimeError) as exc:
                     return _fail(f"cannot load {model!r} ({name}): {exc}")
-                engines.append(engine)
-                if not args.compare_interleave:  # one engine in memory at a time
-                    _note(f"ours {name}")
-                    results[name] = measure(runners.pop(name), prompts, args.output_len, n, args.compare_repeats)
-                    engines.pop().shutdown()
+                if args.compare_interleave:  # measured below, every row in memory
+                    engines.append(engine)
+                    runners[name] = runner
+                    continue
+                _note(f"ours {name}")
+                try:  # one engine in memory at a time
+                    results[name] = measure(runner, prompts, args.output_len, n, args.compare_repeats)
+                finally:
+                    engine.shutdown()
             if "transformers" in runs:
                 folder_hf = hf_folder(args.model, work)
 

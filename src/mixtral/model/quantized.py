@@ -162,17 +162,22 @@ def process_quantized(model: nn.Module, act_dtype: torch.dtype | None, cpu_kerne
     if layouts:  # which CPU kernel the int weights got (the native one, or why not), once per load
         from mixtral.kernels.cpu_native import native_unavailable, native_variant
 
-        why = native_unavailable()
-        note = (f" (native: the {native_variant()} build)" if "native" in layouts
-                else f" (native kernel unavailable: {why})" if why is not None and cpu_kernel != "packed" else "")
+        if "native" in layouts:
+            note = f" (native: the {native_variant()} build)"
+        else:  # why native did not run, unless packed was asked for (then nothing is built to find out)
+            why = None if cpu_kernel == "packed" else native_unavailable()
+            note = f" (native kernel unavailable: {why})" if why else ""
         logger.info("int weights on CPU: %s%s", ", ".join(f"{n} {k}" for k, n in sorted(layouts.items())), note)
 
 
 def _cpu_layout(t: QuantTensors) -> str:
     """Which CPU kernel a repacked int weight feeds ("" for one not on a CPU or not int)."""
-    if any(k.startswith("cpu_n") for k in t):
+    from mixtral.quant.int_cpu import is_packed
+    from mixtral.quant.int_native import native_key
+
+    if native_key(t) is not None:
         return "native"
-    if any(k.startswith("cpu_") for k in t):
+    if is_packed(t):
         return "packed"
     if "qweight" in t and t["qweight"].device.type == "cpu":
         return "canonical (reference path)"

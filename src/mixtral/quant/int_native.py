@@ -1,4 +1,4 @@
-"""The integer-dot CPU kernel's weight layout (kernels/int_dot.c): packing at load, and its inverse.
+"""The integer-dot CPU kernel's weight layout (kernels/int_dot.c): packing at load.
 
 A weight [*lead, N, K] becomes (keys of the repacked QuantTensors):
 
@@ -42,28 +42,10 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return v.reshape(*lead, n // 16, k * 16).contiguous()
 
 
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """``pack_codes``' inverse: [*lead, T, bytes] -> uint8 codes [*lead, 16 T, K]."""
-    *lead, t, nbytes = packed.shape
-    if bits == 4:
-        k = nbytes // 8
-        v = packed.reshape(-1, t, k // 8, 16, 4)
-        v = torch.stack((v & 0xF, v >> 4), dim=-1)  # [L, T, k/8, 16 c, 4 i, 2 h]
-        return v.permute(0, 1, 3, 2, 5, 4).reshape(*lead, 16 * t, k)  # [L, T, 16 c, k/8, 2 h, 4 i]
-    k = nbytes // 16
-    return packed.reshape(-1, t, k // 4, 16, 4).permute(0, 1, 3, 2, 4).reshape(*lead, 16 * t, k)
-
-
 def tile_scales(s: torch.Tensor) -> torch.Tensor:
     """Per-group values [*lead, N, G] -> [*lead, N / 16, G, 16] (a tile's groups contiguous)."""
     *lead, n, g = s.shape
     return s.reshape(*lead, n // 16, 16, g).transpose(-1, -2).contiguous()
-
-
-def untile_scales(s: torch.Tensor) -> torch.Tensor:
-    """``tile_scales``' inverse: [*lead, T, G, 16] -> [*lead, 16 T, G]."""
-    *lead, t, g, _ = s.shape
-    return s.transpose(-1, -2).reshape(*lead, 16 * t, g)
 
 
 def pack_native(codes: torch.Tensor, unsigned: Callable[[torch.Tensor], torch.Tensor], bits: int, s: torch.Tensor,
